@@ -1,0 +1,90 @@
+"""Building blocks shared by the models, with PyTorch-equivalent defaults.
+
+Layout is NHWC throughout. Convolution weights use PyTorch's default initialisation
+(kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))) so that the
+reference's training recipes (learning rates of 0.01-0.1 with SGD) behave as they do there.
+BatchNorm matches torch.nn.BatchNorm2d (momentum 0.1 there is 0.9 here, eps 1e-5); its
+scale and bias live in `params`, its running statistics in `batch_stats`, so the size of the
+`params` collection equals the reference's count of trainable parameters.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+Conv = functools.partial(nn.Conv, kernel_init=torch_conv_init)
+ConvTranspose = functools.partial(nn.ConvTranspose, kernel_init=torch_conv_init)
+Dense = functools.partial(nn.Dense, kernel_init=torch_conv_init)
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+class ConvBNReLU(nn.Module):
+  """Conv(k x k, 'SAME') -> BatchNorm -> ReLU."""
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  dilation: int = 1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    k, d = self.kernel_size, self.dilation
+    pad = d * (k - 1) // 2
+    x = Conv(self.features, (k, k), strides=self.strides, padding=((pad, pad), (pad, pad)),
+             kernel_dilation=d, use_bias=self.use_bias, dtype=self.dtype)(x)
+    x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+    return nn.relu(x)
+
+
+class DoubleConv(nn.Module):
+  """Two ConvBNReLU(3x3), as in U-Net."""
+  features: int
+  mid_features: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = ConvBNReLU(self.mid_features or self.features, dtype=self.dtype)(x, train)
+    return ConvBNReLU(self.features, dtype=self.dtype)(x, train)
+
+
+def scaled(width: int, base: int, channels: int) -> int:
+  """Channel count `channels` of the reference (built at base width `base`) at `width`."""
+  return max(1, channels * width // base)
+
+
+def pad_to_multiple(x: jax.Array, multiple: int) -> tuple[jax.Array, tuple[int, int]]:
+  """Zero-pads an NHWC batch at the bottom/right so H and W are multiples of `multiple`.
+
+  Returns the padded batch and the original (H, W), to crop the output back with
+  `crop_to(y, hw)`. Every model calls this so that any input size works.
+  """
+  h, w = x.shape[1], x.shape[2]
+  ph, pw = (-h) % multiple, (-w) % multiple
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+  return x, (h, w)
+
+
+def crop_to(y: jax.Array, hw: Sequence[int]) -> jax.Array:
+  """Crops an NHWC batch to its top-left (H, W) = hw."""
+  return y[:, :hw[0], :hw[1], :]
+
+
+def resize_to(x: jax.Array, hw: Sequence[int], method: str = 'bilinear') -> jax.Array:
+  """Resizes an NHWC batch to spatial size hw (align_corners=False semantics)."""
+  if tuple(x.shape[1:3]) == tuple(hw):
+    return x
+  return jax.image.resize(x, (x.shape[0], hw[0], hw[1], x.shape[3]), method=method)
+
+
+def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
+  return nn.max_pool(x, (window, window), strides=(window, window))
