@@ -1,0 +1,87 @@
+"""From `config.data` to prepared train / validation / test sources.
+
+source='synthetic': simulate `kind` once into a cache folder (reused on later runs);
+source='lists': read the user's train and test lists (or images/ + masks/ folders).
+The validation split is carved out of the training list; the test list is only ever used for
+the final evaluation, never for model selection.
+"""
+
+import dataclasses
+import os
+import pathlib
+
+from absl import logging
+
+from flmiseg.data import dataset
+from flmiseg.data import lists
+from flmiseg.errors import UserError
+
+SOURCES = ('synthetic', 'lists')
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  train: dataset.PreparedSource
+  val: dataset.PreparedSource | None
+  test: dataset.PreparedSource | None
+
+
+def default_cache_root() -> pathlib.Path:
+  root = os.environ.get('FLMISEG_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'flmiseg')
+  return pathlib.Path(root)
+
+
+def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
+  """Makes (once) and returns the folder of the simulated dataset `data_cfg` describes."""
+  # Imported here: the simulator is only needed on this path.
+  from flmiseg.data import simulate  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(data_cfg.synthetic_dir) if data_cfg.synthetic_dir else (
+      default_cache_root() / 'synthetic')
+  name = (f'{data_cfg.kind}_{data_cfg.num_synthetic_train}+{data_cfg.num_synthetic_test}'
+          f'_{data_cfg.synthetic_size}px_seed{seed}')
+  out = root / name
+  if not ((out / 'train.txt').is_file() and (out / 'test.txt').is_file()):
+    if data_cfg.kind not in simulate.KINDS:
+      raise UserError(f'config.data.kind={data_cfg.kind!r} is not a kind; valid: '
+                      f'{", ".join(simulate.KINDS)}')
+    logging.info('Simulating %s into %s (once; later runs reuse it)', name, out)
+    simulate.write_dataset(data_cfg.kind, out, num_train=data_cfg.num_synthetic_train,
+                           num_test=data_cfg.num_synthetic_test,
+                           size=data_cfg.synthetic_size, seed=seed, overwrite=True)
+  return out
+
+
+def list_paths(config) -> tuple[pathlib.Path, pathlib.Path | None]:
+  """(train list, test list) that config.data points at."""
+  data_cfg = config.data
+  if data_cfg.source == 'synthetic':
+    folder = synthetic_dataset_dir(data_cfg, config.seed)
+    return folder / 'train.txt', folder / 'test.txt'
+  if data_cfg.source != 'lists':
+    raise UserError(f'config.data.source={data_cfg.source!r} is not a source; valid: '
+                    f'{", ".join(SOURCES)}')
+  if not data_cfg.train_list:
+    raise UserError('config.data.source=lists needs config.data.train_list (a list file or '
+                    'a folder with images/ and masks/)')
+  test = pathlib.Path(data_cfg.test_list) if data_cfg.test_list else None
+  return pathlib.Path(data_cfg.train_list), test
+
+
+def load(config, cache_dir, need_train: bool = True) -> Datasets:
+  """Prepared train/val/test sources for `config`; images are normalised once and cached."""
+  data_cfg = config.data
+  train_spec, test_spec = list_paths(config)
+  prep = lambda spec, fg: dataset.prepare(  # pylint: disable=g-long-lambda
+      lists.load_pairs(spec), data_cfg.normalization, data_cfg.kind, cache_dir,
+      require_foreground=fg)
+  train = val = None
+  if need_train:
+    train, val = dataset.split_validation(prep(train_spec, True), data_cfg.val_fraction,
+                                          config.seed)
+    largest = max(max(s) for s in train.shapes)
+    if data_cfg.crop_size > largest:
+      raise UserError(f'config.data.crop_size={data_cfg.crop_size} is larger than every '
+                      f'training image (largest side {largest}); set it to at most {largest}')
+  test = prep(test_spec, False) if test_spec is not None else None
+  return Datasets(train, val, test)

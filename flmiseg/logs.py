@@ -1,0 +1,65 @@
+"""Training logs: DIR/metrics.jsonl (one JSON line per logged step and per evaluation),
+TensorBoard event files in DIR/tensorboard, and DIR/training_curve.png (loss and validation
+IoU), redrawn at each evaluation.
+"""
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
+import tensorboardX  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+class MetricsLogger:
+  """Appends scalars to metrics.jsonl and TensorBoard; draws the training curve."""
+
+  def __init__(self, workdir, enabled: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self.enabled = enabled
+    self._writer = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard')) if enabled \
+        else None
+
+  def write(self, step: int, kind: str, scalars: dict) -> None:
+    """Logs `scalars` at `step`; kind is 'train' or 'val' (the TensorBoard prefix)."""
+    if not self.enabled:
+      return
+    record = {'step': int(step), 'kind': kind, **{k: float(v) for k, v in scalars.items()}}
+    with open(self.workdir / 'metrics.jsonl', 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for name, value in scalars.items():
+      self._writer.add_scalar(f'{kind}/{name}', float(value), int(step))
+    self._writer.flush()
+
+  def read(self) -> list[dict]:
+    path = self.workdir / 'metrics.jsonl'
+    if not path.exists():
+      return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+  def plot(self) -> None:
+    """Redraws DIR/training_curve.png from metrics.jsonl."""
+    if not self.enabled:
+      return
+    records = self.read()
+    train = [r for r in records if r['kind'] == 'train' and 'loss' in r]
+    val = [r for r in records if r['kind'] == 'val' and 'iou' in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r['step'] for r in train], [r['loss'] for r in train], color='tab:blue')
+    ax.set_xlabel('step')
+    ax.set_ylabel('training loss', color='tab:blue')
+    if val:
+      ax2 = ax.twinx()
+      ax2.plot([r['step'] for r in val], [r['iou'] for r in val], 'o-', color='tab:orange')
+      ax2.set_ylabel('validation IoU', color='tab:orange')
+      ax2.set_ylim(0, 1)
+    ax.set_title('training curve')
+    fig.tight_layout()
+    fig.savefig(self.workdir / 'training_curve.png', dpi=100)
+    plt.close(fig)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()

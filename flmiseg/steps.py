@@ -1,0 +1,75 @@
+"""The train state and the pure, jit-compiled steps.
+
+`train_step(state, batch, ...)` and `predict_step(state, batch, ...)` are pure functions;
+static things (the loss, the schedule, the threshold) are bound with functools.partial before
+jax.jit. The batch is sharded over the mesh's 'data' axis and the state replicated, so
+BatchNorm statistics, the loss and the gradients are over the global batch.
+"""
+
+import functools
+from typing import Any
+
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import optax
+
+from flmiseg import losses
+from flmiseg import metrics
+from flmiseg import sharding
+
+
+class TrainState(train_state.TrainState):
+  """step, params, opt_state (+ apply_fn, tx, static) and BatchNorm statistics."""
+  batch_stats: Any = None
+
+
+def create_train_state(model, tx, sample_hw, seed: int, mesh) -> TrainState:
+  """Initialises parameters (float32) replicated over the mesh."""
+  def init(key):
+    x = jnp.zeros((1, *sample_hw, 1), jnp.float32)
+    variables = model.init({'params': key, 'dropout': key}, x, train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                             batch_stats=variables.get('batch_stats', {}), tx=tx)
+  out = jax.eval_shape(init, jax.random.key(seed))
+  rep = sharding.replicated(mesh)
+  return jax.jit(init, out_shardings=jax.tree.map(lambda _: rep, out))(
+      jax.random.key(seed))
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn, schedule, dropout_key):
+  """One optimisation step on a global batch; returns (new_state, metrics)."""
+  key = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_of(params):
+    (logits, aux), updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': key})
+    loss = losses.total_loss(loss_fn, logits, aux, batch['mask'], batch['valid'])
+    return loss, updates.get('batch_stats', state.batch_stats)
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  scalars = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+  return new_state, scalars
+
+
+def predict_step(state: TrainState, batch: dict, *, threshold: float):
+  """Probabilities (N, H, W, 1) and per-image confusion counts at `threshold`."""
+  logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                             batch['image'], train=False)
+  probs = jax.nn.sigmoid(logits.astype(jnp.float32))
+  counts = metrics.confusion_counts(probs, batch['mask'], threshold, batch['valid'])
+  return probs, counts
+
+
+def jit_steps(config, loss_fn, schedule, mesh, state_shardings):
+  """(train_step, predict_step) jitted with the config's static settings bound."""
+  rep = sharding.replicated(mesh)
+  dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  train = jax.jit(
+      functools.partial(train_step, loss_fn=loss_fn, schedule=schedule,
+                        dropout_key=dropout_key),
+      out_shardings=(state_shardings, rep), donate_argnums=0)
+  predict = jax.jit(functools.partial(predict_step, threshold=config.eval.threshold))
+  return train, predict

@@ -1,0 +1,237 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate_best`.
+
+Trains with validation every `config.eval.every_steps`, keeps the latest checkpoints and the
+best one by validation IoU, then evaluates the best on the test set. Rerunning the same command
+resumes from the latest checkpoint (a finished run does not retrain).
+"""
+
+import json
+import pathlib
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from flmiseg import checkpoint
+from flmiseg import evaluate
+from flmiseg import losses
+from flmiseg import models
+from flmiseg import optim
+from flmiseg import sharding
+from flmiseg import steps as steps_lib
+from flmiseg import logs
+from flmiseg.data import loader
+from flmiseg.data import pipeline
+from flmiseg.errors import UserError
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Fields that may differ between runs on one workdir without mixing incompatible work.
+_FREE_FIELDS = ('eval', 'train.log_every_steps', 'train.resume_mismatch', 'data.num_workers',
+                'data.synthetic_dir')
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or inf."""
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def prepare_workdir(config, workdir) -> pathlib.Path:
+  """Creates workdir, refuses one made by a different config, writes config.json."""
+  workdir = pathlib.Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'--workdir={workdir}: cannot create it ({e.strerror})') from e
+  new = json.loads(config.to_json())
+  path = workdir / 'config.json'
+  if path.exists() and config.train.resume_mismatch != 'allow':
+    old = _flatten(json.loads(path.read_text()))
+    diff = [k for k, v in _flatten(new).items()
+            if old.get(k) != v and not k.startswith(_FREE_FIELDS)]
+    if diff:
+      raise UserError(f'{workdir} was made by a different config ({", ".join(diff[:4])} '
+                      'differ); use a new --workdir, or --config.train.resume_mismatch=allow')
+  tmp = path.with_name('.config.json.tmp')
+  try:
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + '\n')
+    tmp.replace(path)
+  except OSError as e:
+    raise UserError(f'--workdir={workdir}: not writable ({e.strerror})') from e
+  return workdir
+
+
+def build(config, workdir, sample_hw, num_train: int):
+  """Model, schedule, optimiser, mesh and initial (or abstract) train state."""
+  if config.train.dtype not in DTYPES:
+    raise UserError(f'config.train.dtype={config.train.dtype!r}; valid: {", ".join(DTYPES)}')
+  sharding.check_batch_size(config.train.batch_size)
+  sharding.check_batch_size(config.eval.batch_size, 'config.eval.batch_size')
+  model = models.create_model(config.model, DTYPES[config.train.dtype])
+  per_epoch = optim.steps_per_epoch(num_train, config.train.batch_size)
+  total = config.train.num_steps or config.train.num_epochs * per_epoch
+  schedule = optim.make_schedule(config.optim, per_epoch, total)
+  tx = optim.make_optimizer(config.optim, schedule)
+  mesh = sharding.make_mesh()
+  state = steps_lib.create_train_state(model, tx, sample_hw, config.seed, mesh)
+  return model, schedule, mesh, state, total
+
+
+class _Trainer:
+  """The loop's mutable pieces: state, data iterator, pending metrics, best IoU."""
+
+  def __init__(self, config, workdir, data, state, schedule, mesh, total_steps):
+    self.config, self.workdir, self.data, self.mesh = config, workdir, data, mesh
+    self.state, self.total_steps = state, total_steps
+    self.ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
+    self.logger = logs.MetricsLogger(workdir, enabled=jax.process_index() == 0)
+    loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    self.train_step, self.predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh,
+                                                        shardings)
+    self.best_iou, self.pending, self.last_good = -1.0, [], None
+
+  def restore(self) -> dict | None:
+    restored = self.ckpt.restore_last(checkpoint.abstract(self.state))
+    if restored is None:
+      return None
+    self.state, data_state, record = restored
+    self.best_iou, self.last_good = record.get('best_iou', -1.0), record['step']
+    logging.info('Resuming from step %d of %s', record['step'], self.workdir)
+    return data_state
+
+  def flush(self, step: int, images_per_s: float) -> dict:
+    """Fetches pending step metrics, stops on NaN, logs their mean."""
+    fetched = jax.device_get(self.pending)
+    self.pending = []
+    first = step - len(fetched) + 1
+    for offset, m in enumerate(fetched):
+      if not np.isfinite(m['loss']):
+        kept = (f'the last good checkpoint (step {self.last_good}) is kept'
+                if self.last_good is not None else 'no checkpoint was written yet')
+        raise TrainingDiverged(
+            f'loss became {m["loss"]} at step {first + offset}; {kept}; try a lower '
+            f'learning rate, e.g. --config.optim.lr={self.config.optim.lr / 10:g}')
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    mean['images_per_s'] = images_per_s
+    self.logger.write(step, 'train', mean)
+    return mean
+
+  def checkpoint(self, step: int, data_iter, val_iou: float | None) -> None:
+    record = {'step': step, 'val_iou': val_iou}
+    if val_iou is not None and val_iou > self.best_iou:
+      self.best_iou = val_iou
+      self.ckpt.save_best(step, self.state, {**record, 'best_iou': val_iou})
+    elif val_iou is None and self.data.val is None:
+      self.ckpt.save_best(step, self.state, record)
+    self.ckpt.save_last(step, self.state, data_iter.get_state(),
+                        {**record, 'best_iou': self.best_iou})
+    self.last_good = step
+
+  def validate(self, step: int) -> float | None:
+    if self.data.val is None:
+      return None
+    iou = evaluate.validation_iou(self.predict, self.state, self.data.val, self.mesh,
+                                  self.config.eval.batch_size)
+    self.logger.write(step, 'val', {'iou': iou})
+    self.logger.plot()
+    return iou
+
+  def run(self, data_iter, start: int) -> None:
+    cfg = self.config.train
+    every_eval = self.config.eval.every_steps
+    every_ckpt = cfg.checkpoint_every_steps or every_eval
+    bar = tqdm.tqdm(total=self.total_steps, initial=start, desc='train', unit='step',
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    tick, tick_step = time.perf_counter(), start
+    for step in range(start + 1, self.total_steps + 1):
+      batch = sharding.global_batch(next(data_iter), self.mesh)
+      self.state, scalars = self.train_step(self.state, batch)
+      self.pending.append(scalars)
+      bar.update(1)
+      last = step == self.total_steps
+      if step % cfg.log_every_steps == 0 or last or step % every_ckpt == 0:
+        rate = (step - tick_step) * cfg.batch_size / (time.perf_counter() - tick)
+        mean = self.flush(step, rate)
+        bar.set_postfix(loss=f'{mean["loss"]:.4f}', lr=f'{mean["lr"]:.2e}',
+                        img_s=f'{rate:.1f}')
+        tick, tick_step = time.perf_counter(), step
+      val_iou = self.validate(step) if (step % every_eval == 0 or last) else None
+      if val_iou is not None:
+        bar.write(f'step {step}: validation IoU {val_iou:.4f}')
+      if step % every_ckpt == 0 or step % every_eval == 0 or last:
+        self.checkpoint(step, data_iter, val_iou)
+        tick = time.perf_counter()
+    bar.close()
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Trains per `config` in `workdir` (resuming if possible), then evaluates on the test set.
+
+  Returns the test summary (also written to DIR/eval/summary.json), or {} without a test set.
+  """
+  workdir = prepare_workdir(config, workdir)
+  data = loader.load(config, workdir / 'cache')
+  crop = config.data.crop_size
+  _, schedule, mesh, state, total = build(config, workdir, (crop, crop), len(data.train))
+  trainer = _Trainer(config, workdir, data, state, schedule, mesh, total)
+  data_state = trainer.restore()
+  start = int(trainer.state.step)
+  if start < total:
+    it = iter(pipeline.train_dataset(
+        data.train, crop_size=crop, global_batch=config.train.batch_size, num_steps=total,
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.data.num_workers,
+        flips=config.data.flips))
+    if data_state is not None:
+      it.set_state(data_state)
+    logging.info('Training %s/%s for %d steps (%d images, batch %d, %d devices)',
+                 config.model.name, config.model.variant, total, len(data.train),
+                 config.train.batch_size, jax.device_count())
+    trainer.run(it, start)
+  else:
+    logging.info('%s already finished training (%d steps); not retraining.', workdir, total)
+  trainer.ckpt.close()
+  trainer.logger.close()
+  if data.test is None:
+    return {}
+  return evaluate_best(config, workdir, data=data, mesh=mesh, state=trainer.state,
+                       predict=trainer.predict)
+
+
+def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=None) -> dict:
+  """Evaluates the best checkpoint of `workdir` on the test set; writes DIR/eval/."""
+  workdir = pathlib.Path(workdir)
+  if data is None:
+    data = loader.load(config, workdir / 'cache', need_train=False)
+  if data.test is None:
+    raise UserError('config.data.test_list is empty: nothing to evaluate')
+  if state is None:
+    crop = config.data.crop_size
+    _, schedule, mesh, state, _ = build(config, workdir, (crop, crop), 1)
+    loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
+    _, predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh,
+                                     jax.tree.map(lambda x: x.sharding, state))
+  ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
+  restored = ckpt.restore_best(checkpoint.abstract(state))
+  ckpt.close()
+  if restored is None:
+    raise UserError(f'{workdir}: no checkpoint to evaluate (train first)')
+  state, _, record = restored
+  summary = evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
+                              config.eval.threshold, out_dir=workdir / 'eval')
+  summary['checkpoint_step'] = record['step']
+  (workdir / 'eval' / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+  return summary

@@ -1,0 +1,136 @@
+"""Training system end to end at a tiny size: loss goes down, resume is exact, sharding
+agrees with one device, summary counts, every config loads."""
+
+import functools
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from flmiseg import checkpoint
+from flmiseg import losses
+from flmiseg import sharding
+from flmiseg import steps
+from flmiseg import summary
+from flmiseg import train
+from flmiseg.errors import UserError
+from tests import helpers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  return helpers.write_blob_dataset(tmp_path_factory.mktemp('blobs'))
+
+
+def _final_params(workdir, config):
+  """The params of the latest checkpoint of workdir, as numpy."""
+  _, _, _, state, _ = train.build(config, workdir, (32, 32), 9)
+  ckpt = checkpoint.Checkpointer(workdir)
+  restored, _, record = ckpt.restore_last(checkpoint.abstract(state))
+  ckpt.close()
+  return record['step'], jax.device_get(restored.params)
+
+
+def test_training_lowers_loss_and_writes_outputs(data_root, tmp_path):
+  config = helpers.tiny_config(data_root, **{'train.num_steps': 16, 'eval.every_steps': 8})
+  result = train.train_and_evaluate(config, tmp_path / 'run')
+  records = [json.loads(l) for l in (tmp_path / 'run/metrics.jsonl').read_text().splitlines()]
+  train_losses = [r['loss'] for r in records if r['kind'] == 'train']
+  assert train_losses[-1] < train_losses[0]
+  assert [r['step'] for r in records if r['kind'] == 'val'] == [8, 16]
+  for name in ('config.json', 'training_curve.png', 'eval/summary.json', 'eval/per_image.csv'):
+    assert (tmp_path / 'run' / name).exists(), name
+  assert list((tmp_path / 'run/tensorboard').iterdir())
+  assert result['num_images'] == 4
+  for key in ('iou', 'f1', 'dice', 'accuracy', 'precision', 'recall', 'auc'):
+    assert 0.0 <= result[key] <= 1.0, key
+  rows = (tmp_path / 'run/eval/per_image.csv').read_text().splitlines()
+  assert len(rows) == 1 + 4
+
+
+def test_resume_after_interruption_is_exact(data_root, tmp_path, monkeypatch):
+  config = helpers.tiny_config(data_root)
+  train.train_and_evaluate(config, tmp_path / 'straight')
+  original = train._Trainer.checkpoint
+
+  def crash_after_step_4(self, step, data_iter, val_iou):
+    original(self, step, data_iter, val_iou)
+    if step == 4:
+      raise KeyboardInterrupt('simulated kill')
+
+  monkeypatch.setattr(train._Trainer, 'checkpoint', crash_after_step_4)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, tmp_path / 'resumed')
+  monkeypatch.setattr(train._Trainer, 'checkpoint', original)
+  assert _final_params(tmp_path / 'resumed', config)[0] == 4
+  train.train_and_evaluate(config, tmp_path / 'resumed')
+  step_a, params_a = _final_params(tmp_path / 'straight', config)
+  step_b, params_b = _final_params(tmp_path / 'resumed', config)
+  assert step_a == step_b == 6
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  # A finished run does not retrain.
+  lines = (tmp_path / 'resumed/metrics.jsonl').read_text()
+  train.train_and_evaluate(config, tmp_path / 'resumed')
+  assert (tmp_path / 'resumed/metrics.jsonl').read_text() == lines
+
+
+def test_workdir_of_another_config_is_refused(data_root, tmp_path):
+  config = helpers.tiny_config(data_root)
+  train.prepare_workdir(config, tmp_path / 'w')
+  other = helpers.tiny_config(data_root, **{'model.width': 8})
+  with pytest.raises(UserError, match='model.width'):
+    train.prepare_workdir(other, tmp_path / 'w')
+  other.train.resume_mismatch = 'allow'
+  train.prepare_workdir(other, tmp_path / 'w')
+
+
+def test_sharded_step_equals_single_device(data_root, tmp_path):
+  assert jax.device_count() == 8
+  # SGD, not Adam: Adam's first step is lr * sign(grad), which amplifies float noise in the
+  # exactly-zero gradients of conv biases that BatchNorm cancels.
+  config = helpers.tiny_config(data_root, **{'optim.name': 'sgd', 'optim.lr': 0.1})
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
+           'mask': (rng.random((8, 32, 32, 1)) > 0.7).astype(np.float32),
+           'valid': np.ones((8, 32, 32, 1), np.float32)}
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(devices)
+    model, schedule, _, _, _ = train.build(config, tmp_path, (32, 32), 9)
+    state = steps.create_train_state(model, train.optim.make_optimizer(
+        config.optim, schedule), (32, 32), 0, mesh)
+    step = jax.jit(functools.partial(
+        steps.train_step, loss_fn=losses.make_loss('bce+dice'), schedule=schedule,
+        dropout_key=jax.random.key(1)))
+    new_state, scalars = step(state, sharding.global_batch(batch, mesh))
+    assert len(sharding.global_batch(batch, mesh)['image'].sharding.device_set) == len(devices)
+    results.append((float(scalars['loss']), jax.device_get(new_state.params),
+                    jax.device_get(new_state.batch_stats)))
+  (loss1, params1, stats1), (loss8, params8, stats8) = results
+  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
+               (params1, stats1), (params8, stats8))
+
+
+def test_summary_reports_reference_unet_count():
+  config = default.get_config()
+  config.model.width = 64
+  assert summary.count_params(train.models.create_model(config.model, np.float32)) == 31042369
+
+
+def test_every_config_loads():
+  files = sorted((REPO / 'configs').glob('*.py'))
+  files = [f for f in files if f.name != '__init__.py']
+  assert len(files) >= 4
+  for path in files:
+    spec = importlib.util.spec_from_file_location(f'cfg_{path.stem}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert {'data', 'model', 'train', 'optim', 'eval'} <= set(config.keys()), path.name
