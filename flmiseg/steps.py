@@ -50,7 +50,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn, schedule, dropout_key
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  scalars = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+  scalars = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
   return new_state, scalars
 
 

@@ -1,0 +1,69 @@
+"""The command line, end to end through a real subprocess."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(*args, timeout=600):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  return helpers.write_blob_dataset(tmp_path_factory.mktemp('blobs'), num_train=8, num_test=3)
+
+
+def _tiny_flags(data_root):
+  return ['--config=configs/default.py', '--config.data.source=lists',
+          f'--config.data.train_list={data_root}/train.txt',
+          f'--config.data.test_list={data_root}/test.txt', '--config.data.crop_size=32',
+          '--config.model.width=4', '--config.train.num_steps=4',
+          '--config.train.batch_size=4', '--config.eval.every_steps=2',
+          '--config.eval.batch_size=2', '--config.data.val_fraction=0.25']
+
+
+def test_train_then_eval_through_the_cli(data_root, tmp_path):
+  result = run_main(*_tiny_flags(data_root), f'--workdir={tmp_path}/run')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Test set (3 images' in result.stdout and 'iou' in result.stdout
+  summary = json.loads((tmp_path / 'run/eval/summary.json').read_text())
+  assert summary['num_images'] == 3
+  config = json.loads((tmp_path / 'run/config.json').read_text())
+  assert config['model']['width'] == 4 and config['train']['num_steps'] == 4
+  again = run_main(*_tiny_flags(data_root), f'--workdir={tmp_path}/run', '--mode=eval')
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert json.loads((tmp_path / 'run/eval/summary.json').read_text())['iou'] == summary['iou']
+
+
+def test_summary_mode_writes_counts(tmp_path):
+  result = run_main('--config=configs/default.py', '--config.model.width=64',
+                    '--config.data.crop_size=64', f'--workdir={tmp_path}', '--mode=summary')
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads((tmp_path / 'model_summary.json').read_text())
+  assert summary['params'] == 31042369 and summary['flops'] > 5e9
+  assert '31,042,369 parameters' in result.stdout
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.model.name=unett', "config.model.name='unett' is not a model; valid names:"),
+    ('--config.train.loss=bcee', "'bcee' is not a loss; valid names:"),
+    ('--config.train.batch_size=3', 'config.train.batch_size=3 is not divisible by the 2'),
+])
+def test_bad_settings_give_one_line_errors(data_root, tmp_path, flag, message):
+  result = run_main(*_tiny_flags(data_root), flag, f'--workdir={tmp_path}/bad')
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
