@@ -112,8 +112,8 @@ class _Trainer:
     logging.info('Resuming from step %d of %s', record['step'], self.workdir)
     return data_state
 
-  def flush(self, step: int, images_per_s: float) -> dict:
-    """Fetches pending step metrics, stops on NaN, logs their mean."""
+  def flush(self, step: int) -> dict:
+    """Fetches pending step metrics (waiting for them), stops on NaN; returns their mean."""
     fetched = jax.device_get(self.pending)
     self.pending = []
     first = step - len(fetched) + 1
@@ -124,10 +124,7 @@ class _Trainer:
         raise TrainingDiverged(
             f'loss became {m["loss"]} at step {first + offset}; {kept}; try a lower '
             f'learning rate, e.g. --config.optim.lr={self.config.optim.lr / 10:g}')
-    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-    mean['images_per_s'] = images_per_s
-    self.logger.write(step, 'train', mean)
-    return mean
+    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
 
   def checkpoint(self, step: int, data_iter, val_iou: float | None) -> None:
     record = {'step': step, 'val_iou': val_iou}
@@ -163,8 +160,9 @@ class _Trainer:
       bar.update(1)
       last = step == self.total_steps
       if step % cfg.log_every_steps == 0 or last or step % every_ckpt == 0:
+        mean = self.flush(step)  # waits for the device, so the rate below is real
         rate = (step - tick_step) * cfg.batch_size / (time.perf_counter() - tick)
-        mean = self.flush(step, rate)
+        self.logger.write(step, 'train', {**mean, 'images_per_s': rate})
         bar.set_postfix(loss=f'{mean["loss"]:.4f}', lr=f'{mean["lr"]:.2e}',
                         img_s=f'{rate:.1f}')
         tick, tick_step = time.perf_counter(), step
