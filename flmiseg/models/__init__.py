@@ -6,12 +6,14 @@ Contract shared by every model (tests rely on it):
     (N, H, W, num_classes) with num_classes=1 (a foreground logit) by default.
   * aux is a dict; models with several outputs (deep supervision, side outputs) put the
     extra logits, each (N, H, W, 1) float32, under aux['side_outputs'] (the loss averages over
-    the final and side outputs; evaluation uses the final one).
+    the final and side outputs; evaluation uses the final one). aux also carries encoder
+    features (e.g. aux['skips'], finest first) for fusion research.
   * fields `width` (base width; the reference's at its default), `num_classes`, `dtype`
     (computation dtype; parameters stay float32).
   * BatchNorm running statistics live in the 'batch_stats' collection.
 
-`create_model(model_config, dtype)` builds one from `config.model`.
+`create_model(model_config, dtype)` builds one from `config.model`; `MODELS` lists them with
+their variants and the reference's base width.
 """
 
 from typing import Any, Callable
@@ -19,16 +21,39 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from flmiseg.errors import UserError
+from flmiseg.models import agnet
+from flmiseg.models import fcn
+from flmiseg.models import lowlevel
+from flmiseg.models import segnet
 from flmiseg.models import unet
+from flmiseg.models import unet_pp
 
 
 def _unet(cfg, dtype):
   return unet.UNet(width=cfg.width, num_classes=cfg.num_classes, dtype=dtype)
 
 
-# name -> (builder(model_config, dtype) -> nn.Module, valid variants, default base width).
-MODELS: dict[str, tuple[Callable[[Any, Any], nn.Module], tuple[str, ...], int]] = {
-    'unet': (_unet, ('original',), 64),
+def _agnet(cfg, dtype):
+  # One-logit heads: the reference's parameter count for one output channel (9,326,216);
+  # agnet.AGNet(single_logit_heads=False) keeps its 2-class softmax heads instead.
+  return agnet.AGNet(width=cfg.width, num_classes=cfg.num_classes, single_logit_heads=True,
+                     dtype=dtype)
+
+
+Builder = Callable[[Any, Any], nn.Module]
+
+# name -> (builder(model_config, dtype) -> nn.Module, valid variants, reference base width).
+MODELS: dict[str, tuple[Builder, tuple[str, ...], int]] = {
+    'unet': (_unet, ('original',), unet.UNet.width),
+    'unet_pp': (unet_pp.build, unet_pp.VARIANTS, unet_pp.BASE_WIDTH),
+    'agnet': (_agnet, agnet.VARIANTS, agnet.BASE_WIDTH),
+    'fcn32s': (fcn.build, fcn.VARIANTS['fcn32s'], fcn.BASE_WIDTH),
+    'fcn16s': (fcn.build, fcn.VARIANTS['fcn16s'], fcn.BASE_WIDTH),
+    'fcn8s': (fcn.build, fcn.VARIANTS['fcn8s'], fcn.BASE_WIDTH),
+    'fcn': (fcn.build, fcn.VARIANTS['fcn'], fcn.BASE_WIDTH),
+    'segnet': (segnet.build, segnet.VARIANTS['segnet'], segnet.BASE_WIDTH),
+    # The paper's strategy applied to any encoder (config.model.backbone picks it).
+    'lowlevel': (lowlevel.build, ('wrapped',), 64),
 }
 
 

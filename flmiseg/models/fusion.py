@@ -1,15 +1,26 @@
 """Fusion operators: join a decoder feature with an encoder (skip) feature.
 
 Interface (every operator is a Flax module with this call):
-  op(decoder, skip, train=False) -> fused
+  op(dtype=...)(decoder, skip, train=False) -> fused
 decoder and skip are NHWC; the decoder feature is first resized (bilinear) to the skip's
 spatial size when they differ, then fused. Operators are looked up by name from `FUSIONS`
-(`config.model.fusion`); to add one, write a module with that call and register it in FUSIONS.
+(`config.model.fusion`); to add one, write a module with that call and register it in FUSIONS
+(docs/fusion.md). `fused_channels(name, c_decoder, c_skip)` tells a decoder how many channels
+an operator returns.
+
+Output channels (C_d: decoder, C_s: skip):
+  add             C_s (needs C_d == C_s)
+  concat          C_s + C_d  ([skip, decoder])
+  attention_gate  C_s + C_d  ([alpha * skip, decoder])
+  weighted_sum    C_s        (the decoder is projected to C_s by a 1x1 conv when C_d != C_s)
+  se_concat       C_s + C_d  ([skip, decoder] rescaled per channel)
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flmiseg.errors import UserError
@@ -39,9 +50,98 @@ class Concat(nn.Module):
     return jnp.concatenate([skip, decoder.astype(skip.dtype)], axis=-1)
 
 
+class AttentionGate(nn.Module):
+  """Additive attention on the skip (Oktay et al. 2018), then [alpha * skip, decoder].
+
+  With g the decoder feature (resized to the skip's size) and x the skip:
+    alpha = sigmoid(psi(relu(W_x x + W_g g)))   (N, H, W, 1), in [0, 1]
+  where W_x, W_g are 1x1 convolutions to `inter_channels` and psi a 1x1 convolution to one
+  channel. Unlike Oktay et al., alpha is computed at the skip's resolution (g is upsampled
+  first) so no resampling of alpha is needed. Returns concatenate([alpha * x, g]):
+  C_skip + C_decoder channels. alpha is also sown as intermediates['alpha'] (apply with
+  mutable=['intermediates'] to read it).
+
+  Attributes:
+    inter_channels: channels of the joint embedding; None: max(1, C_skip // 2).
+    dtype: computation dtype.
+  """
+  inter_channels: int | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, decoder, skip, train: bool = False):
+    g = layers.resize_to(decoder, skip.shape[1:3]).astype(self.dtype)
+    x = skip.astype(self.dtype)
+    inter = self.inter_channels or max(1, skip.shape[-1] // 2)
+    # One bias suffices in the sum; W_x carries none, as in the paper.
+    theta = layers.Conv(inter, (1, 1), use_bias=False, dtype=self.dtype, name='w_x')(x)
+    phi = layers.Conv(inter, (1, 1), dtype=self.dtype, name='w_g')(g)
+    psi = layers.Conv(1, (1, 1), dtype=self.dtype, name='psi')(nn.relu(theta + phi))
+    alpha = nn.sigmoid(psi)
+    if not self.is_initializing():  # keep `init`'s variables free of an intermediates entry
+      self.sow('intermediates', 'alpha', alpha)
+    return jnp.concatenate([alpha * x, g], axis=-1)
+
+
+class WeightedSum(nn.Module):
+  """Fast normalised fusion (BiFPN, Tan et al. 2020): learned non-negative scalar weights.
+
+  out = (w_d * decoder + w_s * skip) / (w_d + w_s + eps), w_i = relu(p_i), p initialised to
+  ones (so it starts as the plain average). When C_decoder != C_skip the decoder is first
+  projected to C_skip channels by a 1x1 convolution (at the decoder's own resolution, which
+  is cheaper and equal to projecting after the linear resize). Output: C_skip channels.
+
+  Attributes:
+    eps: keeps the normalisation finite when both weights reach zero.
+    dtype: computation dtype.
+  """
+  eps: float = 1e-4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, decoder, skip, train: bool = False):
+    if decoder.shape[-1] != skip.shape[-1]:
+      decoder = layers.Conv(skip.shape[-1], (1, 1), dtype=self.dtype, name='project')(decoder)
+    decoder = layers.resize_to(decoder, skip.shape[1:3]).astype(self.dtype)
+    p = self.param('weights', nn.initializers.ones, (2,), jnp.float32)
+    w = nn.relu(p).astype(self.dtype)
+    return (w[0] * decoder + w[1] * skip.astype(self.dtype)) / (w[0] + w[1] + self.eps)
+
+
+class SEConcat(nn.Module):
+  """concatenate([skip, decoder]) rescaled by squeeze-and-excitation (Hu et al. 2018).
+
+  s = mean over H, W of the concatenation (N, C); e = sigmoid(Dense_C(relu(Dense_r(s))))
+  with r = max(C // reduction, min_channels); out = concat * e per channel.
+  Output: C_skip + C_decoder channels.
+
+  Attributes:
+    reduction: channel reduction of the excitation bottleneck.
+    min_channels: floor of the bottleneck width, so narrow features keep a usable gate.
+    dtype: computation dtype.
+  """
+  reduction: int = 16
+  min_channels: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, decoder, skip, train: bool = False):
+    decoder = layers.resize_to(decoder, skip.shape[1:3])
+    x = jnp.concatenate([skip, decoder.astype(skip.dtype)], axis=-1).astype(self.dtype)
+    c = x.shape[-1]
+    squeezed = jnp.mean(x, axis=(1, 2))
+    hidden = max(c // self.reduction, self.min_channels)
+    z = nn.relu(layers.Dense(hidden, dtype=self.dtype, name='squeeze')(squeezed))
+    e = nn.sigmoid(layers.Dense(c, dtype=self.dtype, name='excite')(z))
+    return x * e[:, None, None, :]
+
+
 FUSIONS: dict[str, type[nn.Module]] = {
     'add': Add,
     'concat': Concat,
+    'attention_gate': AttentionGate,
+    'weighted_sum': WeightedSum,
+    'se_concat': SEConcat,
 }
 
 
@@ -51,3 +151,18 @@ def get_fusion(name: str) -> type[nn.Module]:
     raise UserError(f'config.model.fusion={name!r} is not a fusion operator; valid names: '
                     f'{", ".join(sorted(FUSIONS))}')
   return FUSIONS[name]
+
+
+@functools.lru_cache(maxsize=None)
+def fused_channels(name: str, c_decoder: int, c_skip: int) -> int:
+  """Channels of `name`'s output for decoder/skip features of c_decoder/c_skip channels.
+
+  Found by tracing the operator (with its default fields) on tiny inputs, so it holds for any
+  registered operator, including ones added later. Raises UserError for an unknown name and
+  ValueError where the operator cannot fuse those channel counts (add with C_d != C_s).
+  """
+  op = get_fusion(name)()
+  decoder = jnp.zeros((1, 2, 2, c_decoder), jnp.float32)
+  skip = jnp.zeros((1, 4, 4, c_skip), jnp.float32)
+  out, _ = jax.eval_shape(lambda: op.init_with_output(jax.random.key(0), decoder, skip))
+  return int(out.shape[-1])

@@ -14,13 +14,18 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
 torch_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# torch.nn.ConvTranspose2d stores its weight as (in, out, kh, kw) and so computes its default
+# "fan_in" from the OUTPUT channels; Flax's kernel is (kh, kw, in, out).
+torch_conv_transpose_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_in', 'uniform', in_axis=-1, out_axis=-2)
 
 Conv = functools.partial(nn.Conv, kernel_init=torch_conv_init)
-ConvTranspose = functools.partial(nn.ConvTranspose, kernel_init=torch_conv_init)
+ConvTranspose = functools.partial(nn.ConvTranspose, kernel_init=torch_conv_transpose_init)
 Dense = functools.partial(nn.Dense, kernel_init=torch_conv_init)
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -88,3 +93,37 @@ def resize_to(x: jax.Array, hw: Sequence[int], method: str = 'bilinear') -> jax.
 
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
   return nn.max_pool(x, (window, window), strides=(window, window))
+
+
+def _linear_taps(n_in: int, n_out: int, align_corners: bool):
+  """Source indices (lo, hi) and weights of hi for 1-D linear resampling, as PyTorch."""
+  o = np.arange(n_out, dtype=np.float64)
+  if align_corners:
+    src = o * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(n_out)
+  else:
+    # PyTorch clamps the half-pixel source coordinate at 0 (no mirror at the top-left).
+    src = np.maximum((o + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int32), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  return lo, hi, (src - lo).astype(np.float32)
+
+
+def resize_bilinear(x: jax.Array, hw: Sequence[int], align_corners: bool = False) -> jax.Array:
+  """Resizes an NHWC batch to hw exactly as torch's F.interpolate(mode='bilinear').
+
+  Unlike `resize_to` (jax.image.resize), downsampling does not antialias: each output pixel
+  interpolates its two nearest source pixels per axis, so 2x downsampling is a 2x2 mean and
+  4x downsampling reads only the middle two pixels of each 4-block, as the PyTorch references
+  do. align_corners=True maps corner pixels onto corner pixels (nn.Upsample(...,
+  align_corners=True)). Computes in x.dtype.
+  """
+  for axis, n_out in ((1, hw[0]), (2, hw[1])):
+    n_in = x.shape[axis]
+    if n_in == n_out:
+      continue
+    lo, hi, frac = _linear_taps(n_in, n_out, align_corners)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    f = jnp.asarray(frac, x.dtype).reshape(shape)
+    x = jnp.take(x, lo, axis=axis) * (1 - f) + jnp.take(x, hi, axis=axis) * f
+  return x
