@@ -134,3 +134,27 @@ def test_every_config_loads():
     spec.loader.exec_module(module)
     config = module.get_config()
     assert {'data', 'model', 'train', 'optim', 'eval'} <= set(config.keys()), path.name
+
+
+def test_bfloat16_training_keeps_float32_params(data_root, tmp_path):
+  config = helpers.tiny_config(data_root, **{'train.dtype': 'bfloat16', 'train.num_steps': 2,
+                                             'eval.every_steps': 2})
+  result = train.train_and_evaluate(config, tmp_path / 'bf16')
+  _, params = _final_params(tmp_path / 'bf16', config)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype('float32')}
+  assert 0.0 <= result['iou'] <= 1.0
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
+  config = helpers.tiny_config(data_root, **{'optim.name': 'sgd', 'optim.lr': 1e30,
+                                             'optim.momentum': 0.0, 'train.num_steps': 8,
+                                             'train.log_every_steps': 1})
+  with pytest.raises(train.TrainingDiverged, match=r'loss became nan at step \d+.*lower '
+                     r'learning rate, e.g. --config.optim.lr=1e\+29'):
+    train.train_and_evaluate(config, tmp_path / 'nan')
+  ckpt = checkpoint.Checkpointer(tmp_path / 'nan')
+  latest = ckpt.last.latest_step()
+  ckpt.close()
+  if latest is not None:  # every kept checkpoint holds finite parameters
+    _, params = _final_params(tmp_path / 'nan', config)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))

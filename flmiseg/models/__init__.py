@@ -22,7 +22,9 @@ import flax.linen as nn
 
 from flmiseg.errors import UserError
 from flmiseg.models import agnet
+from flmiseg.models import deeplabv3p
 from flmiseg.models import fcn
+from flmiseg.models import hrnet
 from flmiseg.models import lowlevel
 from flmiseg.models import segnet
 from flmiseg.models import unet
@@ -52,6 +54,8 @@ MODELS: dict[str, tuple[Builder, tuple[str, ...], int]] = {
     'fcn8s': (fcn.build, fcn.VARIANTS['fcn8s'], fcn.BASE_WIDTH),
     'fcn': (fcn.build, fcn.VARIANTS['fcn'], fcn.BASE_WIDTH),
     'segnet': (segnet.build, segnet.VARIANTS['segnet'], segnet.BASE_WIDTH),
+    'deeplabv3p': (deeplabv3p.build, deeplabv3p.VARIANTS, deeplabv3p.BASE_WIDTH),
+    'hrnetv2': (hrnet.build, hrnet.VARIANTS, hrnet.BASE_WIDTH),
     # The paper's strategy applied to any encoder (config.model.backbone picks it).
     'lowlevel': (lowlevel.build, ('wrapped',), 64),
 }

@@ -1,0 +1,156 @@
+"""DeepLabv3+ (Chen et al. 2018) as the reference builds it, and its low-level variant.
+
+original  ResNet-50/101 encoder (7x7 stride-2 stem, max-pool, output stride 16, multi-grid
+          dilated layer4) -> ASPP (1x1, three 3x3 at rates 6/12/18, image pooling; 256
+          channels, 1x1 projection, dropout 0.5) -> decoder: upsample x4 to layer1, concatenate
+          its 48-channel 1x1 projection, two 3x3 conv-BN-ReLU (256, dropout 0.5 / 0.1), 1x1
+          head, upsample to the input. 40,340,769 parameters (ResNet-50, width 64).
+lowlevel  the stem is stride 1 (full-resolution features) and the decoder fuses ALL five
+          levels, coarse to fine: ASPP output with layer3 (1x1 projection to 256), DoubleConv
+          256; upsample, layer2 (projection 256), DoubleConv 128; layer1 (projection 128),
+          DoubleConv 64; the stem (projection 64) at full scale; then the two 3x3 conv-BN-ReLU
+          and the head. Fusion by concatenation (43,048,129 parameters) or, with fusion='add',
+          addition (41,942,209), or any operator of flmiseg.models.fusion.
+Upsampling is bilinear with align_corners=True, as the reference. The reference module also
+holds layers its forward pass never uses (a layer4 projection and leftovers, 1,594,208
+parameters); this port has only the parameters that receive gradients.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flmiseg.errors import UserError
+from flmiseg.models import fusion as fusion_lib
+from flmiseg.models import layers
+from flmiseg.models import resnet
+
+VARIANTS = ('original', 'lowlevel')
+BACKBONES = ('resnet50', 'resnet101')
+BASE_WIDTH = resnet.BASE_WIDTH
+ASPP_RATES = (6, 12, 18)  # at output stride 16
+
+
+def _up(x, hw):
+  return layers.resize_bilinear(x, hw, align_corners=True)
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) -> BatchNorm -> ReLU, PyTorch padding."""
+  features: int
+  kernel_size: int = 1
+  dilation: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return layers.ConvBNReLU(self.features, self.kernel_size, dilation=self.dilation,
+                             use_bias=False, dtype=self.dtype)(x, train)
+
+
+class ASPP(nn.Module):
+  """Atrous spatial pyramid pooling with an image-pooling branch."""
+  features: int = 256
+  rates: tuple[int, ...] = ASPP_RATES
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    branches = [ConvBN(self.features, 1, dtype=self.dtype)(x, train)]
+    branches += [ConvBN(self.features, 3, r, dtype=self.dtype)(x, train) for r in self.rates]
+    pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+    pooled = ConvBN(self.features, 1, dtype=self.dtype)(pooled, train)
+    branches.append(jnp.broadcast_to(pooled, branches[0].shape))
+    y = ConvBN(self.features, 1, dtype=self.dtype)(jnp.concatenate(branches, -1), train)
+    return nn.Dropout(0.5, deterministic=not train)(y)
+
+
+class Head(nn.Module):
+  """Two 3x3 conv-BN-ReLU with dropout 0.5 / 0.1, then a 1x1 classifier (with bias)."""
+  features: int
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = ConvBN(self.features, 3, dtype=self.dtype)(x, train)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = ConvBN(self.features, 3, dtype=self.dtype)(x, train)
+    x = nn.Dropout(0.1, deterministic=not train)(x)
+    return layers.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
+
+
+class DeepLabV3Plus(nn.Module):
+  """DeepLabv3+. Input NHWC of any size; returns (logits (N, H, W, num_classes), aux).
+
+  aux holds 'skips' (the encoder pyramid: stem, layer1..layer4, finest first) and 'aspp'.
+  Attributes:
+    width: base width (ResNet stem channels; 64 in the reference).
+    variant: 'original' or 'lowlevel'.
+    backbone: 'resnet50' or 'resnet101'.
+    fusion: lowlevel decoder's operator ('' = concat); no effect on 'original'.
+    num_classes, dtype: as every model.
+  """
+  width: int = BASE_WIDTH
+  variant: str = 'original'
+  backbone: str = 'resnet50'
+  fusion: str = ''
+  num_classes: int = 1
+  dtype: Any = jnp.float32
+
+  def _decode_original(self, aspp, skips, train):
+    s = functools.partial(layers.scaled, self.width, BASE_WIDTH)
+    low = ConvBN(s(48), 1, dtype=self.dtype, name='project1')(skips[1], train)
+    x = _up(aspp, low.shape[1:3])
+    x = jnp.concatenate([x, low], axis=-1)
+    return Head(s(256), self.num_classes, self.dtype, name='head')(x, train)
+
+  def _decode_lowlevel(self, aspp, skips, train):
+    s = functools.partial(layers.scaled, self.width, BASE_WIDTH)
+    fuse = fusion_lib.get_fusion(self.fusion or 'concat')
+    x = aspp
+    # (level, projection width, DoubleConv width after fusing); None: no DoubleConv.
+    plan = ((3, 256, 256), (2, 256, 128), (1, 128, 64), (0, 64, None))
+    for level, proj, out in plan:
+      skip = ConvBN(s(proj), 1, dtype=self.dtype, name=f'project{level}')(skips[level], train)
+      x = _up(x, skip.shape[1:3])
+      x = fuse(dtype=self.dtype, name=f'fuse{level}')(x, skip, train)
+      if out is not None:
+        x = layers.DoubleConv(s(out), dtype=self.dtype, name=f'decode{level}')(x, train)
+    return Head(s(256), self.num_classes, self.dtype, name='head')(x, train)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.variant not in VARIANTS:
+      raise UserError(f'config.model.variant={self.variant!r}; valid: {", ".join(VARIANTS)}')
+    if self.backbone not in BACKBONES:
+      raise UserError(f'config.model.backbone={self.backbone!r}; valid: '
+                      f'{", ".join(BACKBONES)}')
+    lowlevel = self.variant == 'lowlevel'
+    x, hw = layers.pad_to_multiple(x.astype(self.dtype), 8 if lowlevel else 16)
+    encoder = resnet.ResNetEncoder(depth=int(self.backbone[6:]), width=self.width,
+                                   stem_stride=1 if lowlevel else 2, output_stride=16,
+                                   dtype=self.dtype, name='encoder')
+    skips = encoder(x, train)
+    s = functools.partial(layers.scaled, self.width, BASE_WIDTH)
+    aspp = ASPP(s(256), dtype=self.dtype, name='aspp')(skips[-1], train)
+    decode = self._decode_lowlevel if lowlevel else self._decode_original
+    logits = _up(decode(aspp, skips, train), x.shape[1:3])
+    logits = layers.crop_to(logits, hw).astype(jnp.float32)
+    return logits, {'skips': skips, 'aspp': aspp}
+
+
+def build(model_config, dtype) -> nn.Module:
+  """DeepLabV3Plus from a `config.model` (.variant, .width, .backbone, .fusion, .num_classes)."""
+  backbone = getattr(model_config, 'backbone', '') or 'resnet50'
+  if backbone not in BACKBONES:
+    raise UserError(f'config.model.backbone={backbone!r} is not a backbone of deeplabv3p; '
+                    f'valid: {", ".join(BACKBONES)}')
+  fusion = getattr(model_config, 'fusion', '') or ''
+  if fusion:
+    fusion_lib.get_fusion(fusion)
+  return DeepLabV3Plus(width=model_config.width, variant=model_config.variant,
+                       backbone=backbone, fusion=fusion,
+                       num_classes=model_config.num_classes, dtype=dtype)
