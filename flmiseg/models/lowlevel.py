@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from flmiseg.errors import UserError
 from flmiseg.models import fusion as fusion_lib
 from flmiseg.models import layers
+from flmiseg.models import resnet
 from flmiseg.models import vgg
 
 # Decoder channels per level as multiples of `width` (level 0: full scale); deeper levels
@@ -180,8 +181,21 @@ def build_vgg16(model_config, dtype) -> LowLevelSegmenter:
   return _wrap(encoder, vgg.STRIDE, model_config, dtype)
 
 
+def build_resnet(model_config, dtype, depth: int = 50) -> LowLevelSegmenter:
+  """The wrapper around a ResNet-50/101 (stride-2 stem, output stride 16), from `config.model`.
+
+  Reads .width (64 = ResNet), .fusion ('' = concat) and .num_classes. The encoder keeps its
+  own stem; the wrapper's input layer supplies the full-resolution features.
+  """
+  encoder = resnet.ResNetEncoder(depth=depth, width=model_config.width, stem_stride=2,
+                                 output_stride=16, dtype=dtype)
+  return _wrap(encoder, 16, model_config, dtype)
+
+
 # config.model.backbone -> builder(model_config, dtype); '' means 'resnet50'.
 BACKBONES = {
+    'resnet50': build_resnet,
+    'resnet101': lambda cfg, dtype: build_resnet(cfg, dtype, depth=101),
     'vgg16': build_vgg16,
 }
 
