@@ -2,33 +2,16 @@
 
   python -m flmiseg.main --config=configs/unet_nucleus.py --workdir=runs/unet_nucleus
 
-Width 64 (31,042,369 parameters), 256x256 images, batch 16, 30 epochs, SGD (lr 0.01,
-momentum 0.9, weight decay 5e-4), learning rate x0.1 every 5 epochs, soft IoU loss; the
-reference's data protocol for NUCLEUS. Point it at real data with
+The same recipe as configs/unet_er.py (width 64, 256x256, batch 16, 30 epochs, SGD lr 0.01
+momentum 0.9 weight decay 5e-4, x0.1 every 5 epochs, soft IoU); only the dataset kind (and
+so the simulated structures and the preprocessing) differs. Point it at real data with
 --config.data.source=lists --config.data.train_list=... --config.data.test_list=...
 """
 
-from configs import default
+from configs import unet_er
 
 
 def get_config():
-  config = default.get_config()
+  config = unet_er.get_config()
   config.data.kind = 'nucleus'
-  config.data.crop_size = 256
-  config.data.num_synthetic_train = 1000
-  config.data.num_synthetic_test = 40
-  config.model.width = 64
-  config.train.num_epochs = 30
-  config.train.batch_size = 16
-  config.train.loss = 'soft_iou'
-  config.optim.name = 'sgd'
-  config.optim.lr = 0.01
-  config.optim.momentum = 0.9
-  config.optim.weight_decay = 5e-4
-  config.optim.schedule = 'step'
-  config.optim.decay_epochs = 5.0
-  config.optim.decay_rate = 0.1
-  config.optim.warmup_steps = 0
-  config.eval.every_steps = 500
-  config.eval.batch_size = 16
   return config

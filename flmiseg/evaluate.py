@@ -11,6 +11,7 @@ import csv
 import json
 import pathlib
 
+import jax
 import numpy as np
 
 from flmiseg import metrics
@@ -22,7 +23,6 @@ SUMMARY_KEYS = ('iou', 'f1', 'dice', 'accuracy', 'precision', 'recall', 'auc')
 
 def predictions(predict, state, source, mesh, batch_size: int, with_probs: bool = True):
   """Yields (index, prob (h, w) or None, counts dict) per image of `source`, in order."""
-  import jax  # pylint: disable=g-import-not-at-top
   for batch in pipeline.eval_batches(source, global_batch=batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
@@ -49,8 +49,11 @@ def validation_iou(predict, state, source, mesh, batch_size: int) -> float:
 
 
 def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
-             out_dir=None) -> dict:
-  """Every metric per image and over the set; writes summary.json and per_image.csv."""
+             out_dir=None, extra: dict | None = None) -> dict:
+  """Every metric per image and over the set; writes summary.json and per_image.csv.
+
+  `extra` entries (e.g. the checkpoint's step) are added to the summary.
+  """
   rows = []
   for i, prob, _ in predictions(predict, state, source, mesh, batch_size):
     target = np.load(source.files[i][1])
@@ -59,6 +62,7 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
   summary = metrics.summarize(rows)
   summary['num_images'] = len(rows)
   summary['threshold'] = threshold
+  summary.update(extra or {})
   if out_dir is not None:
     write_report(rows, summary, out_dir)
   return summary

@@ -228,8 +228,6 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
   if restored is None:
     raise UserError(f'{workdir}: no checkpoint to evaluate (train first)')
   state, _, record = restored
-  summary = evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
-                              config.eval.threshold, out_dir=workdir / 'eval')
-  summary['checkpoint_step'] = record['step']
-  (workdir / 'eval' / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
-  return summary
+  return evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
+                           config.eval.threshold, out_dir=workdir / 'eval',
+                           extra={'checkpoint_step': record['step']})
