@@ -37,17 +37,8 @@ def _up(x, hw):
   return layers.resize_bilinear(x, hw, align_corners=True)
 
 
-class ConvBN(nn.Module):
-  """Conv (no bias) -> BatchNorm -> ReLU, PyTorch padding."""
-  features: int
-  kernel_size: int = 1
-  dilation: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    return layers.ConvBNReLU(self.features, self.kernel_size, dilation=self.dilation,
-                             use_bias=False, dtype=self.dtype)(x, train)
+# Conv (no bias, PyTorch padding) -> BatchNorm -> ReLU.
+ConvBN = functools.partial(layers.ConvBNReLU, use_bias=False)
 
 
 class ASPP(nn.Module):
@@ -59,7 +50,8 @@ class ASPP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     branches = [ConvBN(self.features, 1, dtype=self.dtype)(x, train)]
-    branches += [ConvBN(self.features, 3, r, dtype=self.dtype)(x, train) for r in self.rates]
+    branches += [ConvBN(self.features, 3, dilation=r, dtype=self.dtype)(x, train)
+                 for r in self.rates]
     pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
     pooled = ConvBN(self.features, 1, dtype=self.dtype)(pooled, train)
     branches.append(jnp.broadcast_to(pooled, branches[0].shape))

@@ -25,21 +25,8 @@ BASE_WIDTH = 32
 NUM_BLOCKS = 4  # blocks per branch in every stage (HRNetV2-W32: 4)
 
 
-class ConvBN(nn.Module):
-  """k x k conv (no bias, PyTorch padding) -> BatchNorm [-> ReLU]."""
-  features: int
-  kernel_size: int = 3
-  strides: int = 1
-  relu: bool = True
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    pad = (self.kernel_size - 1) // 2
-    x = layers.Conv(self.features, (self.kernel_size,) * 2, strides=self.strides,
-                    padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype)(x)
-    x = layers.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
-    return nn.relu(x) if self.relu else x
+# k x k conv (no bias, PyTorch padding) -> BatchNorm [-> ReLU].
+ConvBN = functools.partial(layers.ConvBNReLU, use_bias=False)
 
 
 class BasicBlock(nn.Module):

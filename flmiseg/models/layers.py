@@ -31,13 +31,14 @@ BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
 class ConvBNReLU(nn.Module):
-  """Conv(k x k, 'SAME') -> BatchNorm -> ReLU."""
+  """Conv(k x k, PyTorch's symmetric padding) -> BatchNorm -> ReLU (unless relu=False)."""
   features: int
   kernel_size: int = 3
   strides: int = 1
   dilation: int = 1
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  relu: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -46,7 +47,7 @@ class ConvBNReLU(nn.Module):
     x = Conv(self.features, (k, k), strides=self.strides, padding=((pad, pad), (pad, pad)),
              kernel_dilation=d, use_bias=self.use_bias, dtype=self.dtype)(x)
     x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
-    return nn.relu(x)
+    return nn.relu(x) if self.relu else x
 
 
 class DoubleConv(nn.Module):
