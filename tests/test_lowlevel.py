@@ -176,14 +176,21 @@ def test_resnet50_wrapper_runs_with_finite_gradients():
   _check_runs(model)
 
 
-def test_resnet50_wrapper_keeps_the_encoder_unchanged():
-  model = lowlevel.build(_model_config('resnet50', 64), jnp.float32)
+@pytest.mark.parametrize('backbone,depth,encoder_count,expected', [
+    ('resnet50', 50, 23_501_760, 29_108_929),
+    ('resnet101', 101, 42_493_888, 48_101_057),
+])
+def test_resnet_wrapper_keeps_the_encoder_unchanged(backbone, depth, encoder_count, expected):
+  model = lowlevel.build(_model_config(backbone, 64), jnp.float32)
   params = _shapes(model)['params']
-  encoder = jax.eval_shape(lambda: resnet.ResNetEncoder(50, 64).init(
+  encoder = resnet.ResNetEncoder(depth, 64)
+  encoder_params = jax.eval_shape(lambda: encoder.init(
       jax.random.key(0), jnp.zeros((1, 64, 64, 1))))['params']
   count = lambda tree: sum(p.size for p in jax.tree.leaves(tree))  # noqa: E731
-  assert count(params['backbone']) == count(encoder) == 23_501_760
-  assert count(params) == 29_108_929  # 23.5 M encoder + input layer + decoder
+  assert count(params['backbone']) == count(encoder_params) == encoder_count
+  # The same decoder on both: 5,607,169 parameters (input layer, projections, decoder, head).
+  assert count(params) == expected == encoder_count + 5_607_169
+  assert model.stride == lowlevel.backbone_stride(encoder) == 16
 
 
 def test_build_rejects_an_unknown_backbone():

@@ -192,10 +192,20 @@ def build_resnet(model_config, dtype, depth: int = 50) -> LowLevelSegmenter:
   return _wrap(encoder, 16, model_config, dtype)
 
 
+def build_resnet50(model_config, dtype) -> LowLevelSegmenter:
+  """`build_resnet` with ResNet-50."""
+  return build_resnet(model_config, dtype, depth=50)
+
+
+def build_resnet101(model_config, dtype) -> LowLevelSegmenter:
+  """`build_resnet` with ResNet-101."""
+  return build_resnet(model_config, dtype, depth=101)
+
+
 # config.model.backbone -> builder(model_config, dtype); '' means 'resnet50'.
 BACKBONES = {
-    'resnet50': build_resnet,
-    'resnet101': lambda cfg, dtype: build_resnet(cfg, dtype, depth=101),
+    'resnet50': build_resnet50,
+    'resnet101': build_resnet101,
     'vgg16': build_vgg16,
 }
 
