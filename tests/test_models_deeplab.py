@@ -23,35 +23,82 @@ def test_reference_parameter_counts(variant, backbone, fusion, expected):
   assert summary.count_params(model) == expected
 
 
-@pytest.mark.parametrize('stem_stride, strides', [(2, (2, 4, 8, 16, 16)), (1, (1, 2, 4, 8, 8))])
-def test_encoder_strides(stem_stride, strides):
-  encoder = resnet.ResNetEncoder(width=8, stem_stride=stem_stride)
+@pytest.mark.parametrize('stem_stride, output_stride, strides', [
+    (2, 16, (2, 4, 8, 16, 16)),
+    (1, 16, (1, 2, 4, 8, 8)),
+    (2, 8, (2, 4, 8, 8, 8)),
+])
+def test_encoder_strides_and_channels(stem_stride, output_stride, strides):
+  encoder = resnet.ResNetEncoder(width=8, stem_stride=stem_stride, output_stride=output_stride)
   x = jnp.zeros((1, 64, 64, 1))
   features, _ = jax.eval_shape(lambda: encoder.init_with_output(jax.random.key(0), x))
   assert tuple(64 // f.shape[1] for f in features) == strides
+  assert tuple(64 // f.shape[2] for f in features) == strides
   assert tuple(f.shape[-1] for f in features) == (8, 32, 64, 128, 256)
 
 
-@pytest.mark.parametrize('variant', ['original', 'lowlevel'])
-def test_forward_any_size_and_gradients(variant):
+# lowlevel at an odd size runs in test_gradients_finite_and_dropout_active (compiles are slow).
+@pytest.mark.parametrize('variant, hw', [
+    ('original', (64, 64)), ('original', (50, 70)), ('lowlevel', (64, 64))])
+def test_forward_any_size(variant, hw):
   model = deeplabv3p.DeepLabV3Plus(width=8, variant=variant)
+  x = jax.random.normal(jax.random.key(0), (2, *hw, 1))
+  init = jax.jit(lambda x: model.init_with_output(jax.random.key(1), x, train=False))
+  (logits, aux), _ = init(x)
+  assert logits.shape == (2, *hw, 1) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  skips = aux['skips']
+  assert len(skips) == 5 and aux['aspp'].shape[-1] == 32
+  # The stem feature is taken before its ReLU (the reference's low_level_feat0); the
+  # residual stages end in a ReLU.
+  assert np.min(skips[0]) < 0 and all(np.min(f) >= 0 for f in skips[1:])
+
+
+def test_gradients_finite_and_dropout_active():
+  model = deeplabv3p.DeepLabV3Plus(width=8, variant='lowlevel')
   x = jax.random.normal(jax.random.key(0), (2, 50, 70, 1))
-  variables = jax.jit(model.init)(jax.random.key(1), x)
+  variables = jax.jit(lambda x: model.init(jax.random.key(1), x))(x)
 
-  def loss(params):
-    (logits, _), _ = model.apply({**variables, 'params': params}, x, train=True,
-                                 mutable=['batch_stats'], rngs={'dropout': jax.random.key(2)})
-    return jnp.mean(jax.nn.sigmoid(logits)), logits
+  @jax.jit
+  def grad_fn(params, key):
+    def loss(params):
+      (logits, _), _ = model.apply({**variables, 'params': params}, x, train=True,
+                                   mutable=['batch_stats'], rngs={'dropout': key})
+      return jnp.mean(jax.nn.sigmoid(logits)), logits
+    return jax.grad(loss, has_aux=True)(params)
 
-  grads, logits = jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
-  assert logits.shape == (2, 50, 70, 1) and logits.dtype == jnp.float32
-  leaves = jax.tree.leaves(grads)
-  assert all(np.all(np.isfinite(g)) for g in leaves)
-  assert any(np.any(g != 0) for g in jax.tree.leaves(grads['encoder']))
+  grads, logits = grad_fn(variables['params'], jax.random.key(2))
+  _, other_logits = grad_fn(variables['params'], jax.random.key(3))
+  assert logits.shape == (2, 50, 70, 1) and np.all(np.isfinite(logits))
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  for part in ('encoder', 'aspp', 'project0', 'decode3', 'head'):
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grads[part])), part
+  # Dropout (ASPP 0.5, head 0.5 / 0.1) draws from the 'dropout' rng in training.
+  assert not np.allclose(logits, other_logits)
 
 
-def test_unknown_backbone_is_a_user_error():
-  class Cfg:
-    width, variant, backbone, fusion, num_classes = 8, 'original', 'resnet18', '', 1
-  with pytest.raises(UserError, match="backbone='resnet18'.*valid: resnet50, resnet101"):
-    deeplabv3p.build(Cfg, jnp.float32)
+def _config(**overrides):
+  fields = dict(width=8, variant='original', backbone='', fusion='', num_classes=1)
+  fields.update(overrides)
+  return type('ModelConfig', (), fields)
+
+
+def test_build_defaults_to_resnet50_and_concat():
+  model = deeplabv3p.build(_config(variant='lowlevel'), jnp.bfloat16)
+  assert (model.backbone, model.fusion, model.width, model.dtype) == (
+      'resnet50', '', 8, jnp.bfloat16)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(backbone='resnet18'), "backbone='resnet18'.*valid: resnet50, resnet101"),
+    (dict(variant='lowlevel', fusion='mul'), 'fusion'),
+])
+def test_bad_settings_are_user_errors(overrides, message):
+  with pytest.raises(UserError, match=message):
+    deeplabv3p.build(_config(**overrides), jnp.float32)
+
+
+def test_unknown_variant_is_a_user_error():
+  model = deeplabv3p.DeepLabV3Plus(width=8, variant='plus')
+  with pytest.raises(UserError, match="variant='plus'.*valid: original, lowlevel"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1))))
