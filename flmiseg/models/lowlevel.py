@@ -77,6 +77,10 @@ class LowLevelSegmenter(nn.Module):
       is the input layer), one per level: len(pyramid) + 1 entries; None: width times
       DECODER_MULTIPLIERS. The last entry is the projection width of the coarsest feature.
     dtype: computation dtype of the input layer, decoder and head.
+    ablate: decoder inputs to zero at inference, for the feature-importance analysis
+      (experiments/feature_importance.py): 'skip0' (the full-scale input layer) ..
+      'skip{L-1}' (the pyramid's levels but the coarsest), 'bottleneck' (the coarsest
+      feature, where the decoder starts).
   """
   backbone: nn.Module
   fusion: str = 'concat'
@@ -85,6 +89,7 @@ class LowLevelSegmenter(nn.Module):
   stride: int = 32
   decoder_widths: Sequence[int] | None = None
   dtype: Any = jnp.float32
+  ablate: tuple[str, ...] = ()
 
   def _widths(self, levels: int) -> tuple[int, ...]:
     if self.decoder_widths is None:
@@ -107,10 +112,13 @@ class LowLevelSegmenter(nn.Module):
     pyramid = list(self.backbone(x, train=train))
     skips = [full] + pyramid
     widths = self._widths(len(skips))
-    y = self._project(skips[-1], widths[-1], f'project{len(skips) - 1}', train)
+    deepest = jnp.zeros_like(skips[-1]) if 'bottleneck' in self.ablate else skips[-1]
+    y = self._project(deepest, widths[-1], f'project{len(skips) - 1}', train)
     decoded = []
     for level in reversed(range(len(skips) - 1)):
       skip = skips[level]
+      if f'skip{level}' in self.ablate:
+        skip = jnp.zeros_like(skip)
       # Backbone features always pass a 1x1 projection (as in the reference): it sets their
       # channels to the decoder's, so every operator (add included) applies.
       if level > 0 or skip.shape[-1] != y.shape[-1]:
