@@ -30,18 +30,21 @@ import numpy as np
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from flmiseg import checkpoint
 from flmiseg import evaluate
 from flmiseg import losses
 from flmiseg import metrics
-from flmiseg import models
 from flmiseg import steps as steps_lib
 from flmiseg import train
 from flmiseg.data import loader
 from flmiseg.errors import UserError
 
-flags.DEFINE_string('workdir', None, 'A trained run (with config.json and a checkpoint).')
-flags.DEFINE_string('figure', '', 'Also save the bar chart here (e.g. docs/...png).')
+
+def define_flags():
+  """Defines the command-line flags (only when run as a script, so modules import together)."""
+  flags.DEFINE_string('workdir', None, 'A trained run (with config.json and a checkpoint).')
+  flags.DEFINE_string('figure', '', 'Also save the bar chart here (e.g. docs/...png).')
+
+
 FLAGS = flags.FLAGS
 
 
@@ -78,12 +81,7 @@ def run(workdir: pathlib.Path) -> list[dict]:
     raise UserError(f'{workdir}: its config has no test set to measure on')
   crop = config.data.crop_size
   model, schedule, mesh, state, _ = train.build(config, workdir, (crop, crop), 1)
-  ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
-  restored = ckpt.restore_best(checkpoint.abstract(state))
-  ckpt.close()
-  if restored is None:
-    raise UserError(f'{workdir}: no checkpoint (train first)')
-  state, _, record = restored
+  state, step = train.restore_best(config, workdir, state)
   loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   _, predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh, shardings)
@@ -100,7 +98,7 @@ def run(workdir: pathlib.Path) -> list[dict]:
   out = workdir / 'feature_importance'
   out.mkdir(exist_ok=True)
   (out / 'results.json').write_text(json.dumps(
-      {'checkpoint_step': record['step'], 'model': config.model.to_dict(), 'rows': rows},
+      {'checkpoint_step': step, 'model': config.model.to_dict(), 'rows': rows},
       indent=1) + '\n')
   table = format_table(rows, config, len(data.test))
   (out / 'table.md').write_text(table + '\n')
@@ -149,5 +147,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('workdir')
   app.run(main)

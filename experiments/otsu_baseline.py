@@ -23,9 +23,14 @@ from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import loader
 
-config_flags.DEFINE_config_file('config', None, 'Config naming the dataset.', lock_config=True)
-flags.DEFINE_float('smooth', 1.0, 'Gaussian sigma (pixels) before thresholding; 0: none.')
-flags.DEFINE_bool('json', False, 'Print the summary as JSON.')
+
+def define_flags():
+  """Defines the command-line flags (only when run as a script, so modules import together)."""
+  config_flags.DEFINE_config_file('config', None, 'Config naming the dataset.', lock_config=True)
+  flags.DEFINE_float('smooth', 1.0, 'Gaussian sigma (pixels) before thresholding; 0: none.')
+  flags.DEFINE_bool('json', False, 'Print the summary as JSON.')
+
+
 FLAGS = flags.FLAGS
 
 
@@ -55,4 +60,5 @@ def main(_):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

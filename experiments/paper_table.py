@@ -17,7 +17,7 @@ over fewer seeds. Resumable: a finished cell (its result.json) is never retraine
 
 Presets:
   cpu        width 8 for every model, 128x128 crops, batch 8, Adam 2e-3 cosine, 60 steps,
-             3 seeds: about 1.5 h on a 2-core CPU (configs/default.py otherwise).
+             3 seeds: 1 h 50 min on the 2-core CPU (configs/default.py otherwise).
   reference  the reference recipe (configs/unet_<kind>.py: 256x256, batch 16, 30 epochs,
              SGD 0.01 step schedule, soft IoU) at each model's reference base width; a GPU job.
   tiny       width 4, 64x64 images, 4 steps, 1 seed: a test of this harness, not a result.
@@ -43,14 +43,19 @@ GENERAL = ('fcn', 'segnet', 'deeplabv3p', 'hrnetv2')  # the paper's general-purp
 SPECIFIC = ('unet', 'unet_pp', 'agnet')  # the biomedical models it compares against
 KINDS = ('er', 'mito', 'nucleus')
 
-flags.DEFINE_enum('preset', 'cpu', ['cpu', 'reference', 'tiny'], 'Training recipe.')
-flags.DEFINE_string('workdir', 'runs/paper_table', 'Folder for every cell and the table.')
-flags.DEFINE_list('kinds', list(KINDS), 'Dataset kinds (er, mito, nucleus).')
-flags.DEFINE_list('models', list(GENERAL + SPECIFIC), 'Models to train.')
-flags.DEFINE_integer('seeds', 0, 'Seeds per cell; 0 = the preset\'s (3 cpu/reference, 1 tiny).')
-flags.DEFINE_string('train_list', '', 'Your training list/folder (then --kinds is one kind).')
-flags.DEFINE_string('test_list', '', 'Your test list/folder.')
-flags.DEFINE_string('synthetic_dir', '', 'Cache folder of simulated data ('' = default).')
+
+def define_flags():
+  """Defines the command-line flags (only when run as a script, so modules import together)."""
+  flags.DEFINE_enum('preset', 'cpu', ['cpu', 'reference', 'tiny'], 'Training recipe.')
+  flags.DEFINE_string('workdir', 'runs/paper_table', 'Folder for every cell and the table.')
+  flags.DEFINE_list('kinds', list(KINDS), 'Dataset kinds (er, mito, nucleus).')
+  flags.DEFINE_list('models', list(GENERAL + SPECIFIC), 'Models to train.')
+  flags.DEFINE_integer('seeds', 0, 'Seeds per cell; 0 = the preset\'s (3 cpu/reference, 1 tiny).')
+  flags.DEFINE_string('train_list', '', 'Your training list/folder (then --kinds is one kind).')
+  flags.DEFINE_string('test_list', '', 'Your test list/folder.')
+  flags.DEFINE_string('synthetic_dir', '', 'Cache folder of simulated data ('' = default).')
+
+
 FLAGS = flags.FLAGS
 
 
@@ -58,8 +63,9 @@ def variants(name: str) -> tuple[str, ...]:
   return ('original', 'lowlevel') if name in GENERAL else ('original',)
 
 
-def cell_config(preset: str, kind: str, name: str, variant: str, seed: int):
-  """The config of one cell of the table."""
+def cell_config(preset: str, kind: str, name: str, variant: str, seed: int, *,
+                train_list: str = '', test_list: str = '', synthetic_dir: str = ''):
+  """The config of one cell of the table (on the user's lists when `train_list` is given)."""
   if preset == 'reference':
     config = importlib.import_module(f'configs.unet_{kind}').get_config()
     config.model.width = models.MODELS[name][2]
@@ -78,11 +84,11 @@ def cell_config(preset: str, kind: str, name: str, variant: str, seed: int):
       config.data.val_fraction = 0.25
       config.optim.warmup_steps = 0
   config.model.name, config.model.variant, config.seed = name, variant, seed
-  if FLAGS.train_list:
+  if train_list:
     config.data.source = 'lists'
-    config.data.train_list, config.data.test_list = FLAGS.train_list, FLAGS.test_list
-  if FLAGS.synthetic_dir:
-    config.data.synthetic_dir = FLAGS.synthetic_dir
+    config.data.train_list, config.data.test_list = train_list, test_list
+  if synthetic_dir:
+    config.data.synthetic_dir = synthetic_dir
   return config
 
 
@@ -185,7 +191,9 @@ def main(argv):
       for name in FLAGS.models:
         for variant in variants(name):
           workdir = root / kind / f'{name}_{variant}' / f'seed{seed}'
-          config = cell_config(FLAGS.preset, kind, name, variant, seed)
+          config = cell_config(FLAGS.preset, kind, name, variant, seed,
+                               train_list=FLAGS.train_list, test_list=FLAGS.test_list,
+                               synthetic_dir=FLAGS.synthetic_dir)
           result = run_cell(workdir, config)
           results.setdefault((kind, name, variant), []).append(result)
           print(json.dumps({'kind': kind, 'model': name, 'variant': variant, 'seed': seed,
@@ -205,4 +213,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

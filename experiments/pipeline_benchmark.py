@@ -28,10 +28,15 @@ from flmiseg.data import dataset
 from flmiseg.data import lists
 from flmiseg.data import pipeline
 
-flags.DEFINE_integer('num_images', 64, 'Images in the benchmark dataset.')
-flags.DEFINE_integer('size', 256, 'Image side (pixels).')
-flags.DEFINE_integer('batch', 16, 'Batch size.')
-flags.DEFINE_integer('num_batches', 40, 'Batches timed per pipeline setting.')
+
+def define_flags():
+  """Defines the command-line flags (only when run as a script, so modules import together)."""
+  flags.DEFINE_integer('num_images', 64, 'Images in the benchmark dataset.')
+  flags.DEFINE_integer('size', 256, 'Image side (pixels).')
+  flags.DEFINE_integer('batch', 16, 'Batch size.')
+  flags.DEFINE_integer('num_batches', 40, 'Batches timed per pipeline setting.')
+
+
 FLAGS = flags.FLAGS
 
 
@@ -111,4 +116,5 @@ def main(_):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -18,9 +18,14 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from flmiseg.data import simulate  # noqa: E402  pylint: disable=g-import-not-at-top
 
-flags.DEFINE_string('out', 'docs/simulated_samples.png', 'Output PNG.')
-flags.DEFINE_integer('seed', 0, 'Seed of the samples.')
-flags.DEFINE_integer('size', 256, 'Image side, pixels.')
+
+def define_flags():
+  """Defines the command-line flags (only when run as a script, so modules import together)."""
+  flags.DEFINE_string('out', 'docs/simulated_samples.png', 'Output PNG.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the samples.')
+  flags.DEFINE_integer('size', 256, 'Image side, pixels.')
+
+
 FLAGS = flags.FLAGS
 SAMPLES = 3
 
@@ -53,4 +58,5 @@ def main(_):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -19,9 +19,14 @@ from absl import logging
 from configs import default
 from flmiseg import train
 
-flags.DEFINE_string('workdir', 'runs/zoo', 'Folder for the runs.')
-flags.DEFINE_integer('steps', 60, 'Training steps per model.')
-flags.DEFINE_integer('width', 8, 'Base width of every model.')
+
+def define_flags():
+  """Defines the command-line flags (only when run as a script, so modules import together)."""
+  flags.DEFINE_string('workdir', 'runs/zoo', 'Folder for the runs.')
+  flags.DEFINE_integer('steps', 60, 'Training steps per model.')
+  flags.DEFINE_integer('width', 8, 'Base width of every model.')
+
+
 FLAGS = flags.FLAGS
 
 MODELS = [('unet', 'original'), ('unet_pp', 'original'), ('agnet', 'original'),
@@ -53,4 +58,5 @@ def main(_):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
