@@ -70,4 +70,5 @@ def get_config() -> ml_collections.ConfigDict:
   ev.every_steps = 50  # Steps between validation passes (and checkpoints).
   ev.batch_size = 8  # Global eval batch (padded with masked entries at the end).
   ev.threshold = 0.5  # Probability threshold, as the reference.
+  ev.calibrate_metric = 'iou'  # Threshold tuned on the validation split by this ('' = off).
   return config

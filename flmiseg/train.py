@@ -1,7 +1,8 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate_best`.
 
 Trains with validation every `config.eval.every_steps`, keeps the latest checkpoints and the
-best one by validation IoU, then evaluates the best on the test set. Rerunning the same command
+best one by validation IoU, calibrates the best one's probability threshold on the validation
+split (DIR/calibration.json), then evaluates the best on the test set. Rerunning the same command
 resumes from the latest checkpoint (a finished run does not retrain).
 """
 
@@ -33,6 +34,9 @@ _FREE_FIELDS = ('eval', 'train.log_every_steps', 'train.resume_mismatch', 'data.
                 'data.synthetic_dir')
 
 
+RESUME_MISMATCH = ('refuse', 'allow')
+
+
 class TrainingDiverged(UserError):
   """The loss became NaN or inf."""
 
@@ -49,8 +53,15 @@ def _flatten(d: dict, prefix: str = '') -> dict:
 
 
 def prepare_workdir(config, workdir) -> pathlib.Path:
-  """Creates workdir, refuses one made by a different config, writes config.json."""
+  """Creates workdir, refuses one made by a different config, writes config.json.
+
+  config.json is only ever parsed as JSON. Raises UserError when the workdir cannot be
+  created or written, or holds the work of another config.
+  """
   workdir = pathlib.Path(workdir)
+  if config.train.resume_mismatch not in RESUME_MISMATCH:
+    raise UserError(f'config.train.resume_mismatch={config.train.resume_mismatch!r}; valid: '
+                    f'{", ".join(RESUME_MISMATCH)}')
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -58,13 +69,18 @@ def prepare_workdir(config, workdir) -> pathlib.Path:
   new = json.loads(config.to_json())
   path = workdir / 'config.json'
   if path.exists() and config.train.resume_mismatch != 'allow':
-    old = _flatten(json.loads(path.read_text()))
+    try:
+      old = _flatten(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON, not a dict.
+      raise UserError(f'{path}: unreadable ({e}); use a new --workdir, or '
+                      '--config.train.resume_mismatch=allow to overwrite it') from e
     diff = [k for k, v in _flatten(new).items()
             if old.get(k) != v and not k.startswith(_FREE_FIELDS)]
     if diff:
       raise UserError(f'{workdir} was made by a different config ({", ".join(diff[:4])} '
                       'differ); use a new --workdir, or --config.train.resume_mismatch=allow')
-  tmp = path.with_name('.config.json.tmp')
+  # One temporary name per process: hosts sharing a workdir write it concurrently.
+  tmp = path.with_name(f'.config.json.{jax.process_index()}.tmp')
   try:
     tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + '\n')
     tmp.replace(path)
@@ -79,6 +95,7 @@ def build(config, workdir, sample_hw, num_train: int):
     raise UserError(f'config.train.dtype={config.train.dtype!r}; valid: {", ".join(DTYPES)}')
   sharding.check_batch_size(config.train.batch_size)
   sharding.check_batch_size(config.eval.batch_size, 'config.eval.batch_size')
+  losses.make_loss(config.train.loss, config.train.loss_weights)  # a bad name fails here
   model = models.create_model(config.model, DTYPES[config.train.dtype])
   per_epoch = optim.steps_per_epoch(num_train, config.train.batch_size)
   total = config.train.num_steps or config.train.num_epochs * per_epoch
@@ -176,14 +193,17 @@ class _Trainer:
 
 
 def train_and_evaluate(config, workdir) -> dict:
-  """Trains per `config` in `workdir` (resuming if possible), then evaluates on the test set.
+  """Trains per `config` in `workdir` (resuming if possible), calibrates the threshold of the
+  best checkpoint on the validation split, then evaluates it on the test set.
 
   Returns the test summary (also written to DIR/eval/summary.json), or {} without a test set.
   """
   workdir = prepare_workdir(config, workdir)
+  evaluate.check_calibrate_metric(config.eval.calibrate_metric)  # before, not after, training
   data = loader.load(config, workdir / 'cache')
   crop = config.data.crop_size
   _, schedule, mesh, state, total = build(config, workdir, (crop, crop), len(data.train))
+  checkpoint.check_disk_space(workdir, state, config.train.max_checkpoints)
   trainer = _Trainer(config, workdir, data, state, schedule, mesh, total)
   data_state = trainer.restore()
   start = int(trainer.state.step)
@@ -204,14 +224,69 @@ def train_and_evaluate(config, workdir) -> dict:
   trainer.ckpt.close()
   trainer.logger.close()
   if data.test is None:
+    state, step = restore_best(config, workdir, trainer.state)
+    calibrate_best(config, workdir, data, mesh, state, trainer.predict, step)
     return {}
   return evaluate_best(config, workdir, data=data, mesh=mesh, state=trainer.state,
                        predict=trainer.predict)
 
 
+def restore_best(config, workdir, state):
+  """(state of the best checkpoint of `workdir`, its step); `state` gives the structure."""
+  ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
+  try:
+    restored = ckpt.restore_best(checkpoint.abstract(state))
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise UserError(f'{workdir}: no trained checkpoint (train first with --mode=train)')
+  state, _, record = restored
+  return state, record['step']
+
+
+def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> dict | None:
+  """The threshold calibration of the best checkpoint (step `step`, weights `state`).
+
+  Reuses DIR/calibration.json when it was made for this checkpoint, metric and default
+  threshold; otherwise sweeps the validation split and writes it. Returns None when
+  config.eval.calibrate_metric is '' or there is no validation split.
+  """
+  ev = config.eval
+  evaluate.check_calibrate_metric(ev.calibrate_metric)
+  if not ev.calibrate_metric:
+    return None
+  stored = evaluate.read_calibration(workdir)
+  if stored is not None and (stored.get('checkpoint_step'), stored.get('metric'),
+                             stored.get('default_threshold')) == (
+                                 step, ev.calibrate_metric, ev.threshold):
+    logging.info('Reusing the threshold %g calibrated for step %d (%s)', stored['threshold'],
+                 step, workdir / evaluate.CALIBRATION_FILE)
+    return stored
+  if data.val is None and data.train is None and config.data.val_fraction > 0:
+    data = loader.load(config, workdir / 'cache')  # --mode=eval loaded only the test set
+  if data.val is None:
+    logging.info('No validation split (config.data.val_fraction=0): not calibrating the '
+                 'threshold; config.eval.threshold=%g is used.', ev.threshold)
+    return None
+  result = evaluate.calibrate_source(predict, state, data.val, mesh, ev.batch_size,
+                                     ev.calibrate_metric, ev.threshold)
+  result['checkpoint_step'] = step
+  if jax.process_index() == 0:
+    evaluate.write_json_atomic(workdir / evaluate.CALIBRATION_FILE, result)
+  logging.info('Calibrated threshold %g on %d validation images: mean %s %.4f (%.4f at %g)',
+               result['threshold'], result['num_val_images'], result['metric'],
+               result['val_score'], result['val_score_at_default'], ev.threshold)
+  return result
+
+
 def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=None) -> dict:
-  """Evaluates the best checkpoint of `workdir` on the test set; writes DIR/eval/."""
+  """Evaluates the best checkpoint of `workdir` on the test set; writes DIR/eval/.
+
+  Every metric is computed at config.eval.threshold and, when the threshold is calibrated
+  (`calibrate_best`, done here if it is missing), again at the calibrated one.
+  """
   workdir = pathlib.Path(workdir)
+  evaluate.check_calibrate_metric(config.eval.calibrate_metric)
   if data is None:
     data = loader.load(config, workdir / 'cache', need_train=False)
   if data.test is None:
@@ -222,12 +297,8 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
     loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
     _, predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh,
                                      jax.tree.map(lambda x: x.sharding, state))
-  ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
-  restored = ckpt.restore_best(checkpoint.abstract(state))
-  ckpt.close()
-  if restored is None:
-    raise UserError(f'{workdir}: no checkpoint to evaluate (train first)')
-  state, _, record = restored
+  state, step = restore_best(config, workdir, state)
+  calibration = calibrate_best(config, workdir, data, mesh, state, predict, step)
   return evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
                            config.eval.threshold, out_dir=workdir / 'eval',
-                           extra={'checkpoint_step': record['step']})
+                           extra={'checkpoint_step': step}, calibration=calibration)

@@ -1,0 +1,197 @@
+"""--mode=predict: tiling arithmetic, blending, inputs/outputs, and refusals."""
+
+import cv2
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+import tifffile
+
+from flmiseg import predict
+from flmiseg.errors import UserError
+
+
+@pytest.fixture
+def trained(tiny_run):
+  return tiny_run  # conftest.py: a tiny U-Net trained once per session
+
+
+def test_tile_starts_cover_evenly():
+  assert predict.tile_starts(300, 128, 0.25) == [0, 86, 172]
+  assert predict.tile_starts(128, 128, 0.25) == [0]
+  assert predict.tile_starts(50, 128, 0.25) == [0]
+  assert predict.tile_starts(200, 100, 0.0) == [0, 100]
+  starts = predict.tile_starts(517, 64, 0.5)
+  assert starts[0] == 0 and starts[-1] == 517 - 64
+  assert max(np.diff(starts)) <= 32  # never less overlap than asked
+
+
+def test_gaussian_weight_shape_and_falloff():
+  w = predict.gaussian_weight(64)
+  assert w.shape == (64, 64) and w.dtype == np.float32
+  np.testing.assert_array_equal(w, w.T)
+  np.testing.assert_array_equal(w, w[::-1, ::-1])
+  assert w[31, 31] == w.max() and w.min() > 0
+  # An edge pixel weighs exp(-8 ((t - 1) / t)^2) of the centre (sigma = t / 8).
+  expected = np.exp(-0.5 * (31.5 / 8) ** 2) / np.exp(-0.5 * (0.5 / 8) ** 2)
+  np.testing.assert_allclose(w[0, 31] / w[31, 31], expected, rtol=1e-5)
+
+
+def _sigmoid(tiles):
+  return 1 / (1 + np.exp(-tiles))
+
+
+def test_sliding_window_equals_whole_image_for_pointwise_model():
+  image = np.random.default_rng(0).normal(size=(300, 517)).astype(np.float32)
+  tiled = predict.sliding_window(_sigmoid, image, tile=64, overlap=0.25, batch_size=8)
+  np.testing.assert_allclose(tiled, _sigmoid(image), rtol=0, atol=1e-6)
+
+
+def test_sliding_window_exact_away_from_tile_seams():
+  """A 3x3 mean filter (zero padding) tiled equals the whole-image filter except within one
+  pixel of a tile's inner edge, and there it differs only by the blending's tiny weight."""
+  image = np.random.default_rng(1).normal(size=(150, 203)).astype(np.float32)
+
+  def box(tiles):
+    return ndimage.uniform_filter(tiles, size=(1, 3, 3, 1), mode='constant')
+
+  whole = box(image[None, ..., None])[0, ..., 0]
+  tile = 48
+  tiled = predict.sliding_window(box, image, tile=tile, overlap=0.25, batch_size=4)
+  seam = np.zeros(image.shape, bool)  # pixels within 1 px of an inner tile edge
+  ys, xs = predict.tile_starts(150, tile, 0.25), predict.tile_starts(203, tile, 0.25)
+  for y in ys:
+    for x in xs:
+      if y > 0: seam[y:y + 1, x:x + tile] = True
+      if y + tile < 150: seam[y + tile - 1:y + tile, x:x + tile] = True
+      if x > 0: seam[y:y + tile, x:x + 1] = True
+      if x + tile < 203: seam[y:y + tile, x + tile - 1:x + tile] = True
+  np.testing.assert_allclose(tiled[~seam], whole[~seam], rtol=0, atol=1e-5)
+  assert seam.any() and np.abs(tiled - whole)[seam].max() < 2e-2
+  assert np.abs(tiled - whole)[seam].mean() < 5e-3
+
+
+def test_dihedral_inverse_and_group():
+  x = jnp.arange(2 * 5 * 5 * 1, dtype=jnp.float32).reshape(2, 5, 5, 1)
+  seen = set()
+  for k in range(8):
+    y = predict._dihedral(x, k)
+    np.testing.assert_array_equal(predict._dihedral(y, k, inverse=True), x)
+    seen.add(np.asarray(y).tobytes())
+  assert len(seen) == 8
+
+
+def test_label_instances_min_size():
+  mask = np.zeros((20, 20), bool)
+  mask[1:4, 1:4] = True  # 9 px
+  mask[10:12, 10:11] = True  # 2 px: removed with min_size 3
+  mask[15:19, 5:9] = True  # 16 px
+  mask[4, 4] = True  # diagonal neighbour of the first: joins it (8-connected)
+  labels = predict.label_instances(mask, min_size=3)
+  assert labels.dtype == np.uint16 and labels.max() == 2
+  assert labels[1, 1] == labels[4, 4] == 1 and labels[16, 6] == 2 and labels[10, 10] == 0
+
+
+def _options(tmp_path, **kw):
+  return predict.Options(input=str(kw.pop('input')), output=str(kw.pop('output')), **kw)
+
+
+def test_predict_any_size_and_stacks(trained, tmp_path):
+  config, workdir = trained
+  rng = np.random.default_rng(0)
+  src = tmp_path / 'in'
+  src.mkdir()
+  big = rng.integers(0, 4000, size=(2048, 2048), dtype=np.uint16)
+  big[500:900, 700:1000] += 30000
+  tifffile.imwrite(src / 'big.tif', big)
+  odd = rng.integers(0, 60, size=(300, 517), dtype=np.uint8)
+  odd[100:150, 200:260] = 220
+  cv2.imwrite(str(src / 'odd.png'), odd)
+  stack = rng.integers(0, 4000, size=(5, 40, 70), dtype=np.uint16)
+  tifffile.imwrite(src / 'stack.tif', stack)
+  (src / 'notes.txt').write_text('not an image\n')
+  out = tmp_path / 'out'
+  result = predict.run(config, workdir, _options(
+      tmp_path, input=src, output=out, tile=128, save_prob=True, instances=True))
+  assert sorted(result['written']) == ['big', 'odd', 'stack']
+  assert len(result['skipped']) == 1 and 'notes.txt' in result['skipped'][0]
+  for name, raw in (('big', big), ('odd', odd), ('stack', stack)):
+    mask = tifffile.imread(out / f'{name}_mask.tif')
+    assert mask.shape == raw.shape and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}
+    prob = tifffile.imread(out / f'{name}_prob.tif')
+    assert prob.shape == raw.shape and prob.dtype == np.float32
+    assert np.all((prob >= 0) & (prob <= 1))
+    np.testing.assert_array_equal(mask == 255, prob > result['threshold'])
+    labels = tifffile.imread(out / f'{name}_instances.tif')
+    assert labels.shape == raw.shape and labels.dtype == np.uint16
+    view = cv2.imread(str(out / f'{name}_overlay.png'), cv2.IMREAD_UNCHANGED)
+    assert view.shape == raw.shape[-2:] + (3,)
+  assert sorted(p.name for p in src.iterdir()) == ['big.tif', 'notes.txt', 'odd.png',
+                                                   'stack.tif']
+
+
+def test_predict_tta_runs_and_stays_a_probability(trained, tmp_path):
+  config, workdir = trained
+  src = tmp_path / 'one.tif'
+  tifffile.imwrite(src, np.random.default_rng(2).integers(0, 9000, (45, 61), np.uint16))
+  predict.run(config, workdir, _options(tmp_path, input=src, output=tmp_path / 'a',
+                                        save_prob=True))
+  predict.run(config, workdir, _options(tmp_path, input=src, output=tmp_path / 'b',
+                                        save_prob=True, tta=True))
+  plain = tifffile.imread(tmp_path / 'a' / 'one_prob.tif')
+  tta = tifffile.imread(tmp_path / 'b' / 'one_prob.tif')
+  assert tta.shape == plain.shape and np.all((tta >= 0) & (tta <= 1))
+  assert not np.allclose(tta, plain)  # a random-ish net is not symmetric
+
+
+def test_predict_refuses_to_overwrite_and_mix_with_inputs(trained, tmp_path):
+  config, workdir = trained
+  src = tmp_path / 'in'
+  src.mkdir()
+  tifffile.imwrite(src / 'a.tif', np.full((40, 40), 7, np.uint16))  # constant: still works
+  with pytest.raises(UserError, match='folder of the input images'):
+    predict.run(config, workdir, _options(tmp_path, input=src, output=src))
+  out = tmp_path / 'out'
+  predict.run(config, workdir, _options(tmp_path, input=src / 'a.tif', output=out))
+  before = (out / 'a_mask.tif').read_bytes()
+  (out / 'a_mask.tif').write_bytes(b'user data')
+  with pytest.raises(UserError, match='a_mask.tif exists'):
+    predict.run(config, workdir, _options(tmp_path, input=src / 'a.tif', output=out))
+  assert (out / 'a_mask.tif').read_bytes() == b'user data'
+  predict.run(config, workdir, _options(tmp_path, input=src / 'a.tif', output=out,
+                                        overwrite=True))
+  assert (out / 'a_mask.tif').read_bytes() == before
+
+
+def test_predict_reports_unreadable_images_after_writing_the_rest(trained, tmp_path):
+  config, workdir = trained
+  src = tmp_path / 'in'
+  src.mkdir()
+  tifffile.imwrite(src / 'good.tif', np.random.default_rng(3).integers(0, 900, (33, 40),
+                                                                       np.uint16))
+  (src / 'broken.tif').write_bytes(b'II*\x00garbage')
+  with pytest.raises(UserError, match=r'1 of 2 image\(s\) could not be read.*broken.tif'):
+    predict.run(config, workdir, _options(tmp_path, input=src, output=tmp_path / 'out'))
+  assert (tmp_path / 'out' / 'good_mask.tif').exists()
+
+
+def test_predict_names_and_globs(tmp_path):
+  for name in ('a.tif', 'a.png', 'b.tif'):
+    (tmp_path / name).write_bytes(b'x')
+  images, skipped = predict.find_inputs(str(tmp_path / '*.tif'))
+  assert [p.name for p in images] == ['a.tif', 'b.tif'] and not skipped
+  images, _ = predict.find_inputs(str(tmp_path))
+  assert predict.output_names(images) == ['a_png', 'a_tif', 'b']
+  with pytest.raises(UserError, match='no file matches'):
+    predict.find_inputs(str(tmp_path / '*.jpg'))
+  with pytest.raises(UserError, match='no such file'):
+    predict.find_inputs(str(tmp_path / 'missing.tif'))
+
+
+def test_predict_refuses_a_config_that_does_not_match_the_checkpoint(trained, tmp_path):
+  config, workdir = trained
+  other = config.copy_and_resolve_references()
+  other.model.width = 8
+  with pytest.raises(UserError, match='config.model.width=8.*trained with 4'):
+    predict.load_model(other, workdir)
