@@ -8,3 +8,7 @@ status 2; `--debug` shows the traceback instead.
 
 class UserError(Exception):
   """A problem with the user's input, data or configuration (not a bug in flmiseg)."""
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (disk full, no permission); earlier ones are intact."""

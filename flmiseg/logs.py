@@ -13,12 +13,24 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 import tensorboardX  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+def _drop_torn_tail(path: pathlib.Path) -> None:
+  """Cuts a last line left unfinished by a crash (disk full, power loss): every line parses."""
+  if not path.exists():
+    return
+  data = path.read_bytes()
+  if data and not data.endswith(b'\n'):
+    with open(path, 'r+b') as f:
+      f.truncate(data.rfind(b'\n') + 1)
+
+
 class MetricsLogger:
   """Appends scalars to metrics.jsonl and TensorBoard; draws the training curve."""
 
   def __init__(self, workdir, enabled: bool = True):
     self.workdir = pathlib.Path(workdir)
     self.enabled = enabled
+    if enabled:
+      _drop_torn_tail(self.workdir / 'metrics.jsonl')
     self._writer = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard')) if enabled \
         else None
 

@@ -54,18 +54,34 @@ def _cache_key(pair: lists.Pair, method: str) -> str:
   return hashlib.sha1('\0'.join(parts).encode()).hexdigest()[:20]
 
 
+def _cache_files(pair: lists.Pair, method: str,
+                 cache_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """The cache files of a pair: named by a hash, always directly in cache_dir."""
+  key = _cache_key(pair, method)
+  return cache_dir / f'{key}_image.npy', cache_dir / f'{key}_mask.npy'
+
+
+def cache_bytes(pixels: int) -> int:
+  """Bytes the cache takes for an image of `pixels` pixels: float32 image + uint8 mask."""
+  return pixels * (4 + 1) + 2 * 128  # two .npy headers
+
+
 def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
   tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  with open(tmp, 'wb') as f:
-    np.save(f, array)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      np.save(f, array)
+    os.replace(tmp, path)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise UserError(f'{path.parent}: cannot write the preprocessing cache ({e.strerror}); '
+                    'free some space or use another --workdir') from e
 
 
 def _prepare_one(pair: lists.Pair, method: str, kind: str,
                  cache_dir: pathlib.Path) -> tuple[str, str, tuple[int, int], int]:
   """Reads, checks, normalises and caches one pair; returns files, shape, foreground count."""
-  key = _cache_key(pair, method)
-  image_file, mask_file = cache_dir / f'{key}_image.npy', cache_dir / f'{key}_mask.npy'
+  image_file, mask_file = _cache_files(pair, method, cache_dir)
   if image_file.exists() and mask_file.exists():
     mask = np.load(mask_file, mmap_mode='r')
     return str(image_file), str(mask_file), mask.shape, int(mask.sum())
@@ -87,7 +103,13 @@ def prepare(pairs: list[lists.Pair], normalization: str, kind: str,
   """Validates, normalises and caches `pairs`; returns a PreparedSource over them."""
   method = preprocess.resolve(normalization, kind)
   cache_dir = pathlib.Path(cache_dir)
-  cache_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'{cache_dir}: cannot create the preprocessing cache ({e.strerror})') from e
+  missing = [p for p in pairs if not all(f.exists() for f in _cache_files(p, method, cache_dir))]
+  io.check_free_space(cache_dir, sum(cache_bytes(io.pixel_count(p.image)) for p in missing),
+                      f'the preprocessing cache of {len(missing)} images')
   workers = min(8, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     results = list(pool.map(lambda p: _prepare_one(p, method, kind, cache_dir), pairs))

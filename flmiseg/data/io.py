@@ -8,6 +8,8 @@ any nonzero pixel is foreground, so 0/255, 0/1 and label images all work.
 
 import os
 import pathlib
+import shutil
+import struct
 
 from absl import logging
 import cv2
@@ -88,6 +90,48 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
   """Reads a mask as (H, W) uint8 in {0, 1}: any nonzero pixel is foreground."""
   mask = read_image(path)
   return (mask != 0).astype(np.uint8)
+
+
+def pixel_count(path: str | os.PathLike) -> int:
+  """Pixels (times channels or planes) of an image, from its header where cheap.
+
+  TIFF: the first series' shape; PNG: the IHDR chunk; other formats and unreadable files: an
+  upper bound from the file size (one byte per pixel, uncompressed). For disk estimates only;
+  `read_image` still checks the file.
+  """
+  path = pathlib.Path(path)
+  try:
+    if path.suffix.lower() in TIFF_SUFFIXES:
+      with tifffile.TiffFile(path) as tif:
+        return int(np.prod(tif.series[0].shape))
+    with open(path, 'rb') as f:
+      head = f.read(24)
+    if head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR':
+      width, height = struct.unpack('>II', head[16:24])
+      return width * height
+  except Exception:  # pylint: disable=broad-except  # a bad file is reported by read_image.
+    pass
+  return path.stat().st_size if path.is_file() else 0
+
+
+def _human(num_bytes: float) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB'):
+    if num_bytes < 1024 or unit == 'GiB':
+      return f'{num_bytes:.0f} {unit}' if unit == 'B' else f'{num_bytes:.1f} {unit}'
+    num_bytes /= 1024
+  return ''
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+  """Raises UserError naming `folder` when its filesystem has fewer than `needed` bytes free."""
+  folder = pathlib.Path(folder).absolute()
+  existing = folder
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  free = shutil.disk_usage(existing).free
+  if needed > free:
+    raise UserError(f'{folder}: not enough disk space for {what}: about {_human(needed)} '
+                    f'needed, {_human(free)} free; free some space or use another --workdir')
 
 
 def write_tiff(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -2,7 +2,7 @@
 
 List format: one `image_path mask_path` pair per line. Paths are absolute or relative to the
 list file's folder. Blank lines and lines starting with `#` are ignored. Paths with spaces:
-separate the two paths with a TAB, or quote them ("my image.tif" "my mask.tif").
+separate the two paths with a TAB, or quote them ("my image.tif" "my mask.tif"), or both.
 Folder format: DIR/images/NAME.ext and DIR/masks/NAME.ext, matched by file stem.
 """
 
@@ -22,9 +22,15 @@ class Pair:
   origin: str  # 'list.txt line 12' or the folder.
 
 
+def _unquote(field: str) -> str:
+  if len(field) >= 2 and field[0] == field[-1] and field[0] in '"\'':
+    return field[1:-1]
+  return field
+
+
 def _split_line(line: str, where: str) -> list[str]:
   if '\t' in line:
-    fields = [f.strip() for f in line.split('\t') if f.strip()]
+    fields = [_unquote(f.strip()) for f in line.split('\t') if f.strip()]
   else:
     try:
       fields = shlex.split(line)
@@ -43,7 +49,14 @@ def read_list(path) -> list[Pair]:
     raise UserError(f'{path}: list file not found')
   base = path.resolve().parent
   pairs, seen = [], {}
-  for number, line in enumerate(path.read_text().splitlines(), start=1):
+  try:
+    text = path.read_text()
+  except UnicodeDecodeError as e:
+    raise UserError(f'{path}: not a text list file (byte {e.start} is not UTF-8); expected '
+                    '`image_path mask_path` lines') from e
+  except OSError as e:
+    raise UserError(f'{path}: cannot read the list file ({e.strerror})') from e
+  for number, line in enumerate(text.splitlines(), start=1):
     stripped = line.strip()
     if not stripped or stripped.startswith('#'):
       continue

@@ -24,6 +24,7 @@ from flmiseg.errors import UserError
 from flmiseg.models import agnet
 from flmiseg.models import deeplabv3p
 from flmiseg.models import fcn
+from flmiseg.models import fusion
 from flmiseg.models import hrnet
 from flmiseg.models import lowlevel
 from flmiseg.models import segnet
@@ -71,4 +72,6 @@ def create_model(model_config, dtype) -> nn.Module:
   if variant not in variants:
     raise UserError(f'config.model.variant={variant!r} is not a variant of {name!r}; valid '
                     f'variants: {", ".join(variants)}')
+  if model_config.get('fusion'):  # a mistyped name fails even for models that ignore it
+    fusion.get_fusion(model_config.fusion)
   return builder(model_config, dtype)
