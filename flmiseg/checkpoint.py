@@ -25,6 +25,7 @@ import os
 import pathlib
 import re
 import shutil
+import time
 
 from absl import logging
 import jax
@@ -139,10 +140,32 @@ class _NoTraceback(py_logging.Filter):
     return True
 
 
+def _remove_unfinished(folder: pathlib.Path, settle_s: float = 1.0,
+                       timeout_s: float = 30.0) -> None:
+  """Removes the folder of a failed save once it stays removed for `settle_s`.
+
+  After the first write fails, tensorstore's other writes of the same save are still in flight
+  and recreate their parent folders as they land, so one rmtree can come too early (seen on a
+  loaded 2-core CI machine). Orbax would also remove the folder when a manager next opens.
+  """
+  deadline = time.monotonic() + timeout_s
+  absent_since = None
+  while time.monotonic() < deadline:
+    if folder.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      absent_since = None
+    elif absent_since is None:
+      absent_since = time.monotonic()
+    elif time.monotonic() - absent_since >= settle_s:
+      return
+    time.sleep(0.05)
+  logging.warning('Could not remove the unfinished checkpoint folder %s', folder)
+
+
 def _save_error(manager, step: int, error: Exception) -> UserError:
   """A one-line UserError for a failed save, after removing its half-written folder."""
   directory = pathlib.Path(manager.directory)
-  shutil.rmtree(directory / f'{step}{_TMP_SUFFIX}', ignore_errors=True)
+  _remove_unfinished(directory / f'{step}{_TMP_SUFFIX}')
   kept = [s for s in manager.all_steps() if s != step]
   kept_text = (f'the last complete checkpoint (step {max(kept)}) is kept' if kept
                else 'no earlier checkpoint exists')

@@ -227,6 +227,18 @@ def test_augmentation_applies_the_same_transform_to_image_and_mask():
     np.testing.assert_array_equal(batch['mask'], (batch['image'] % 3 == 0))
 
 
+def test_processes_take_contiguous_blocks_of_the_global_batch():
+  kw = dict(crop_size=6, global_batch=4, num_steps=5, seed=3)
+  whole = list(pipeline.train_dataset(_Source(7), **kw))
+  parts = [list(pipeline.train_dataset(_Source(7), process_index=p, process_count=2, **kw))
+           for p in range(2)]
+  assert len(whole) == len(parts[0]) == len(parts[1]) >= 5
+  for step, batch in enumerate(whole):
+    for key in ('image', 'mask', 'valid'):
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][key], parts[1][step][key]]), batch[key])
+
+
 def test_small_images_are_padded_with_invalid_pixels():
   it = iter(pipeline.train_dataset(_Source(2, (4, 5)), crop_size=6, global_batch=2,
                                    num_steps=1, seed=0, flips=False))

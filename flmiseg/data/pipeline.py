@@ -70,15 +70,18 @@ def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, 
   """Training batches for `num_steps` steps: seeded shuffle, reshuffled every epoch.
 
   The element order, and each element's augmentation, depend only on the seed and the
-  position in the global stream, not on the number of processes: process p takes elements
-  p, p + P, ... of each global batch. Its iterator state can be saved and restored.
+  position in the global stream, not on the number of processes: process p of P takes the
+  contiguous block [p * B / P, (p + 1) * B / P) of each global batch of B, which is the block
+  `make_array_from_process_local_data` places on its devices, so P processes train on exactly
+  the global batches of one. Its iterator state can be saved and restored.
   """
   local_batch = global_batch // process_count
   epochs = math.ceil(num_steps * global_batch / len(source)) + 1
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)
   ds = ds.random_map(Augment(crop_size, flips), seed=seed + 1)
-  ds = ds[process_index::process_count]
-  ds = ds.batch(local_batch, drop_remainder=True)
+  # Local batch k of the stream is block k % P of global batch k // P (batching is lazy, so
+  # each process only loads and augments its own elements).
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   it = ds.to_iter_dataset()
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
