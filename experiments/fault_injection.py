@@ -40,6 +40,8 @@ import orbax.checkpoint as ocp
 from flmiseg.data import simulate
 
 FLAGS = flags.FLAGS
+
+
 def define_flags():
   """Defines the command-line flags (only when run as a script, so modules import together)."""
   flags.DEFINE_integer('runs', 20, 'Killed-and-resumed runs to compare with the reference.')

@@ -162,15 +162,19 @@ def calibrate_source(predict, state, source, mesh, batch_size: int, metric: str,
   return calibrate(images, metric, default_threshold)
 
 
-def write_json_atomic(path, obj) -> None:
-  """Writes `obj` as JSON to `path` through a temporary file, so readers never see half."""
+def write_json_atomic(path, obj, failure: str | None = None) -> None:
+  """Writes `obj` as JSON to `path` through a temporary file, so readers never see half.
+
+  The temporary name is per process: hosts sharing a workdir may write concurrently. A failed
+  write raises a UserError `<failure> (<reason>)`, by default `<path>: cannot write it`.
+  """
   path = pathlib.Path(path)
   tmp = path.with_name(f'.{path.name}.{jax.process_index()}.tmp')
   try:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
     tmp.replace(path)
   except OSError as e:
-    raise UserError(f'{path}: cannot write it ({e.strerror})') from e
+    raise UserError(f'{failure or f"{path}: cannot write it"} ({e.strerror})') from e
 
 
 def read_calibration(workdir) -> dict | None:

@@ -79,13 +79,7 @@ def prepare_workdir(config, workdir) -> pathlib.Path:
     if diff:
       raise UserError(f'{workdir} was made by a different config ({", ".join(diff[:4])} '
                       'differ); use a new --workdir, or --config.train.resume_mismatch=allow')
-  # One temporary name per process: hosts sharing a workdir write it concurrently.
-  tmp = path.with_name(f'.config.json.{jax.process_index()}.tmp')
-  try:
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + '\n')
-    tmp.replace(path)
-  except OSError as e:
-    raise UserError(f'--workdir={workdir}: not writable ({e.strerror})') from e
+  evaluate.write_json_atomic(path, new, failure=f'--workdir={workdir}: not writable')
   return workdir
 
 
