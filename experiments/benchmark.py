@@ -34,7 +34,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from configs import default
+from flmiseg.configs import default
 from flmiseg import losses
 from flmiseg import sharding
 from flmiseg import steps as steps_lib

@@ -35,7 +35,7 @@ from absl import logging
 import numpy as np
 from scipy import stats
 
-from configs import default
+from flmiseg.configs import default
 from flmiseg import models
 from flmiseg import train
 
@@ -67,7 +67,7 @@ def cell_config(preset: str, kind: str, name: str, variant: str, seed: int, *,
                 train_list: str = '', test_list: str = '', synthetic_dir: str = ''):
   """The config of one cell of the table (on the user's lists when `train_list` is given)."""
   if preset == 'reference':
-    config = importlib.import_module(f'configs.unet_{kind}').get_config()
+    config = importlib.import_module(f'flmiseg.configs.unet_{kind}').get_config()
     config.model.width = models.MODELS[name][2]
   else:
     config = default.get_config()

@@ -16,7 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from configs import default
+from flmiseg.configs import default
 from flmiseg import train
 
 

@@ -113,6 +113,29 @@ class Checkpointer:
     self.best.close()
 
 
+def restore_best_variables(workdir, target):
+  """(variables, step) of the best checkpoint of `workdir`, or None when there is none.
+
+  Only the subtrees of the saved train state that `target` names (`params` and
+  `batch_stats`, as ShapeDtypeStructs with shardings) are read; the optimizer state is not.
+  The checkpoint folder is opened read-only.
+  """
+  folder = pathlib.Path(workdir).absolute() / 'checkpoints_best'
+  if not folder.is_dir():
+    return None
+  manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)))
+  finally:
+    manager.close()
+  return dict(restored.state), step
+
+
 def _discard_step(manager, step: int) -> None:
   """Atomically turns an existing step folder into an unfinished one, which orbax ignores.
 

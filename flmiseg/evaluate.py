@@ -30,6 +30,7 @@ from matplotlib import figure
 from matplotlib import patches
 import numpy as np
 
+from flmiseg import inference
 from flmiseg import metrics
 from flmiseg import sharding
 from flmiseg.data import pipeline
@@ -48,6 +49,8 @@ OVERLAY_COLOURS = {'true positive': (0.1, 0.85, 0.1), 'false positive': (0.95, 0
 
 def predictions(predict, state, source, mesh, batch_size: int, with_probs: bool = True):
   """Yields (index, prob (h, w) or None, counts dict) per image of `source`, in order."""
+  # Any batch size works on any number of devices: round up, the padding is masked.
+  batch_size = inference.round_up_batch(batch_size, jax.device_count())
   for batch in pipeline.eval_batches(source, global_batch=batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):

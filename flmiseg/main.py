@@ -1,13 +1,19 @@
-"""flmiseg's entry point.
+"""flmiseg's entry point (also installed as the `flmiseg` command).
 
-  python -m flmiseg.main --config=configs/default.py --workdir=DIR [--mode=train]
+  python -m flmiseg.main --config=configs/default.py --workdir=DIR            # train + test
+  python -m flmiseg.main --mode=predict --workdir=DIR --input=IMAGES --output=OUT
+  python -m flmiseg.main --mode=eval|summary --workdir=DIR
 
 Modes: train (train, then evaluate the best checkpoint on the test set), eval (evaluate the
 best checkpoint of DIR on the test list), summary (parameter count and forward FLOPs per image
 at the configured crop size, written to DIR/model_summary.json), predict (masks for your own
 images: --input=FILE|FOLDER|GLOB --output=FOLDER; see flmiseg/predict.py).
+--config is a config file or the name of a stock config (default, unet_er, unet_mito,
+unet_nucleus: flmiseg/configs/). Training needs it; eval, predict and summary read the model's
+config from DIR/config.json (the run directory is the model) and accept on the command line
+only inference settings (flmiseg/rundir.py).
 Errors in the user's data or settings print one line and exit with status 2; --debug shows the
-traceback instead.
+traceback instead. Library log lines stay off the console unless --verbose.
 """
 
 import json
@@ -15,19 +21,25 @@ import os
 import pathlib
 import sys
 
+MODES = ('train', 'eval', 'summary', 'predict')
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
+RUN_CONFIG_FILE = pathlib.Path(__file__).resolve().parent / 'rundir_config.py'
+
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
+from flmiseg import console
+from flmiseg import rundir
 from flmiseg.errors import CheckpointWriteError
 from flmiseg.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'A config file, or a stock config name (default, unet_er, ...); '
+    'eval/predict/summary: optional, the run directory holds the config.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'summary', 'predict'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 flags.DEFINE_string('input', '', 'predict: an image file, a folder of images, or a glob.')
 flags.DEFINE_string('output', '', 'predict: folder for <name>_mask.tif, _overlay.png, ...')
 flags.DEFINE_bool('tta', False, 'predict: average over the 8 flips/rotations of each tile.')
@@ -39,9 +51,17 @@ flags.DEFINE_float('threshold', None,
                    'predict: probability threshold (default: calibrated, else config).')
 flags.DEFINE_integer('tile', 0, 'predict: tile side in pixels (0: config.data.crop_size).')
 flags.DEFINE_float('overlap', 0.25, 'predict: fraction of a tile shared with its neighbour.')
+flags.DEFINE_integer('channel', None, 'predict: the channel to segment in a multi-channel '
+                     'image (0-based).')
+flags.DEFINE_string('axes', '', 'predict: axes of the input files, e.g. CYX or TZYX, for '
+                    'files without OME/ImageJ metadata (default: read from the file).')
+flags.DEFINE_float('pixel_size', None, 'predict: pixel size of the inputs in micrometres '
+                   '(default: read from the file).')
+flags.DEFINE_bool('no_rescale', False, 'predict: never rescale images to the pixel size the '
+                  'model was trained at.')
 flags.DEFINE_bool('overwrite', False, 'predict: replace existing results in --output.')
+flags.DEFINE_bool('verbose', False, 'Show the log lines of JAX, orbax and grain.')
 flags.DEFINE_bool('debug', False, 'Show tracebacks for user errors.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def run(config, workdir: str, mode: str) -> None:
@@ -64,7 +84,9 @@ def run(config, workdir: str, mode: str) -> None:
     options = predict.Options(
         input=FLAGS.input, output=FLAGS.output, tile=FLAGS.tile, overlap=FLAGS.overlap,
         tta=FLAGS.tta, threshold=FLAGS.threshold, save_prob=FLAGS.save_prob,
-        instances=FLAGS.instances, min_size=FLAGS.min_size, overwrite=FLAGS.overwrite)
+        instances=FLAGS.instances, min_size=FLAGS.min_size, channel=FLAGS.channel,
+        axes=FLAGS.axes, pixel_size=FLAGS.pixel_size, rescale=not FLAGS.no_rescale,
+        overwrite=FLAGS.overwrite)
     result = predict.run(config, workdir, options)
     skipped = f'; skipped {len(result["skipped"])} non-image file(s)' if result['skipped'] else ''
     print(f'Predicted {len(result["written"])} image(s) into {result["output"]} at threshold '
@@ -82,12 +104,30 @@ def run(config, workdir: str, mode: str) -> None:
           'report.md, worst_best.png)')
 
 
+def mode_config(mode: str, workdir: str):
+  """The config a mode runs with: --config for training (and for summary of a config that
+  was never trained); otherwise the run directory's, with the command line's inference
+  settings (flmiseg/rundir.py)."""
+  if mode == 'train' or (mode == 'summary' and FLAGS['config'].present
+                         and not (pathlib.Path(workdir) / rundir.CONFIG_FILE).is_file()):
+    return load_config()
+  if mode == 'summary':
+    if not (pathlib.Path(workdir) / rundir.CONFIG_FILE).is_file():
+      raise UserError(f'--workdir={workdir}: no {rundir.CONFIG_FILE}; give --config too')
+  else:
+    rundir.check_trained(workdir)
+  return rundir.inference_config(workdir, load_config())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.INFO)
+  console.setup(FLAGS.verbose)
   try:
-    run(load_config(), FLAGS.workdir, FLAGS.mode)
+    if not FLAGS.workdir:
+      raise UserError('--workdir is required (the run directory: where a run is trained, '
+                      'or the trained run to use)')
+    run(mode_config(FLAGS.mode, FLAGS.workdir), FLAGS.workdir, FLAGS.mode)
   except UserError as e:
     if FLAGS.debug:
       raise
@@ -111,13 +151,60 @@ def exit_with_error(message: str, fresh_line: bool = False) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, but a mistyped setting or a bad value gives one `error:` line and
-  exit status 2 (--debug: the traceback)."""
+  exit status 2 (--debug: the traceback). A stock config name becomes its file; without
+  --config, an inference mode reads the config of its --workdir."""
   try:
-    return FLAGS(argv)
+    return FLAGS(resolve_config_arg(argv))
   except Exception as e:  # pylint: disable=broad-except  # flags.Error, or ml_collections'.
     if '--debug' in argv:
       raise
     exit_with_error(flag_error_message(e, argv))
+
+
+def _flag_value(argv: list[str], name: str) -> tuple[int, str | None]:
+  """(index, value) of the last `--name=value` or `--name value` in argv; (-1, None)."""
+  found = (-1, None)
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      found = (i, arg.split('=', 1)[1])
+    elif arg == f'--{name}' and i + 1 < len(argv):
+      found = (i, argv[i + 1])
+  return found
+
+
+def stock_configs() -> list[str]:
+  return sorted(p.stem for p in CONFIGS_DIR.glob('*.py') if not p.stem.startswith('_'))
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+  """argv with `--config=NAME` (a stock config) made a file path, and, for eval, predict and
+  summary without --config, `--config=<the run's config.json>` added."""
+  argv = list(argv)
+  index, value = _flag_value(argv, 'config')
+  if value is not None:
+    path, _, arg = value.partition(':')
+    if not pathlib.Path(path).exists() and '/' not in path and not path.endswith('.py'):
+      if path not in stock_configs():
+        raise UserError(f'--config={value}: no such file or stock config (stock configs: '
+                        f'{", ".join(stock_configs())})')
+      stock = str(CONFIGS_DIR / f'{path}.py') + (f':{arg}' if arg else '')
+      if argv[index] == '--config':
+        argv[index + 1] = stock
+      else:
+        argv[index] = f'--config={stock}'
+    return argv
+  _, mode = _flag_value(argv, 'mode')
+  _, workdir = _flag_value(argv, 'workdir')
+  if mode in (None, 'train'):
+    if workdir is not None and not any(a in ('--help', '--helpfull') for a in argv):
+      raise UserError('--config is required for training (a config file, or a stock config: '
+                      f'{", ".join(stock_configs())})')
+    return argv
+  if mode in MODES and workdir:
+    if not (pathlib.Path(workdir) / rundir.CONFIG_FILE).is_file():
+      rundir.check_trained(workdir)  # raises, naming what is missing
+    argv.insert(1, f'--config={RUN_CONFIG_FILE}:{pathlib.Path(workdir).resolve()}')
+  return argv
 
 
 def flag_error_message(error: Exception, argv: list[str]) -> str:
@@ -142,10 +229,12 @@ def flag_error_message(error: Exception, argv: list[str]) -> str:
 
 
 def load_config():
-  """FLAGS.config; a config file that cannot be loaded is a UserError naming it."""
+  """FLAGS.config (None when not given); a config file that cannot be loaded is a UserError
+  naming it."""
   try:
     config = FLAGS.config
-    config.keys()  # ml_collections loads the file lazily, on first use.
+    if config is not None:
+      config.keys()  # ml_collections loads the file lazily, on first use.
     return config
   except OSError as e:
     reason = str(e).strip().splitlines()[-1].strip()
@@ -153,5 +242,10 @@ def load_config():
                     f'({reason})') from e
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The `flmiseg` console script: the same as `python -m flmiseg.main`."""
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  cli()

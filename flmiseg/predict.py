@@ -1,60 +1,69 @@
 """Masks for the user's own images: `--mode=predict`.
 
-  python -m flmiseg.main --config=CONFIG --workdir=DIR --mode=predict \
-      --input=PATH --output=OUT [--tta] [--save_prob] [--instances] [--overwrite]
+  python -m flmiseg.main --mode=predict --workdir=RUN --input=PATH --output=OUT \
+      [--tta] [--save_prob] [--instances] [--channel=N] [--axes=CZYX] [--pixel_size=0.1]
 
+RUN is a trained run directory: its config.json decides the model and the preprocessing.
 PATH is an image file, a folder (its image files, not recursive) or a glob ('data/*.tif') of
-8/16-bit TIFF/PNG images of any size, or TIFF stacks (planes, H, W), predicted plane by plane.
-For each input `<name>.<ext>` OUT receives:
-  <name>_mask.tif      uint8 0/255, the input's shape ((H, W), or (planes, H, W) for a stack);
-  <name>_overlay.png   the image (1-99.8 percentile display range; a stack's middle plane)
-                       with the mask's contour in yellow;
+8/16-bit or float TIFF (plain, ImageJ hyperstack or OME-TIFF) or PNG images of any size.
+Axes come from the file's OME/ImageJ metadata (`--axes` for files without); a multi-channel
+image needs `--channel`; Z and T planes are predicted plane by plane and written back with the
+same axes. For each input `<name>.<ext>` (`<name>.ome.tif` too) OUT receives:
+  <name>_mask.tif      uint8 0/255, the input's shape without its channel axis;
+  <name>_overlay.png   the image (1-99.8 percentile display range; the middle plane of a
+                       stack) with the mask's contour in yellow;
   <name>_prob.tif      float32 foreground probability, with --save_prob;
   <name>_instances.tif uint16 connected-component labels (8-connected, per plane), components
                        smaller than --min_size pixels removed, with --instances.
-When two inputs share a name (a.tif, a.png), the extension joins it (a_tif_mask.tif).
+(`.ome.tif` instead of `.tif` for OME-TIFF inputs.) Every TIFF carries the input's axes and
+pixel size (ImageJ resolution and unit, or OME PhysicalSize). When two inputs share a name
+(a.tif, a.png), the extension joins it (a_tif_mask.tif).
 
 How an image is predicted:
-  * normalised once, over the whole image (or plane), with the training config's method, so
-    every tile sees the same statistics (the CLAHE mapping too);
+  * when both the image's pixel size (metadata or --pixel_size) and the model's
+    (config.data.pixel_size) are known and differ by more than 10 %, the image is resized
+    to the model's pixel size and the probabilities back (--no_rescale: never);
+  * normalised once, over the whole plane, with the run's method, so every tile sees the same
+    statistics (flmiseg/data/preprocess.py: the same intensities give the same mask whatever
+    the bit depth or exposure);
   * cut into tiles of the training crop size (--tile to change) overlapping by --overlap,
-    batched over the devices, and blended with Gaussian weights (sigma = tile / 8; a tile's
-    edge pixels weigh exp(-8) of its centre), so tiling seams vanish and any image size works
-    within a bounded device memory; images smaller than a tile are zero-padded, as in
-    training;
+    batched over the devices, and blended with Gaussian weights (flmiseg/inference.py);
   * with --tta, averaged over the 8 flips/rotations of each tile;
-  * thresholded at the calibrated threshold stored with the best checkpoint (see
-    flmiseg/evaluate.py), or config.eval.threshold when there is none, or --threshold.
-Never writes into an input folder, and refuses to replace existing results unless
---overwrite. Files that are not images are skipped with a warning; images that cannot be
-read are skipped too and reported at the end as an error (exit status 2).
+  * thresholded at the calibrated threshold stored with the best checkpoint, or
+    config.eval.threshold when there is none, or --threshold.
+A one-line warning names each image whose normalised statistics lie far outside the training
+images' (DIR/input_stats.json) or whose mask is empty or covers nearly everything.
+Never writes into an input folder, refuses to replace existing results unless --overwrite,
+and creates nothing when the run has no trained model. Files that are not images are skipped
+with a warning; images that cannot be read are skipped too and reported at the end as an
+error (exit status 2).
 """
 
 import dataclasses
 import glob
-import json
-import math
 import os
 import pathlib
 
 from absl import logging
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 from skimage import measure
 from skimage import segmentation
 import tqdm
 
 from flmiseg import evaluate
+from flmiseg import inference
+from flmiseg import rundir
 from flmiseg import sharding
-from flmiseg import train
 from flmiseg.data import io
 from flmiseg.data import preprocess
 from flmiseg.errors import UserError
 
 _GLOB_CHARS = '*?['
-OUTPUT_SUFFIXES = ('_mask.tif', '_overlay.png', '_prob.tif', '_instances.tif')
+OUTPUT_KINDS = ('mask', 'overlay', 'prob', 'instances')
+# Pixel sizes within this relative difference count as equal (no rescaling).
+RESCALE_TOLERANCE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +79,36 @@ class Options:
   save_prob: bool = False
   instances: bool = False
   min_size: int = 16
+  channel: int | None = None  # The channel of a multi-channel image.
+  axes: str = ''  # Axes of files without metadata ('' = from the file).
+  pixel_size: float | None = None  # Micrometres per pixel of the inputs (None = from file).
+  rescale: bool = True  # Resize to the model's pixel size when both are known.
   overwrite: bool = False
+
+  def check(self) -> None:
+    """Raises UserError naming the first invalid option."""
+    if not 0.0 <= self.overlap < 1.0:
+      raise UserError(f'--overlap={self.overlap}: must be in [0, 1)')
+    if self.tile and self.tile < 16:
+      raise UserError(f'--tile={self.tile}: use at least 16 pixels')
+    if self.pixel_size is not None and not self.pixel_size > 0:
+      raise UserError(f'--pixel_size={self.pixel_size}: must be a positive size in '
+                      'micrometres')
+    if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+      raise UserError(f'--threshold={self.threshold}: must be a probability in [0, 1]')
+    if self.channel is not None and self.channel < 0:
+      raise UserError(f'--channel={self.channel}: channels are numbered from 0')
+    if self.axes:
+      io.check_axes_flag(self.axes)
+    if self.min_size < 0:
+      raise UserError(f'--min_size={self.min_size}: must be >= 0')
+    if not self.output:
+      raise UserError('--output is required with --mode=predict (a folder for the results)')
+
+  def kinds(self) -> tuple[str, ...]:
+    """The outputs written per image."""
+    return ('mask', 'overlay') + (('prob',) if self.save_prob else ()) + (
+        ('instances',) if self.instances else ())
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -104,10 +142,11 @@ def find_inputs(spec: str) -> tuple[list[pathlib.Path], list[str]]:
 
 
 def output_names(inputs: list[pathlib.Path]) -> list[str]:
-  """The output stem of each input: its name without extension, unique within the run."""
-  stems = [p.stem for p in inputs]
-  names = [f'{p.stem}_{p.suffix.lstrip(".").lower()}' if stems.count(p.stem) > 1 else p.stem
-           for p in inputs]
+  """The output stem of each input: its name without extension (and without '.ome'),
+  unique within the run."""
+  stems = [io.output_stem(p)[0] for p in inputs]
+  names = [f'{stem}_{p.suffix.lstrip(".").lower()}' if stems.count(stem) > 1 else stem
+           for stem, p in zip(stems, inputs)]
   seen = {}
   for name, p in zip(names, inputs):
     if name in seen:
@@ -117,24 +156,34 @@ def output_names(inputs: list[pathlib.Path]) -> list[str]:
   return names
 
 
+def output_path(out: pathlib.Path, name: str, kind: str, ome: bool) -> pathlib.Path:
+  """OUT/<name>_<kind>.tif (.ome.tif for OME inputs; the overlay is a PNG)."""
+  if kind == 'overlay':
+    return out / f'{name}_overlay.png'
+  return out / f'{name}_{kind}{".ome.tif" if ome else ".tif"}'
+
+
 def check_output(out: pathlib.Path, inputs: list[pathlib.Path], names: list[str],
                  options: Options) -> None:
-  """Refuses an output folder that is an input folder, or would replace existing results."""
+  """Refuses an output folder that is an input folder, a file, or would replace existing
+  results; creates nothing."""
   out_resolved = out.resolve()
   for folder in sorted({p.parent.resolve() for p in inputs}):
     if out_resolved == folder:
       raise UserError(f'--output={options.output} is the folder of the input images; choose '
                       'another folder so that results never mix with (or replace) your data')
-  suffixes = ['_mask.tif', '_overlay.png']
-  suffixes += ['_prob.tif'] if options.save_prob else []
-  suffixes += ['_instances.tif'] if options.instances else []
-  existing = [out / f'{n}{s}' for n in names for s in suffixes if (out / f'{n}{s}').exists()]
+  if out.exists() and not out.is_dir():
+    raise UserError(f'--output={options.output} is a file, not a folder')
+  existing = [output_path(out, n, k, io.output_stem(p)[1])
+              for p, n in zip(inputs, names) for k in options.kinds()]
+  existing = [p for p in existing if p.exists()]
   if existing and not options.overwrite:
     more = f' and {len(existing) - 1} other result(s)' if len(existing) > 1 else ''
     raise UserError(f'{existing[0]} exists{more}; use --overwrite to replace, or another '
                     '--output')
-  if out.exists() and not out.is_dir():
-    raise UserError(f'--output={options.output} is a file, not a folder')
+
+
+def make_output(out: pathlib.Path, options: Options) -> None:
   try:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -143,112 +192,11 @@ def check_output(out: pathlib.Path, inputs: list[pathlib.Path], names: list[str]
     raise UserError(f'--output={options.output}: not writable')
 
 
-# ----------------------------------------------------------------------------- tiling
-
-def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
-  """Start offsets of tiles covering [0, size): evenly spread, first 0, last size - tile."""
-  if size <= tile:
-    return [0]
-  step = max(1, int(round(tile * (1.0 - overlap))))
-  n = math.ceil((size - tile) / step) + 1
-  return [int(round(i * (size - tile) / (n - 1))) for i in range(n)]
-
-
-def gaussian_weight(tile: int) -> np.ndarray:
-  """(tile, tile) float32 blending weights: a Gaussian of sigma tile/8, 1 at the centre."""
-  x = np.arange(tile, dtype=np.float64) - (tile - 1) / 2
-  g = np.exp(-0.5 * (x / (tile / 8)) ** 2)
-  return np.outer(g, g).astype(np.float32)
-
-
-def sliding_window(prob_fn, image: np.ndarray, tile: int, overlap: float, batch_size: int,
-                   progress: bool = False) -> np.ndarray:
-  """Probabilities (H, W) of a normalised (H, W) image by blended overlapping tiles.
-
-  prob_fn maps a (batch_size, tile, tile, 1) float32 array to probabilities of that shape.
-  """
-  h, w = image.shape
-  ph, pw = max(h, tile), max(w, tile)
-  padded = np.zeros((ph, pw), np.float32)  # zeros beyond the image, as training pads
-  padded[:h, :w] = image
-  corners = [(y, x) for y in tile_starts(ph, tile, overlap)
-             for x in tile_starts(pw, tile, overlap)]
-  weight = gaussian_weight(tile)
-  total = np.zeros((ph, pw), np.float32)
-  norm = np.zeros((ph, pw), np.float32)
-  bar = tqdm.tqdm(total=len(corners), desc='tiles', unit='tile', leave=False,
-                  disable=not progress or len(corners) <= batch_size)
-  for start in range(0, len(corners), batch_size):
-    chunk = corners[start:start + batch_size]
-    tiles = np.zeros((batch_size, tile, tile, 1), np.float32)
-    for j, (y, x) in enumerate(chunk):
-      tiles[j, ..., 0] = padded[y:y + tile, x:x + tile]
-    probs = np.asarray(prob_fn(tiles))
-    for j, (y, x) in enumerate(chunk):
-      total[y:y + tile, x:x + tile] += probs[j, ..., 0] * weight
-      norm[y:y + tile, x:x + tile] += weight
-    bar.update(len(chunk))
-  bar.close()
-  return (total / norm)[:h, :w]
-
-
-# ----------------------------------------------------------------------------- model
-
-def _dihedral(x, k: int, inverse: bool = False):
-  """One of the 8 symmetries of the square on NHWC arrays (k // 4: flip, k % 4: rot90)."""
-  rot, flip = k % 4, k // 4
-  if not inverse:
-    x = jnp.flip(x, axis=2) if flip else x
-    return jnp.rot90(x, rot, axes=(1, 2))
-  x = jnp.rot90(x, -rot, axes=(1, 2))
-  return jnp.flip(x, axis=2) if flip else x
-
-
-def make_prob_fn(state, mesh, tta: bool):
-  """A jitted tiles -> probabilities function over the mesh (batch sharded)."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  variables = sharding.replicate(variables, mesh)
-
-  def probs(variables, x):
-    def once(x):
-      logits, _ = state.apply_fn(variables, x, train=False)
-      return jax.nn.sigmoid(logits.astype(jnp.float32))
-    if not tta:
-      return once(x)
-    return sum(_dihedral(once(_dihedral(x, k)), k, inverse=True) for k in range(8)) / 8
-
-  data = sharding.data_sharding(mesh)
-  fn = jax.jit(probs, in_shardings=(sharding.replicated(mesh), data), out_shardings=data)
-  return lambda tiles: jax.device_get(fn(variables, jax.device_put(tiles, data)))
-
-
-def _localize(state):
-  """The replicated state as single-device arrays of this process (for a local mesh)."""
-  return jax.tree.map(
-      lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, state)
-
-
-def load_model(config, workdir: pathlib.Path):
-  """(state of the best checkpoint, its step) for `config`'s model, trained in `workdir`."""
-  saved = workdir / 'config.json'
-  if saved.exists():
-    trained = json.loads(saved.read_text()).get('model', {})
-    for key, value in trained.items():
-      if key in config.model and config.model[key] != value:
-        raise UserError(f'--config.model.{key}={config.model[key]!r}, but {workdir} was '
-                        f'trained with {value!r}; use the training config')
-  crop = config.data.crop_size
-  _, _, _, state, _ = train.build(config, workdir, (crop, crop), 1)
-  return train.restore_best(config, workdir, state)
-
-
 # ----------------------------------------------------------------------------- outputs
 
 def display_image(image: np.ndarray) -> np.ndarray:
   """uint8 (H, W) of an image, mapping its 1-99.8 percentiles to 0-255."""
-  x = image.astype(np.float32)
-  lo, hi = np.percentile(x, [1.0, 99.8])
-  return np.clip((x - lo) / max(hi - lo, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+  return preprocess.stretch_to_uint8(image)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -278,74 +226,164 @@ def _write_png(path: pathlib.Path, image: np.ndarray) -> None:
   os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------- one image
+
+def rescale_factor(image_pixel_size: float | None, model_pixel_size: float | None,
+                   allowed: bool = True) -> float:
+  """How much to resize an image so its pixels match the model's (1.0: leave it)."""
+  if not allowed or not image_pixel_size or not model_pixel_size:
+    return 1.0
+  factor = image_pixel_size / model_pixel_size
+  return 1.0 if abs(factor - 1.0) <= RESCALE_TOLERANCE else factor
+
+
+def resize(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+  """float32 `plane` resized to `shape` (area averaging when shrinking, else bilinear)."""
+  h, w = shape
+  shrink = h * w < plane.shape[0] * plane.shape[1]
+  return cv2.resize(plane.astype(np.float32), (w, h),
+                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+@dataclasses.dataclass
+class Predictor:
+  """Probabilities of raw planes with a trained model (weights, run config, tiling)."""
+  probs_of: object  # inference.prob_fn(...)
+  config: object
+  tile: int
+  overlap: float
+  batch_size: int
+
+  def plane(self, raw: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, dict]:
+    """(float32 probabilities (H, W), stats of the normalised plane) of a raw (H, W)
+    plane, resized by `factor` for the network and back."""
+    h, w = raw.shape
+    scaled = raw if factor == 1.0 else resize(
+        raw, (max(1, round(h * factor)), max(1, round(w * factor))))
+    data = self.config.data
+    normalised = preprocess.normalize(scaled, data.normalization, data.kind)
+    prob = inference.sliding_window(self.probs_of, normalised, self.tile, self.overlap,
+                                    self.batch_size, progress=True)
+    if factor != 1.0:
+      prob = np.clip(resize(prob, (h, w)), 0.0, 1.0)
+    return prob, preprocess.image_stats(normalised)
+
+  def planes(self, planes: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, list[dict]]:
+    """(probabilities (N, H, W), per-plane stats) of raw planes (N, H, W)."""
+    results = [self.plane(p, factor) for p in planes]
+    return np.stack([r[0] for r in results]), [r[1] for r in results]
+
+
+def image_warning(path, stats: list[dict], mask: np.ndarray, training: dict | None) -> str | None:
+  """One line when an image looks unlike the training images or its mask is ~empty/full."""
+  notes = []
+  unusual = [(i, u) for i, s in enumerate(stats) for u in [rundir.unusual_stats(s, training)]
+             if u]
+  if unusual:
+    where = f' (plane {unusual[0][0]})' if len(stats) > 1 else ''
+    notes.append(f'unlike the training images{where}: {", ".join(unusual[0][1])}')
+  full = rundir.foreground_note(float(mask.mean()))
+  if full:
+    notes.append(full)
+  if not notes:
+    return None
+  return (f'{path}: {"; ".join(notes)}; the mask may be wrong (check --channel, '
+          '--pixel_size and that the model fits this kind of image)')
+
+
+def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathlib.Path,
+                 options: Options, threshold: float, training: dict | None) -> list[str]:
+  """Predicts one file and writes its outputs; returns its warning lines."""
+  image = io.read_image_file(path, options.axes or None)
+  planes, out_axes, out_shape = io.select_planes(image, options.channel, path)
+  pixel_size = options.pixel_size or image.pixel_size
+  factor = rescale_factor(pixel_size, predictor.config.data.pixel_size or None,
+                          options.rescale)
+  prob, stats = predictor.planes(planes, factor)
+  mask = prob > threshold
+  write = lambda kind, array: io.write_tiff(  # pylint: disable=g-long-lambda
+      output_path(out, name, kind, image.ome), io.restore_axes(array, out_axes, out_shape),
+      axes=out_axes, pixel_size=pixel_size)
+  write('mask', (mask * 255).astype(np.uint8))
+  middle = len(planes) // 2
+  _write_png(output_path(out, name, 'overlay', image.ome),
+             overlay(planes[middle], mask[middle]))
+  if options.save_prob:
+    write('prob', prob)
+  if options.instances:
+    write('instances', np.stack([label_instances(m, options.min_size) for m in mask]))
+  notes = [f'{path}: resized x{factor:.3g} to the model\'s pixel size '
+           f'({predictor.config.data.pixel_size:g} um; the image\'s is {pixel_size:g} um)'
+           ] if factor != 1.0 else []
+  warning = image_warning(path, stats, mask, training)
+  return notes + ([warning] if warning else [])
+
+
 # ----------------------------------------------------------------------------- driver
 
-def predict_image(prob_fn, raw: np.ndarray, config, options: Options, tile: int,
-                  batch_size: int) -> np.ndarray:
-  """float32 probabilities of a raw (H, W) image or (planes, H, W) stack, the same shape."""
-  planes = raw if raw.ndim == 3 else raw[None]
-  out = np.zeros(planes.shape, np.float32)
-  for i, plane in enumerate(planes):
-    normalised = preprocess.normalize(plane, config.data.normalization, config.data.kind)
-    out[i] = sliding_window(prob_fn, normalised, tile, options.overlap, batch_size,
-                            progress=True)
-  return out if raw.ndim == 3 else out[0]
+def resolve_threshold(config, workdir, step: int, options: Options) -> tuple[float, str]:
+  """(threshold, where it came from): --threshold, else calibrated, else the config's."""
+  if options.threshold is not None:
+    return options.threshold, '--threshold'
+  calibrated = evaluate.calibrated_threshold(workdir, step)
+  if calibrated is not None:
+    return calibrated, 'calibrated'
+  return config.eval.threshold, 'config.eval.threshold'
 
 
 def run(config, workdir, options: Options) -> dict:
-  """Predicts every input image; returns {'written': [...], 'skipped': [...], ...}."""
+  """Predicts every input image; returns {'written': [...], 'skipped': [...], ...}.
+
+  `config` is the run's (flmiseg/rundir.py); nothing is created unless the run holds a
+  trained model and every option is valid.
+  """
   workdir = pathlib.Path(workdir)
-  if not 0.0 <= options.overlap < 1.0:
-    raise UserError(f'--overlap={options.overlap}: must be in [0, 1)')
+  options.check()
   tile = options.tile or config.data.crop_size
-  if tile < 16:
-    raise UserError(f'--tile={tile}: use at least 16 pixels')
   inputs, skipped = find_inputs(options.input)
   if jax.process_count() > 1:  # every process predicts its own share on its own devices
     inputs = inputs[jax.process_index()::jax.process_count()]
   names = output_names(inputs)
-  if not options.output:
-    raise UserError('--output is required with --mode=predict (a folder for the results)')
   out = pathlib.Path(options.output)
   check_output(out, inputs, names, options)
-
-  state, step = load_model(config, workdir)
-  threshold, source = options.threshold, '--threshold'
-  if threshold is None:
-    threshold, source = evaluate.calibrated_threshold(workdir, step), 'calibrated'
-  if threshold is None:
-    threshold, source = config.eval.threshold, 'config.eval.threshold'
   mesh = sharding.make_mesh(jax.local_devices())
+  state, step = inference.load(config, workdir, mesh)
+  threshold, source = resolve_threshold(config, workdir, step, options)
+  created = not out.exists()
+  make_output(out, options)
   n = len(jax.local_devices())
-  batch_size = max(n, -(-(options.batch_size or config.eval.batch_size) // n) * n)
-  prob_fn = make_prob_fn(_localize(state), mesh, options.tta)
-  logging.info('Predicting %d image(s) with the step-%d checkpoint, threshold %.3f (%s)%s',
-               len(inputs), step, threshold, source, ', 8x TTA' if options.tta else '')
-
+  predictor = Predictor(
+      inference.prob_fn(state, mesh, options.tta), config, tile, options.overlap,
+      inference.round_up_batch(options.batch_size or config.eval.batch_size, n))
+  training = rundir.read_input_stats(workdir)
+  logging.info('Predicting %d image(s) with the step-%d checkpoint of %s, threshold %.3f '
+               '(%s)%s', len(inputs), step, workdir, threshold, source,
+               ', 8x TTA' if options.tta else '')
   written, failed = [], []
-  for path, name in tqdm.tqdm(list(zip(inputs, names)), desc='images', unit='image'):
+  for path, name in tqdm.tqdm(list(zip(inputs, names)), desc='images', unit='image',
+                              leave=False, disable=len(inputs) == 1):
     try:
-      raw = io.read_image(path, allow_stack=True)
+      notes = predict_file(predictor, path, name, out, options, threshold, training)
     except UserError as e:
+      if len(inputs) == 1:
+        _remove_if_empty(out, created)
+        raise
       logging.warning('Skipping %s', e)
       failed.append(str(e))
       continue
-    prob = predict_image(prob_fn, raw, config, options, tile, batch_size)
-    mask = prob > threshold
-    io.write_tiff(out / f'{name}_mask.tif', (mask * 255).astype(np.uint8))
-    middle = len(raw) // 2 if raw.ndim == 3 else None
-    view = (raw[middle], mask[middle]) if middle is not None else (raw, mask)
-    _write_png(out / f'{name}_overlay.png', overlay(*view))
-    if options.save_prob:
-      io.write_tiff(out / f'{name}_prob.tif', prob)
-    if options.instances:
-      planes = mask if mask.ndim == 3 else mask[None]
-      labels = np.stack([label_instances(p, options.min_size) for p in planes])
-      io.write_tiff(out / f'{name}_instances.tif', labels if mask.ndim == 3 else labels[0])
+    for note in notes:
+      logging.warning('%s', note)
     written.append(name)
   result = {'written': written, 'skipped': skipped, 'failed': failed, 'threshold': threshold,
             'threshold_source': source, 'output': str(out)}
   if failed:
-    raise UserError(f'{len(failed)} of {len(inputs)} image(s) could not be read (the others '
-                    f'were written to {out}): {"; ".join(failed)}')
+    _remove_if_empty(out, created)
+    raise UserError(f'{len(failed)} of {len(inputs)} image(s) could not be predicted (the '
+                    f'others were written to {out}): {"; ".join(failed)}')
   return result
+
+
+def _remove_if_empty(out: pathlib.Path, created: bool) -> None:
+  """Removes the output folder this run created when nothing was written into it."""
+  if created and out.is_dir() and not any(out.iterdir()):
+    out.rmdir()

@@ -76,5 +76,9 @@ def jit_steps(config, loss_fn, schedule, mesh, state_shardings):
       functools.partial(train_step, loss_fn=loss_fn, schedule=schedule,
                         dropout_key=dropout_key),
       out_shardings=(state_shardings, rep), donate_argnums=0)
-  predict = jax.jit(functools.partial(predict_step, threshold=config.eval.threshold))
-  return train, predict
+  return train, jit_predict(config.eval.threshold)
+
+
+def jit_predict(threshold: float):
+  """predict_step jitted with `threshold` bound; works on a TrainState or an InferenceState."""
+  return jax.jit(functools.partial(predict_step, threshold=threshold))

@@ -12,23 +12,23 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from flmiseg import checkpoint
 from flmiseg import evaluate
+from flmiseg import inference
 from flmiseg import losses
 from flmiseg import models
 from flmiseg import optim
 from flmiseg import sharding
 from flmiseg import steps as steps_lib
 from flmiseg import logs
+from flmiseg import rundir
 from flmiseg.data import loader
 from flmiseg.data import pipeline
 from flmiseg.errors import UserError
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Fields that may differ between runs on one workdir without mixing incompatible work.
 _FREE_FIELDS = ('eval', 'train.log_every_steps', 'train.resume_mismatch', 'data.num_workers',
                 'data.synthetic_dir')
@@ -39,17 +39,6 @@ RESUME_MISMATCH = ('refuse', 'allow')
 
 class TrainingDiverged(UserError):
   """The loss became NaN or inf."""
-
-
-def _flatten(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + '.'))
-    else:
-      out[key] = v
-  return out
 
 
 def prepare_workdir(config, workdir) -> pathlib.Path:
@@ -70,12 +59,14 @@ def prepare_workdir(config, workdir) -> pathlib.Path:
   path = workdir / 'config.json'
   if path.exists() and config.train.resume_mismatch != 'allow':
     try:
-      old = _flatten(json.loads(path.read_text()))
+      old = rundir.flatten(json.loads(path.read_text()))
     except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON, not a dict.
       raise UserError(f'{path}: unreadable ({e}); use a new --workdir, or '
                       '--config.train.resume_mismatch=allow to overwrite it') from e
-    diff = [k for k, v in _flatten(new).items()
-            if old.get(k) != v and not k.startswith(_FREE_FIELDS)]
+    # Fields absent from the old config were added to flmiseg since; their defaults keep the
+    # old behaviour.
+    diff = [k for k, v in rundir.flatten(new).items()
+            if k in old and old[k] != v and not k.startswith(_FREE_FIELDS)]
     if diff:
       raise UserError(f'{workdir} was made by a different config ({", ".join(diff[:4])} '
                       'differ); use a new --workdir, or --config.train.resume_mismatch=allow')
@@ -85,12 +76,10 @@ def prepare_workdir(config, workdir) -> pathlib.Path:
 
 def build(config, workdir, sample_hw, num_train: int):
   """Model, schedule, optimiser, mesh and initial (or abstract) train state."""
-  if config.train.dtype not in DTYPES:
-    raise UserError(f'config.train.dtype={config.train.dtype!r}; valid: {", ".join(DTYPES)}')
+  dtype = inference.compute_dtype(config)
   sharding.check_batch_size(config.train.batch_size)
-  sharding.check_batch_size(config.eval.batch_size, 'config.eval.batch_size')
   losses.make_loss(config.train.loss, config.train.loss_weights)  # a bad name fails here
-  model = models.create_model(config.model, DTYPES[config.train.dtype])
+  model = models.create_model(config.model, dtype)
   per_epoch = optim.steps_per_epoch(num_train, config.train.batch_size)
   total = config.train.num_steps or config.train.num_epochs * per_epoch
   schedule = optim.make_schedule(config.optim, per_epoch, total)
@@ -195,6 +184,8 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir = prepare_workdir(config, workdir)
   evaluate.check_calibrate_metric(config.eval.calibrate_metric)  # before, not after, training
   data = loader.load(config, workdir / 'cache')
+  if jax.process_index() == 0 and rundir.read_input_stats(workdir) is None:
+    rundir.write_input_stats(workdir, rundir.input_stats(data.train))
   crop = config.data.crop_size
   _, schedule, mesh, state, total = build(config, workdir, (crop, crop), len(data.train))
   checkpoint.check_disk_space(workdir, state, config.train.max_checkpoints)
@@ -285,13 +276,12 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
     data = loader.load(config, workdir / 'cache', need_train=False)
   if data.test is None:
     raise UserError('config.data.test_list is empty: nothing to evaluate')
-  if state is None:
-    crop = config.data.crop_size
-    _, schedule, mesh, state, _ = build(config, workdir, (crop, crop), 1)
-    loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
-    _, predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh,
-                                     jax.tree.map(lambda x: x.sharding, state))
-  state, step = restore_best(config, workdir, state)
+  if state is None:  # --mode=eval: the weights alone, no optimizer or training batch
+    mesh = sharding.make_mesh()
+    state, step = inference.load(config, workdir, mesh)
+  else:
+    state, step = restore_best(config, workdir, state)
+  predict = predict or steps_lib.jit_predict(config.eval.threshold)
   calibration = calibrate_best(config, workdir, data, mesh, state, predict, step)
   return evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
                            config.eval.threshold, out_dir=workdir / 'eval',

@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 import tifffile
 
-from configs import default
+from flmiseg.configs import default
 
 
 def write_blob_dataset(root, num_train=12, num_test=4, size=32, seed=0) -> pathlib.Path:

@@ -470,10 +470,8 @@ def _predict_cli(tiny_run, *args):
   config, workdir = tiny_run
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
              '--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  flags = ['--config=configs/default.py', f'--workdir={workdir}', '--mode=predict',
-           '--config.data.source=lists', f'--config.data.train_list={config.data.train_list}',
-           f'--config.data.test_list={config.data.test_list}', '--config.model.width=4',
-           '--config.data.crop_size=32']
+  del config  # the run directory holds it
+  flags = [f'--workdir={workdir}', '--mode=predict']
   return subprocess.run([sys.executable, '-m', 'flmiseg.main', *flags, *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
 

@@ -4,7 +4,7 @@ a few train end to end from the default config with only the model changed."""
 import jax.numpy as jnp
 import pytest
 
-from configs import default
+from flmiseg.configs import default
 from flmiseg import models
 from flmiseg import summary
 from flmiseg import train

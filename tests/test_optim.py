@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from flmiseg.configs import default
 from flmiseg import optim
 from flmiseg.errors import UserError
 

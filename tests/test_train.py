@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from flmiseg.configs import default
 from flmiseg import checkpoint
 from flmiseg import losses
 from flmiseg import sharding

@@ -20,7 +20,7 @@ from flmiseg.data import lists
 from flmiseg.data import preprocess
 from flmiseg.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: bit-depth invariant CLAHE methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +138,4 @@ def split_validation(source: PreparedSource, val_fraction: float,
     return source, None
   order = np.random.default_rng(seed).permutation(n)
   return source.subset(sorted(order[num_val:])), source.subset(sorted(order[:num_val]))
+

@@ -1,9 +1,12 @@
 """Reading and writing microscopy images and masks (TIFF via tifffile, PNG and others via
 OpenCV), with errors that name the file.
 
-Images are returned as 2-D arrays in their native dtype (uint8, uint16, float32, ...). RGB(A)
-images are converted to one channel (luminance) with a one-time warning. Masks follow one rule:
-any nonzero pixel is foreground, so 0/255, 0/1 and label images all work.
+`read_image` returns a 2-D array (or a (planes, H, W) stack) in its native dtype (uint8,
+uint16, float32, ...); it builds on `read_image_file` (imagefile.py), which keeps the axes,
+channels and pixel size. RGB(A) images are converted to one channel (luminance) with a
+one-time warning. Masks follow one rule: any nonzero pixel is foreground, so 0/255, 0/1 and
+label images all work. `write_tiff` writes OME, ImageJ or plain TIFFs that keep axes and
+pixel size.
 """
 
 import os
@@ -11,79 +14,52 @@ import pathlib
 import shutil
 import struct
 
-from absl import logging
-import cv2
 import numpy as np
 import tifffile
 
+from flmiseg.data import imagefile
 from flmiseg.errors import UserError
 
-TIFF_SUFFIXES = ('.tif', '.tiff')
-IMAGE_SUFFIXES = TIFF_SUFFIXES + ('.png', '.jpg', '.jpeg', '.bmp')
+TIFF_SUFFIXES = imagefile.TIFF_SUFFIXES
+IMAGE_SUFFIXES = imagefile.IMAGE_SUFFIXES
 
-_warned_rgb = False
+# The axes-aware reader lives in imagefile.py; these names are part of io's interface.
+ImageFile = imagefile.ImageFile
+read_image_file = imagefile.read_image_file
+select_planes = imagefile.select_planes
+restore_axes = imagefile.restore_axes
+output_stem = imagefile.output_stem
+check_axes_flag = imagefile.check_axes_flag
 
-
-def _read_raw(path: pathlib.Path) -> np.ndarray:
-  """Reads any supported file into an array (2-D, 3-D stack or H x W x C)."""
-  if not path.is_file():
-    raise UserError(f'{path}: file not found')
-  if path.stat().st_size == 0:
-    raise UserError(f'{path}: file is empty (0 bytes)')
-  suffix = path.suffix.lower()
-  try:
-    if suffix in TIFF_SUFFIXES:
-      array = tifffile.imread(path)
-    else:
-      array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-      if array is not None and array.ndim == 3:
-        # OpenCV gives BGR(A); make it RGB(A) so the luminance weights below apply.
-        array = array[..., ::-1][..., -3:] if array.shape[-1] >= 3 else array
-  except Exception as e:  # tifffile raises many types for corrupt files.
-    raise UserError(f'{path}: cannot read image ({type(e).__name__}: {e})') from e
-  if array is None or (suffix in TIFF_SUFFIXES and np.size(array) == 0):
-    raise UserError(f'{path}: cannot read image (corrupt, truncated or not an image)')
-  return np.asarray(array)
-
-
-def _to_single_channel(array: np.ndarray, path: pathlib.Path) -> np.ndarray:
-  global _warned_rgb
-  if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
-    if not _warned_rgb:
-      logging.warning('%s: RGB image converted to one channel (luminance); later RGB '
-                      'images are converted silently.', path)
-      _warned_rgb = True
-    rgb = array[..., :3].astype(np.float32)
-    gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    if np.issubdtype(array.dtype, np.integer):
-      gray = np.round(gray).astype(array.dtype)
-    return gray
-  if array.ndim == 3 and array.shape[-1] == 1:
-    return array[..., 0]
-  return array
+# Only these dtypes open in ImageJ; tifffile refuses others with imagej=True.
+_IMAGEJ_DTYPES = frozenset(np.dtype(t) for t in ('uint8', 'uint16', 'float32'))
+_OME_DTYPES = frozenset(np.dtype(t) for t in (
+    'bool', 'int8', 'uint8', 'int16', 'uint16', 'int32', 'uint32', 'float32', 'float64'))
 
 
 def read_image(path: str | os.PathLike, allow_stack: bool = False) -> np.ndarray:
-  """Reads a single-channel image, (H, W) in its native dtype.
+  """Reads a single-channel image, (H, W) in its native dtype (bool becomes uint8).
 
-  With allow_stack=True a 3-D TIFF stack (planes, H, W) is returned as is.
-  Raises UserError naming the file when it is missing, unreadable, empty, of the wrong
-  dimensionality, or holds NaN/inf values.
+  Axes of size 1 other than Y and X are dropped. With allow_stack=True an image with more
+  planes (Z, T, ...) is returned as (planes, H, W), its non-YX axes flattened in C order.
+  Raises UserError naming the file when it is missing, unreadable, empty, has several
+  channels, is a stack without allow_stack, or holds NaN/inf values.
   """
   path = pathlib.Path(path)
-  array = _to_single_channel(_read_raw(path), path)
-  if array.size == 0 or 0 in array.shape:
-    raise UserError(f'{path}: image has zero size {array.shape}')
-  if array.ndim == 3 and not allow_stack:
-    raise UserError(f'{path}: expected a 2-D image, got shape {array.shape} (a stack? '
-                    'use --mode=predict for stacks)')
-  if array.ndim not in (2, 3):
-    raise UserError(f'{path}: expected a 2-D image, got shape {array.shape}')
-  if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-    raise UserError(f'{path}: image contains NaN or inf values')
-  if array.dtype == np.bool_:
-    array = array.astype(np.uint8)
-  return array
+  image = read_image_file(path)
+  keep = [i for i, a in enumerate(image.axes) if a in 'YX' or image.data.shape[i] > 1]
+  shape = tuple(image.data.shape[i] for i in keep)
+  axes = ''.join(image.axes[i] for i in keep)
+  if 'C' in axes:
+    what = 'stacks take --channel=N' if allow_stack else 'training takes single-channel images'
+    raise UserError(f'{path}: {shape[axes.index("C")]} channels ({axes}, shape {shape}); '
+                    f'{what}')
+  if len(axes) > 2 and not allow_stack:
+    raise UserError(f'{path}: expected a 2-D image, got shape {shape} (axes {axes}; a '
+                    'stack? use --mode=predict for stacks)')
+  squeezed = ImageFile(image.data.reshape(shape), axes, image.pixel_size)
+  planes, _, _ = select_planes(squeezed, None, path)
+  return planes[0] if len(axes) == 2 else planes
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -134,9 +110,74 @@ def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
                     f'needed, {_human(free)} free; free some space or use another --workdir')
 
 
-def write_tiff(path: str | os.PathLike, array: np.ndarray) -> None:
-  """Writes an array as a (compressed) TIFF, atomically: a reader never sees half a file."""
+def _default_axes(ndim: int) -> str:
+  if not 2 <= ndim <= 5:
+    raise ValueError(f'write_tiff: give axes for a {ndim}-D array')
+  return {2: 'YX', 3: 'ZYX', 4: 'TZYX', 5: 'TZCYX'}[ndim]
+
+
+def _tiff_flavour(path: pathlib.Path, array: np.ndarray, axes: str,
+                  pixel_size: float | None) -> dict:
+  """tifffile.imwrite arguments: OME, ImageJ or plain TIFF (rules in write_tiff)."""
+  # OME and ImageJ readers drop axes of size 1, so only a plain TIFF keeps those.
+  singleton = any(n == 1 for a, n in zip(axes, array.shape) if a not in 'YX')
+  ome_name = path.name.lower().endswith(('.ome.tif', '.ome.tiff'))
+  if ome_name and axes.endswith('YX') and not singleton and array.dtype in _OME_DTYPES:
+    metadata = {'axes': axes}
+    if pixel_size is not None:
+      metadata.update(PhysicalSizeX=pixel_size, PhysicalSizeY=pixel_size,
+                      PhysicalSizeXUnit='µm', PhysicalSizeYUnit='µm')
+    return dict(ome=True, imagej=False, photometric='minisblack', metadata=metadata)
+  in_order = axes == ''.join(a for a in imagefile.AXES if a in axes)
+  if not ome_name and in_order and not singleton and array.dtype in _IMAGEJ_DTYPES:
+    kwargs = dict(ome=False, imagej=True, photometric='minisblack', metadata={'axes': axes})
+    if pixel_size is not None:
+      kwargs['metadata']['unit'] = 'um'
+      kwargs['resolution'] = (1 / pixel_size, 1 / pixel_size)
+    return kwargs
+  kwargs = dict(ome=False, imagej=False, photometric='minisblack', metadata={'axes': axes})
+  if pixel_size is not None:
+    kwargs.update(resolution=(1e4 / pixel_size, 1e4 / pixel_size),
+                  resolutionunit='CENTIMETER')
+  return kwargs
+
+
+def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str | None = None,
+               pixel_size: float | None = None) -> None:
+  """Writes an array as a zlib-compressed TIFF, atomically: a reader never sees half a file.
+
+  The flavour follows the final file name and the data, so that `read_image_file` gives back
+  the same axes and pixel size:
+    * '*.ome.tif(f)': OME-TIFF with PhysicalSizeX/Y in µm, when the axes end in YX, no
+      non-YX axis has size 1 and the dtype is one OME knows (not 64-bit integers);
+    * other names: an ImageJ hyperstack (unit 'um', XResolution = 1 / pixel_size) when the
+      dtype is uint8, uint16 or float32, the axes are in ImageJ's TZCYX order and no non-YX
+      axis has size 1;
+    * otherwise a plain TIFF with the axes in tifffile's shaped description and the pixel
+      size in the resolution tags (ResolutionUnit CENTIMETER).
+
+  Args:
+    path: the output file.
+    array: the pixels, one dimension per letter of `axes`.
+    axes: letters from 'TZCYX' with Y and X; None means 'YX', 'ZYX', 'TZYX' or 'TZCYX' by
+      the number of dimensions.
+    pixel_size: micrometres per pixel (X and Y); None when unknown.
+  """
   path = pathlib.Path(path)
+  array = np.asarray(array)
+  axes = _default_axes(array.ndim) if axes is None else axes.upper()
+  if (len(axes) != array.ndim or len(set(axes)) != len(axes) or 'Y' not in axes
+      or 'X' not in axes or any(a not in imagefile.AXES for a in axes)):
+    raise ValueError(f'write_tiff: axes {axes!r} do not fit shape {array.shape}')
+  if pixel_size is not None and not (np.isfinite(pixel_size) and pixel_size > 0):
+    raise ValueError(f'write_tiff: pixel size {pixel_size} is not positive')
+  kwargs = _tiff_flavour(path, array, axes, pixel_size)
+  # The temporary name hides the '.ome.tif' ending; the flavour was chosen above from the
+  # final name and is passed to tifffile explicitly (ome=, imagej=).
   tmp = path.with_name(f'.{path.name}.tmp')
-  tifffile.imwrite(tmp, array, compression='zlib')
-  os.replace(tmp, path)
+  try:
+    tifffile.imwrite(tmp, array, compression='zlib', **kwargs)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise

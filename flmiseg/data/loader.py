@@ -71,6 +71,9 @@ def list_paths(config) -> tuple[pathlib.Path, pathlib.Path | None]:
 def load(config, cache_dir, need_train: bool = True) -> Datasets:
   """Prepared train/val/test sources for `config`; images are normalised once and cached."""
   data_cfg = config.data
+  if not data_cfg.pixel_size >= 0:
+    raise UserError(f'config.data.pixel_size={data_cfg.pixel_size}: must be >= 0 '
+                    '(micrometres per pixel; 0 = unknown)')
   train_spec, test_spec = list_paths(config)
   prep = lambda spec, fg: dataset.prepare(  # pylint: disable=g-long-lambda
       lists.load_pairs(spec), data_cfg.normalization, data_cfg.kind, cache_dir,

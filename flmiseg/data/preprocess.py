@@ -1,16 +1,32 @@
-"""Intensity normalisation of microscopy images, as the reference does it and as users of
-other tools expect.
+"""Intensity normalisation of microscopy images: the same intensities give the same network
+input whatever the file's bit depth, container or exposure.
 
 Methods (`config.data.normalization`):
-  'auto'          the reference's choice for `config.data.kind`: 'clahe_zscore' for er/mito,
-                  'clahe_unit' for nucleus.
-  'clahe_zscore'  CLAHE (clip 2.0, 8x8 tiles) on the full bit depth, scale to [0, 1] by the
-                  dtype's maximum, then per-image z-score (reference ER/MITO).
-  'clahe_unit'    CLAHE, then scale to [0, 1] by the dtype's maximum (reference NUCLEUS).
-  'percentile'    map the 1st..99.8th percentiles to 0..1 (not clipped).
+  'auto'          by `config.data.kind`: 'clahe_zscore' for er/mito, 'clahe_unit' for nucleus
+                  (the reference's choices, made bit-depth invariant).
+  'clahe_zscore'  robust stretch, CLAHE, then per-image z-score.
+  'clahe_unit'    robust stretch, CLAHE, output in [0, 1].
+  'percentile'    map the 1st..99.8th percentiles to 0..1 (not clipped), as CSBDeep/StarDist.
   'zscore'        per-image z-score only.
+  'reference_clahe_zscore', 'reference_clahe_unit'
+                  the reference code exactly: CLAHE on the raw integer image, divided by the
+                  dtype's maximum (255 or 65535), then z-score (or not).
+
+Where this departs from the reference, and why: the reference runs CLAHE on the raw integer
+image and divides by the container's maximum, so what the network sees depends on the file's
+bit depth, not its content. OpenCV's CLAHE on a 16-bit image uses 65,536 histogram bins, where
+the clip limit rounds down to one count per bin: the result is mostly the rank of the distinct
+grey levels in each tile, divided by 65535. The same 8-bit pixels stored in a 16-bit file (as
+many cameras and converters write them) then reach a nucleus model with a maximum of about 0.4
+instead of 1.0 (tests/test_normalization.py), and a nucleus model trained on 8-bit files finds
+almost nothing. Here the CLAHE methods first stretch the image's own 1st..99.8th percentiles
+onto 0..255 (the top 0.2 % and bottom 1 % saturate), then run CLAHE (clip 2.0, 8x8 tiles) at
+8 bits, the setting the clip limit is defined for. The result depends on the image's content
+only: the same intensities stored as uint8, uint16, 12-bit-in-16, float in [0, 1] or float
+camera counts give exactly the same input, and a different exposure nearly the same.
+
 All statistics are taken over the whole image, once (never per tile). A constant image maps to
-zeros rather than dividing by zero. Output: float32 (H, W).
+zeros. Output: float32 (H, W).
 """
 
 import cv2
@@ -18,8 +34,12 @@ import numpy as np
 
 from flmiseg.errors import UserError
 
-METHODS = ('auto', 'clahe_zscore', 'clahe_unit', 'percentile', 'zscore')
+METHODS = ('auto', 'clahe_zscore', 'clahe_unit', 'percentile', 'zscore',
+           'reference_clahe_zscore', 'reference_clahe_unit')
 _AUTO = {'er': 'clahe_zscore', 'mito': 'clahe_zscore', 'nucleus': 'clahe_unit'}
+# The percentiles that the robust stretch (and the 'percentile' method) maps to 0 and 1.
+LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.8
+CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, 8
 _EPS = 1e-6
 
 
@@ -35,48 +55,87 @@ def resolve(method: str, kind: str) -> str:
   return method
 
 
-def _as_integer_image(image: np.ndarray) -> tuple[np.ndarray, float]:
-  """uint8/uint16 image for CLAHE, and the value that maps to 1.0 afterwards."""
-  if image.dtype == np.uint8:
-    return image, 255.0
-  if image.dtype == np.uint16:
-    return image, 65535.0
-  # Other dtypes (float, int32, ...): stretch min..max onto 16 bits first.
-  image = image.astype(np.float64)
-  low, high = image.min(), image.max()
-  scaled = (image - low) / max(high - low, _EPS) * 65535.0
-  return np.round(scaled).astype(np.uint16), 65535.0
+def robust_range(image: np.ndarray, low: float = LOW_PERCENTILE,
+                 high: float = HIGH_PERCENTILE) -> tuple[float, float]:
+  """(lo, hi): the image's `low` and `high` percentiles, or its min and max when those
+  coincide (a nearly constant image); lo == hi only for a constant image."""
+  x = np.asarray(image, np.float64)
+  lo, hi = np.percentile(x, [low, high])
+  if hi - lo <= 0:
+    lo, hi = x.min(), x.max()
+  return float(lo), float(hi)
 
 
-def clahe(image: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> tuple[np.ndarray, float]:
-  """Contrast-limited adaptive histogram equalisation at the image's bit depth.
+def stretch_to_uint8(image: np.ndarray) -> np.ndarray:
+  """uint8 (H, W): the image's robust range (`robust_range`) mapped onto 0..255, saturating
+  outside it; all zeros for a constant image."""
+  lo, hi = robust_range(image)
+  if hi <= lo:
+    return np.zeros(image.shape, np.uint8)
+  unit = (np.asarray(image, np.float64) - lo) / (hi - lo)
+  return np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
 
-  Returns the equalised integer image and its full-scale value (255 or 65535).
-  """
-  integer, full_scale = _as_integer_image(image)
-  op = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles))
-  return op.apply(np.ascontiguousarray(integer)), full_scale
+
+def clahe(image: np.ndarray) -> np.ndarray:
+  """float32 (H, W) in [0, 1]: CLAHE (clip 2, 8x8 tiles) of the robustly stretched image."""
+  stretched = stretch_to_uint8(image)
+  if not stretched.any():  # a constant image: CLAHE would lift it to a uniform grey
+    return np.zeros(image.shape, np.float32)
+  op = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=(CLAHE_TILES, CLAHE_TILES))
+  return op.apply(stretched).astype(np.float32) / 255.0
+
+
+def reference_clahe(image: np.ndarray) -> np.ndarray:
+  """float32 (H, W): the reference's CLAHE on the raw integer image, divided by the dtype's
+  maximum (255 or 65535). Other dtypes are first stretched min..max onto 16 bits."""
+  if image.dtype in (np.uint8, np.uint16):
+    integer = image
+  else:
+    x = image.astype(np.float64)
+    integer = np.round((x - x.min()) / max(x.max() - x.min(), _EPS) * 65535).astype(np.uint16)
+  full_scale = 255.0 if integer.dtype == np.uint8 else 65535.0
+  op = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=(CLAHE_TILES, CLAHE_TILES))
+  return op.apply(np.ascontiguousarray(integer)).astype(np.float32) / full_scale
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
+  """float32: (x - mean) / std over the whole array; zeros for a constant array."""
   x = x.astype(np.float32)
   mean, std = x.mean(dtype=np.float64), x.std(dtype=np.float64)
   return ((x - mean) / max(std, _EPS)).astype(np.float32)
 
 
-def percentile_normalize(x: np.ndarray, low: float = 1.0, high: float = 99.8) -> np.ndarray:
-  x = x.astype(np.float32)
-  lo, hi = np.percentile(x, [low, high])
-  return ((x - lo) / max(hi - lo, _EPS)).astype(np.float32)
+def percentile_normalize(x: np.ndarray, low: float = LOW_PERCENTILE,
+                         high: float = HIGH_PERCENTILE) -> np.ndarray:
+  """float32: the `low`..`high` percentiles mapped to 0..1 (not clipped)."""
+  lo, hi = robust_range(x, low, high)
+  return ((np.asarray(x, np.float64) - lo) / max(hi - lo, _EPS)).astype(np.float32)
 
 
 def normalize(image: np.ndarray, method: str, kind: str = 'er') -> np.ndarray:
   """Normalises a 2-D image with `method` (see module docstring); float32 (H, W)."""
   method = resolve(method, kind)
-  if method in ('clahe_zscore', 'clahe_unit'):
-    equalised, full_scale = clahe(image)
-    unit = equalised.astype(np.float32) / full_scale
-    return zscore(unit) if method == 'clahe_zscore' else unit
+  if method == 'clahe_zscore':
+    return zscore(clahe(image))
+  if method == 'clahe_unit':
+    return clahe(image)
+  if method == 'reference_clahe_zscore':
+    return zscore(reference_clahe(image))
+  if method == 'reference_clahe_unit':
+    return reference_clahe(image)
   if method == 'percentile':
     return percentile_normalize(image)
   return zscore(image)
+
+
+# Per-image statistics of a normalised image, summarised over the training images and
+# compared at predict time to warn about images unlike those the model was trained on.
+STAT_NAMES = ('p1', 'p50', 'p99', 'mean', 'std')
+
+
+def image_stats(normalised: np.ndarray) -> dict[str, float]:
+  """{p1, p50, p99, mean, std} of a normalised image (float)."""
+  x = np.asarray(normalised, np.float64)
+  p1, p50, p99 = np.percentile(x, [1, 50, 99])
+  return {'p1': float(p1), 'p50': float(p50), 'p99': float(p99), 'mean': float(x.mean()),
+          'std': float(x.std())}

@@ -8,7 +8,7 @@ so the simulated structures and the preprocessing) differs. Point it at real dat
 --config.data.source=lists --config.data.train_list=... --config.data.test_list=...
 """
 
-from configs import unet_er
+from flmiseg.configs import unet_er
 
 
 def get_config():

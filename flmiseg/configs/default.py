@@ -29,7 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
   data.synthetic_size = 256  # Side of the simulated images, pixels.
   data.crop_size = 128  # Training crop side; larger images are cropped, smaller padded.
   data.val_fraction = 0.1  # Fraction of the training list held out for model selection.
-  data.normalization = 'auto'  # auto|clahe_zscore|clahe_unit|percentile|zscore.
+  # auto|clahe_zscore|clahe_unit|percentile|zscore (bit-depth invariant), or the reference's
+  # exact reference_clahe_zscore|reference_clahe_unit (flmiseg/data/preprocess.py).
+  data.normalization = 'auto'
+  # Micrometres per pixel of the training images (0: unknown). Predict resizes images of
+  # another known pixel size (more than 10% off) to it.
+  data.pixel_size = 0.0
   data.flips = True  # Augment with the 8 flips/rotations of the square.
   data.num_workers = 0  # grain worker processes for the training pipeline (0: in-process).
 

@@ -8,7 +8,7 @@ reference's data protocol for ER. Point it at real data with
 --config.data.source=lists --config.data.train_list=... --config.data.test_list=...
 """
 
-from configs import default
+from flmiseg.configs import default
 
 
 def get_config():

@@ -1,0 +1,145 @@
+"""A trained model at inference: its weights, and the probabilities it gives for an image.
+
+`load(config, workdir, mesh)` restores only `params` and `batch_stats` of the best checkpoint
+into a shape-only target: no optimizer state is built or compiled, and nothing depends on the
+training batch size or on how many devices trained the model. `prob_fn` jits the forward pass
+(optionally averaged over the 8 flips/rotations) over a mesh; `sliding_window` runs it over an
+image of any size in blended overlapping tiles.
+"""
+
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from flmiseg import checkpoint
+from flmiseg import models
+from flmiseg import sharding
+from flmiseg.errors import UserError
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class InferenceState:
+  """What `steps.predict_step` needs of a train state: the model and its variables."""
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  params: Any
+  batch_stats: Any
+
+
+def compute_dtype(config):
+  if config.train.dtype not in DTYPES:
+    raise UserError(f'config.train.dtype={config.train.dtype!r}; valid: {", ".join(DTYPES)}')
+  return DTYPES[config.train.dtype]
+
+
+def abstract_variables(model, hw: tuple[int, int]) -> dict:
+  """Shapes and dtypes of {'params', 'batch_stats'} of `model` (nothing is computed)."""
+  key = jax.random.key(0)
+  variables = jax.eval_shape(lambda: model.init({'params': key, 'dropout': key},
+                                                jnp.zeros((1, *hw, 1)), train=False))
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def load(config, workdir, mesh) -> tuple[InferenceState, int]:
+  """(weights of the best checkpoint of `workdir`, replicated over `mesh`; its step)."""
+  model = models.create_model(config.model, compute_dtype(config))
+  crop = config.data.crop_size
+  rep = sharding.replicated(mesh)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                        abstract_variables(model, (crop, crop)))
+  restored = checkpoint.restore_best_variables(workdir, target)
+  if restored is None:
+    raise UserError(f'{workdir}: no trained checkpoint (train first with --mode=train)')
+  variables, step = restored
+  return InferenceState(model.apply, variables['params'], variables['batch_stats']), step
+
+
+def round_up_batch(batch_size: int, num_devices: int) -> int:
+  """The smallest multiple of num_devices that is >= batch_size (and >= num_devices)."""
+  return max(num_devices, math.ceil(batch_size / num_devices) * num_devices)
+
+
+# ----------------------------------------------------------------------------- probabilities
+
+def dihedral(x, k: int, inverse: bool = False):
+  """One of the 8 symmetries of the square on NHWC arrays (k // 4: flip, k % 4: rot90)."""
+  rot, flip = k % 4, k // 4
+  if not inverse:
+    x = jnp.flip(x, axis=2) if flip else x
+    return jnp.rot90(x, rot, axes=(1, 2))
+  x = jnp.rot90(x, -rot, axes=(1, 2))
+  return jnp.flip(x, axis=2) if flip else x
+
+
+def prob_fn(state: InferenceState, mesh, tta: bool):
+  """A jitted function: tiles (B, h, w, 1) float32 (B a multiple of the mesh size) ->
+  foreground probabilities (B, h, w, 1) as numpy; with `tta` the mean over the 8
+  flips/rotations."""
+  variables = sharding.replicate({'params': state.params, 'batch_stats': state.batch_stats},
+                                 mesh)
+
+  def probs(variables, x):
+    def once(x):
+      logits, _ = state.apply_fn(variables, x, train=False)
+      return jax.nn.sigmoid(logits.astype(jnp.float32))
+    if not tta:
+      return once(x)
+    return sum(dihedral(once(dihedral(x, k)), k, inverse=True) for k in range(8)) / 8
+
+  data = sharding.data_sharding(mesh)
+  fn = jax.jit(probs, in_shardings=(sharding.replicated(mesh), data), out_shardings=data)
+  return lambda tiles: jax.device_get(fn(variables, jax.device_put(tiles, data)))
+
+
+def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
+  """Start offsets of tiles covering [0, size): evenly spread, first 0, last size - tile."""
+  if size <= tile:
+    return [0]
+  step = max(1, int(round(tile * (1.0 - overlap))))
+  n = math.ceil((size - tile) / step) + 1
+  return [int(round(i * (size - tile) / (n - 1))) for i in range(n)]
+
+
+def gaussian_weight(tile: int) -> np.ndarray:
+  """(tile, tile) float32 blending weights: a Gaussian of sigma tile/8, 1 at the centre."""
+  x = np.arange(tile, dtype=np.float64) - (tile - 1) / 2
+  g = np.exp(-0.5 * (x / (tile / 8)) ** 2)
+  return np.outer(g, g).astype(np.float32)
+
+
+def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch_size: int,
+                   progress: bool = False) -> np.ndarray:
+  """Probabilities (H, W) of a normalised (H, W) image by blended overlapping tiles.
+
+  probs_of maps a (batch_size, tile, tile, 1) float32 array to probabilities of that shape.
+  Images smaller than a tile are zero-padded, as in training.
+  """
+  h, w = image.shape
+  ph, pw = max(h, tile), max(w, tile)
+  padded = np.zeros((ph, pw), np.float32)
+  padded[:h, :w] = image
+  corners = [(y, x) for y in tile_starts(ph, tile, overlap)
+             for x in tile_starts(pw, tile, overlap)]
+  weight = gaussian_weight(tile)
+  total = np.zeros((ph, pw), np.float32)
+  norm = np.zeros((ph, pw), np.float32)
+  bar = tqdm.tqdm(total=len(corners), desc='tiles', unit='tile', leave=False,
+                  disable=not progress or len(corners) <= batch_size)
+  for start in range(0, len(corners), batch_size):
+    chunk = corners[start:start + batch_size]
+    tiles = np.zeros((batch_size, tile, tile, 1), np.float32)
+    for j, (y, x) in enumerate(chunk):
+      tiles[j, ..., 0] = padded[y:y + tile, x:x + tile]
+    probs = np.asarray(probs_of(tiles))
+    for j, (y, x) in enumerate(chunk):
+      total[y:y + tile, x:x + tile] += probs[j, ..., 0] * weight
+      norm[y:y + tile, x:x + tile] += weight
+    bar.update(len(chunk))
+  bar.close()
+  return (total / norm)[:h, :w]

@@ -1,0 +1,194 @@
+"""A trained run directory is the model: what inference needs is read from it, not retyped.
+
+  DIR/config.json       the resolved training config: architecture, preprocessing, pixel size
+                        (the source of truth for --mode=eval|predict|summary);
+  DIR/calibration.json  the threshold calibrated for the best checkpoint (flmiseg/evaluate.py);
+  DIR/input_stats.json  statistics of the normalised training images and masks, against which
+                        predict checks that a new image looks like what the model was trained on;
+  DIR/checkpoints_best/ the weights.
+
+On the inference modes the command line may change only inference settings
+(`INFERENCE_FIELDS`: the eval batch size and thresholds, the test list); any other field that
+differs from the run's is refused, naming the field and both values, because it would
+silently change the preprocessing or the network.
+"""
+
+import json
+import math
+import pathlib
+
+import ml_collections
+import numpy as np
+
+from flmiseg.configs import default
+from flmiseg.data import preprocess
+from flmiseg.errors import UserError
+
+CONFIG_FILE = 'config.json'
+STATS_FILE = 'input_stats.json'
+# Config fields (prefixes) that an inference mode may take from the command line.
+INFERENCE_FIELDS = ('eval.', 'data.test_list', 'data.source', 'data.synthetic_dir',
+                    'data.num_workers', 'train.log_every_steps', 'train.resume_mismatch')
+# Fields (prefixes) that define the network and what it sees.
+MODEL_FIELDS = ('model.', 'data.kind', 'data.normalization', 'data.pixel_size',
+                'data.crop_size', 'train.dtype')
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a.b': value} of a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def check_trained(workdir) -> pathlib.Path:
+  """The run directory, or a UserError when it holds no trained model."""
+  workdir = pathlib.Path(workdir)
+  best = workdir / 'checkpoints_best'
+  has_weights = best.is_dir() and any(p.name.isdigit() for p in best.iterdir())
+  if not (workdir / CONFIG_FILE).is_file() or not has_weights:
+    what = 'no such folder' if not workdir.exists() else (
+        f'no {CONFIG_FILE}' if not (workdir / CONFIG_FILE).is_file() else 'no checkpoint')
+    raise UserError(f'--workdir={workdir}: not a trained run ({what}); train one with '
+                    '--mode=train, or give the folder of a trained run')
+  return workdir
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  """The run's config from DIR/config.json, on top of today's defaults (so a run made before
+  a field existed gets that field's default, which reproduces its old behaviour)."""
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise UserError(f'{path}: unreadable ({e})') from e
+  if not isinstance(saved, dict):
+    raise UserError(f'{path}: not a config (expected a JSON object)')
+  config = default.get_config()
+  for key, value in flatten(saved).items():
+    *sections, field = key.split('.')
+    node = config
+    for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
+      node = node[section]
+    if field in node and isinstance(node[field], tuple) and isinstance(value, list):
+      value = tuple(value)
+    if field in node and isinstance(node[field], float) and isinstance(value, int):
+      value = float(value)
+    node[field] = value
+  return config
+
+
+def _is_inference_field(key: str) -> bool:
+  return any(key == f or (f.endswith('.') and key.startswith(f)) for f in INFERENCE_FIELDS)
+
+
+def inference_config(workdir, given: ml_collections.ConfigDict | None):
+  """The run's config, with the inference settings of `given` (the command line's) applied.
+
+  Raises UserError naming the first field where `given` would change the model or its
+  preprocessing.
+  """
+  workdir = pathlib.Path(workdir)
+  config = read_config(workdir)
+  if given is None:
+    return config
+  trained = flatten(json.loads(config.to_json()))
+  # The fields that change the network's input or output are named first.
+  given_fields = sorted(flatten(json.loads(given.to_json())).items(),
+                        key=lambda kv: not kv[0].startswith(MODEL_FIELDS))
+  for key, value in given_fields:
+    if _is_inference_field(key):
+      continue
+    if key in trained and trained[key] != value:
+      raise UserError(
+          f'--config.{key}={value!r}, but the model in {workdir} was trained with '
+          f'{trained[key]!r}; eval/predict/summary take the model settings from '
+          f'{workdir / CONFIG_FILE}: leave --config out, or change only inference settings')
+  for key, value in flatten(json.loads(given.to_json())).items():
+    if _is_inference_field(key):
+      *sections, field = key.split('.')
+      node = config
+      for section in sections:
+        node = node[section]
+      node[field] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
+# ----------------------------------------------------------------------------- input stats
+
+def input_stats(source) -> dict:
+  """`summarize_stats` of a prepared source (flmiseg/data/dataset.py: cached normalised
+  images and masks)."""
+  per_image, foreground = [], []
+  for image_file, mask_file in source.files:
+    per_image.append(preprocess.image_stats(np.load(image_file, mmap_mode='r')))
+    foreground.append(float(np.load(mask_file, mmap_mode='r').mean()))
+  return summarize_stats(per_image, foreground)
+
+
+def summarize_stats(per_image: list[dict], foreground: list[float]) -> dict:
+  """{'images': n, 'stats': {name: {mean, std, min, max}}, 'foreground': {...}} of the
+  per-image statistics of the normalised training images and their masks' foreground
+  fractions."""
+  def describe(values):
+    v = np.asarray(values, np.float64)
+    return {'mean': float(v.mean()), 'std': float(v.std()), 'min': float(v.min()),
+            'max': float(v.max())}
+  names = per_image[0].keys()
+  return {'images': len(per_image),
+          'stats': {k: describe([s[k] for s in per_image]) for k in names},
+          'foreground': describe(foreground)}
+
+
+def write_input_stats(workdir, stats: dict) -> None:
+  from flmiseg import evaluate  # pylint: disable=g-import-not-at-top  # (JAX-heavy)
+  evaluate.write_json_atomic(pathlib.Path(workdir) / STATS_FILE, stats)
+
+
+def read_input_stats(workdir) -> dict | None:
+  """DIR/input_stats.json, or None (runs made before it existed)."""
+  try:
+    return json.loads((pathlib.Path(workdir) / STATS_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+
+
+# How far (in training standard deviations, and beyond the training range by this fraction of
+# it) an image's statistic may lie before predict warns that the image is unlike the training
+# images.
+OUTLIER_SIGMAS = 4.0
+OUTLIER_RANGE_MARGIN = 0.25
+# Predicted foreground fractions that mean "nothing" or "everything" was found.
+EMPTY_FRACTION, FULL_FRACTION = 1e-4, 0.99
+
+
+def unusual_stats(stats: dict, training: dict | None) -> list[str]:
+  """Names (with values) of the statistics of one normalised image that lie far outside the
+  training images' (`summarize_stats`); [] when training stats are unknown."""
+  if not training:
+    return []
+  unusual = []
+  for name, value in stats.items():
+    ref = training['stats'].get(name)
+    if ref is None or not math.isfinite(value):
+      continue
+    margin = OUTLIER_RANGE_MARGIN * (ref['max'] - ref['min'])
+    outside = not ref['min'] - margin <= value <= ref['max'] + margin
+    if outside and abs(value - ref['mean']) > OUTLIER_SIGMAS * max(ref['std'], 1e-3):
+      unusual.append(f'{name} {value:.3g} (training {ref["min"]:.3g}..{ref["max"]:.3g})')
+  return unusual
+
+
+def foreground_note(fraction: float) -> str | None:
+  """A warning when the predicted foreground covers ~none or ~all of an image."""
+  if fraction < EMPTY_FRACTION:
+    return f'the mask is empty ({fraction:.2%} foreground)'
+  if fraction > FULL_FRACTION:
+    return f'the mask covers {fraction:.2%} of the image'
+  return None

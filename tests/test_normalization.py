@@ -1,0 +1,113 @@
+"""Normalisation is bit-depth and exposure invariant; the reference's is kept by name."""
+
+import cv2
+import numpy as np
+import pytest
+from skimage import filters
+
+from flmiseg.data import preprocess
+
+INVARIANT = ('clahe_zscore', 'clahe_unit', 'percentile', 'zscore')
+
+
+def _cells(size=96, peak=235, seed=0) -> np.ndarray:
+  """uint8 image of two bright blobs and a dim one on a noisy background, max `peak`."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:size, :size]
+  image = (20 + 150 * (((yy - 30) ** 2 + (xx - 40) ** 2) < 200)
+           + 60 * (((yy - 70) ** 2 + (xx - 60) ** 2) < 300) + rng.normal(0, 8, (size, size)))
+  return np.clip(np.round(image), 0, peak).astype(np.uint8)
+
+
+def _containers(u8: np.ndarray) -> dict:
+  """The same intensities as cameras and converters store them."""
+  return {
+      'uint16': u8.astype(np.uint16),  # 8-bit data in a 16-bit file
+      'uint16_x16': u8.astype(np.uint16) * 16,  # the 12-bit range in 16 bits
+      'float_unit': u8.astype(np.float32) / 255,  # float in [0, 1]
+      'float_counts': u8.astype(np.float32) * 12.5 + 100,  # float camera counts
+  }
+
+
+@pytest.mark.parametrize('method', INVARIANT)
+def test_same_intensities_give_the_same_input_in_every_container(method):
+  u8 = _cells()
+  expected = preprocess.normalize(u8, method)
+  for name, image in _containers(u8).items():
+    got = preprocess.normalize(image, method)
+    assert got.dtype == np.float32 and got.shape == u8.shape
+    # CLAHE sees identical 8-bit images (exact); the others differ by float rounding only.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('method', INVARIANT)
+def test_a_darker_exposure_gives_nearly_the_same_input(method):
+  u8 = _cells()
+  dark = np.round(u8 * 0.3).astype(np.uint8)  # 0.3x the light, same dtype: 71 levels left
+  a, b = preprocess.normalize(u8, method), preprocess.normalize(dark, method)
+  assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+  # Otsu's threshold finds the blobs in both.
+  yy, xx = np.mgrid[:96, :96]
+  blobs = (((yy - 30) ** 2 + (xx - 40) ** 2) < 200) | (((yy - 70) ** 2 + (xx - 60) ** 2) < 300)
+  for x in (a, b):
+    found = x > filters.threshold_otsu(x)
+    assert (found & blobs).sum() / (found | blobs).sum() >= 0.88
+
+
+def test_robust_stretch_maps_percentiles_and_saturates():
+  ramp = np.arange(1001, dtype=np.float64).reshape(7, 143)
+  lo, hi = preprocess.robust_range(ramp)
+  assert (lo, hi) == (10.0, 998.0)  # the 1st and 99.8th percentiles of 0..1000
+  stretched = preprocess.stretch_to_uint8(ramp).ravel()
+  assert stretched[0] == 0 and stretched[10] == 0 and stretched[998] == 255
+  assert stretched[1000] == 255 and stretched[504] == 128  # (504 - 10) / 988 * 255 = 127.5
+
+
+def test_constant_and_nearly_constant_images():
+  constant = np.full((32, 32), 700, np.uint16)
+  for method in preprocess.METHODS[1:]:
+    assert np.all(np.isfinite(preprocess.normalize(constant, method))), method
+  for method in INVARIANT:
+    np.testing.assert_array_equal(preprocess.normalize(constant, method), 0.0,
+                                  err_msg=method)
+  nearly = constant.copy()
+  nearly[5, 7] = 701  # both percentiles are 700: the range falls back to min..max
+  assert preprocess.robust_range(nearly) == (700.0, 701.0)
+  stretched = preprocess.stretch_to_uint8(nearly)
+  assert stretched[5, 7] == 255 and stretched.sum() == 255
+  for method in INVARIANT:
+    assert np.all(np.isfinite(preprocess.normalize(nearly, method))), method
+
+
+def test_clahe_methods_are_clahe_of_the_stretched_8_bit_image():
+  u16 = _cells().astype(np.uint16) * 100 + 1000
+  op = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+  expected = op.apply(preprocess.stretch_to_uint8(u16)).astype(np.float32) / 255
+  np.testing.assert_array_equal(preprocess.normalize(u16, 'clahe_unit'), expected)
+  z = preprocess.normalize(u16, 'clahe_zscore')
+  np.testing.assert_allclose(z, (expected - expected.mean()) / expected.std(), atol=1e-5)
+  assert preprocess.resolve('auto', 'nucleus') == 'clahe_unit'
+  assert preprocess.resolve('auto', 'er') == preprocess.resolve('auto', 'mito') == (
+      'clahe_zscore')
+
+
+def test_reference_methods_divide_by_the_container_maximum():
+  """The reference's exact behaviour stays available: CLAHE at the container's bit depth,
+  divided by its maximum. The same 8-bit content in a 16-bit file then reaches the network
+  with a maximum of about 0.4 instead of 1, which is why it is not the default."""
+  u8 = _cells()
+  op = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+  np.testing.assert_array_equal(preprocess.normalize(u8, 'reference_clahe_unit'),
+                                op.apply(u8).astype(np.float32) / 255)
+  u16 = u8.astype(np.uint16)
+  np.testing.assert_array_equal(preprocess.normalize(u16, 'reference_clahe_unit'),
+                                op.apply(u16).astype(np.float32) / 65535)
+  assert preprocess.normalize(u8, 'reference_clahe_unit').max() == 1.0
+  assert preprocess.normalize(u16, 'reference_clahe_unit').max() < 0.45
+
+
+def test_image_stats_of_a_known_image():
+  x = np.arange(101, dtype=np.float32)
+  stats = preprocess.image_stats(x)
+  assert stats == {'p1': 1.0, 'p50': 50.0, 'p99': 99.0, 'mean': 50.0,
+                   'std': pytest.approx(np.sqrt(850.0))}
