@@ -21,7 +21,6 @@ import numpy as np
 import tifffile
 
 from flmiseg import console
-from flmiseg import metrics
 from flmiseg import predict
 from flmiseg import rundir
 from flmiseg.data import io
