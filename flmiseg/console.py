@@ -9,9 +9,11 @@ warning). `--verbose` restores every library line in absl's format.
 import logging as py_logging
 import os
 import pathlib
+import sys
 import warnings
 
 from absl import logging
+import tqdm
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent) + os.sep
 # Python loggers of the libraries beneath flmiseg (those not logging through absl).
@@ -43,15 +45,28 @@ class _PlainFormatter(py_logging.Formatter):
     return message
 
 
+class _AboveProgressBars(py_logging.Handler):
+  """Writes each line with tqdm.write, so it appears above the progress bars, not inside."""
+
+  def emit(self, record):
+    try:
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except  # logging must never raise
+      self.handleError(record)
+
+
 def setup(verbose: bool = False) -> None:
   """Routes log lines as the module docstring says. Call once, at start-up."""
   if verbose:
     logging.set_verbosity(logging.INFO)
     return
   logging.set_verbosity(logging.INFO)  # flmiseg's own INFO lines are its progress messages
-  handler = logging.get_absl_handler()
+  root = py_logging.getLogger()
+  root.removeHandler(logging.get_absl_handler())
+  handler = _AboveProgressBars()
   handler.addFilter(_OursOnly())
   handler.setFormatter(_PlainFormatter())
+  root.addHandler(handler)
   for name in LIBRARY_LOGGERS:
     py_logging.getLogger(name).setLevel(py_logging.ERROR)
   # Library warnings (DeprecationWarning, orbax's sharding notes, ...) are for developers.

@@ -111,3 +111,23 @@ def test_image_stats_of_a_known_image():
   stats = preprocess.image_stats(x)
   assert stats == {'p1': 1.0, 'p50': 50.0, 'p99': 99.0, 'mean': 50.0,
                    'std': pytest.approx(np.sqrt(850.0))}
+
+
+def test_training_prepares_the_same_input_from_any_container(tmp_path):
+  """The cached, normalised training images (what the network trains on) are equal too."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  from flmiseg.data import dataset, lists  # pylint: disable=g-import-not-at-top
+  u8 = _cells()
+  mask = (u8 > 100).astype(np.uint8) * 255
+  lines = []
+  for name, image in {'u8': u8, **_containers(u8)}.items():
+    tifffile.imwrite(tmp_path / f'{name}.tif', image)
+    tifffile.imwrite(tmp_path / f'{name}_mask.tif', mask)
+    lines.append(f'{name}.tif {name}_mask.tif')
+  (tmp_path / 'list.txt').write_text('\n'.join(lines) + '\n')
+  for kind in ('er', 'nucleus'):
+    source = dataset.prepare(lists.load_pairs(tmp_path / 'list.txt'), 'auto', kind,
+                             tmp_path / f'cache_{kind}')
+    images = [source[i]['image'] for i in range(len(source))]
+    for name, image in zip(source.names[1:], images[1:]):
+      np.testing.assert_allclose(image, images[0], atol=1e-5, err_msg=f'{kind} {name}')
