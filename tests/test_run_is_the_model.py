@@ -101,6 +101,8 @@ def _commands(root: pathlib.Path, run: pathlib.Path) -> dict:
       'no_rescale': (['--mode=predict', f'--workdir={scaled}', '--no_rescale',
                       f'--input={root / "scale" / "big.tif"}',
                       f'--output={root / "o_no_rescale"}', '--save_prob'], REPO, False),
+      'domain': (predict + [f'--input={root / "domain"}', f'--output={root / "o_domain"}'],
+                 REPO, False),
       'eval': (['--mode=eval', f'--workdir={root / "run_copy"}', '--config.eval.batch_size=4'],
                REPO, False),
       'summary': (['--mode=summary', f'--workdir={root / "run_copy_summary"}'], REPO, False),
@@ -148,6 +150,11 @@ def cli(tiny_run, tmp_path_factory):
   config['data']['pixel_size'] = 0.2
   (root / 'run_at_0.2um' / 'config.json').write_text(json.dumps(config))
   (root / 'empty_run').mkdir()
+  (root / 'domain').mkdir()  # a training image, and an image unlike any of them
+  first_image = (pathlib.Path(tiny_run[0].data.train_list).parent / 'train' / 'images')
+  shutil.copy(sorted(first_image.iterdir())[0], root / 'domain' / 'like_training.tif')
+  dark = np.random.default_rng(1).normal(1000, 3, (32, 32)).astype(np.uint16)  # noise only
+  tifffile.imwrite(root / 'domain' / 'noise.tif', dark)
   commands = _commands(root, run)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     results = dict(zip(commands, pool.map(lambda c: _run(c[0], c[1], c[2]),
@@ -186,6 +193,15 @@ def test_the_same_intensities_in_any_container_give_the_same_mask(cli):
   for name in ('constant', 'nearly'):  # predicted, never a division by zero
     prob = tifffile.imread(root / 'o_dtypes' / f'{name}_prob.tif')
     assert prob.shape == (40, 40) and np.all(np.isfinite(prob))
+
+
+def test_a_warning_names_each_image_unlike_the_training_images(cli):
+  _, _, _, results = cli
+  _ok(results['domain'])
+  warnings = [l for l in results['domain'].stderr.splitlines() if l.startswith('warning:')]
+  assert len(warnings) == 1, results['domain'].stderr
+  assert 'noise.tif: unlike the training images' in warnings[0]
+  assert 'the mask may be wrong' in warnings[0]
 
 
 def test_axes_channels_and_pixel_size_are_read_and_written_back(cli):
