@@ -2,7 +2,9 @@
 the validation split, and the full report on the test set.
 
 Images are batched in order and the last batch padded with masked entries, so every image
-counts exactly once whatever the batch size; each image's padding pixels are excluded.
+counts exactly once whatever the batch size; each image's padding pixels are excluded, and so
+are the pixels a sparse mask leaves unlabelled (config.data.ignore_value): from the counts,
+the calibration, every host-side metric and the errors drawn in worst_best.png.
 The per-image metrics are those the reference reports (IoU, F1, Dice, accuracy, precision,
 recall, AUC at threshold 0.5), plus the rest of `flmiseg.metrics`.
 
@@ -157,10 +159,28 @@ def calibrate(images, metric: str, default_threshold: float) -> dict:
           'default_threshold': float(default_threshold), 'num_val_images': len(per_image)}
 
 
+def _labelled(source, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """(mask (H, W) in {0, 1}, valid (H, W) bool or None) of image `index` of `source`.
+
+  valid is False on the pixels the mask leaves unlabelled (config.data.ignore_value), None
+  when it has none (every pixel counts, as before sparse labels existed).
+  """
+  valid_map = getattr(source, 'valid_map', None)  # sources without ignored pixels lack it
+  return np.load(source.files[index][1]), (valid_map(index) if valid_map else None)
+
+
+def _labelled_pixels(prob: np.ndarray, source, index: int) -> tuple[np.ndarray, np.ndarray]:
+  """(prob, target) of image `index`, restricted to its labelled pixels (1-D if some are
+  unlabelled), for `calibrate`."""
+  target, valid = _labelled(source, index)
+  return (prob, target) if valid is None else (prob[valid], target[valid])
+
+
 def calibrate_source(predict, state, source, mesh, batch_size: int, metric: str,
                      default_threshold: float) -> dict:
-  """`calibrate` over the model's probabilities on every image of `source`."""
-  images = ((prob, np.load(source.files[i][1]))
+  """`calibrate` over the model's probabilities on every image of `source` (labelled pixels
+  only)."""
+  images = (_labelled_pixels(prob, source, i)
             for i, prob, _ in predictions(predict, state, source, mesh, batch_size))
   return calibrate(images, metric, default_threshold)
 
@@ -260,13 +280,15 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
   shown_at = threshold if tuned is None else tuned
   rows, tuned_rows, extremes = [], [], _Extremes(num_extremes)
   for i, prob, _ in predictions(predict, state, source, mesh, batch_size):
-    target = np.load(source.files[i][1])
-    row = metrics.image_metrics(prob, target, threshold=threshold)
+    target, valid = _labelled(source, i)
+    row = metrics.image_metrics(prob, target, threshold=threshold, valid=valid)
     rows.append({'name': source.names[i], **row})
     if tuned is not None:
       tuned_rows.append(row if tuned == threshold else
-                        metrics.image_metrics(prob, target, threshold=tuned))
-    extremes.add(i, (row if tuned is None else tuned_rows[-1])['iou'], prob > shown_at)
+                        metrics.image_metrics(prob, target, threshold=tuned, valid=valid))
+    # Unlabelled pixels are neither right nor wrong: the figure draws no error there.
+    pred = prob > shown_at if valid is None else (prob > shown_at) & valid
+    extremes.add(i, (row if tuned is None else tuned_rows[-1])['iou'], pred)
   summary = metrics.summarize(rows)
   summary['num_images'] = len(rows)
   summary['threshold'] = threshold

@@ -18,6 +18,7 @@ import tqdm
 
 from flmiseg import checkpoint
 from flmiseg import models
+from flmiseg import pretrained
 from flmiseg import sharding
 from flmiseg.errors import UserError
 
@@ -47,16 +48,22 @@ def abstract_variables(model, hw: tuple[int, int]) -> dict:
 
 
 def load(config, workdir, mesh) -> tuple[InferenceState, int]:
-  """(weights of the best checkpoint of `workdir`, replicated over `mesh`; its step)."""
+  """(weights of the best checkpoint of the run or packed model `workdir`, replicated over
+  `mesh`; its step)."""
   model = models.create_model(config.model, compute_dtype(config))
   crop = config.data.crop_size
-  rep = sharding.replicated(mesh)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                        abstract_variables(model, (crop, crop)))
-  restored = checkpoint.restore_best_variables(workdir, target)
-  if restored is None:
-    raise UserError(f'{workdir}: no trained checkpoint (train first with --mode=train)')
-  variables, step = restored
+  abstract = abstract_variables(model, (crop, crop))
+  if pretrained.is_packed(workdir):
+    variables, step = pretrained.load_variables(workdir, abstract)
+    variables = sharding.replicate(variables, mesh)
+  else:
+    rep = sharding.replicated(mesh)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          abstract)
+    restored = checkpoint.restore_best_variables(workdir, target)
+    if restored is None:
+      raise UserError(f'{workdir}: no trained checkpoint (train first with --mode=train)')
+    variables, step = restored
   return InferenceState(model.apply, variables['params'], variables['batch_stats']), step
 
 

@@ -2,6 +2,7 @@
 
   python -m flmiseg.main --config=configs/default.py --workdir=DIR            # train + test
   python -m flmiseg.main --mode=predict --workdir=DIR --input=IMAGES --output=OUT
+  python -m flmiseg.main --mode=predict --model=nucleus --input=IMAGES --output=OUT
   python -m flmiseg.main --mode=eval|summary --workdir=DIR
 
 Modes: train (train, then evaluate the best checkpoint on the test set), eval (evaluate the
@@ -40,6 +41,8 @@ config_flags.DEFINE_config_file(
     'eval/predict/summary: optional, the run directory holds the config.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+flags.DEFINE_string('model', None, 'predict: a shipped model (er, mito, nucleus) or a run or '
+                    'packed folder, instead of --workdir.')
 flags.DEFINE_string('input', '', 'predict: an image file, a folder of images, or a glob.')
 flags.DEFINE_string('output', '', 'predict: folder for <name>_mask.tif, _overlay.png, ...')
 flags.DEFINE_bool('tta', False, 'predict: average over the 8 flips/rotations of each tile.')
@@ -177,9 +180,22 @@ def stock_configs() -> list[str]:
 
 
 def resolve_config_arg(argv: list[str]) -> list[str]:
-  """argv with `--config=NAME` (a stock config) made a file path, and, for eval, predict and
-  summary without --config, `--config=<the run's config.json>` added."""
+  """argv with `--model=NAME` made `--workdir=<its folder>`, `--config=NAME` (a stock config)
+  made a file path, and, for eval, predict and summary without --config,
+  `--config=<the run's config.json>` added."""
   argv = list(argv)
+  _, mode = _flag_value(argv, 'mode')
+  _, workdir = _flag_value(argv, 'workdir')
+  _, model = _flag_value(argv, 'model')
+  if model is not None:
+    if mode != 'predict':
+      raise UserError(f'--model={model} is for --mode=predict; to evaluate or fine-tune, '
+                      'use --workdir or --config.train.init_from')
+    if workdir is not None:
+      raise UserError(f'--model={model} and --workdir={workdir}: give one of them')
+    from flmiseg import pretrained  # pylint: disable=g-import-not-at-top
+    workdir = str(pretrained.resolve_model(model))
+    argv.append(f'--workdir={workdir}')
   index, value = _flag_value(argv, 'config')
   if value is not None:
     path, _, arg = value.partition(':')
@@ -193,8 +209,6 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
       else:
         argv[index] = f'--config={stock}'
     return argv
-  _, mode = _flag_value(argv, 'mode')
-  _, workdir = _flag_value(argv, 'workdir')
   if mode in (None, 'train'):
     if workdir is not None and not any(a in ('--help', '--helpfull') for a in argv):
       raise UserError('--config is required for training (a config file, or a stock config: '

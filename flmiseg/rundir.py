@@ -28,6 +28,7 @@ CONFIG_FILE = 'config.json'
 STATS_FILE = 'input_stats.json'
 # Config fields (prefixes) that an inference mode may take from the command line.
 INFERENCE_FIELDS = ('eval.', 'data.test_list', 'data.source', 'data.synthetic_dir',
+                    'data.synthetic_params', 'data.num_synthetic_test', 'data.ignore_value',
                     'data.num_workers', 'train.log_every_steps', 'train.resume_mismatch')
 # Fields (prefixes) that define the network and what it sees.
 MODEL_FIELDS = ('model.', 'data.kind', 'data.normalization', 'data.pixel_size',
@@ -49,7 +50,8 @@ def check_trained(workdir) -> pathlib.Path:
   """The run directory, or a UserError when it holds no trained model."""
   workdir = pathlib.Path(workdir)
   best = workdir / 'checkpoints_best'
-  has_weights = best.is_dir() and any(p.name.isdigit() for p in best.iterdir())
+  has_weights = (best.is_dir() and any(p.name.isdigit() for p in best.iterdir())) or (
+      workdir / 'weights.msgpack').is_file()  # a packed model (flmiseg/pretrained.py)
   if not (workdir / CONFIG_FILE).is_file() or not has_weights:
     what = 'no such folder' if not workdir.exists() else (
         f'no {CONFIG_FILE}' if not (workdir / CONFIG_FILE).is_file() else 'no checkpoint')

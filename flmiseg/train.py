@@ -26,6 +26,7 @@ from flmiseg import steps as steps_lib
 from flmiseg import logs
 from flmiseg import rundir
 from flmiseg.data import loader
+from flmiseg.data import preprocess
 from flmiseg.data import pipeline
 from flmiseg.errors import UserError
 
@@ -102,6 +103,8 @@ class _Trainer:
     self.train_step, self.predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh,
                                                         shardings)
     self.best_iou, self.pending, self.last_good = -1.0, [], None
+    # Early stopping: validations since the best one, and whether the run stopped early.
+    self.since_best, self.stopped_early = 0, False
 
   def restore(self) -> dict | None:
     restored = self.ckpt.restore_last(checkpoint.abstract(self.state))
@@ -109,6 +112,8 @@ class _Trainer:
       return None
     self.state, data_state, record = restored
     self.best_iou, self.last_good = record.get('best_iou', -1.0), record['step']
+    self.since_best = record.get('since_best', 0)
+    self.stopped_early = record.get('stopped_early', False)
     logging.info('Resuming from step %d of %s', record['step'], self.workdir)
     return data_state
 
@@ -129,12 +134,17 @@ class _Trainer:
   def checkpoint(self, step: int, data_iter, val_iou: float | None) -> None:
     record = {'step': step, 'val_iou': val_iou}
     if val_iou is not None and val_iou > self.best_iou:
-      self.best_iou = val_iou
+      self.best_iou, self.since_best = val_iou, 0
       self.ckpt.save_best(step, self.state, {**record, 'best_iou': val_iou})
     elif val_iou is None and self.data.val is None:
       self.ckpt.save_best(step, self.state, record)
+    elif val_iou is not None:
+      self.since_best += 1
+    patience = self.config.train.early_stop_patience
+    self.stopped_early = bool(patience and self.since_best >= patience)
     self.ckpt.save_last(step, self.state, data_iter.get_state(),
-                        {**record, 'best_iou': self.best_iou})
+                        {**record, 'best_iou': self.best_iou, 'since_best': self.since_best,
+                         'stopped_early': self.stopped_early})
     self.last_good = step
 
   def validate(self, step: int) -> float | None:
@@ -172,6 +182,10 @@ class _Trainer:
       if step % every_ckpt == 0 or step % every_eval == 0 or last:
         self.checkpoint(step, data_iter, val_iou)
         tick = time.perf_counter()
+      if self.stopped_early:
+        bar.write(f'step {step}: stopping early, no better validation IoU in the last '
+                  f'{self.since_best} validations (config.train.early_stop_patience)')
+        break
     bar.close()
 
 
@@ -181,6 +195,8 @@ def train_and_evaluate(config, workdir) -> dict:
 
   Returns the test summary (also written to DIR/eval/summary.json), or {} without a test set.
   """
+  if config.train.init_from:
+    adopt_source_preprocessing(config)
   workdir = prepare_workdir(config, workdir)
   evaluate.check_calibrate_metric(config.eval.calibrate_metric)  # before, not after, training
   data = loader.load(config, workdir / 'cache')
@@ -192,12 +208,14 @@ def train_and_evaluate(config, workdir) -> dict:
   trainer = _Trainer(config, workdir, data, state, schedule, mesh, total)
   data_state = trainer.restore()
   start = int(trainer.state.step)
-  if start < total:
+  if data_state is None and config.train.init_from:
+    trainer.state = initialize_from(config, trainer.state, mesh)
+  if start < total and not trainer.stopped_early:
     it = iter(pipeline.train_dataset(
         data.train, crop_size=crop, global_batch=config.train.batch_size, num_steps=total,
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.data.num_workers,
-        flips=config.data.flips))
+        flips=config.data.flips, augment=config.data.augment))
     if data_state is not None:
       it.set_state(data_state)
     logging.info('Training %s/%s for %d steps (%d images, batch %d, %d devices)',
@@ -214,6 +232,43 @@ def train_and_evaluate(config, workdir) -> dict:
     return {}
   return evaluate_best(config, workdir, data=data, mesh=mesh, state=trainer.state,
                        predict=trainer.predict)
+
+
+def adopt_source_preprocessing(config) -> None:
+  """With config.train.init_from, sets config.data.kind and .normalization to the source
+  model's when they would give its weights other inputs than it was trained on (a one-line
+  warning says so): fine-tuning a nucleus model must see nucleus preprocessing."""
+  from flmiseg import pretrained  # pylint: disable=g-import-not-at-top
+  spec = config.train.init_from
+  source = rundir.read_config(rundir.check_trained(
+      pretrained.resolve_model(spec, 'config.train.init_from')))
+  resolve = lambda data: preprocess.resolve(data.normalization, data.kind)
+  if resolve(source.data) != resolve(config.data):
+    logging.warning('config.train.init_from=%s: using its preprocessing (kind %s, '
+                    'normalization %s) instead of %s/%s', spec, source.data.kind,
+                    source.data.normalization, config.data.kind, config.data.normalization)
+    config.data.kind, config.data.normalization = source.data.kind, source.data.normalization
+
+
+def initialize_from(config, state, mesh):
+  """`state` with the params and batch_stats of config.train.init_from (a shipped model's
+  name, or a run or packed folder), for fine-tuning; the optimizer state stays fresh."""
+  from flmiseg import pretrained  # pylint: disable=g-import-not-at-top
+  spec = config.train.init_from
+  folder = rundir.check_trained(pretrained.resolve_model(spec, 'config.train.init_from'))
+  source = rundir.read_config(folder)
+  for key, value in rundir.flatten(source.model.to_dict()).items():
+    mine = rundir.flatten(config.model.to_dict()).get(key)
+    if mine != value:
+      raise UserError(f'config.train.init_from={spec}: its config.model.{key}={value!r}, '
+                      f'this run\'s is {mine!r}; fine-tuning needs the same architecture')
+  for key in ('kind', 'normalization'):
+    if source.data[key] != config.data[key]:
+      logging.warning('config.train.init_from=%s was trained with config.data.%s=%r, this '
+                      'run uses %r', spec, key, source.data[key], config.data[key])
+  loaded, step = inference.load(source, folder, mesh)
+  logging.info('Initialised from %s (step %d)', folder, step)
+  return state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
 
 
 def restore_best(config, workdir, state):

@@ -1,5 +1,8 @@
-"""The FLMI simulator: reproducibility, value types, ground truth, dataset layout, CLI."""
+"""The FLMI simulator: reproducibility, value types, ground truth, dataset layout, CLI, and
+domain randomisation (new knobs, random_params presets, randomized datasets)."""
 
+import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -7,9 +10,14 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
+import tifffile
 
+from flmiseg.configs import default as default_config
 from flmiseg.data import lists
+from flmiseg.data import loader
 from flmiseg.data import simulate
+from flmiseg.data import simulate_random
 from flmiseg.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -84,3 +92,170 @@ def test_cli_writes_all_kinds_and_rejects_bad_kind(tmp_path):
   bad = _cli('--kind=golgi', f'--out={tmp_path}/bad')
   assert bad.returncode == 2 and 'Traceback' not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --kind='golgi' is not a kind")
+
+
+# sha256 (first 16 hex digits) of image + mask bytes made by the simulator before the domain
+# randomisation knobs existed: Params() must keep making exactly these images (cached datasets
+# and the tests above rely on it).
+_ORIGINAL = {('er', 64): '591e8c4aaf93ee60', ('er', 96): '35c47770bede5ba9',
+             ('mito', 64): '7b2bfc22049c51e9', ('mito', 96): '3632c5be66b0a3a2',
+             ('nucleus', 64): '46ddc1212fd2f131', ('nucleus', 96): 'f46d9a3ea8826d44',
+             ('er', 'airy'): '6080ff579faac7b6', ('mito', 'airy'): '2ba4923695248dff',
+             ('nucleus', 'airy'): '2d5d8901928ecdb9'}
+
+
+def _digest(image, mask) -> str:
+  return hashlib.sha256(image.tobytes() + mask.tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize('kind', simulate.KINDS)
+def test_default_params_make_the_original_images(kind):
+  for size in (64, 96):
+    image, mask = simulate.simulate(kind, size, np.random.default_rng(3))
+    assert _digest(image, mask) == _ORIGINAL[kind, size]
+    image, mask = simulate.simulate(kind, size, np.random.default_rng(3), simulate.Params())
+    assert _digest(image, mask) == _ORIGINAL[kind, size]
+  airy = simulate.Params(psf='airy', psf_sigma=2.0)
+  assert _digest(*simulate.simulate(kind, 96, np.random.default_rng(3), airy)) == _ORIGINAL[
+      kind, 'airy']
+
+
+def test_random_params_deterministic_valid_and_cover_their_ranges():
+  draw = lambda seed, preset='wide': simulate_random.random_params(
+      'er', np.random.default_rng(seed), preset)
+  assert draw(5) == draw(5) and draw(5) != draw(6)
+  wide = [draw(seed) for seed in range(200)]
+  for p in wide:
+    assert simulate.resolve('er', p) == p and p.photons_at_peak
+  # (documented bounds, what 200 draws must at least span)
+  for name, (low, high), (span_low, span_high) in [
+      ('photons', (10, 3000), (20, 1500)), ('psf_sigma', (0.6, 3.5), (0.7, 2.8)),
+      ('scale', (0.6, 1.6), (0.7, 1.45)), ('illumination', (0, 0.8), (0.1, 0.7))]:
+    values = [getattr(p, name) for p in wide]
+    assert low <= min(values) <= span_low and span_high <= max(values) <= high, name
+  assert {p.bit_depth for p in wide} == set(simulate.BIT_DEPTHS)
+  assert {p.psf for p in wide} == {'gaussian', 'airy'}
+  assert 0 < np.mean([p.out_of_focus > 0 for p in wide]) < 1
+  assert 0 < np.mean([p.debris > 0 for p in wide]) < 1
+  with pytest.raises(UserError, match="randomize='narrow' is not a preset; valid: wide"):
+    draw(0, 'narrow')
+
+
+def test_shifted_lies_inside_wide_and_away_from_the_defaults():
+  wide, shifted = simulate_random.PRESETS['wide'], simulate_random.PRESETS['shifted']
+  assert wide.keys() == shifted.keys()
+  for name, spec in shifted.items():
+    if spec[0] in ('choice', 'other_than_default'):
+      assert set(spec[1]) <= set(wide[name][1]), name
+    else:
+      low, high = (0.0, wide[name][3]) if wide[name][0] == 'maybe' else wide[name][1:]
+      assert low <= spec[1] <= spec[2] <= high, name
+  for kind in simulate.KINDS:
+    default = simulate.resolve(kind, None)
+    for seed in range(20):
+      p = simulate_random.random_params(kind, np.random.default_rng(seed), 'shifted')
+      assert p.bit_depth != default.bit_depth and p.scale >= 1.25
+      assert p.psf_sigma > 1.5 * default.psf_sigma and p.photons < default.photons
+
+
+@pytest.mark.parametrize('bit_depth, dtype, top', [('uint8', np.uint8, 255),
+                                                   ('uint12', np.uint16, 4095),
+                                                   ('uint16', np.uint16, 65535)])
+def test_bit_depths_and_gain(bit_depth, dtype, top):
+  rng = lambda: np.random.default_rng(2)
+  dim = simulate.Params(bit_depth=bit_depth, offset=0.0, gain=0.01 * top / 255)
+  image = simulate.simulate('mito', 64, rng(), dim)[0]
+  assert image.dtype == dtype and 0 < image.max() < top
+  # A large gain saturates: clipped at the bit depth's maximum, never above it.
+  bright = simulate.Params(bit_depth=bit_depth, photons=5000.0, gain=top / 100)
+  image = simulate.simulate('mito', 64, rng(), bright)[0]
+  assert image.dtype == dtype and image.max() == top
+  with pytest.raises(UserError, match="bit_depth='uint10'; valid: uint8, uint12, uint16"):
+    simulate.simulate('mito', 64, rng(), simulate.Params(bit_depth='uint10'))
+
+
+@pytest.mark.parametrize('kind', simulate.KINDS)
+def test_unfocused_light_changes_the_image_never_the_mask(kind):
+  rng = lambda: np.random.default_rng(11)
+  image, mask = simulate.simulate(kind, 96, rng())
+  for knob in (dict(out_of_focus=1.0), dict(debris=30.0), dict(autofluorescence=0.3),
+               dict(hot_pixels=50.0), dict(vignetting=0.5), dict(photons_at_peak=True)):
+    other, other_mask = simulate.simulate(kind, 96, rng(), simulate.Params(**knob))
+    assert np.array_equal(mask, other_mask), knob
+    assert not np.array_equal(image, other), knob
+
+
+@pytest.mark.parametrize('kind', simulate.KINDS)
+def test_scale_sizes_the_objects(kind):
+  def thickness(scale):  # mean distance of a structure pixel to the background
+    masks = [simulate.simulate(kind, 128, np.random.default_rng(seed),
+                               simulate.Params(scale=scale))[1] for seed in range(3)]
+    return np.mean([ndi.distance_transform_edt(m)[m > 0].mean() for m in masks])
+  assert thickness(1.6) > 1.4 * thickness(0.6)
+
+
+@pytest.mark.parametrize('psf_sigma', [0.8, 3.0])
+def test_photons_at_peak_sets_the_signal_whatever_the_psf(psf_sigma):
+  # No background, noise or offset: the bright end of the structure is `photons` counts.
+  p = simulate.Params(photons=400.0, photons_at_peak=True, psf_sigma=psf_sigma, haze=0.0,
+                      illumination=0.0, read_noise=0.0, offset=0.0)
+  image, mask = simulate.simulate('er', 128, np.random.default_rng(0), p)
+  inside = image[mask > 0].astype(float)
+  assert 0.85 < np.percentile(inside, 95) / 400 < 1.2
+
+
+def _tree(folder):
+  return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob('*'))
+          if f.is_file()}
+
+
+def test_randomized_dataset_is_reproducible_and_records_its_knobs(tmp_path):
+  args = dict(num_train=4, num_test=2, size=48, seed=3)
+  a = simulate.write_dataset('mito', tmp_path / 'a', randomize='wide', **args)
+  b = simulate.write_dataset('mito', tmp_path / 'b', randomize='wide', **args)
+  assert _tree(a) == _tree(b)
+  knobs = [json.loads(line) for line in (a / 'train_params.jsonl').read_text().splitlines()]
+  assert [k['image'] for k in knobs] == [
+      str(pair.image.relative_to(a.resolve())) for pair in lists.read_list(a / 'train.txt')]
+  assert len({k['photons'] for k in knobs}) == 4
+  # Each image is reproducible on its own: its knobs come from params_rng(seed, split, i).
+  p = simulate_random.random_params('mito', simulate.params_rng(3, 'test', 1), 'wide')
+  image, mask = simulate.simulate('mito', 48, simulate.image_rng(3, 'test', 1), p)
+  assert np.array_equal(tifffile.imread(a / 'test/images/mito_00001.tif'), image)
+  assert np.array_equal(tifffile.imread(a / 'test/masks/mito_00001.tif'), mask)
+  shifted = simulate.write_dataset('mito', tmp_path / 's', randomize='shifted', **args)
+  assert _tree(shifted)['train/images/mito_00000.tif'] != _tree(a)['train/images/mito_00000.tif']
+  with pytest.raises(UserError, match="randomize='wild' is not a preset"):
+    simulate.write_dataset('mito', tmp_path / 'c', randomize='wild', **args)
+  with pytest.raises(UserError, match='pass it or params, not both'):
+    simulate.write_dataset('mito', tmp_path / 'c', randomize='wide', params=simulate.Params(),
+                           **args)
+
+
+def _data_cfg(tmp_path, synthetic_params):
+  data = default_config.get_config().data
+  data.update(synthetic_dir=str(tmp_path), num_synthetic_train=2, num_synthetic_test=1,
+              synthetic_size=32, kind='nucleus', synthetic_params=synthetic_params)
+  return data
+
+
+def test_loader_synthetic_params_names_the_cache_and_is_validated(tmp_path):
+  default = loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'default'), seed=0)
+  assert default.name == 'nucleus_2+1_32px_seed0'  # the name cached datasets already have
+  assert not (default / 'train_params.jsonl').exists()
+  wide = loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0)
+  assert wide.name == 'nucleus_2+1_32px_seed0_wide' and (wide / 'train_params.jsonl').is_file()
+  with pytest.raises(UserError) as error:
+    loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'broad'), seed=0)
+  assert str(error.value) == ("config.data.synthetic_params='broad' is not valid; valid: "
+                              'default, wide, shifted')
+
+
+def test_cli_randomize(tmp_path):
+  result = _cli('--kind=er', '--num_train=2', '--num_test=1', '--size=32', '--randomize=wide',
+                f'--out={tmp_path}/er')
+  assert result.returncode == 0, result.stderr[-1000:]
+  assert len((tmp_path / 'er' / 'train_params.jsonl').read_text().splitlines()) == 2
+  bad = _cli('--randomize=wild', f'--out={tmp_path}/bad')
+  assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: --randomize='wild' is not a")

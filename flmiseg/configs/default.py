@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.num_synthetic_train = 200  # Simulated training images (before the validation split).
   data.num_synthetic_test = 20  # Simulated test images.
   data.synthetic_size = 256  # Side of the simulated images, pixels.
+  # 'default' | 'wide' | 'shifted': the simulator's knobs per image. 'default': each kind's
+  # fixed microscope; 'wide': drawn per image over many microscopes (domain randomisation, to
+  # train for real images); 'shifted': a held-out other microscope (flmiseg/data/
+  # simulate_random.py). Not 'default' adds _<value> to the cached dataset's folder name.
+  data.synthetic_params = 'default'
   data.crop_size = 128  # Training crop side; larger images are cropped, smaller padded.
   data.val_fraction = 0.1  # Fraction of the training list held out for model selection.
   # auto|clahe_zscore|clahe_unit|percentile|zscore (bit-depth invariant), or the reference's
@@ -36,6 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
   # another known pixel size (more than 10% off) to it.
   data.pixel_size = 0.0
   data.flips = True  # Augment with the 8 flips/rotations of the square.
+  # Robustness augmentation of training crops (simulated -> real microscopes): '' (off) or a
+  # comma list of intensity,noise,blur,scale,illumination, or 'all'. Strengths: the constants
+  # in flmiseg/data/pipeline.py. Validation and test images are never augmented.
+  data.augment = ''
+  # A mask value (e.g. 2) whose pixels are excluded from the loss and the metrics (sparse
+  # labels: unlabelled pixels); -1: none, every nonzero mask pixel is foreground.
+  data.ignore_value = -1
   data.num_workers = 0  # grain worker processes for the training pipeline (0: in-process).
 
   config.model = model = ml_collections.ConfigDict()
@@ -57,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every_steps = 0  # Steps between checkpoints; 0 = at every evaluation.
   train.max_checkpoints = 2  # How many of the latest checkpoints to keep.
   train.resume_mismatch = 'refuse'  # 'refuse' or 'allow' a workdir made by another config.
+  # Fine-tuning: start from the weights of a shipped model (er, mito, nucleus) or of a run or
+  # packed folder with the same config.model ('' = from scratch).
+  train.init_from = ''
+  train.early_stop_patience = 0  # Validations without a better IoU before stopping (0: off).
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.name = 'adam'  # sgd|adam|adamw.

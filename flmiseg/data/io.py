@@ -62,10 +62,18 @@ def read_image(path: str | os.PathLike, allow_stack: bool = False) -> np.ndarray
   return planes[0] if len(axes) == 2 else planes
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-  """Reads a mask as (H, W) uint8 in {0, 1}: any nonzero pixel is foreground."""
+def read_mask(path: str | os.PathLike, ignore_value: int = -1) -> np.ndarray:
+  """Reads a mask as (H, W) uint8: 0 background, 1 foreground, 255 ignored.
+
+  Any nonzero pixel is foreground, except, when ignore_value >= 0, pixels equal to
+  ignore_value: those are unlabelled (sparse annotations) and read as 255. With the default
+  ignore_value=-1 the result is in {0, 1}.
+  """
   mask = read_image(path)
-  return (mask != 0).astype(np.uint8)
+  out = (mask != 0).astype(np.uint8)
+  if ignore_value >= 0:
+    out[mask == ignore_value] = 255  # 255: the usual "ignore index" of segmentation labels
+  return out
 
 
 def pixel_count(path: str | os.PathLike) -> int:

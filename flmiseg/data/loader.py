@@ -36,10 +36,16 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   """Makes (once) and returns the folder of the simulated dataset `data_cfg` describes."""
   # Imported here: the simulator is only needed on this path.
   from flmiseg.data import simulate  # pylint: disable=g-import-not-at-top
+  knobs = data_cfg.get('synthetic_params', 'default')  # absent from configs made before it
+  if knobs not in ('default',) + simulate.RANDOMIZE:
+    raise UserError(f'config.data.synthetic_params={knobs!r} is not valid; valid: default, '
+                    f'{", ".join(simulate.RANDOMIZE)}')
   root = pathlib.Path(data_cfg.synthetic_dir) if data_cfg.synthetic_dir else (
       default_cache_root() / 'synthetic')
+  # 'default' keeps the original folder names, so existing cached datasets are reused.
   name = (f'{data_cfg.kind}_{data_cfg.num_synthetic_train}+{data_cfg.num_synthetic_test}'
-          f'_{data_cfg.synthetic_size}px_seed{seed}')
+          f'_{data_cfg.synthetic_size}px_seed{seed}' + ('' if knobs == 'default' else
+                                                         f'_{knobs}'))
   out = root / name
   if not ((out / 'train.txt').is_file() and (out / 'test.txt').is_file()):
     if data_cfg.kind not in simulate.KINDS:
@@ -48,7 +54,8 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
     logging.info('Simulating %s into %s (once; later runs reuse it)', name, out)
     simulate.write_dataset(data_cfg.kind, out, num_train=data_cfg.num_synthetic_train,
                            num_test=data_cfg.num_synthetic_test,
-                           size=data_cfg.synthetic_size, seed=seed, overwrite=True)
+                           size=data_cfg.synthetic_size, seed=seed, overwrite=True,
+                           randomize='' if knobs == 'default' else knobs)
   return out
 
 
@@ -77,7 +84,7 @@ def load(config, cache_dir, need_train: bool = True) -> Datasets:
   train_spec, test_spec = list_paths(config)
   prep = lambda spec, fg: dataset.prepare(  # pylint: disable=g-long-lambda
       lists.load_pairs(spec), data_cfg.normalization, data_cfg.kind, cache_dir,
-      require_foreground=fg)
+      require_foreground=fg, ignore_value=data_cfg.ignore_value)
   train = val = None
   if need_train:
     train, val = dataset.split_validation(prep(train_spec, True), data_cfg.val_fraction,

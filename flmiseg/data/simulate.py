@@ -10,15 +10,18 @@ Kinds:
   'nucleus'  irregular ellipses (perturbed radius) of varied size and brightness with
              textured interiors (chromatin), touching and overlapping, a few small bright
              mitotic ones.
-Image formation (all kinds): structure -> fluorophore density with intensity variation along
-the structure -> blur by a point spread function (Gaussian or Airy) -> background (camera
-offset, smooth out-of-focus haze, uneven illumination) -> Poisson shot noise for a photon
-budget + Gaussian read noise -> quantisation to uint16 (er, mito) or uint8 (nucleus).
-The mask is the structure's geometry on the pixel grid before blur (uint8, 0/255).
-Everything is reproducible from a seed.
+Image formation (all kinds): structure -> fluorophore density varying along the structure
+(+ debris) -> blur by a point spread function (Gaussian or Airy) (+ an out-of-focus layer of
+the same kind blurred 3-6x wider, + autofluorescence) -> background (haze, uneven illumination,
+vignetting) -> Poisson shot noise x camera gain + offset + read noise (+ hot pixels) ->
+uint16 (er, mito), uint8 (nucleus) or `bit_depth`, clipped at its maximum (saturation).
+The mask is the in-focus structure's geometry on the pixel grid before blur (uint8, 0/255),
+never the out-of-focus layer or debris. Everything is reproducible from a seed; `Params()`
+reproduces the original simulator exactly; simulate_random.py draws the knobs per image.
 """
 
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -38,10 +41,8 @@ KINDS = ('er', 'mito', 'nucleus')
 
 @dataclasses.dataclass(frozen=True)
 class Params:
-  """The knobs of the simulator; `None` fields take the kind's default (DEFAULTS).
-
-  Ranges (checked by `validate`) are given in RANGES.
-  """
+  """The knobs of the simulator; `None` fields take the kind's default (DEFAULTS). Valid
+  ranges: RANGES. The knobs after `offset` default to off (Params() is the original)."""
   density: float | None = None  # structures per 256x256 (er: seed points; mito/nucleus: objects)
   min_width: float | None = None  # structure width, pixels (er/mito) or radius (nucleus)
   max_width: float | None = None
@@ -52,21 +53,48 @@ class Params:
   haze: float = 0.25  # out-of-focus background, as a fraction of the structure signal
   illumination: float = 0.3  # uneven illumination: relative drop towards one side (0: flat)
   offset: float | None = None  # camera offset, counts
+  # Object size multiplier (widths, radii, lengths, texture; density / scale^2): the same
+  # specimen at another pixel size. 1: the kind's sizes.
+  scale: float = 1.0
+  heterogeneity: float | None = None  # std of log brightness along/within structures
+  # True: `photons` is the expected count at the bright end (95th percentile) of the blurred
+  # in-focus structure, whatever its width and the PSF, so SNR ~ sqrt(photons). False: photons
+  # times the fluorophore density before blur (the original scaling).
+  photons_at_peak: bool = False
+  # An extra layer of the same kind above/below the focal plane: its fluorophore relative to
+  # the in-focus layer (0: off), blurred by `defocus` x psf_sigma. Never in the mask.
+  out_of_focus: float = 0.0
+  defocus: float = 4.5
+  debris: float = 0.0  # non-structure spots and blobs per 256x256, bright or dim; not in the mask
+  autofluorescence: float = 0.0  # mottled background texture, fraction of the peak signal
+  vignetting: float = 0.0  # radial illumination drop at the corners (0: flat)
+  hot_pixels: float = 0.0  # hot camera pixels per 256x256
+  gain: float = 1.0  # camera counts per photon
+  # 'uint8', 'uint12' (0-4095 in a uint16 container) or 'uint16'; None: uint16 (er, mito) or
+  # uint8 (nucleus). Counts are clipped at the container's maximum.
+  bit_depth: str | None = None
 
 
 DEFAULTS = {
     'er': dict(density=110.0, min_width=1.0, max_width=3.0, photons=150.0, read_noise=6.0,
-               offset=400.0),
+               offset=400.0, heterogeneity=0.35, bit_depth='uint16'),
     'mito': dict(density=45.0, min_width=3.0, max_width=7.0, photons=300.0, read_noise=6.0,
-                 offset=400.0),
+                 offset=400.0, heterogeneity=0.3, bit_depth='uint16'),
     'nucleus': dict(density=14.0, min_width=9.0, max_width=22.0, photons=120.0,
-                    read_noise=2.0, offset=8.0),
+                    read_noise=2.0, offset=8.0, heterogeneity=0.35, bit_depth='uint8'),
 }
+# Valid values of the numeric knobs (what `resolve` accepts; random_params draws within them).
 RANGES = {
     'density': (1.0, 1000.0), 'min_width': (1.0, 60.0), 'max_width': (1.0, 60.0),
     'photons': (5.0, 1e5), 'read_noise': (0.0, 1000.0), 'psf_sigma': (0.3, 8.0),
     'haze': (0.0, 5.0), 'illumination': (0.0, 0.95), 'offset': (0.0, 5000.0),
+    'scale': (0.25, 4.0), 'heterogeneity': (0.0, 1.5), 'out_of_focus': (0.0, 5.0),
+    'defocus': (1.5, 10.0), 'debris': (0.0, 200.0), 'autofluorescence': (0.0, 5.0),
+    'vignetting': (0.0, 0.9), 'hot_pixels': (0.0, 1000.0), 'gain': (0.001, 1000.0),
 }
+# bit_depth -> (container dtype, largest count).
+BIT_DEPTHS = {'uint8': (np.uint8, 255), 'uint12': (np.uint16, 4095),
+              'uint16': (np.uint16, 65535)}
 
 
 def resolve(kind: str, params: Params | None) -> Params:
@@ -84,6 +112,9 @@ def resolve(kind: str, params: Params | None) -> Params:
                     f'max_width={filled["max_width"]}')
   if filled['psf'] not in ('gaussian', 'airy'):
     raise UserError(f'simulator knob psf={filled["psf"]!r}; valid: gaussian, airy')
+  if filled['bit_depth'] not in BIT_DEPTHS:
+    raise UserError(f'simulator knob bit_depth={filled["bit_depth"]!r}; valid: '
+                    f'{", ".join(BIT_DEPTHS)}')
   return Params(**filled)
 
 
@@ -120,18 +151,21 @@ def _polyline(canvas, pts, width: int, value=1.0) -> None:
 
 
 def _er(rng, h, w, p: Params):
-  """ER network geometry: (structure map (H, W) float32 in {0,1}, brightness map)."""
+  """ER network geometry: (structure map (H, W) float32 in {0,1}, brightness map (H, W))."""
   mask = np.zeros((h, w), np.float32)
   area = h * w / 256.0**2
-  # The nucleus-shaped hole, and seed points denser near it.
+  s = p.scale  # 1.0 multiplies exactly, so the default path is the original one
+  # The nucleus-shaped hole (grows with scale; radius at most a third of the field), and seeds
+  # denser near it.
   c = np.array([rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h])
-  radii = rng.uniform(0.12, 0.2, 2) * min(h, w)
+  radii = np.minimum(rng.uniform(0.12, 0.2, 2) * min(h, w) * s, 0.33 * min(h, w))
   hole = np.zeros((h, w), np.uint8)
   cv2.fillPoly(hole, [_blob_contour(rng, c, radii, rng.uniform(0, np.pi), 0.15)], 1)
-  n = max(8, int(p.density * area * 2))
+  n = max(8, int(p.density / s**2 * area * 2))
   pts = rng.uniform(-0.1, 1.1, (n, 2)) * [w, h]
   dist = np.linalg.norm((pts - c) / radii, axis=1)
   keep = rng.random(n) < np.clip(1.6 / (0.6 + 0.5 * dist), 0.15, 1.0)
+  keep[:4] |= keep.sum() < 4  # Voronoi needs 4 points (tiny or zoomed-in images crashed)
   vor = scipy.spatial.Voronoi(pts[keep])
   for a, b in vor.ridge_vertices:
     if a < 0 or b < 0 or rng.random() < 0.12:  # open ends: prune some edges
@@ -139,15 +173,16 @@ def _er(rng, h, w, p: Params):
     p0, p1 = vor.vertices[a], vor.vertices[b]
     if np.linalg.norm(p1 - p0) > 0.5 * max(h, w):
       continue
-    width = int(np.clip(round(rng.normal(1.6, 0.6)), p.min_width, p.max_width))
+    width = max(1, int(np.clip(round(rng.normal(1.6, 0.6) * s), p.min_width * s,
+                               p.max_width * s)))
     _polyline(mask, _curve(p0, p1, rng.normal(0, 0.12)), width)
   # Peripheral sheets: filled irregular patches away from the nucleus.
-  for _ in range(rng.poisson(2.0 * area)):
+  for _ in range(rng.poisson(2.0 * area / s**2)):
     centre = rng.uniform(0, 1, 2) * [w, h]
-    contour = _blob_contour(rng, centre, rng.uniform(4, 12, 2), rng.uniform(0, np.pi), 0.5)
+    contour = _blob_contour(rng, centre, rng.uniform(4, 12, 2) * s, rng.uniform(0, np.pi), 0.5)
     cv2.fillPoly(mask, [contour], 1.0)
   mask[hole > 0] = 0
-  brightness = np.exp(0.35 * _smooth_noise(rng, (h, w), 6.0))
+  brightness = np.exp(p.heterogeneity * _smooth_noise(rng, (h, w), 6.0 * s))
   return mask, brightness
 
 
@@ -162,16 +197,17 @@ def _mito(rng, h, w, p: Params):
   cv2.fillPoly(nucleus, [_blob_contour(rng, c + rng.normal(0, 8, 2),
                                        rng.uniform(0.1, 0.16, 2) * min(h, w), 0.0, 0.1)], 1)
   ys, xs = np.nonzero(cell & (1 - nucleus))
-  n = max(1, int(p.density * h * w / 256.0**2))
+  s = p.scale  # the cell keeps its size (so coverage stays), its mitochondria scale
+  n = max(1, int(p.density / s**2 * h * w / 256.0**2))
   for _ in range(n):
     i = rng.integers(len(ys))
     start = np.array([xs[i], ys[i]], float)
-    length = rng.uniform(10, 80)
-    width = int(round(rng.uniform(p.min_width, p.max_width)))
+    length = rng.uniform(10, 80) * s
+    width = max(1, int(round(rng.uniform(p.min_width, p.max_width) * s)))
     heading = rng.uniform(0, 2 * np.pi)
-    steps = max(2, int(length / 4))
+    steps = max(2, int(length / (4 * s)))
     turns = np.cumsum(rng.normal(0, 0.25, steps))
-    path = start + np.cumsum(4 * np.stack([np.cos(heading + turns),
+    path = start + np.cumsum(4 * s * np.stack([np.cos(heading + turns),
                                            np.sin(heading + turns)], -1), 0)
     path = np.vstack([start, path])
     kind = rng.random()
@@ -183,11 +219,12 @@ def _mito(rng, h, w, p: Params):
       if kind > 0.8:  # branched
         j = rng.integers(1, len(path))
         angle = heading + turns[min(j, steps - 1)] + rng.choice([-1, 1]) * rng.uniform(0.6, 1.3)
-        branch = path[j] + np.outer(np.arange(1, 4 + steps // 2), 4 * np.array(
+        branch = path[j] + np.outer(np.arange(1, 4 + steps // 2), 4 * s * np.array(
             [np.cos(angle), np.sin(angle)]))
         _polyline(mask, np.vstack([path[j], branch]), max(2, width - 1))
   mask *= cell
-  brightness = np.exp(0.3 * _smooth_noise(rng, (h, w), 4.0)) * (1 - 0.8 * nucleus)
+  brightness = np.exp(p.heterogeneity * _smooth_noise(rng, (h, w), 4.0 * s)) * (
+      1 - 0.8 * nucleus)
   return mask, brightness
 
 
@@ -195,11 +232,12 @@ def _nucleus(rng, h, w, p: Params):
   """Nuclei: irregular ellipses of varied brightness with chromatin texture."""
   mask = np.zeros((h, w), np.float32)
   brightness = np.zeros((h, w), np.float32)
-  n = max(1, int(rng.poisson(p.density * h * w / 256.0**2)))
-  texture = np.exp(0.35 * _smooth_noise(rng, (h, w), 1.5))
+  s = p.scale
+  n = max(1, int(rng.poisson(p.density / s**2 * h * w / 256.0**2)))
+  texture = np.exp(p.heterogeneity * _smooth_noise(rng, (h, w), 1.5 * s))
   for k in range(n):
     mitotic = rng.random() < 0.08
-    radius = rng.uniform(p.min_width, p.max_width) * (0.45 if mitotic else 1.0)
+    radius = rng.uniform(p.min_width, p.max_width) * (0.45 if mitotic else 1.0) * s
     radii = radius * np.array([1.0, rng.uniform(0.6, 1.0)])
     centre = rng.uniform(0, 1, 2) * [w, h]
     blob = np.zeros((h, w), np.uint8)
@@ -224,6 +262,89 @@ def _psf_blur(x: np.ndarray, p: Params) -> np.ndarray:
   return scipy.signal.fftconvolve(x, kernel / kernel.sum(), mode='same')
 
 
+def _wide_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+  """Gaussian blur (H, W) float32 for wide sigmas (out-of-focus light); on a coarser grid when
+  very wide, since the result is smooth anyway (and cv2 is much faster than ndimage here)."""
+  h, w = x.shape
+  x = x.astype(np.float32)
+  f = int(min(sigma // 3, min(h, w) // 16))
+  if f <= 1:
+    return cv2.GaussianBlur(x, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+  small = cv2.resize(x, (w // f, h // f), interpolation=cv2.INTER_AREA)
+  small = cv2.GaussianBlur(small, (0, 0), sigma / f, borderType=cv2.BORDER_REFLECT)
+  return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _debris(rng, h, w, p: Params):
+  """Non-structure spots (dust, vesicles, cell fragments): (sharp, diffuse) fluorophore maps
+  (H, W), the diffuse ones lying out of focus. Radii 0.6-3.5 px x scale, brightness 0.2-4x a
+  structure's; about a third of them out of focus."""
+  sharp, diffuse = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+  for _ in range(rng.poisson(p.debris * h * w / 256.0**2)):
+    radius = np.exp(rng.uniform(np.log(0.6), np.log(3.5))) * p.scale
+    level = float(np.exp(rng.uniform(np.log(0.2), np.log(4.0))))
+    radii = radius * np.array([1.0, rng.uniform(0.5, 1.0)])
+    contour = _blob_contour(rng, rng.uniform(0, 1, 2) * [w, h], radii, rng.uniform(0, np.pi),
+                            0.4, n=16)
+    cv2.fillPoly(sharp if rng.random() < 0.67 else diffuse, [contour], level)
+  return sharp, diffuse
+
+
+def _fast_smooth(rng, shape, sigma: float) -> np.ndarray:
+  """Like _smooth_noise (zero mean, unit std), float32 and faster; for the new knobs only."""
+  field = cv2.GaussianBlur(rng.standard_normal(shape, dtype=np.float32), (0, 0), sigma,
+                           borderType=cv2.BORDER_REFLECT)
+  return (field - field.mean()) / (field.std() + 1e-9)
+
+
+def _unfocused(kind: str, rng, h, w, p: Params, diffuse: np.ndarray | None, peak: float):
+  """Light from outside the focal plane (H, W), or None when off: a layer of the same kind
+  (plus the diffuse debris) blurred by defocus x psf_sigma, and autofluorescence texture
+  (mean: autofluorescence x the structure's peak signal)."""
+  layer = None
+  if p.out_of_focus > 0:
+    structure, brightness = _GEOMETRY[kind](rng, h, w, p)
+    layer = p.out_of_focus * structure * brightness
+  if diffuse is not None and diffuse.any():
+    layer = diffuse if layer is None else layer + diffuse
+  if layer is not None:
+    layer = _wide_blur(layer, p.psf_sigma * p.defocus)
+  if p.autofluorescence > 0:
+    # Granular cytoplasm-like texture over a coarse one; mean 1 x autofluorescence.
+    field = np.exp(0.5 * _fast_smooth(rng, (h, w), rng.uniform(1.5, 4.0) * p.scale) +
+                   0.4 * _fast_smooth(rng, (h, w), 20.0))
+    field *= p.autofluorescence * peak / field.mean()
+    layer = field if layer is None else layer + field
+  return layer
+
+
+def _illumination(rng, h, w, p: Params) -> np.ndarray:
+  """Relative illumination (H, W): a linear drop towards a random side, and vignetting."""
+  angle = rng.uniform(0, 2 * np.pi)
+  ramp = (np.cos(angle) * (np.arange(w)[None] / w - 0.5) +
+          np.sin(angle) * (np.arange(h)[:, None] / h - 0.5))
+  # ramp + 0.5 reaches 1.21 in a corner: keep the light positive for illumination > 0.82.
+  illumination = np.maximum(1.0 - p.illumination * (ramp + 0.5), 0.02)
+  if p.vignetting > 0:  # 1 - vignetting at the corners
+    r2 = ((np.arange(h)[:, None] + 0.5) / h - 0.5)**2 + ((np.arange(w)[None] + 0.5) / w - 0.5)**2
+    illumination = illumination * (1.0 - p.vignetting * 2.0 * r2)
+  return illumination
+
+
+def _camera(rng, expected: np.ndarray, p: Params) -> np.ndarray:
+  """The recorded image (H, W) in the bit depth's container: Poisson(expected) x gain +
+  offset + read noise (+ hot pixels), rounded, clipped at 0 and the bit depth's maximum."""
+  counts = rng.poisson(expected).astype(np.float64)
+  if p.gain != 1.0:
+    counts *= p.gain
+  counts += p.offset + rng.normal(0, p.read_noise, expected.shape)
+  if p.hot_pixels > 0:
+    n = rng.poisson(p.hot_pixels * counts.size / 256.0**2)
+    counts.flat[rng.integers(0, counts.size, n)] += p.gain * p.photons * rng.uniform(0.5, 4, n)
+  dtype, top = BIT_DEPTHS[p.bit_depth]
+  return np.clip(np.round(counts), 0, top).astype(dtype)
+
+
 def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = None):
   """One image and its mask.
 
@@ -233,28 +354,33 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
     rng: the random generator (all randomness comes from it).
     params: knobs (None: the kind's defaults).
   Returns:
-    (image (H, W) uint16 for er/mito or uint8 for nucleus, mask (H, W) uint8 in {0, 255}).
+    (image (H, W): uint16 for er/mito, uint8 for nucleus, or as params.bit_depth says (uint12:
+    uint16 holding 0-4095), mask (H, W) uint8 in {0, 255}: the in-focus structure only).
   """
   p = resolve(kind, params)
   h, w = (size, size) if np.isscalar(size) else tuple(size)
+  # The geometry comes first, so knobs that add light (debris, out of focus) leave the mask
+  # of a given rng unchanged; those knobs draw nothing when off (Params() is the original).
   structure, brightness = _GEOMETRY[kind](rng, h, w, p)
   density = structure * brightness
-  blurred = np.clip(_psf_blur(density, p), 0, None)
-  haze = ndi.gaussian_filter(density, 12.0) * 3.0 + 0.3 * (1 + 0.5 * _smooth_noise(
+  sharp, diffuse = _debris(rng, h, w, p) if p.debris > 0 else (None, None)
+  blurred = np.clip(_psf_blur(density if sharp is None else density + sharp, p), 0, None)
+  peak = 1.0
+  if p.photons_at_peak:
+    inside = blurred[structure > 0]
+    peak = max(float(np.percentile(inside, 95)) if inside.size else blurred.max(), 1e-6)
+  unfocused = _unfocused(kind, rng, h, w, p, diffuse, peak)
+  haze = ndi.gaussian_filter(density, 12.0 * p.scale) * 3.0 + 0.3 * (1 + 0.5 * _smooth_noise(
       rng, (h, w), 24.0)).clip(0, None)
-  angle = rng.uniform(0, 2 * np.pi)
-  ramp = (np.cos(angle) * (np.arange(w)[None] / w - 0.5) +
-          np.sin(angle) * (np.arange(h)[:, None] / h - 0.5))
-  illumination = 1.0 - p.illumination * (ramp + 0.5)
-  expected = p.photons * illumination * (blurred + p.haze * haze)
-  counts = rng.poisson(expected).astype(np.float64)
-  counts += p.offset + rng.normal(0, p.read_noise, (h, w))
-  dtype = np.uint8 if kind == 'nucleus' else np.uint16
-  image = np.clip(np.round(counts), 0, np.iinfo(dtype).max).astype(dtype)
-  return image, (structure > 0).astype(np.uint8) * 255
+  illumination = _illumination(rng, h, w, p)
+  light = blurred if unfocused is None else blurred + unfocused
+  total = light + p.haze * haze if peak == 1.0 else (light + p.haze * haze) / peak
+  expected = p.photons * illumination * total
+  return _camera(rng, expected, p), (structure > 0).astype(np.uint8) * 255
 
 
 _SPLITS = {'train': 0, 'test': 1}
+RANDOMIZE = ('wide', 'shifted')  # write_dataset's presets of random_params
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -262,37 +388,64 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence([seed, _SPLITS[split], index]))
 
 
-def write_dataset(kind: str, out_dir, num_train: int, num_test: int, size: int = 256,
-                  seed: int = 0, overwrite: bool = False,
-                  params: Params | None = None) -> pathlib.Path:
-  """Simulates a dataset in the reference's list format.
+def params_rng(seed: int, split: str, index: int) -> np.random.Generator:
+  """The generator of image `index`'s random knobs: a child of image_rng's seed, so drawing
+  the knobs leaves the image's own stream (geometry, noise) as it is."""
+  return np.random.default_rng(
+      np.random.SeedSequence([seed, _SPLITS[split], index]).spawn(1)[0])
 
-  Writes out_dir/{train,test}/{images,masks}/<kind>_<index>.tif and out_dir/train.txt,
-  out_dir/test.txt (one `image mask` pair per line, relative to out_dir). The folder is built
-  next to out_dir and renamed at the end, so an interrupted run never leaves a half-written
-  dataset behind. Refuses a non-empty out_dir unless overwrite=True.
-  """
+
+def _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params, randomize):
   resolve(kind, params)
-  out = pathlib.Path(out_dir)
+  if randomize and params is not None:
+    raise UserError(f'randomize={randomize!r} draws the knobs; pass it or params, not both')
+  if randomize not in ('',) + RANDOMIZE:
+    raise UserError(f'randomize={randomize!r} is not a preset; valid: {", ".join(RANDOMIZE)} '
+                    "or '' (the kind's defaults)")
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
     raise UserError(f'{out} is not empty; choose another folder or pass --overwrite')
   if min(num_train, num_test) < 0 or num_train + num_test == 0 or size < 16:
     raise UserError(f'need num_train, num_test >= 0 (not both 0) and size >= 16; got '
                     f'{num_train}, {num_test}, {size}')
+
+
+def write_dataset(kind: str, out_dir, num_train: int, num_test: int, size: int = 256,
+                  seed: int = 0, overwrite: bool = False, params: Params | None = None,
+                  randomize: str = '') -> pathlib.Path:
+  """Simulates a dataset in the reference's list format.
+
+  Writes out_dir/{train,test}/{images,masks}/<kind>_<index>.tif and out_dir/train.txt,
+  out_dir/test.txt (one `image mask` pair per line, relative to out_dir). randomize='wide' or
+  'shifted' draws each image's knobs with random_params from params_rng(seed, split, index)
+  and records them in out_dir/{train,test}_params.jsonl (one JSON object per image, in list
+  order). The folder is built next to out_dir and renamed at the end, so an interrupted run
+  never leaves a half-written dataset behind. Refuses a non-empty out_dir unless overwrite.
+  """
+  # Imported here: simulate_random builds on this module.
+  from flmiseg.data import simulate_random  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(out_dir)
+  _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params, randomize)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f'.{out.name}.partial-{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
   for split, count in (('train', num_train), ('test', num_test)):
     (tmp / split / 'images').mkdir(parents=True)
     (tmp / split / 'masks').mkdir(parents=True)
-    lines = []
+    lines, knobs = [], []
     for i in range(count):
-      image, mask = simulate(kind, size, image_rng(seed, split, i), params)
+      p = (simulate_random.random_params(kind, params_rng(seed, split, i), randomize)
+           if randomize else params)
+      image, mask = simulate(kind, size, image_rng(seed, split, i), p)
       name = f'{kind}_{i:05d}.tif'
       tifffile.imwrite(tmp / split / 'images' / name, image, compression='zlib')
       tifffile.imwrite(tmp / split / 'masks' / name, mask, compression='zlib')
       lines.append(f'{split}/images/{name} {split}/masks/{name}\n')
+      if randomize:
+        knobs.append(json.dumps(dict(image=f'{split}/images/{name}', **dataclasses.asdict(p)),
+                                sort_keys=True) + '\n')
     (tmp / f'{split}.txt').write_text(''.join(lines))
+    if randomize:
+      (tmp / f'{split}_params.jsonl').write_text(''.join(knobs))
   if out.exists():
     shutil.rmtree(out) if out.is_dir() else out.unlink()
   os.replace(tmp, out)

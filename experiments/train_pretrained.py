@@ -1,0 +1,147 @@
+"""The shipped er, mito and nucleus models: trained on domain-randomised simulations, packed
+into flmiseg/pretrained/<kind>/, and measured.
+
+  python -m experiments.train_pretrained --workdir=runs/pretrained            # train + pack
+  python -m experiments.train_pretrained --workdir=runs/pretrained --measure  # figures only
+
+Each kind trains `pretrained_config(kind)` (below: default U-Net recipe, simulated images
+whose microscope knobs are drawn per image from the simulator's 'wide' distribution, and the
+pipeline's intensity/noise/blur/illumination/scale augmentation) in WORKDIR/<kind>, then packs
+its best checkpoint as float16 (flmiseg/pretrained.py). --measure reports, for each shipped
+model: mean IoU on simulated test images of an unseen seed drawn with the kind's default knobs
+and with the 'shifted' knobs, and the wall time of a cold `flmiseg --mode=predict --model=KIND`
+on a 1024x1024 16-bit image.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import tifffile
+
+from flmiseg import console
+from flmiseg import inference
+from flmiseg import pretrained
+from flmiseg import rundir
+from flmiseg import sharding
+from flmiseg import train
+from flmiseg.configs import default
+from flmiseg.data import io
+from flmiseg.data import lists
+from flmiseg.data import loader
+
+KINDS = pretrained.SHIPPED
+TEST_SEED = 1000  # the simulated test sets: a seed no shipped model was trained on
+
+
+def pretrained_config(kind: str, steps: int):
+  """The recipe of a shipped model."""
+  config = default.get_config()
+  config.data.kind = kind
+  config.data.synthetic_params = 'wide'
+  config.data.num_synthetic_train = 600
+  config.data.num_synthetic_test = 20
+  config.data.augment = 'all'
+  config.train.num_steps = steps
+  config.optim.warmup_steps = 50
+  config.eval.every_steps = max(50, steps // 10)
+  return config
+
+
+def test_pairs(kind: str, params: str, num: int = 20):
+  """(image, mask) paths of `num` simulated test images of an unseen seed."""
+  config = default.get_config()
+  config.data.kind, config.data.synthetic_params = kind, params
+  config.data.num_synthetic_train, config.data.num_synthetic_test = 0, num
+  config.seed = TEST_SEED
+  _, test_list = loader.list_paths(config)
+  return lists.load_pairs(test_list)
+
+
+def mean_iou(folder: pathlib.Path, pairs) -> float:
+  """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
+  through the predict path (whole-image normalisation, blended tiles)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flmiseg import evaluate, predict  # pylint: disable=g-import-not-at-top
+  config = rundir.read_config(folder)
+  mesh = sharding.make_mesh(jax.local_devices())
+  state, step = inference.load(config, folder, mesh)
+  threshold = evaluate.calibrated_threshold(folder, step) or config.eval.threshold
+  predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
+                                config.data.crop_size, 0.25,
+                                inference.round_up_batch(8, len(jax.local_devices())))
+  ious = []
+  for pair in pairs:
+    prob, _ = predictor.plane(io.read_image(pair.image))
+    pred, truth = prob > threshold, io.read_mask(pair.mask) > 0
+    union = np.logical_or(pred, truth).sum()
+    ious.append(np.logical_and(pred, truth).sum() / union if union else 1.0)
+  return float(np.mean(ious))
+
+
+def cold_predict_seconds(kind: str) -> float:
+  """Wall time of `flmiseg --mode=predict --model=KIND` on one 1024x1024 uint16 image."""
+  pair = test_pairs(kind, 'default', 20)[0]
+  tile = np.tile(io.read_image(pair.image).astype(np.uint16), (4, 4))[:1024, :1024]
+  with tempfile.TemporaryDirectory() as tmp:
+    tifffile.imwrite(f'{tmp}/big.tif', tile)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, '-m', 'flmiseg.main', '--mode=predict', f'--model={kind}',
+                    f'--input={tmp}/big.tif', f'--output={tmp}/out'], check=True,
+                   capture_output=True)
+    return time.perf_counter() - start
+
+
+def train_and_pack(kind: str, workdir: pathlib.Path, steps: int) -> dict:
+  start = time.perf_counter()
+  config = pretrained_config(kind, steps)
+  result = train.train_and_evaluate(config, workdir)
+  seconds = time.perf_counter() - start
+  out = pretrained.PRETRAINED_DIR / kind
+  shutil.rmtree(out, ignore_errors=True)
+  command = (f'python -m experiments.train_pretrained --workdir={workdir.parent} '
+             f'--kinds={kind} --steps={steps}')
+  return pretrained.pack(workdir, out, 'float16', provenance={
+      'command': command, 'train_seconds': round(seconds), 'steps': steps,
+      'machine': '2-core Intel Sapphire Rapids CPU', 'date': time.strftime('%Y-%m-%d'),
+      'test_iou_wide': result.get('iou')})
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  console.setup()
+  rows = []
+  for kind in FLAGS.kinds:
+    if not FLAGS.measure:
+      info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps)
+      print(f'{kind}: packed, {json.dumps(info)}')
+    folder = pretrained.PRETRAINED_DIR / kind
+    row = {'kind': kind,
+           'iou_default': mean_iou(folder, test_pairs(kind, 'default')),
+           'iou_shifted': mean_iou(folder, test_pairs(kind, 'shifted')),
+           'cold_predict_1024_s': cold_predict_seconds(kind)}
+    rows.append(row)
+    print(json.dumps(row))
+  lines = ['| model | IoU, default knobs | IoU, shifted knobs | cold predict 1024x1024 (s) |',
+           '|---|---|---|---|']
+  lines += [f'| {r["kind"]} | {r["iou_default"]:.3f} | {r["iou_shifted"]:.3f} | '
+            f'{r["cold_predict_1024_s"]:.1f} |' for r in rows]
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', 'runs/pretrained', 'Where each kind trains.')
+  flags.DEFINE_list('kinds', list(KINDS), 'Which models.')
+  flags.DEFINE_integer('steps', 1500, 'Training steps per model.')
+  flags.DEFINE_bool('measure', False, 'Only measure the shipped models.')
+  app.run(main)

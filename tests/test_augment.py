@@ -1,0 +1,201 @@
+"""Robustness augmentation of the training pipeline (config.data.augment): '' reproduces the
+crop + D4 pipeline bit for bit, augmentation is seeded per position, image, mask and maps stay
+aligned under scale jitter, masks stay binary, and resuming gives the same batches."""
+
+import dataclasses
+import math
+
+import grain
+import numpy as np
+import pytest
+
+from flmiseg.data import pipeline
+from flmiseg.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class _LegacyAugment(grain.transforms.RandomMap):
+  """pipeline.Augment as it was before `groups` existed (crop + D4), verbatim."""
+  crop_size: int
+  flips: bool = True
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    image, mask = element['image'], element['mask']
+    h, w = image.shape
+    top = int(rng.integers(0, max(h - self.crop_size, 0) + 1))
+    left = int(rng.integers(0, max(w - self.crop_size, 0) + 1))
+    valid = np.ones((h, w), np.float32)
+    image, mask, valid = pipeline.crop_or_pad([image, mask, valid], self.crop_size, top, left)
+    k = int(rng.integers(pipeline.DIHEDRAL_ORDER)) if self.flips else 0
+    return {
+        'image': np.ascontiguousarray(pipeline.dihedral(image, k))[..., None].astype(np.float32),
+        'mask': np.ascontiguousarray(pipeline.dihedral(mask, k))[..., None].astype(np.float32),
+        'valid': np.ascontiguousarray(pipeline.dihedral(valid, k))[..., None],
+    }
+
+
+class _Blobs:
+  """Images of different sizes with a few large discs; image = intensity * mask + noise, or
+  exactly mask * 1.0 with `image_is_mask`; an optional 'ignored' band."""
+
+  def __init__(self, n, sizes=((48, 56), (40, 40), (20, 30)), image_is_mask=False,
+               ignored=False):
+    self.n, self.image_is_mask, self.ignored = n, image_is_mask, ignored
+    self.shapes = tuple(sizes[i % len(sizes)] for i in range(n))
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    h, w = self.shapes[i]
+    rng = np.random.default_rng(100 + i)
+    yy, xx = np.mgrid[:h, :w]
+    mask = np.zeros((h, w), np.uint8)
+    for _ in range(3):
+      cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(4, 10)
+      mask[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
+    if self.image_is_mask:
+      image = mask * 1.0
+    else:
+      image = 0.2 + 1.5 * mask + rng.normal(0, 0.2, (h, w))
+    element = {'image': image.astype(np.float32), 'mask': mask, 'index': i}
+    if self.ignored:
+      element['ignored'] = (np.abs(yy - xx) < 6).astype(np.uint8)  # a diagonal band
+      element['mask'] = np.where(element['ignored'], 0, mask).astype(np.uint8)
+    return element
+
+
+def _batches(source, n, **kw):
+  kw = {'crop_size': 32, 'global_batch': 4, 'num_steps': n, 'seed': 0, **kw}
+  it = iter(pipeline.train_dataset(source, **kw))
+  return [next(it) for _ in range(n)]
+
+
+def _legacy_batches(source, n, crop_size=32, global_batch=4, seed=0, flips=True):
+  # The pipeline of train_dataset, with the legacy transform.
+  epochs = math.ceil(n * global_batch / len(source)) + 1
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)
+  ds = ds.random_map(_LegacyAugment(crop_size, flips), seed=seed + 1).batch(global_batch)
+  return [ds[i] for i in range(n)]
+
+
+def _assert_same(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    assert a[key].dtype == b[key].dtype, key
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize('flips', [True, False])
+def test_no_augmentation_is_bit_identical_to_crop_and_d4(flips):
+  source = _Blobs(7)
+  got = _batches(source, 6, flips=flips, seed=3)
+  want = _legacy_batches(source, 6, flips=flips, seed=3)
+  for g, w in zip(got, want):
+    _assert_same(g, w)
+  # Augment's default (no groups) is the same transform.
+  legacy = _LegacyAugment(32, flips).random_map(source[0], np.random.default_rng(5))
+  _assert_same(pipeline.Augment(32, flips).random_map(source[0], np.random.default_rng(5)),
+               legacy)
+
+
+def test_photometric_groups_keep_the_crop_and_flip_of_no_augmentation():
+  # The crop and D4 draws come first, so value-only augmentation moves no pixel.
+  source = _Blobs(5)
+  plain = _batches(source, 4)
+  aug = _batches(source, 4, augment='intensity,noise,blur,illumination')
+  for p, a in zip(plain, aug):
+    np.testing.assert_array_equal(p['mask'], a['mask'])
+    np.testing.assert_array_equal(p['valid'], a['valid'])
+  assert any(not np.array_equal(p['image'], a['image']) for p, a in zip(plain, aug))
+
+
+def test_deterministic_per_seed_and_position():
+  source = _Blobs(7)
+  first = _batches(source, 5, augment='all', seed=1)
+  again = _batches(source, 5, augment='all', seed=1)
+  for a, b in zip(first, again):
+    _assert_same(a, b)
+  other = _batches(source, 5, augment='all', seed=2)
+  assert any(not np.array_equal(a['image'], b['image']) for a, b in zip(first, other))
+  # One element's augmentation depends on its rng only.
+  aug = pipeline.Augment(32, True, pipeline.AUGMENT_GROUPS)
+  _assert_same(aug.random_map(source[2], np.random.default_rng(9)),
+               aug.random_map(source[2], np.random.default_rng(9)))
+
+
+def test_scale_keeps_image_mask_and_maps_aligned():
+  source = _Blobs(6, sizes=((64, 72), (50, 50), (24, 30)), image_is_mask=True)
+  plain = _batches(source, 12)
+  scaled = _batches(source, 12, augment='scale')
+  assert any(not np.array_equal(p['mask'], s['mask']) for p, s in zip(plain, scaled))
+  boundary = 0
+  for batch in scaled:
+    image, mask, valid = batch['image'], batch['mask'], batch['valid']
+    boundary += np.count_nonzero((image > 0.5) != (mask > 0.5))
+    assert np.all(image[valid == 0] == 0) and np.all(mask[valid == 0] == 0)
+  assert boundary <= 0.01 * sum(b['mask'].size for b in scaled), boundary
+
+
+def test_scale_moves_the_ignored_map_with_the_image():
+  # image = 2 on ignored pixels (the band), so valid = 0 must match image > 1.5 exactly
+  # wherever the image is real.
+  class _Marked(_Blobs):
+    def __getitem__(self, i):
+      element = super().__getitem__(i)
+      element['image'] = (element['mask'] + 2.0 * element['ignored']).astype(np.float32)
+      return element
+
+  source = _Marked(4, sizes=((80, 80),), ignored=True)
+  batches = _batches(source, 10, augment='scale')
+  for batch in batches:
+    marked = batch['image'] > 1.5
+    labelled = batch['valid'] > 0.5
+    mismatch = np.count_nonzero(marked == labelled)  # ignored pixels must be exactly invalid
+    assert mismatch <= 0.02 * marked.size, mismatch
+    assert np.all(batch['mask'][~labelled] == 0)
+
+
+def test_values_stay_binary_and_finite_with_every_augmentation():
+  source = _Blobs(9, ignored=True)
+  for batch in _batches(source, 20, augment='all', crop_size=36):
+    for key in ('image', 'mask', 'valid'):
+      assert batch[key].dtype == np.float32 and batch[key].shape == (4, 36, 36, 1), key
+    assert set(np.unique(batch['mask'])) <= {0.0, 1.0}
+    assert set(np.unique(batch['valid'])) <= {0.0, 1.0}
+    assert np.all(np.isfinite(batch['image']))
+    assert np.all(batch['mask'][batch['valid'] == 0] == 0)
+
+
+def test_padding_stays_zero_under_photometric_augmentation():
+  source = _Blobs(3, sizes=((20, 30),))
+  for batch in _batches(source, 6, augment='intensity,noise,illumination', crop_size=36):
+    outside = (batch['valid'] == 0)
+    assert outside.any() and np.all(batch['image'][outside] == 0)
+
+
+def test_iterator_state_restores_the_same_augmented_batches():
+  make = lambda: iter(pipeline.train_dataset(_Blobs(7), crop_size=32, global_batch=2,
+                                             num_steps=12, seed=5, augment='all'))
+  it = make()
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  resumed = make()
+  resumed.set_state(state)
+  for want in expected:
+    _assert_same(next(resumed), want)
+
+
+def test_augment_names():
+  assert pipeline.parse_augment('') == ()
+  assert pipeline.parse_augment('all') == pipeline.AUGMENT_GROUPS
+  assert pipeline.parse_augment(' noise, scale ') == ('noise', 'scale')
+  for bad in ('noise,sharpen', 'Noise', 'flip'):
+    with pytest.raises(UserError) as e:
+      pipeline.train_dataset(_Blobs(2), crop_size=16, global_batch=2, num_steps=1, seed=0,
+                             augment=bad)
+    message = str(e.value)
+    assert '\n' not in message and 'config.data.augment' in message
+    assert all(name in message for name in pipeline.AUGMENT_GROUPS)
