@@ -56,6 +56,7 @@ def run_cell(kind, root, train_list, test_list, init_from: str, seed: int, pairs
   config.data.train_list, config.data.test_list = str(train_list), str(test_list)
   config.train.init_from = init_from
   config.seed = seed
+  config.optim.lr = FLAGS.lr or config.optim.lr
   start = time.perf_counter()
   name = f'{"finetuned" if init_from else "scratch"}_seed{seed}'
   train.train_and_evaluate(config, root / name)
@@ -91,4 +92,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('kind', 'nucleus', 'er, mito or nucleus.')
   flags.DEFINE_string('workdir', 'runs/finetune', 'Where the runs go.')
   flags.DEFINE_integer('seeds', 3, 'Seeds per recipe.')
+  flags.DEFINE_float('lr', 0.0, 'Learning rate (0: configs/finetune.py\'s).')
   app.run(main)

@@ -80,8 +80,11 @@ def test_constant_and_nearly_constant_images():
 
 
 def test_clahe_methods_are_clahe_of_the_stretched_8_bit_image():
-  u16 = _cells().astype(np.uint16) * 100 + 1000
-  op = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+  u16 = _cells().astype(np.uint16) * 100 + 1000  # 96x96: a 3x3 grid of 32-pixel tiles
+  assert preprocess.clahe_grid((96, 96)) == (3, 3)
+  assert preprocess.clahe_grid((256, 256)) == (8, 8)  # the reference's grid on its images
+  assert preprocess.clahe_grid((128, 2048)) == (64, 4) and preprocess.clahe_grid((8, 8)) == (1, 1)
+  op = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(3, 3))
   expected = op.apply(preprocess.stretch_to_uint8(u16)).astype(np.float32) / 255
   np.testing.assert_array_equal(preprocess.normalize(u16, 'clahe_unit'), expected)
   z = preprocess.normalize(u16, 'clahe_zscore')

@@ -26,7 +26,7 @@ from flmiseg.data import lists
 from flmiseg.data import preprocess
 from flmiseg.errors import UserError
 
-CACHE_VERSION = 3  # 2: bit-depth invariant CLAHE methods; 3: ignore value (sparse labels)
+CACHE_VERSION = 4  # 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
 IGNORED = 255  # io.read_mask's value for pixels equal to the ignore value
 
 

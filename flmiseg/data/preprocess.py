@@ -20,8 +20,11 @@ grey levels in each tile, divided by 65535. The same 8-bit pixels stored in a 16
 many cameras and converters write them) then reach a nucleus model with a maximum of about 0.4
 instead of 1.0 (tests/test_normalization.py), and a nucleus model trained on 8-bit files finds
 almost nothing. Here the CLAHE methods first stretch the image's own 1st..99.8th percentiles
-onto 0..255 (the top 0.2 % and bottom 1 % saturate), then run CLAHE (clip 2.0, 8x8 tiles) at
-8 bits, the setting the clip limit is defined for. The result depends on the image's content
+onto 0..255 (the top 0.2 % and bottom 1 % saturate), then run CLAHE (clip 2.0) at 8 bits, the
+setting the clip limit is defined for, with tiles of about 32 pixels (the reference's 8x8 grid
+on its 256x256 images) rather than a fixed 8x8 grid, so a 128x128 crop, a 256x256 image and
+a 2048x2048 field get the same local contrast (a fixed grid made fine-tuning on small crops
+see other inputs than whole-image prediction). The result depends on the image's content
 only: the same intensities stored as uint8, uint16, 12-bit-in-16, float in [0, 1] or float
 camera counts give exactly the same input, and a different exposure nearly the same.
 
@@ -40,6 +43,9 @@ _AUTO = {'er': 'clahe_zscore', 'mito': 'clahe_zscore', 'nucleus': 'clahe_unit'}
 # The percentiles that the robust stretch (and the 'percentile' method) maps to 0 and 1.
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.8
 CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, 8
+# The invariant CLAHE methods use tiles of this side instead of a fixed 8x8 grid: the
+# reference's 8x8 on its 256x256 images.
+CLAHE_TILE_PIXELS = 32
 _EPS = 1e-6
 
 
@@ -76,12 +82,21 @@ def stretch_to_uint8(image: np.ndarray) -> np.ndarray:
   return np.round(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def clahe_grid(shape: tuple[int, int]) -> tuple[int, int]:
+  """CLAHE's (columns, rows) of tiles for an image: tiles of about CLAHE_TILE_PIXELS, so the
+  local contrast it evens out has the same extent in a 128x128 crop, a 256x256 image (8x8,
+  the reference's grid) and a 2048x2048 field."""
+  h, w = shape
+  return (max(1, round(w / CLAHE_TILE_PIXELS)), max(1, round(h / CLAHE_TILE_PIXELS)))
+
+
 def clahe(image: np.ndarray) -> np.ndarray:
-  """float32 (H, W) in [0, 1]: CLAHE (clip 2, 8x8 tiles) of the robustly stretched image."""
+  """float32 (H, W) in [0, 1]: CLAHE (clip 2, tiles of ~32 px) of the robustly stretched
+  image."""
   stretched = stretch_to_uint8(image)
   if not stretched.any():  # a constant image: CLAHE would lift it to a uniform grey
     return np.zeros(image.shape, np.float32)
-  op = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=(CLAHE_TILES, CLAHE_TILES))
+  op = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=clahe_grid(image.shape))
   return op.apply(stretched).astype(np.float32) / 255.0
 
 
