@@ -72,18 +72,24 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     raise UserError(f'{path}: not a config (expected a JSON object)')
   config = default.get_config()
   for key, value in flatten(saved).items():
-    *sections, field = key.split('.')
-    node = config
-    for section in sections:
-      if section not in node:
-        node[section] = ml_collections.ConfigDict()
-      node = node[section]
-    if field in node and isinstance(node[field], tuple) and isinstance(value, list):
-      value = tuple(value)
-    if field in node and isinstance(node[field], float) and isinstance(value, int):
-      value = float(value)
-    node[field] = value
+    set_field(config, key, value)
   return config
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
+  """Sets the dotted field `key` ('data.kind'), creating missing sections; JSON's lists and
+  ints become the tuples and floats the field holds."""
+  *sections, field = key.split('.')
+  node = config
+  for section in sections:
+    if section not in node:
+      node[section] = ml_collections.ConfigDict()
+    node = node[section]
+  if field in node and isinstance(node[field], tuple) and isinstance(value, list):
+    value = tuple(value)
+  if field in node and isinstance(node[field], float) and isinstance(value, int):
+    value = float(value)
+  node[field] = value
 
 
 def _is_inference_field(key: str) -> bool:
@@ -112,13 +118,9 @@ def inference_config(workdir, given: ml_collections.ConfigDict | None):
           f'--config.{key}={value!r}, but the model in {workdir} was trained with '
           f'{trained[key]!r}; eval/predict/summary take the model settings from '
           f'{workdir / CONFIG_FILE}: leave --config out, or change only inference settings')
-  for key, value in flatten(json.loads(given.to_json())).items():
+  for key, value in given_fields:
     if _is_inference_field(key):
-      *sections, field = key.split('.')
-      node = config
-      for section in sections:
-        node = node[section]
-      node[field] = tuple(value) if isinstance(value, list) else value
+      set_field(config, key, value)
   return config
 
 
