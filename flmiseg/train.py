@@ -234,38 +234,39 @@ def train_and_evaluate(config, workdir) -> dict:
                        predict=trainer.predict)
 
 
+def _init_source(config):
+  """(folder, config) of the model config.train.init_from names."""
+  from flmiseg import pretrained  # pylint: disable=g-import-not-at-top
+  folder = rundir.check_trained(pretrained.resolve_model(config.train.init_from,
+                                                         'config.train.init_from'))
+  return folder, rundir.read_config(folder)
+
+
 def adopt_source_preprocessing(config) -> None:
   """With config.train.init_from, sets config.data.kind and .normalization to the source
   model's when they would give its weights other inputs than it was trained on (a one-line
   warning says so): fine-tuning a nucleus model must see nucleus preprocessing."""
-  from flmiseg import pretrained  # pylint: disable=g-import-not-at-top
-  spec = config.train.init_from
-  source = rundir.read_config(rundir.check_trained(
-      pretrained.resolve_model(spec, 'config.train.init_from')))
+  _, source = _init_source(config)
   resolve = lambda data: preprocess.resolve(data.normalization, data.kind)
   if resolve(source.data) != resolve(config.data):
     logging.warning('config.train.init_from=%s: using its preprocessing (kind %s, '
-                    'normalization %s) instead of %s/%s', spec, source.data.kind,
-                    source.data.normalization, config.data.kind, config.data.normalization)
+                    'normalization %s) instead of %s/%s', config.train.init_from,
+                    source.data.kind, source.data.normalization, config.data.kind,
+                    config.data.normalization)
     config.data.kind, config.data.normalization = source.data.kind, source.data.normalization
 
 
 def initialize_from(config, state, mesh):
   """`state` with the params and batch_stats of config.train.init_from (a shipped model's
-  name, or a run or packed folder), for fine-tuning; the optimizer state stays fresh."""
-  from flmiseg import pretrained  # pylint: disable=g-import-not-at-top
-  spec = config.train.init_from
-  folder = rundir.check_trained(pretrained.resolve_model(spec, 'config.train.init_from'))
-  source = rundir.read_config(folder)
+  name, or a run or packed folder), for fine-tuning; the optimizer state stays fresh. The
+  preprocessing was matched before by `adopt_source_preprocessing`."""
+  folder, source = _init_source(config)
+  mine = rundir.flatten(config.model.to_dict())
   for key, value in rundir.flatten(source.model.to_dict()).items():
-    mine = rundir.flatten(config.model.to_dict()).get(key)
-    if mine != value:
-      raise UserError(f'config.train.init_from={spec}: its config.model.{key}={value!r}, '
-                      f'this run\'s is {mine!r}; fine-tuning needs the same architecture')
-  for key in ('kind', 'normalization'):
-    if source.data[key] != config.data[key]:
-      logging.warning('config.train.init_from=%s was trained with config.data.%s=%r, this '
-                      'run uses %r', spec, key, source.data[key], config.data[key])
+    if mine.get(key) != value:
+      raise UserError(f'config.train.init_from={config.train.init_from}: its '
+                      f'config.model.{key}={value!r}, this run\'s is {mine.get(key)!r}; '
+                      'fine-tuning needs the same architecture')
   loaded, step = inference.load(source, folder, mesh)
   logging.info('Initialised from %s (step %d)', folder, step)
   return state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
