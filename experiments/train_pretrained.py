@@ -79,8 +79,8 @@ def mean_iou(folder: pathlib.Path, pairs) -> float:
                                 inference.round_up_batch(8, len(jax.local_devices())))
   ious = []
   for pair in pairs:
-    prob, _ = predictor.plane(io.read_image(pair.image))
-    pred, truth = prob > threshold, io.read_mask(pair.mask) > 0
+    outputs, _ = predictor.plane(io.read_image(pair.image))
+    pred, truth = outputs[..., 0] > threshold, io.read_mask(pair.mask) > 0
     union = np.logical_or(pred, truth).sum()
     ious.append(np.logical_and(pred, truth).sum() / union if union else 1.0)
   return float(np.mean(ious))

@@ -33,6 +33,8 @@ from matplotlib import patches
 import numpy as np
 
 from flmiseg import inference
+from flmiseg import instances
+from flmiseg import matching
 from flmiseg import metrics
 from flmiseg import sharding
 from flmiseg.data import pipeline
@@ -50,7 +52,11 @@ OVERLAY_COLOURS = {'true positive': (0.1, 0.85, 0.1), 'false positive': (0.95, 0
 
 
 def predictions(predict, state, source, mesh, batch_size: int, with_probs: bool = True):
-  """Yields (index, prob (h, w) or None, counts dict) per image of `source`, in order."""
+  """Yields (index, outputs (h, w, C) or None, counts dict) per image of `source`, in order.
+
+  outputs[..., 0] is the foreground probability; a model with an instance head adds
+  outputs[..., 1], its predicted normalised distance.
+  """
   # Any batch size works on any number of devices: round up, the padding is masked.
   batch_size = inference.round_up_batch(batch_size, jax.device_count())
   for batch in pipeline.eval_batches(source, global_batch=batch_size,
@@ -67,7 +73,7 @@ def predictions(predict, state, source, mesh, batch_size: int, with_probs: bool 
     for j in np.flatnonzero(present):
       i = int(index[j])
       h, w = source.shapes[i]
-      prob = probs[j, :h, :w, 0] if with_probs else None
+      prob = probs[j, :h, :w] if with_probs else None
       yield i, prob, {k: int(v[j]) for k, v in counts.items()}
 
 
@@ -180,8 +186,8 @@ def calibrate_source(predict, state, source, mesh, batch_size: int, metric: str,
                      default_threshold: float) -> dict:
   """`calibrate` over the model's probabilities on every image of `source` (labelled pixels
   only)."""
-  images = (_labelled_pixels(prob, source, i)
-            for i, prob, _ in predictions(predict, state, source, mesh, batch_size))
+  images = (_labelled_pixels(outputs[..., 0], source, i)
+            for i, outputs, _ in predictions(predict, state, source, mesh, batch_size))
   return calibrate(images, metric, default_threshold)
 
 
@@ -260,9 +266,20 @@ class _Extremes:
     return out
 
 
+def predicted_instances(outputs: np.ndarray, threshold: float, seed_threshold: float,
+                        min_size: int) -> np.ndarray:
+  """uint16 instance labels of one image's outputs (h, w, C): split by the instance head's
+  distance where the model has one (C > 1), else connected components of the mask."""
+  mask = outputs[..., 0] > threshold
+  if outputs.shape[-1] > 1:
+    return instances.from_distance(mask, outputs[..., 1], seed_threshold, min_size)
+  return instances.connected_components(mask, min_size)
+
+
 def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
              out_dir=None, extra: dict | None = None, calibration: dict | None = None,
-             num_extremes: int = 3) -> dict:
+             num_extremes: int = 3, seed_threshold: float = instances.SEED_THRESHOLD,
+             min_size: int = 0) -> dict:
   """Every metric per image and over the set; writes the report files into `out_dir`.
 
   Args:
@@ -271,21 +288,34 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
     extra: entries added to the summary (e.g. the checkpoint's step).
     calibration: a `calibrate` result; its threshold gives summary['calibrated'].
     num_extremes: how many worst and best images worst_best.png shows.
+    seed_threshold, min_size: instance post-processing (`predicted_instances`).
 
   Returns:
     The summary: `metrics.summarize` at `threshold`, 'num_images', 'threshold', `extra`, and
-    with a calibration 'calibrated': {'threshold', 'metric', and the same metrics}.
+    with a calibration 'calibrated': {'threshold', 'metric', and the same metrics}. When some
+    test mask is a label image, 'instances': `matching.summary` of the predicted instances
+    (at the calibrated threshold if any) against the true ones over the whole set, with the
+    method ('distance' or 'connected_components') and threshold; the per-image rows then get
+    the same scores of their own image.
   """
   tuned = None if calibration is None else float(calibration['threshold'])
   shown_at = threshold if tuned is None else tuned
-  rows, tuned_rows, extremes = [], [], _Extremes(num_extremes)
-  for i, prob, _ in predictions(predict, state, source, mesh, batch_size):
+  rows, tuned_rows, extremes, matches = [], [], _Extremes(num_extremes), []
+  with_instances = getattr(source, 'has_labels', False)
+  channels = 1
+  for i, outputs, _ in predictions(predict, state, source, mesh, batch_size):
+    prob, channels = outputs[..., 0], outputs.shape[-1]
     target, valid = _labelled(source, i)
     row = metrics.image_metrics(prob, target, threshold=threshold, valid=valid)
     rows.append({'name': source.names[i], **row})
     if tuned is not None:
       tuned_rows.append(row if tuned == threshold else
                         metrics.image_metrics(prob, target, threshold=tuned, valid=valid))
+    if with_instances:
+      found = predicted_instances(outputs, shown_at, seed_threshold, min_size)
+      matches.append(matching.match(source.label_image(i), found, valid=valid))
+      rows[-1].update(matching.summary(matches[-1]))
+      rows[-1].update(num_true=matches[-1][0]['n_true'], num_found=matches[-1][0]['n_pred'])
     # Unlabelled pixels are neither right nor wrong: the figure draws no error there.
     pred = prob > shown_at if valid is None else (prob > shown_at) & valid
     extremes.add(i, (row if tuned is None else tuned_rows[-1])['iou'], pred)
@@ -296,6 +326,10 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
   if tuned is not None:
     summary['calibrated'] = {'threshold': tuned, 'metric': calibration['metric'],
                              **metrics.summarize(tuned_rows)}
+  if with_instances:
+    method = 'distance' if channels > 1 else 'connected_components'
+    summary['instances'] = {**matching.summary(matching.combine(matches)),
+                            'method': method, 'threshold': shown_at}
   if out_dir is not None:
     write_report(rows, summary, out_dir)
     if jax.process_index() == 0:
@@ -357,6 +391,15 @@ def markdown_report(summary: dict, calibration: dict | None = None) -> str:
     if tuned is not None:
       cells += [_cell(tuned, name), _cell(tuned, f'pooled_{name}')]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  found = summary.get('instances')
+  if found:
+    lines += ['', '## Instances', '',
+              f'Objects found by {found["method"].replace("_", " ")} at threshold '
+              f'{found["threshold"]:g}, matched one-to-one to the true objects (label images) '
+              'as StarDist does: a match needs IoU >= the threshold of the column; ap = '
+              'TP / (TP + FP + FN), counted over all test images; pq: panoptic quality at '
+              '0.5.', '', '| metric | value |', '|---|---|']
+    lines += [f'| {k} | {found[k]:.4f} |' for k in matching.SUMMARY_KEYS]
   return '\n'.join(lines) + '\n'
 
 
@@ -410,4 +453,8 @@ def format_table(summary: dict) -> str:
       if tuned is not None:
         line += f'{tuned[key]:>22.4f}'
       lines.append(line)
+  found = summary.get('instances')
+  if found:
+    for key in ('ap_0.5', 'ap_0.75', 'mean_ap', 'pq'):
+      lines.append(f'{"inst " + key:<12}{found[key]:>16.4f}')
   return '\n'.join(lines)

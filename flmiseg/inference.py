@@ -86,8 +86,8 @@ def dihedral(x, k: int, inverse: bool = False):
 
 def prob_fn(state: InferenceState, mesh, tta: bool):
   """A jitted function: tiles (B, h, w, 1) float32 (B a multiple of the mesh size) ->
-  foreground probabilities (B, h, w, 1) as numpy; with `tta` the mean over the 8
-  flips/rotations."""
+  outputs (B, h, w, C) as numpy (channel 0 the foreground probability, 1 the instance head's
+  distance); with `tta` the mean over the 8 flips/rotations (both maps are equivariant).)"""
   variables = sharding.replicate({'params': state.params, 'batch_stats': state.batch_stats},
                                  mesh)
 
@@ -122,10 +122,11 @@ def gaussian_weight(tile: int) -> np.ndarray:
 
 def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch_size: int,
                    progress: bool = False) -> np.ndarray:
-  """Probabilities (H, W) of a normalised (H, W) image by blended overlapping tiles.
+  """Outputs (H, W, C) of a normalised (H, W) image by blended overlapping tiles.
 
-  probs_of maps a (batch_size, tile, tile, 1) float32 array to probabilities of that shape.
-  Images smaller than a tile are zero-padded, as in training.
+  probs_of maps a (batch_size, tile, tile, 1) float32 array to outputs (batch_size, tile,
+  tile, C) (C = 1: the foreground probability; 2 with an instance head). Images smaller than
+  a tile are zero-padded, as in training.
   """
   h, w = image.shape
   ph, pw = max(h, tile), max(w, tile)
@@ -134,7 +135,7 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
   corners = [(y, x) for y in tile_starts(ph, tile, overlap)
              for x in tile_starts(pw, tile, overlap)]
   weight = gaussian_weight(tile)
-  total = np.zeros((ph, pw), np.float32)
+  total = None  # (ph, pw, C) once the first outputs tell C
   norm = np.zeros((ph, pw), np.float32)
   bar = tqdm.tqdm(total=len(corners), desc='tiles', unit='tile', leave=False,
                   disable=not progress or len(corners) <= batch_size)
@@ -144,9 +145,11 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
     for j, (y, x) in enumerate(chunk):
       tiles[j, ..., 0] = padded[y:y + tile, x:x + tile]
     probs = np.asarray(probs_of(tiles))
+    if total is None:
+      total = np.zeros((ph, pw, probs.shape[-1]), np.float32)
     for j, (y, x) in enumerate(chunk):
-      total[y:y + tile, x:x + tile] += probs[j, ..., 0] * weight
+      total[y:y + tile, x:x + tile] += probs[j] * weight[..., None]
       norm[y:y + tile, x:x + tile] += weight
     bar.update(len(chunk))
   bar.close()
-  return (total / norm)[:h, :w]
+  return (total / norm[..., None])[:h, :w]

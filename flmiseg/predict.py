@@ -13,8 +13,13 @@ same axes. For each input `<name>.<ext>` (`<name>.ome.tif` too) OUT receives:
   <name>_overlay.png   the image (1-99.8 percentile display range; the middle plane of a
                        stack) with the mask's contour in yellow;
   <name>_prob.tif      float32 foreground probability, with --save_prob;
-  <name>_instances.tif uint16 connected-component labels (8-connected, per plane), components
-                       smaller than --min_size pixels removed, with --instances.
+  <name>_instances.tif uint16 instance labels (per plane), objects smaller than --min_size
+                       pixels removed, with --instances: split by the model's instance head
+                       (config.model.instance_head, flmiseg/instances.py) when it has one,
+                       else 8-connected components of the mask (touching objects merge);
+  <name>_objects.csv   with --instances, one row per object: plane, label, area, centroid
+                       (in um and um^2 when the pixel size is known, else pixels) and mean
+                       intensity of the input.
 (`.ome.tif` instead of `.tif` for OME-TIFF inputs.) Every TIFF carries the input's axes and
 pixel size (ImageJ resolution and unit, or OME PhysicalSize). When two inputs share a name
 (a.tif, a.png), the extension joins it (a_tif_mask.tif).
@@ -39,6 +44,7 @@ with a warning; images that cannot be read are skipped too and reported at the e
 error (exit status 2).
 """
 
+import csv
 import dataclasses
 import glob
 import os
@@ -48,12 +54,11 @@ from absl import logging
 import cv2
 import jax
 import numpy as np
-from skimage import measure
-from skimage import segmentation
 import tqdm
 
 from flmiseg import evaluate
 from flmiseg import inference
+from flmiseg import instances
 from flmiseg import rundir
 from flmiseg import sharding
 from flmiseg.data import io
@@ -61,7 +66,7 @@ from flmiseg.data import preprocess
 from flmiseg.errors import UserError
 
 _GLOB_CHARS = '*?['
-OUTPUT_KINDS = ('mask', 'overlay', 'prob', 'instances')
+OUTPUT_KINDS = ('mask', 'overlay', 'prob', 'instances', 'objects')
 # Pixel sizes within this relative difference count as equal (no rescaling).
 RESCALE_TOLERANCE = 0.1
 
@@ -79,6 +84,7 @@ class Options:
   save_prob: bool = False
   instances: bool = False
   min_size: int = 16
+  seed_threshold: float | None = None  # None: config.eval.seed_threshold.
   channel: int | None = None  # The channel of a multi-channel image.
   axes: str = ''  # Axes of files without metadata ('' = from the file).
   pixel_size: float | None = None  # Micrometres per pixel of the inputs (None = from file).
@@ -108,7 +114,7 @@ class Options:
   def kinds(self) -> tuple[str, ...]:
     """The outputs written per image."""
     return ('mask', 'overlay') + (('prob',) if self.save_prob else ()) + (
-        ('instances',) if self.instances else ())
+        ('instances', 'objects') if self.instances else ())
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -160,6 +166,8 @@ def output_path(out: pathlib.Path, name: str, kind: str, ome: bool) -> pathlib.P
   """OUT/<name>_<kind>.tif (.ome.tif for OME inputs; the overlay is a PNG)."""
   if kind == 'overlay':
     return out / f'{name}_overlay.png'
+  if kind == 'objects':
+    return out / f'{name}_objects.csv'
   return out / f'{name}_{kind}{".ome.tif" if ome else ".tif"}'
 
 
@@ -208,15 +216,19 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
   return bgr
 
 
-def label_instances(mask: np.ndarray, min_size: int) -> np.ndarray:
-  """uint16 labels 1..n of the 8-connected components of at least min_size pixels."""
-  labels = measure.label(mask > 0, connectivity=2)
-  sizes = np.bincount(labels.ravel())
-  labels[(sizes < min_size)[labels]] = 0  # (skimage renamed remove_small_objects' argument)
-  labels, _, _ = segmentation.relabel_sequential(labels)
-  if labels.max() > np.iinfo(np.uint16).max:
-    raise UserError(f'{labels.max()} instances do not fit a uint16 label image')
-  return labels.astype(np.uint16)
+def write_objects(path: pathlib.Path, labels: np.ndarray, planes: np.ndarray,
+                  pixel_size: float | None) -> None:
+  """<name>_objects.csv: one row per object of each plane (instances.object_table)."""
+  rows, header = [], None
+  for index, (plane_labels, plane) in enumerate(zip(labels, planes)):
+    header, plane_rows = instances.object_table(plane_labels, plane, pixel_size)
+    rows += [[index] + row for row in plane_rows]
+  tmp = path.with_name(f'.{path.name}.tmp')
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['plane'] + header)
+    writer.writerows(rows)
+  os.replace(tmp, path)
 
 
 def _write_png(path: pathlib.Path, image: np.ndarray) -> None:
@@ -255,8 +267,9 @@ class Predictor:
   batch_size: int
 
   def plane(self, raw: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, dict]:
-    """(float32 probabilities (H, W), stats of the normalised plane) of a raw (H, W)
-    plane, resized by `factor` for the network and back."""
+    """(float32 outputs (H, W, C), stats of the normalised plane) of a raw (H, W) plane,
+    resized by `factor` for the network and back. Channel 0 is the foreground probability,
+    channel 1 the instance head's distance (models with one)."""
     h, w = raw.shape
     scaled = raw if factor == 1.0 else resize(
         raw, (max(1, round(h * factor)), max(1, round(w * factor))))
@@ -265,11 +278,12 @@ class Predictor:
     prob = inference.sliding_window(self.probs_of, normalised, self.tile, self.overlap,
                                     self.batch_size, progress=True)
     if factor != 1.0:
-      prob = np.clip(resize(prob, (h, w)), 0.0, 1.0)
+      prob = np.stack([np.clip(resize(c, (h, w)), 0.0, 1.0) for c in np.moveaxis(prob, -1, 0)],
+                      axis=-1)
     return prob, preprocess.image_stats(normalised)
 
   def planes(self, planes: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, list[dict]]:
-    """(probabilities (N, H, W), per-plane stats) of raw planes (N, H, W)."""
+    """(outputs (N, H, W, C), per-plane stats) of raw planes (N, H, W)."""
     results = [self.plane(p, factor) for p in planes]
     return np.stack([r[0] for r in results]), [r[1] for r in results]
 
@@ -299,7 +313,8 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   pixel_size = options.pixel_size or image.pixel_size
   factor = rescale_factor(pixel_size, predictor.config.data.pixel_size or None,
                           options.rescale)
-  prob, stats = predictor.planes(planes, factor)
+  outputs, stats = predictor.planes(planes, factor)
+  prob = outputs[..., 0]
   mask = prob > threshold
   write = lambda kind, array: io.write_tiff(  # pylint: disable=g-long-lambda
       output_path(out, name, kind, image.ome), io.restore_axes(array, out_axes, out_shape),
@@ -311,7 +326,10 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   if options.save_prob:
     write('prob', prob)
   if options.instances:
-    write('instances', np.stack([label_instances(m, options.min_size) for m in mask]))
+    labels = np.stack([evaluate.predicted_instances(o, threshold, options.seed_threshold,
+                                                    options.min_size) for o in outputs])
+    write('instances', labels)
+    write_objects(output_path(out, name, 'objects', image.ome), labels, planes, pixel_size)
   notes = [f'{path}: resized x{factor:.3g} to the model\'s pixel size '
            f'({predictor.config.data.pixel_size:g} um; the image\'s is {pixel_size:g} um)'
            ] if factor != 1.0 else []
@@ -355,6 +373,13 @@ def run(config, workdir, options: Options) -> dict:
   predictor = Predictor(
       inference.prob_fn(state, mesh, options.tta), config, tile, options.overlap,
       inference.round_up_batch(options.batch_size or config.eval.batch_size, n))
+  if options.seed_threshold is None:
+    options = dataclasses.replace(options, seed_threshold=config.eval.get(
+        'seed_threshold', instances.SEED_THRESHOLD))
+  if options.instances and not config.model.get('instance_head'):
+    logging.warning('%s has no instance head (config.model.instance_head): instances are '
+                    'connected components of the mask, so touching objects stay merged',
+                    workdir)
   training = rundir.read_input_stats(workdir)
   logging.info('Predicting %d image(s) with the step-%d checkpoint of %s, threshold %.3f '
                '(%s)%s', len(inputs), step, workdir, threshold, source,

@@ -42,15 +42,34 @@ def create_train_state(model, tx, sample_hw, seed: int, mesh) -> TrainState:
   return lowered.compile(compiler_options=options)(key)
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn, schedule, dropout_key):
-  """One optimisation step on a global batch; returns (new_state, metrics)."""
+def semantic_side_outputs(aux: dict) -> dict:
+  """aux with its side outputs cut to their foreground logit (channel 0)."""
+  if 'side_outputs' not in aux:
+    return aux
+  return {**aux, 'side_outputs': [o[..., :1] for o in aux['side_outputs']]}
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn, schedule, dropout_key,
+               instance_weight: float = 1.0):
+  """One optimisation step on a global batch; returns (new_state, metrics).
+
+  The loss is loss_fn on the foreground logit (channel 0) of the final and side outputs;
+  batches with a 'distance' target (an instance head) add instance_weight times the BCE of
+  channel 1 of the final output against it.
+  """
   key = jax.random.fold_in(dropout_key, state.step)
 
   def loss_of(params):
     (logits, aux), updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
         mutable=['batch_stats'], rngs={'dropout': key})
-    loss = losses.total_loss(loss_fn, logits, aux, batch['mask'], batch['valid'])
+    loss = losses.total_loss(loss_fn, logits[..., :1], semantic_side_outputs(aux),
+                             batch['mask'], batch['valid'])
+    if 'distance' in batch:  # the instance head: channel 1 of the final output
+      # BCE with the soft target: its gradient is sigmoid - target, as a squared error's
+      # would be, without vanishing where the sigmoid saturates.
+      loss = loss + instance_weight * losses.bce(logits[..., 1:2], batch['distance'],
+                                                 batch['valid'])
     return loss, updates.get('batch_stats', state.batch_stats)
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
@@ -60,11 +79,15 @@ def train_step(state: TrainState, batch: dict, *, loss_fn, schedule, dropout_key
 
 
 def predict_step(state: TrainState, batch: dict, *, threshold: float):
-  """Probabilities (N, H, W, 1) and per-image confusion counts at `threshold`."""
+  """Outputs (N, H, W, C) and per-image confusion counts of channel 0 at `threshold`.
+
+  Channel 0 is the foreground probability; a model with an instance head adds channel 1, its
+  predicted normalised distance (both sigmoids of the logits).
+  """
   logits, _ = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
                              batch['image'], train=False)
   probs = jax.nn.sigmoid(logits.astype(jnp.float32))
-  counts = metrics.confusion_counts(probs, batch['mask'], threshold, batch['valid'])
+  counts = metrics.confusion_counts(probs[..., :1], batch['mask'], threshold, batch['valid'])
   return probs, counts
 
 
@@ -74,7 +97,8 @@ def jit_steps(config, loss_fn, schedule, mesh, state_shardings):
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   train = jax.jit(
       functools.partial(train_step, loss_fn=loss_fn, schedule=schedule,
-                        dropout_key=dropout_key),
+                        dropout_key=dropout_key,
+                        instance_weight=config.train.get('instance_weight', 1.0)),
       out_shardings=(state_shardings, rep), donate_argnums=0)
   return train, jit_predict(config.eval.threshold)
 

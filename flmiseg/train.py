@@ -18,6 +18,7 @@ import tqdm
 from flmiseg import checkpoint
 from flmiseg import evaluate
 from flmiseg import inference
+from flmiseg import instances
 from flmiseg import losses
 from flmiseg import models
 from flmiseg import optim
@@ -341,4 +342,7 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
   calibration = calibrate_best(config, workdir, data, mesh, state, predict, step)
   return evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
                            config.eval.threshold, out_dir=workdir / 'eval',
-                           extra={'checkpoint_step': step}, calibration=calibration)
+                           extra={'checkpoint_step': step}, calibration=calibration,
+                           seed_threshold=config.eval.get('seed_threshold',
+                                                          instances.SEED_THRESHOLD),
+                           min_size=config.eval.get('min_size', 0))

@@ -8,8 +8,11 @@ import tifffile
 from flmiseg.configs import default
 
 
-def write_blob_dataset(root, num_train=12, num_test=4, size=32, seed=0) -> pathlib.Path:
-  """A tiny dataset of bright noisy disks (16-bit) in the reference list format."""
+def write_blob_dataset(root, num_train=12, num_test=4, size=32, seed=0,
+                       labels: bool = False) -> pathlib.Path:
+  """A tiny dataset of bright noisy disks (16-bit) in the reference list format; with
+  `labels` the masks are uint16 label images (disk k is k + 1 where no later disk covers it),
+  else uint8 0/255."""
   rng = np.random.default_rng(seed)
   root = pathlib.Path(root)
   for split, n in (('train', num_train), ('test', num_test)):
@@ -18,15 +21,17 @@ def write_blob_dataset(root, num_train=12, num_test=4, size=32, seed=0) -> pathl
     lines = []
     for i in range(n):
       yy, xx = np.mgrid[:size, :size]
-      mask = np.zeros((size, size), bool)
-      for _ in range(3):
+      objects = np.zeros((size, size), np.uint16)
+      for k in range(3):
         cy, cx, r = rng.uniform(4, size - 4, 2).tolist() + [rng.uniform(2, 6)]
-        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        objects[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = k + 1
+      mask = objects > 0
       image = 1000 + 20000 * mask + rng.normal(0, 3000, mask.shape)
       image = np.clip(image, 0, 65535).astype(np.uint16)
       name = f'{split}_{i:03d}.tif'
       tifffile.imwrite(root / split / 'images' / name, image)
-      tifffile.imwrite(root / split / 'masks' / name, (mask * 255).astype(np.uint8))
+      tifffile.imwrite(root / split / 'masks' / name,
+                       objects if labels else (mask * 255).astype(np.uint8))
       lines.append(f'{split}/images/{name} {split}/masks/{name}')
     (root / f'{split}.txt').write_text('\n'.join(lines) + '\n')
   return root

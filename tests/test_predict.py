@@ -8,6 +8,7 @@ from scipy import ndimage
 import tifffile
 
 from flmiseg import inference
+from flmiseg import instances
 from flmiseg import predict
 from flmiseg.errors import UserError
 
@@ -45,7 +46,8 @@ def _sigmoid(tiles):
 def test_sliding_window_equals_whole_image_for_pointwise_model():
   image = np.random.default_rng(0).normal(size=(300, 517)).astype(np.float32)
   tiled = inference.sliding_window(_sigmoid, image, tile=64, overlap=0.25, batch_size=8)
-  np.testing.assert_allclose(tiled, _sigmoid(image), rtol=0, atol=1e-6)
+  assert tiled.shape == (300, 517, 1)
+  np.testing.assert_allclose(tiled[..., 0], _sigmoid(image), rtol=0, atol=1e-6)
 
 
 def test_sliding_window_exact_away_from_tile_seams():
@@ -58,7 +60,7 @@ def test_sliding_window_exact_away_from_tile_seams():
 
   whole = box(image[None, ..., None])[0, ..., 0]
   tile = 48
-  tiled = inference.sliding_window(box, image, tile=tile, overlap=0.25, batch_size=4)
+  tiled = inference.sliding_window(box, image, tile=tile, overlap=0.25, batch_size=4)[..., 0]
   seam = np.zeros(image.shape, bool)  # pixels within 1 px of an inner tile edge
   ys, xs = inference.tile_starts(150, tile, 0.25), inference.tile_starts(203, tile, 0.25)
   for y in ys:
@@ -82,13 +84,13 @@ def test_dihedral_inverse_and_group():
   assert len(seen) == 8
 
 
-def test_label_instances_min_size():
+def test_connected_components_min_size():
   mask = np.zeros((20, 20), bool)
   mask[1:4, 1:4] = True  # 9 px
   mask[10:12, 10:11] = True  # 2 px: removed with min_size 3
   mask[15:19, 5:9] = True  # 16 px
   mask[4, 4] = True  # diagonal neighbour of the first: joins it (8-connected)
-  labels = predict.label_instances(mask, min_size=3)
+  labels = instances.connected_components(mask, min_size=3)
   assert labels.dtype == np.uint16 and labels.max() == 2
   assert labels[1, 1] == labels[4, 4] == 1 and labels[16, 6] == 2 and labels[10, 10] == 0
 

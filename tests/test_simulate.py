@@ -220,7 +220,7 @@ def test_randomized_dataset_is_reproducible_and_records_its_knobs(tmp_path):
   assert len({k['photons'] for k in knobs}) == 4
   # Each image is reproducible on its own: its knobs come from params_rng(seed, split, i).
   p = simulate_random.random_params('mito', simulate.params_rng(3, 'test', 1), 'wide')
-  image, mask = simulate.simulate('mito', 48, simulate.image_rng(3, 'test', 1), p)
+  image, mask = simulate.simulate('mito', 48, simulate.image_rng(3, 'test', 1), p, labels=True)
   assert np.array_equal(tifffile.imread(a / 'test/images/mito_00001.tif'), image)
   assert np.array_equal(tifffile.imread(a / 'test/masks/mito_00001.tif'), mask)
   shifted = simulate.write_dataset('mito', tmp_path / 's', randomize='shifted', **args)

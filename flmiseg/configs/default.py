@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.fusion = ''  # Fusion operator for models that take one; '' = the variant's default.
   model.backbone = ''  # Encoder for models that take one (deeplabv3p: resnet50|resnet101).
   model.num_classes = 1  # Output channels: one foreground logit.
+  # '' or 'distance': an extra output that separates touching objects (flmiseg/instances.py);
+  # needs label-image masks (0 background, 1..N objects) to learn from.
+  model.instance_head = ''
 
   config.train = train = ml_collections.ConfigDict()
   train.num_epochs = 12  # Passes over the training split (used when num_steps is 0).
@@ -73,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   # packed folder with the same config.model ('' = from scratch).
   train.init_from = ''
   train.early_stop_patience = 0  # Validations without a better IoU before stopping (0: off).
+  train.instance_weight = 1.0  # Weight of the instance head's loss (model.instance_head).
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.name = 'adam'  # sgd|adam|adamw.
@@ -92,4 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.batch_size = 8  # Global eval batch (padded with masked entries at the end).
   ev.threshold = 0.5  # Probability threshold, as the reference.
   ev.calibrate_metric = 'iou'  # Threshold tuned on the validation split by this ('' = off).
+  # Instance head: predicted distance above which pixels seed an object (flmiseg/instances.py).
+  ev.seed_threshold = 0.5
+  ev.min_size = 16  # Instances: objects smaller than this many pixels are dropped.
   return config

@@ -11,6 +11,13 @@ unlabelled. The cached mask stays uint8 {0, 1} (0 on ignored pixels), so every r
 files keeps working; the ignored pixels go to a third file, '<key>_ignored.npy' (uint8, 1 =
 ignored), written only for masks that have some, before the mask file (a cached mask file
 therefore means its ignored map, if any, is complete).
+
+Label images (masks with more than one distinct nonzero value: 0 background, 1..N objects) are
+foreground wherever nonzero, as any mask; their labels go to '<key>_labels.npy' (int32, 0 on
+ignored pixels), also written before the mask file, for instance metrics. With
+`instance_targets`, each training pair also gets '<key>_distance.npy': the normalised distance
+map an instance head regresses (flmiseg/instances.py), from the labels, or from the connected
+components of a binary mask.
 """
 
 import concurrent.futures
@@ -24,9 +31,11 @@ import numpy as np
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import preprocess
+from flmiseg import instances
+from flmiseg import matching
 from flmiseg.errors import UserError
 
-CACHE_VERSION = 4  # 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
+CACHE_VERSION = 5  # 5: label images; 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
 IGNORED = 255  # io.read_mask's value for pixels equal to the ignore value
 
 
@@ -36,13 +45,18 @@ class PreparedSource:
 
   Element i is {'image': float32 (H, W), 'mask': uint8 (H, W) in {0, 1}, 'index': int}, plus
   'ignored': uint8 (H, W) in {0, 1} (1 = unlabelled, mask 0 there) for images that have
-  ignored pixels (config.data.ignore_value).
+  ignored pixels (config.data.ignore_value), and 'distance': float32 (H, W) (the instance
+  head's target) when prepared with instance_targets.
   """
   files: tuple[tuple[str, str], ...]
   shapes: tuple[tuple[int, int], ...]
   names: tuple[str, ...]
   # Per image, its cached ignored-pixel map or '' (none); () when no image has one.
   ignored: tuple[str, ...] = ()
+  # Per image, its cached label image or '' (a binary mask); () when no mask is a label image.
+  labels: tuple[str, ...] = ()
+  # Per image, its cached instance-head target; () when not prepared with instance_targets.
+  distance: tuple[str, ...] = ()
 
   def __len__(self) -> int:
     return len(self.files)
@@ -55,7 +69,21 @@ class PreparedSource:
     element = {'image': np.load(image_file), 'mask': np.load(mask_file), 'index': index}
     if self.ignored_file(index):
       element['ignored'] = np.load(self.ignored_file(index))
+    if self.distance:
+      element['distance'] = np.load(self.distance[index])
     return element
+
+  @property
+  def has_labels(self) -> bool:
+    """Whether some mask of the set is a label image (instance metrics apply)."""
+    return bool(self.labels)
+
+  def label_image(self, index: int) -> np.ndarray:
+    """int32 (H, W) instance labels of image `index`: its label image, or the 8-connected
+    components of its binary mask; 0 on ignored pixels."""
+    if self.labels and self.labels[index]:
+      return np.load(self.labels[index])
+    return instances.connected_components(np.load(self.files[index][1])).astype(np.int32)
 
   def valid_map(self, index: int) -> np.ndarray | None:
     """(H, W) bool, False on ignored pixels; None when image `index` has none."""
@@ -63,10 +91,9 @@ class PreparedSource:
     return None if not path else np.load(path) == 0
 
   def subset(self, indices) -> 'PreparedSource':
-    return PreparedSource(tuple(self.files[i] for i in indices),
-                          tuple(self.shapes[i] for i in indices),
-                          tuple(self.names[i] for i in indices),
-                          tuple(self.ignored[i] for i in indices) if self.ignored else ())
+    pick = lambda values: tuple(values[i] for i in indices) if values else ()
+    return PreparedSource(pick(self.files), pick(self.shapes), pick(self.names),
+                          pick(self.ignored), pick(self.labels), pick(self.distance))
 
 
 def _cache_key(pair: lists.Pair, method: str, ignore_value: int) -> str:
@@ -78,12 +105,13 @@ def _cache_key(pair: lists.Pair, method: str, ignore_value: int) -> str:
 
 
 def _cache_files(pair: lists.Pair, method: str, cache_dir: pathlib.Path,
-                 ignore_value: int) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
-  """The cache files (image, mask, ignored map) of a pair: named by a hash, always directly
-  in cache_dir. The ignored map exists only for masks with ignored pixels."""
+                 ignore_value: int) -> tuple[pathlib.Path, ...]:
+  """The cache files (image, mask, ignored map, labels, distance target) of a pair: named by
+  a hash, always directly in cache_dir. The ignored map exists only for masks with ignored
+  pixels, the labels only for label images, the distance only once asked for."""
   key = _cache_key(pair, method, ignore_value)
-  return (cache_dir / f'{key}_image.npy', cache_dir / f'{key}_mask.npy',
-          cache_dir / f'{key}_ignored.npy')
+  return tuple(cache_dir / f'{key}_{part}.npy'
+               for part in ('image', 'mask', 'ignored', 'labels', 'distance'))
 
 
 def cache_bytes(pixels: int) -> int:
@@ -113,42 +141,58 @@ def check_ignore_value(ignore_value) -> int:
   return int(ignore_value)
 
 
+def _present(path: pathlib.Path) -> str:
+  return str(path) if path.exists() else ''
+
+
 def _prepare_one(pair: lists.Pair, method: str, kind: str, cache_dir: pathlib.Path,
-                 ignore_value: int) -> tuple[str, str, tuple[int, int], int, str]:
+                 ignore_value: int, instance_targets: bool) -> tuple:
   """Reads, checks, normalises and caches one pair.
 
-  Returns (image file, mask file, shape, foreground pixel count, ignored-map file or '').
+  Returns (image file, mask file, shape, foreground pixel count, ignored-map file or '',
+  labels file or '', distance file or '').
   """
-  image_file, mask_file, ignored_file = _cache_files(pair, method, cache_dir, ignore_value)
+  image_file, mask_file, ignored_file, labels_file, distance_file = _cache_files(
+      pair, method, cache_dir, ignore_value)
   if image_file.exists() and mask_file.exists():
     mask = np.load(mask_file, mmap_mode='r')
-    ignored = str(ignored_file) if ignored_file.exists() else ''
-    return str(image_file), str(mask_file), mask.shape, int(mask.sum()), ignored
-  try:
-    image = io.read_image(pair.image)
-    mask = io.read_mask(pair.mask, ignore_value)
-  except UserError as e:
-    raise UserError(f'{pair.origin}: {e}') from e
-  if image.shape != mask.shape:
-    raise UserError(f'{pair.origin}: image {pair.image.name} has shape {image.shape} but '
-                    f'mask {pair.mask.name} has shape {mask.shape}')
-  ignored = mask == IGNORED
-  _save_atomic(image_file, preprocess.normalize(image, method, kind))
-  if ignored.any():  # before the mask file, which marks the entry complete
-    _save_atomic(ignored_file, ignored.astype(np.uint8))
-  mask = np.where(ignored, 0, mask).astype(np.uint8)
-  _save_atomic(mask_file, mask)
-  return (str(image_file), str(mask_file), mask.shape, int(mask.sum()),
-          str(ignored_file) if ignored.any() else '')
+    shape, count = mask.shape, int(mask.sum())
+  else:
+    try:
+      image = io.read_image(pair.image)
+      raw = io.read_image(pair.mask)
+      mask = io.binarize_mask(raw, ignore_value)
+    except UserError as e:
+      raise UserError(f'{pair.origin}: {e}') from e
+    if image.shape != mask.shape:
+      raise UserError(f'{pair.origin}: image {pair.image.name} has shape {image.shape} but '
+                      f'mask {pair.mask.name} has shape {mask.shape}')
+    ignored = mask == IGNORED
+    _save_atomic(image_file, preprocess.normalize(image, method, kind))
+    # The ignored map and the labels go before the mask file, which marks the entry complete.
+    if ignored.any():
+      _save_atomic(ignored_file, ignored.astype(np.uint8))
+    if matching.is_label_image(np.where(ignored, 0, raw)):
+      _save_atomic(labels_file, np.where(ignored, 0, raw).astype(np.int32))
+    mask = np.where(ignored, 0, mask).astype(np.uint8)
+    _save_atomic(mask_file, mask)
+    shape, count = mask.shape, int(mask.sum())
+  if instance_targets and not distance_file.exists():
+    labels = np.load(labels_file) if labels_file.exists() else None
+    _save_atomic(distance_file, instances.targets_from_mask(np.load(mask_file), labels))
+  return (str(image_file), str(mask_file), shape, count, _present(ignored_file),
+          _present(labels_file), _present(distance_file))
 
 
 def prepare(pairs: list[lists.Pair], normalization: str, kind: str,
             cache_dir, require_foreground: bool = True,
-            ignore_value: int = -1) -> PreparedSource:
+            ignore_value: int = -1, instance_targets: bool = False) -> PreparedSource:
   """Validates, normalises and caches `pairs`; returns a PreparedSource over them.
 
   ignore_value: a mask value whose pixels are unlabelled (excluded from losses and metrics;
   see the module docstring); -1: none, every nonzero pixel is foreground.
+  instance_targets: also cache the instance head's distance targets (training sets of a
+  model with config.model.instance_head).
   """
   method = preprocess.resolve(normalization, kind)
   ignore_value = check_ignore_value(ignore_value)
@@ -160,24 +204,26 @@ def prepare(pairs: list[lists.Pair], normalization: str, kind: str,
   missing = [p for p in pairs if not all(
       f.exists() for f in _cache_files(p, method, cache_dir, ignore_value)[:2])]
   # With an ignore value, a mask may add a uint8 ignored map: one more byte per pixel.
-  per_pixel_extra = 1 if ignore_value >= 0 else 0
+  # Instance targets add a float32 distance map, and most likely int32 labels.
+  per_pixel_extra = (1 if ignore_value >= 0 else 0) + (8 if instance_targets else 0)
   needed = sum(cache_bytes(n) + per_pixel_extra * (n + 128)
                for n in (io.pixel_count(p.image) for p in missing))
   io.check_free_space(cache_dir, needed, f'the preprocessing cache of {len(missing)} images')
   workers = min(8, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    results = list(pool.map(lambda p: _prepare_one(p, method, kind, cache_dir, ignore_value),
-                            pairs))
+    results = list(pool.map(lambda p: _prepare_one(p, method, kind, cache_dir, ignore_value,
+                                                   instance_targets), pairs))
   # The cached masks are 0 on ignored pixels: only real foreground counts.
   if require_foreground and sum(r[3] for r in results) == 0:
     origin = pairs[0].origin.rsplit(' line ', 1)[0]
     raise UserError(f'{origin}: no mask in the set has any foreground pixel (are the masks '
                     'inverted or all black?)')
-  ignored = tuple(r[4] for r in results)
+  optional = lambda column: (tuple(r[column] for r in results)
+                             if any(r[column] for r in results) else ())
   return PreparedSource(files=tuple((r[0], r[1]) for r in results),
                         shapes=tuple(tuple(r[2]) for r in results),
                         names=tuple(p.image.stem for p in pairs),
-                        ignored=ignored if any(ignored) else ())
+                        ignored=optional(4), labels=optional(5), distance=optional(6))
 
 
 def split_validation(source: PreparedSource, val_fraction: float,

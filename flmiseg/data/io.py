@@ -69,7 +69,11 @@ def read_mask(path: str | os.PathLike, ignore_value: int = -1) -> np.ndarray:
   ignore_value: those are unlabelled (sparse annotations) and read as 255. With the default
   ignore_value=-1 the result is in {0, 1}.
   """
-  mask = read_image(path)
+  return binarize_mask(read_image(path), ignore_value)
+
+
+def binarize_mask(mask: np.ndarray, ignore_value: int = -1) -> np.ndarray:
+  """A mask's values as read_mask returns them: uint8 0, 1 (nonzero) or 255 (ignore_value)."""
   out = (mask != 0).astype(np.uint8)
   if ignore_value >= 0:
     out[mask == ignore_value] = 255  # 255: the usual "ignore index" of segmentation labels

@@ -82,9 +82,10 @@ def load(config, cache_dir, need_train: bool = True) -> Datasets:
     raise UserError(f'config.data.pixel_size={data_cfg.pixel_size}: must be >= 0 '
                     '(micrometres per pixel; 0 = unknown)')
   train_spec, test_spec = list_paths(config)
-  prep = lambda spec, fg: dataset.prepare(  # pylint: disable=g-long-lambda
+  prep = lambda spec, train: dataset.prepare(  # pylint: disable=g-long-lambda
       lists.load_pairs(spec), data_cfg.normalization, data_cfg.kind, cache_dir,
-      require_foreground=fg, ignore_value=data_cfg.ignore_value)
+      require_foreground=train, ignore_value=data_cfg.ignore_value,
+      instance_targets=train and bool(config.model.get('instance_head')))
   train = val = None
   if need_train:
     train, val = dataset.split_validation(prep(train_spec, True), data_cfg.val_fraction,

@@ -26,7 +26,9 @@ so they mean the same under every normalisation. The cached images are normalise
 so these emulate what per-image normalisation does not remove. Evaluation never augments.
 
 Pixels a sparse mask leaves unlabelled (the source's 'ignored' map, config.data.ignore_value)
-get valid=0 (and mask 0), so losses and metrics skip them.
+get valid=0 (and mask 0), so losses and metrics skip them. Elements with a 'distance' map (the
+instance head's target, flmiseg/instances.py) get it cropped, zoomed (nearest neighbour) and
+turned with the mask, as float32 (B, H, W, 1) 'distance' in the training batches.
 """
 
 import dataclasses
@@ -226,29 +228,30 @@ class Augment(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     """element: 'image' float32 (H, W), 'mask' (H, W) {0, 1}, optional 'ignored' (H, W)
-    {0, 1}; returns 'image', 'mask', 'valid': float32 (S, S, 1), S = crop_size."""
+    {0, 1} and 'distance' float32 (H, W); returns 'image', 'mask', 'valid' (and 'distance'):
+    float32 (S, S, 1), S = crop_size."""
     image, mask = element['image'], element['mask']
     h, w = image.shape
     top = int(rng.integers(0, max(h - self.crop_size, 0) + 1))
     left = int(rng.integers(0, max(w - self.crop_size, 0) + 1))
     k = int(rng.integers(DIHEDRAL_ORDER)) if self.flips else 0
-    arrays = [image, mask, np.ones((h, w), np.float32)]
-    if 'ignored' in element:
-      arrays.append(element['ignored'])
+    extras = [key for key in ('ignored', 'distance') if key in element]
+    arrays = [image, mask, np.ones((h, w), np.float32)] + [element[key] for key in extras]
     if 'scale' in self.groups and rng.random() < SCALE_PROB:
       arrays = _scaled_crop(arrays, self.crop_size, top, left, rng)
     else:
       arrays = crop_or_pad(arrays, self.crop_size, top, left)
     image, mask, valid = arrays[:3]
+    extra = dict(zip(extras, arrays[3:]))
     if any(g in PHOTOMETRIC_GROUPS for g in self.groups):
       image = photometric(image, valid > 0, self.groups, rng)
-    if len(arrays) > 3:  # unlabelled pixels: mask is 0 there already
-      valid = valid * (arrays[3] == 0)
-    return {
-        'image': np.ascontiguousarray(dihedral(image, k))[..., None].astype(np.float32),
-        'mask': np.ascontiguousarray(dihedral(mask, k))[..., None].astype(np.float32),
-        'valid': np.ascontiguousarray(dihedral(valid, k))[..., None],
-    }
+    if 'ignored' in extra:  # unlabelled pixels: mask is 0 there already
+      valid = valid * (extra['ignored'] == 0)
+    out = {'image': image, 'mask': mask, 'valid': valid}
+    if 'distance' in extra:
+      out['distance'] = extra['distance']
+    return {key: np.ascontiguousarray(dihedral(value, k))[..., None].astype(np.float32)
+            for key, value in out.items()}
 
 
 def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, seed: int,

@@ -16,7 +16,9 @@ the same kind blurred 3-6x wider, + autofluorescence) -> background (haze, uneve
 vignetting) -> Poisson shot noise x camera gain + offset + read noise (+ hot pixels) ->
 uint16 (er, mito), uint8 (nucleus) or `bit_depth`, clipped at its maximum (saturation).
 The mask is the in-focus structure's geometry on the pixel grid before blur (uint8, 0/255),
-never the out-of-focus layer or debris. Everything is reproducible from a seed; `Params()`
+never the out-of-focus layer or debris; write_dataset writes nucleus and mito masks as uint16
+label images (one value per object, INSTANCE_KINDS), which every reader still takes as
+foreground wherever nonzero. Everything is reproducible from a seed; `Params()`
 reproduces the original simulator exactly; simulate_random.py draws the knobs per image.
 """
 
@@ -32,11 +34,13 @@ import scipy.ndimage as ndi
 import scipy.signal
 import scipy.special
 import scipy.spatial
+from skimage import segmentation
 import tifffile
 
 from flmiseg.errors import UserError
 
 KINDS = ('er', 'mito', 'nucleus')
+INSTANCE_KINDS = ('mito', 'nucleus')  # write_dataset writes their masks as label images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +155,8 @@ def _polyline(canvas, pts, width: int, value=1.0) -> None:
 
 
 def _er(rng, h, w, p: Params):
-  """ER network geometry: (structure map (H, W) float32 in {0,1}, brightness map (H, W))."""
+  """ER network geometry: (object map (H, W) float32 in {0, 1} (one network), brightness
+  map (H, W)); every geometry returns this pair, object maps numbering objects 1, 2, ..."""
   mask = np.zeros((h, w), np.float32)
   area = h * w / 256.0**2
   s = p.scale  # 1.0 multiplies exactly, so the default path is the original one
@@ -187,7 +192,7 @@ def _er(rng, h, w, p: Params):
 
 
 def _mito(rng, h, w, p: Params):
-  """Mitochondria geometry in the cytoplasm of one cell."""
+  """Mitochondria geometry in the cytoplasm of one cell (object k: the k-th tubule)."""
   mask = np.zeros((h, w), np.float32)
   cell = np.zeros((h, w), np.uint8)
   c = np.array([rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h])
@@ -199,7 +204,7 @@ def _mito(rng, h, w, p: Params):
   ys, xs = np.nonzero(cell & (1 - nucleus))
   s = p.scale  # the cell keeps its size (so coverage stays), its mitochondria scale
   n = max(1, int(p.density / s**2 * h * w / 256.0**2))
-  for _ in range(n):
+  for k in range(n):
     i = rng.integers(len(ys))
     start = np.array([xs[i], ys[i]], float)
     length = rng.uniform(10, 80) * s
@@ -213,15 +218,15 @@ def _mito(rng, h, w, p: Params):
     kind = rng.random()
     if kind < 0.15:  # fragmented into puncta along the path
       for q in path[::2]:
-        cv2.circle(mask, tuple(np.round(q).astype(int)), max(1, width // 2 + 1), 1.0, -1)
+        cv2.circle(mask, tuple(np.round(q).astype(int)), max(1, width // 2 + 1), k + 1.0, -1)
     else:
-      _polyline(mask, path, width)
+      _polyline(mask, path, width, k + 1.0)
       if kind > 0.8:  # branched
         j = rng.integers(1, len(path))
         angle = heading + turns[min(j, steps - 1)] + rng.choice([-1, 1]) * rng.uniform(0.6, 1.3)
         branch = path[j] + np.outer(np.arange(1, 4 + steps // 2), 4 * s * np.array(
             [np.cos(angle), np.sin(angle)]))
-        _polyline(mask, np.vstack([path[j], branch]), max(2, width - 1))
+        _polyline(mask, np.vstack([path[j], branch]), max(2, width - 1), k + 1.0)
   mask *= cell
   brightness = np.exp(p.heterogeneity * _smooth_noise(rng, (h, w), 4.0 * s)) * (
       1 - 0.8 * nucleus)
@@ -229,7 +234,8 @@ def _mito(rng, h, w, p: Params):
 
 
 def _nucleus(rng, h, w, p: Params):
-  """Nuclei: irregular ellipses of varied brightness with chromatin texture."""
+  """Nuclei: irregular ellipses of varied brightness with chromatin texture (object k: the
+  k-th nucleus, where not covered by a later one)."""
   mask = np.zeros((h, w), np.float32)
   brightness = np.zeros((h, w), np.float32)
   s = p.scale
@@ -244,7 +250,7 @@ def _nucleus(rng, h, w, p: Params):
     cv2.fillPoly(blob, [_blob_contour(rng, centre, radii, rng.uniform(0, np.pi), 0.25)], 1)
     level = rng.uniform(2.0, 3.0) if mitotic else rng.uniform(0.35, 1.0)
     brightness = np.where(blob > 0, np.maximum(brightness, level), brightness)
-    mask[blob > 0] = 1.0
+    mask[blob > 0] = k + 1.0  # a later nucleus lies on top of an earlier one
   return mask, brightness * texture
 
 
@@ -303,8 +309,8 @@ def _unfocused(kind: str, rng, h, w, p: Params, diffuse: np.ndarray | None, peak
   (mean: autofluorescence x the structure's peak signal)."""
   layer = None
   if p.out_of_focus > 0:
-    structure, brightness = _GEOMETRY[kind](rng, h, w, p)
-    layer = p.out_of_focus * structure * brightness
+    objects, brightness = _GEOMETRY[kind](rng, h, w, p)
+    layer = p.out_of_focus * (objects > 0) * brightness
   if diffuse is not None and diffuse.any():
     layer = diffuse if layer is None else layer + diffuse
   if layer is not None:
@@ -345,7 +351,8 @@ def _camera(rng, expected: np.ndarray, p: Params) -> np.ndarray:
   return np.clip(np.round(counts), 0, top).astype(dtype)
 
 
-def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = None):
+def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = None,
+             labels: bool = False):
   """One image and its mask.
 
   Args:
@@ -353,15 +360,20 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
     size: side, or (H, W).
     rng: the random generator (all randomness comes from it).
     params: knobs (None: the kind's defaults).
+    labels: return the mask as a label image (see Returns); the image is the same.
   Returns:
     (image (H, W): uint16 for er/mito, uint8 for nucleus, or as params.bit_depth says (uint12:
-    uint16 holding 0-4095), mask (H, W) uint8 in {0, 255}: the in-focus structure only).
+    uint16 holding 0-4095), mask (H, W): the in-focus structure only, uint8 in {0, 255}, or
+    with labels=True uint16 labels 0 (background), 1..N (one per nucleus or mitochondrion;
+    where two overlap, the one drawn last; the ER network is one object), numbered in
+    drawing order without gaps).
   """
   p = resolve(kind, params)
   h, w = (size, size) if np.isscalar(size) else tuple(size)
   # The geometry comes first, so knobs that add light (debris, out of focus) leave the mask
   # of a given rng unchanged; those knobs draw nothing when off (Params() is the original).
-  structure, brightness = _GEOMETRY[kind](rng, h, w, p)
+  objects, brightness = _GEOMETRY[kind](rng, h, w, p)
+  structure = (objects > 0).astype(np.float32)
   density = structure * brightness
   sharp, diffuse = _debris(rng, h, w, p) if p.debris > 0 else (None, None)
   blurred = np.clip(_psf_blur(density if sharp is None else density + sharp, p), 0, None)
@@ -376,7 +388,10 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
   light = blurred if unfocused is None else blurred + unfocused
   total = light + p.haze * haze if peak == 1.0 else (light + p.haze * haze) / peak
   expected = p.photons * illumination * total
-  return _camera(rng, expected, p), (structure > 0).astype(np.uint8) * 255
+  image = _camera(rng, expected, p)
+  if labels:
+    return image, segmentation.relabel_sequential(objects.astype(np.int64))[0].astype(np.uint16)
+  return image, (structure > 0).astype(np.uint8) * 255
 
 
 _SPLITS = {'train': 0, 'test': 1}
@@ -435,7 +450,8 @@ def write_dataset(kind: str, out_dir, num_train: int, num_test: int, size: int =
     for i in range(count):
       p = (simulate_random.random_params(kind, params_rng(seed, split, i), randomize)
            if randomize else params)
-      image, mask = simulate(kind, size, image_rng(seed, split, i), p)
+      image, mask = simulate(kind, size, image_rng(seed, split, i), p,
+                             labels=kind in INSTANCE_KINDS)
       name = f'{kind}_{i:05d}.tif'
       tifffile.imwrite(tmp / split / 'images' / name, image, compression='zlib')
       tifffile.imwrite(tmp / split / 'masks' / name, mask, compression='zlib')

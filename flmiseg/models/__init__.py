@@ -4,6 +4,9 @@ Contract shared by every model (tests rely on it):
   * `__call__(self, x, train: bool = False) -> (logits, aux)`; x is NHWC float of any
     spatial size (models pad to their stride and crop back); logits are float32
     (N, H, W, num_classes) with num_classes=1 (a foreground logit) by default.
+  * config.model.instance_head='distance' adds one output channel (the last): the logit of
+    each object's normalised distance map (flmiseg/instances.py); channel 0 stays the
+    foreground logit, and side outputs are trained on their channel 0 only.
   * aux is a dict; models with several outputs (deep supervision, side outputs) put the
     extra logits, each (N, H, W, 1) float32, under aux['side_outputs'] (the loss averages over
     the final and side outputs; evaluation uses the final one). aux also carries encoder
@@ -19,7 +22,9 @@ their variants and the reference's base width.
 from typing import Any, Callable
 
 import flax.linen as nn
+import ml_collections
 
+from flmiseg import instances
 from flmiseg.errors import UserError
 from flmiseg.models import agnet
 from flmiseg.models import deeplabv3p
@@ -74,4 +79,11 @@ def create_model(model_config, dtype) -> nn.Module:
                     f'variants: {", ".join(variants)}')
   if model_config.get('fusion'):  # a mistyped name fails even for models that ignore it
     fusion.get_fusion(model_config.fusion)
+  head = model_config.get('instance_head', '')
+  if head not in instances.HEADS:
+    raise UserError(f'config.model.instance_head={head!r} is not an instance head; valid: '
+                    "distance or '' (none)")
+  if head:  # one more output channel: the normalised distance (flmiseg/instances.py)
+    model_config = ml_collections.ConfigDict(model_config.to_dict())
+    model_config.num_classes += 1
   return builder(model_config, dtype)
