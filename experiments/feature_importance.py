@@ -55,9 +55,9 @@ def ablation_points(model, hw: tuple[int, int]) -> list[str]:
                     'field); supported: unet, lowlevel')
   x = jnp.zeros((1, *hw, 1), jnp.float32)
   _, aux = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x)[0])
-  # UNet returns its bottleneck apart from its skips; the lowlevel wrapper's last skip is it.
-  n = len(aux['skips']) if 'bottleneck' in aux else len(aux['skips']) - 1
-  return [f'skip{i}' for i in range(n)] + ['bottleneck']
+  # Every model's aux holds its skips (finest first) and its bottleneck apart from them
+  # (flmiseg/models/__init__.py).
+  return [f'skip{i}' for i in range(len(aux['skips']))] + ['bottleneck']
 
 
 def mean_iou(predict, state, source, mesh, batch_size: int) -> tuple[float, float]:
@@ -80,7 +80,8 @@ def run(workdir: pathlib.Path) -> list[dict]:
   if data.test is None:
     raise UserError(f'{workdir}: its config has no test set to measure on')
   crop = config.data.crop_size
-  model, schedule, mesh, state, _ = train.build(config, workdir, (crop, crop), 1)
+  setup = train.build(config, workdir, (crop, crop), 1)
+  model, schedule, mesh, state = setup.model, setup.schedule, setup.mesh, setup.state
   state, step = train.restore_best(config, workdir, state)
   loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
   shardings = jax.tree.map(lambda x: x.sharding, state)

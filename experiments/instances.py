@@ -43,6 +43,7 @@ def score(config, workdir) -> dict:
   mesh = sharding.make_mesh()
   state, step = inference.load(config, workdir, mesh)
   threshold = evaluate.calibrated_threshold(workdir, step) or config.eval.threshold
+  dynamic = train.seed_dynamic(config, evaluate.read_calibration(workdir))
   predict = steps.jit_predict(config.eval.threshold)
   found = {'distance': [], 'connected_components': []}
   for i, outputs, _ in evaluate.predictions(predict, state, data.test, mesh,
@@ -50,7 +51,7 @@ def score(config, workdir) -> dict:
     truth = data.test.label_image(i)
     mask = outputs[..., 0] > threshold
     found['distance'].append(matching.match(truth, instances.from_distance(
-        mask, outputs[..., 1], config.eval.seed_threshold, config.eval.min_size)))
+        mask, outputs[..., 1], dynamic, config.eval.min_size)))
     found['connected_components'].append(matching.match(
         truth, instances.connected_components(mask, config.eval.min_size)))
   return {name: matching.summary(matching.combine(rows)) for name, rows in found.items()}
@@ -63,7 +64,7 @@ def main(argv):
   results = {}
   for seed in map(int, FLAGS.seeds):
     config = nucleus_instances.get_config()
-    config.seed = seed
+    config.seed = config.data.seed = seed  # each seed: its own simulated data and model
     config.train.num_steps = FLAGS.steps
     workdir = root / f'seed{seed}'
     start = time.perf_counter()

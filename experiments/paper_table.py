@@ -84,6 +84,7 @@ def cell_config(preset: str, kind: str, name: str, variant: str, seed: int, *,
       config.data.val_fraction = 0.25
       config.optim.warmup_steps = 0
   config.model.name, config.model.variant, config.seed = name, variant, seed
+  config.data.seed = seed  # each seed also simulates its own data, as before data.seed existed
   if train_list:
     config.data.source = 'lists'
     config.data.train_list, config.data.test_list = train_list, test_list

@@ -60,7 +60,7 @@ def test_pairs(kind: str, params: str, num: int = 20):
   config = default.get_config()
   config.data.kind, config.data.synthetic_params = kind, params
   config.data.num_synthetic_train, config.data.num_synthetic_test = 0, num
-  config.seed = TEST_SEED
+  config.data.seed = TEST_SEED
   _, test_list = loader.list_paths(config)
   return lists.load_pairs(test_list)
 

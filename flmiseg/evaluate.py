@@ -17,14 +17,19 @@ DIR/calibration.json (ties: the one nearest config.eval.threshold).
 Files written by a test evaluation, in DIR/eval/: summary.json (every metric, mean per image
 and pooled, at config.eval.threshold and under 'calibrated' at the calibrated threshold),
 per_image.csv (at config.eval.threshold), report.md (the same as a Markdown table) and
-worst_best.png (the test images with the lowest and highest IoU, with their errors).
+worst_best.png (the test images with the lowest and highest IoU, with their errors). Each is
+written whole (a temporary file renamed over it), by process 0 only; on several processes the
+host-side metrics and the calibration are computed once, on process 0, and shared.
 """
 
 import csv
 import heapq
+import io
 import json
 import math
+import os
 import pathlib
+from typing import Callable
 
 from absl import logging
 import jax
@@ -87,11 +92,11 @@ def validation_iou(predict, state, source, mesh, batch_size: int) -> float:
 # ------------------------------------------------------------------ threshold calibration
 
 def check_calibrate_metric(name: str) -> None:
-  """Raises UserError unless `name` is '' (off) or a per-image overlap metric."""
+  """Raises ValueError unless `name` is '' (off) or a per-image overlap metric."""
   if name and name not in metrics.OVERLAP_NAMES:
-    raise UserError(f'config.eval.calibrate_metric={name!r} is not a per-image overlap '
-                    f'metric; valid: {", ".join(metrics.OVERLAP_NAMES)}, or \'\' to keep '
-                    'config.eval.threshold')
+    raise ValueError(f'config.eval.calibrate_metric={name!r} is not a per-image overlap '
+                     f'metric; valid: {", ".join(metrics.OVERLAP_NAMES)}, or \'\' to keep '
+                     'config.eval.threshold')
 
 
 def threshold_grid(default_threshold: float) -> np.ndarray:
@@ -186,24 +191,53 @@ def calibrate_source(predict, state, source, mesh, batch_size: int, metric: str,
                      default_threshold: float) -> dict:
   """`calibrate` over the model's probabilities on every image of `source` (labelled pixels
   only)."""
-  images = (_labelled_pixels(outputs[..., 0], source, i)
-            for i, outputs, _ in predictions(predict, state, source, mesh, batch_size))
-  return calibrate(images, metric, default_threshold)
+  outputs = predictions(predict, state, source, mesh, batch_size)
+  if not is_primary():  # process 0 calibrates, and shares the result
+    drain(outputs)
+    return sharding.from_primary(None)
+  images = (_labelled_pixels(prob[..., 0], source, i) for i, prob, _ in outputs)
+  return sharding.from_primary(calibrate(images, metric, default_threshold))
 
 
-def write_json_atomic(path, obj, failure: str | None = None) -> None:
-  """Writes `obj` as JSON to `path` through a temporary file, so readers never see half.
+def is_primary() -> bool:
+  """Whether this is process 0, which alone computes the host-side metrics and writes files."""
+  return jax.process_index() == 0
+
+
+def drain(outputs) -> None:
+  """Runs a `predictions` loop without the host-side work: on processes other than 0, which
+  must take part in its collectives."""
+  for _ in outputs:
+    pass
+
+
+def write_atomic(path, write: Callable[[pathlib.Path], None],
+                 failure: str | None = None) -> None:
+  """Calls write(temporary path) and renames the file to `path` (os.replace), so readers see
+  the old file or the whole new one, never half of it.
 
   The temporary name is per process: hosts sharing a workdir may write concurrently. A failed
-  write raises a UserError `<failure> (<reason>)`, by default `<path>: cannot write it`.
+  write leaves `path` as it was and raises a UserError `<failure> (<reason>)`, by default
+  `<path>: cannot write it`.
   """
   path = pathlib.Path(path)
   tmp = path.with_name(f'.{path.name}.{jax.process_index()}.tmp')
   try:
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n')
-    tmp.replace(path)
+    write(tmp)
+    os.replace(tmp, path)
   except OSError as e:
+    tmp.unlink(missing_ok=True)
     raise UserError(f'{failure or f"{path}: cannot write it"} ({e.strerror})') from e
+
+
+def write_text_atomic(path, text: str, failure: str | None = None) -> None:
+  """`text` into `path` (`write_atomic`)."""
+  write_atomic(path, lambda tmp: tmp.write_text(text), failure)
+
+
+def write_json_atomic(path, obj, failure: str | None = None) -> None:
+  """`obj` as JSON into `path` (`write_atomic`)."""
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + '\n', failure)
 
 
 def read_calibration(workdir) -> dict | None:
@@ -220,6 +254,15 @@ def read_calibration(workdir) -> dict | None:
     logging.warning('Ignoring %s: no threshold in it', path)
     return None
   return stored
+
+
+def calibrated_dynamic(workdir, best_step: int) -> float | None:
+  """The instance seeds' dynamic calibrated for the best checkpoint, or None."""
+  stored = read_calibration(workdir)
+  if stored is None or stored.get('checkpoint_step') != best_step:
+    return None
+  value = stored.get('seed_dynamic')
+  return float(value) if isinstance(value, (int, float)) else None
 
 
 def calibrated_threshold(workdir, best_step: int) -> float | None:
@@ -266,21 +309,49 @@ class _Extremes:
     return out
 
 
-def predicted_instances(outputs: np.ndarray, threshold: float, seed_threshold: float,
+def predicted_instances(outputs: np.ndarray, threshold: float, dynamic: float,
                         min_size: int) -> np.ndarray:
   """uint16 instance labels of one image's outputs (h, w, C): split by the instance head's
   distance where the model has one (C > 1), else connected components of the mask."""
   mask = outputs[..., 0] > threshold
   if outputs.shape[-1] > 1:
-    return instances.from_distance(mask, outputs[..., 1], seed_threshold, min_size)
+    return instances.from_distance(mask, outputs[..., 1], dynamic, min_size)
   return instances.connected_components(mask, min_size)
+
+
+def calibrate_dynamic(predict, state, source, mesh, batch_size: int, threshold: float,
+                      min_size: int, default: float) -> dict:
+  """The seeds' h-maxima dynamic (instances.from_distance) that gives the best pooled
+  instance AP at IoU 0.5 on `source` (the validation split, label images) at `threshold`.
+
+  Tries instances.DYNAMIC_GRID (plus `default`); ties go to the value nearest `default`.
+  Returns {'seed_dynamic', 'seed_dynamic_ap_0.5': {value: ap}}.
+  """
+  grid = sorted(set(instances.DYNAMIC_GRID) | {float(default)})
+  found = {h: [] for h in grid}
+  images = predictions(predict, state, source, mesh, batch_size)
+  if not is_primary():  # process 0 matches the instances, and shares the result
+    drain(images)
+    return sharding.from_primary(None)
+  for i, outputs, _ in images:
+    truth, valid = source.label_image(i), _labelled(source, i)[1]
+    for h in grid:
+      found[h].append(matching.match(
+          truth, predicted_instances(outputs, threshold, h, min_size), (0.5,), valid=valid))
+  scores = {h: matching.combine(rows)[0]['ap'] if rows else 0.0 for h, rows in found.items()}
+  best = max(grid, key=lambda h: (scores[h], -abs(h - default)))
+  return sharding.from_primary(
+      {'seed_dynamic': best, 'seed_dynamic_ap_0.5': {f'{h:g}': scores[h] for h in grid}})
 
 
 def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
              out_dir=None, extra: dict | None = None, calibration: dict | None = None,
-             num_extremes: int = 3, seed_threshold: float = instances.SEED_THRESHOLD,
+             num_extremes: int = 3, dynamic: float = instances.SEED_DYNAMIC,
              min_size: int = 0) -> dict:
   """Every metric per image and over the set; writes the report files into `out_dir`.
+
+  With several processes, process 0 alone computes the metrics on the host and writes the
+  files (each whole: `write_atomic`); every process returns its summary.
 
   Args:
     threshold: the fixed threshold (config.eval.threshold) of the main summary.
@@ -288,7 +359,7 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
     extra: entries added to the summary (e.g. the checkpoint's step).
     calibration: a `calibrate` result; its threshold gives summary['calibrated'].
     num_extremes: how many worst and best images worst_best.png shows.
-    seed_threshold, min_size: instance post-processing (`predicted_instances`).
+    dynamic, min_size: instance post-processing (`predicted_instances`).
 
   Returns:
     The summary: `metrics.summarize` at `threshold`, 'num_images', 'threshold', `extra`, and
@@ -303,6 +374,9 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
   rows, tuned_rows, extremes, matches = [], [], _Extremes(num_extremes), []
   with_instances = getattr(source, 'has_labels', False)
   channels = 1
+  if not is_primary():  # process 0 computes the metrics and writes the files
+    drain(predictions(predict, state, source, mesh, batch_size))
+    return sharding.from_primary(None)
   for i, outputs, _ in predictions(predict, state, source, mesh, batch_size):
     prob, channels = outputs[..., 0], outputs.shape[-1]
     target, valid = _labelled(source, i)
@@ -312,7 +386,7 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
       tuned_rows.append(row if tuned == threshold else
                         metrics.image_metrics(prob, target, threshold=tuned, valid=valid))
     if with_instances:
-      found = predicted_instances(outputs, shown_at, seed_threshold, min_size)
+      found = predicted_instances(outputs, shown_at, dynamic, min_size)
       matches.append(matching.match(source.label_image(i), found, valid=valid))
       rows[-1].update(matching.summary(matches[-1]))
       rows[-1].update(num_true=matches[-1][0]['n_true'], num_found=matches[-1][0]['n_pred'])
@@ -330,24 +404,28 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
     method = 'distance' if channels > 1 else 'connected_components'
     summary['instances'] = {**matching.summary(matching.combine(matches)),
                             'method': method, 'threshold': shown_at}
+    if channels > 1:
+      summary['instances']['seed_dynamic'] = dynamic
   if out_dir is not None:
     write_report(rows, summary, out_dir)
-    if jax.process_index() == 0:
-      (pathlib.Path(out_dir) / 'report.md').write_text(markdown_report(summary, calibration))
-      write_worst_best(source, extremes.selection(), shown_at,
-                       pathlib.Path(out_dir) / 'worst_best.png')
-  return summary
+    write_text_atomic(pathlib.Path(out_dir) / 'report.md', markdown_report(summary, calibration))
+    write_worst_best(source, extremes.selection(), shown_at,
+                     pathlib.Path(out_dir) / 'worst_best.png')
+  return sharding.from_primary(summary)
 
 
 def write_report(rows: list[dict], summary: dict, out_dir) -> None:
+  """DIR/eval/summary.json and per_image.csv (each written whole: `write_atomic`)."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2, sort_keys=True) + '\n')
+  write_json_atomic(out_dir / 'summary.json', summary)
   fields = ['name'] + [k for k in rows[0] if k != 'name'] if rows else ['name']
-  with open(out_dir / 'per_image.csv', 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, fieldnames=fields)
+  writer.writeheader()
+  writer.writerows(rows)
+  write_atomic(out_dir / 'per_image.csv',
+               lambda tmp: tmp.write_text(table.getvalue(), newline=''))
 
 
 def _cell(summary: dict | None, key: str) -> str:
@@ -435,7 +513,7 @@ def write_worst_best(source, selection, threshold: float, path) -> int:
   handles = [patches.Patch(color=c, label=n) for n, c in OVERLAY_COLOURS.items()]
   fig.legend(handles=handles, loc='upper center', bbox_to_anchor=(0.5, 1 - 0.28 / height),
              ncol=3, fontsize=8, frameon=False)
-  fig.savefig(path, dpi=FIGURE_DPI)
+  write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=FIGURE_DPI, format='png'))
   return len(selection)
 
 

@@ -35,7 +35,7 @@ class InferenceState:
 
 def compute_dtype(config):
   if config.train.dtype not in DTYPES:
-    raise UserError(f'config.train.dtype={config.train.dtype!r}; valid: {", ".join(DTYPES)}')
+    raise ValueError(f'config.train.dtype={config.train.dtype!r}; valid: {", ".join(DTYPES)}')
   return DTYPES[config.train.dtype]
 
 

@@ -5,13 +5,15 @@ logit whose sigmoid regresses each object's normalised distance map: the Euclide
 a pixel to the nearest pixel outside its own object (background or another object), divided
 by the largest distance in that object, so every object rises from ~0 at its edge to 1 at its
 centre whatever its size (`distance_target`). Two touching nuclei give two peaks with a valley
-between them. Post-processing (`from_distance`): the pixels whose predicted distance exceeds
-`seed_threshold` form one seed per object (their connected components), a seeded watershed on
-the negated distance splits the foreground (the semantic mask) between the seeds, and
-foreground components that received no seed become objects of their own. This is the
-distance-transform route of Naylor et al. (IEEE TMI 2019) with seeds from the regressed map;
-it works with every model of the zoo (one more output channel) and costs one watershed on the
-CPU per image.
+between them. Post-processing (`from_distance`), as Naylor et al. (IEEE TMI 2019) do with
+their regressed distance maps: the predicted distance, lightly smoothed (Gaussian sigma
+SEED_SMOOTHING px), seeds one object at each of its h-maxima (regional maxima that rise at
+least `dynamic` above the saddle joining them to a higher one, so noise bumps on one object do
+not split it); a seeded watershed on the negated distance splits the foreground (the semantic
+mask) between the seeds, and foreground components that received no seed become objects of
+their own. The dynamic is calibrated with the threshold on the validation split
+(`evaluate.calibrate_dynamic`). It works with every model of the zoo (one more output
+channel) and costs one watershed on the CPU per image.
 
 Models without the head get connected components of the mask (`connected_components`),
 which merge touching objects.
@@ -20,13 +22,15 @@ which merge touching objects.
 import numpy as np
 from scipy import ndimage
 from skimage import measure
+from skimage import morphology
 from skimage import segmentation
 
 from flmiseg.errors import UserError
 
 HEADS = ('', 'distance')  # config.model.instance_head values ('' = semantic only)
-SEED_THRESHOLD = 0.5  # predicted normalised distance above which a pixel is a seed
-MIN_SEED_SIZE = 4  # seeds smaller than this (pixels) are noise and dropped
+SEED_DYNAMIC = 0.1  # default h of the seeds' h-maxima, in units of the normalised distance
+DYNAMIC_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # values calibration tries
+SEED_SMOOTHING = 1.0  # Gaussian sigma (pixels) applied to the distance before finding seeds
 _EIGHT = np.ones((3, 3), bool)  # 8-connectivity
 
 
@@ -85,20 +89,22 @@ def connected_components(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
 
 
 def from_distance(mask: np.ndarray, distance: np.ndarray,
-                  seed_threshold: float = SEED_THRESHOLD, min_size: int = 0) -> np.ndarray:
+                  dynamic: float = SEED_DYNAMIC, min_size: int = 0) -> np.ndarray:
   """uint16 instance labels 1..n of a semantic mask split by a predicted distance map.
 
   Args:
     mask: (H, W) bool, the semantic foreground.
     distance: (H, W) float, the predicted normalised distance (sigmoid of the head).
-    seed_threshold: distance above which foreground pixels are seeds.
+    dynamic: the h of the h-maxima that seed objects (see the module docstring).
     min_size: objects smaller than this many pixels are removed.
   Deterministic: the same inputs give the same labels.
   """
   mask = np.asarray(mask, bool)
-  seeds, _ = ndimage.label(mask & (distance > seed_threshold), structure=_EIGHT)
-  seeds = _drop_small(seeds, MIN_SEED_SIZE)
-  labels = segmentation.watershed(-distance.astype(np.float32), markers=seeds, mask=mask)
+  smooth = ndimage.gaussian_filter(np.asarray(distance, np.float64), SEED_SMOOTHING)
+  smooth = np.where(mask, smooth, 0.0)
+  seeds, _ = ndimage.label(morphology.h_maxima(smooth, dynamic) > 0, structure=_EIGHT)
+  seeds = np.where(mask, seeds, 0)
+  labels = segmentation.watershed(-smooth, markers=seeds, mask=mask)
   # Foreground that no seed reached (objects too thin or dim for a seed): objects of their own.
   orphans, num_orphans = ndimage.label(mask & (labels == 0), structure=_EIGHT)
   if num_orphans:

@@ -4,6 +4,7 @@ IoU), redrawn at each evaluation.
 """
 
 import json
+import os
 import pathlib
 
 import matplotlib
@@ -69,8 +70,11 @@ class MetricsLogger:
       ax2.set_ylim(0, 1)
     ax.set_title('training curve')
     fig.tight_layout()
-    fig.savefig(self.workdir / 'training_curve.png', dpi=100)
+    path = self.workdir / 'training_curve.png'
+    tmp = path.with_name(f'.{path.name}.tmp')  # renamed when whole: never seen half-drawn
+    fig.savefig(tmp, dpi=100, format='png')
     plt.close(fig)
+    os.replace(tmp, path)
 
   def close(self) -> None:
     if self._writer is not None:

@@ -3,8 +3,11 @@
 Every loss takes logits (N, H, W, 1) float, targets (N, H, W, 1) in {0, 1} and an optional
 pixel weight map `valid` (N, H, W, 1) (0 on padding), and returns a scalar float32 averaged
 over the batch. Region losses (soft IoU, Dice) are computed per image and averaged, as the
-reference does. `make_loss('bce+dice', weights)` builds weighted sums; `total_loss` averages a
-loss over the model's final and side outputs (deep supervision), as the reference does.
+reference does. `make_loss('bce+dice', weights)` builds weighted sums of the losses registered
+in `LOSSES` (`config.train.loss`); `total_loss` averages a loss over the model's final and side
+outputs (deep supervision), as the reference does. A loss of your own is a function with the
+signature above decorated with `@register_loss('name')`, in a file that `config.imports`
+names; `--config.train.loss=name` (or `bce+name`) then trains with it.
 """
 
 from typing import Callable, Sequence
@@ -13,10 +16,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flmiseg import registry
 from flmiseg.errors import UserError
 
+# loss(logits, targets, valid=None) -> scalar float32 (see the module docstring).
 LossFn = Callable[..., jax.Array]
 _EPS = 1e-6
+
+# config.train.loss term -> loss function; filled by `register_loss`.
+LOSSES = registry.Registry('loss', 'config.train.loss')
+
+
+def register_loss(name: str, *, override: bool = False) -> Callable[[LossFn], LossFn]:
+  """Decorator: registers loss(logits, targets, valid=None) -> scalar as a loss term `name`.
+
+  Raises ValueError when `name` is taken (unless `override`, which replaces it) or contains
+  '+', which joins the terms of `config.train.loss`.
+  """
+  if isinstance(name, str) and '+' in name:
+    raise ValueError(f'a loss name cannot contain "+" (it joins loss terms), got {name!r}')
+  return LOSSES.decorator(name, override=override)
 
 
 def _prep(logits, targets, valid):
@@ -30,12 +49,14 @@ def _pixel_mean(values, valid):
   return jnp.sum(values * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
+@register_loss('bce')
 def bce(logits, targets, valid=None):
   """Binary cross-entropy, mean over valid pixels."""
   logits, targets, valid = _prep(logits, targets, valid)
   return _pixel_mean(optax.sigmoid_binary_cross_entropy(logits, targets), valid)
 
 
+@register_loss('wbce')
 def weighted_bce(logits, targets, valid=None):
   """Class-balanced BCE: each class weighted by the other's frequency in the batch."""
   logits, targets, valid = _prep(logits, targets, valid)
@@ -45,6 +66,7 @@ def weighted_bce(logits, targets, valid=None):
   return _pixel_mean(weights * optax.sigmoid_binary_cross_entropy(logits, targets), valid)
 
 
+@register_loss('focal')
 def focal(logits, targets, valid=None, alpha: float = 0.25, gamma: float = 2.0):
   """Focal loss (Lin et al. 2017), alpha for the foreground, mean over valid pixels."""
   logits, targets, valid = _prep(logits, targets, valid)
@@ -52,6 +74,7 @@ def focal(logits, targets, valid=None, alpha: float = 0.25, gamma: float = 2.0):
                      valid)
 
 
+@register_loss('soft_iou')
 def soft_iou(logits, targets, valid=None):
   """The reference's soft IoU: 1 - sum(p*y) / (sum(p*p + y) - sum(p*y)), per image."""
   logits, targets, valid = _prep(logits, targets, valid)
@@ -62,6 +85,7 @@ def soft_iou(logits, targets, valid=None):
   return jnp.mean(1.0 - inter / (union + _EPS))
 
 
+@register_loss('dice')
 def dice(logits, targets, valid=None):
   """Soft Dice loss: 1 - 2 sum(p*y) / (sum(p) + sum(y)), per image."""
   logits, targets, valid = _prep(logits, targets, valid)
@@ -72,22 +96,18 @@ def dice(logits, targets, valid=None):
   return jnp.mean(1.0 - 2.0 * inter / (total + _EPS))
 
 
+@register_loss('l1')
 def l1(logits, targets, valid=None):
   """Mean absolute error between probabilities and targets."""
   logits, targets, valid = _prep(logits, targets, valid)
   return _pixel_mean(jnp.abs(jax.nn.sigmoid(logits) - targets), valid)
 
 
+@register_loss('mse')
 def mse(logits, targets, valid=None):
   """Mean squared error between probabilities and targets."""
   logits, targets, valid = _prep(logits, targets, valid)
   return _pixel_mean(jnp.square(jax.nn.sigmoid(logits) - targets), valid)
-
-
-LOSSES: dict[str, LossFn] = {
-    'bce': bce, 'wbce': weighted_bce, 'focal': focal, 'soft_iou': soft_iou, 'dice': dice,
-    'l1': l1, 'mse': mse,
-}
 
 
 def make_loss(spec: str, weights: Sequence[float] = ()) -> LossFn:

@@ -13,13 +13,20 @@ images: --input=FILE|FOLDER|GLOB --output=FOLDER; see flmiseg/predict.py).
 unet_nucleus: flmiseg/configs/). Training needs it; eval, predict and summary read the model's
 config from DIR/config.json (the run directory is the model) and accept on the command line
 only inference settings (flmiseg/rundir.py).
-Errors in the user's data or settings print one line and exit with status 2; --debug shows the
-traceback instead. Library log lines stay off the console unless --verbose.
+--config.imports=FILE.py,MODULE imports code of your own (models, fusion operators, backbones,
+losses it registers) before anything is built (docs/fusion.md); a run directory's imports run
+only when named again or with --trust_imports. An operator's fields are set with
+--config.model.fusion_kwargs.<field>=<value>.
+Every config field is checked before anything runs (flmiseg/config_checks.py). Errors in the
+user's data or settings print one line and exit with status 2; --debug shows the traceback
+instead. Library log lines stay off the console unless --verbose.
 """
 
+import ast
 import json
 import os
 import pathlib
+import re
 import sys
 
 MODES = ('train', 'eval', 'summary', 'predict')
@@ -31,14 +38,25 @@ from absl import flags
 from ml_collections import config_flags
 
 from flmiseg import console
+from flmiseg import registry
 from flmiseg import rundir
 from flmiseg.errors import CheckpointWriteError
 from flmiseg.errors import UserError
 
 FLAGS = flags.FLAGS
+# The arguments the config flag reads its --config.* overrides from: filled by `parse_flags`
+# (sys.argv less the free-form fields below, which main sets itself).
+_CONFIG_ARGV: list[str] = []
 config_flags.DEFINE_config_file(
     'config', None, 'A config file, or a stock config name (default, unet_er, ...); '
-    'eval/predict/summary: optional, the run directory holds the config.', lock_config=True)
+    'eval/predict/summary: optional, the run directory holds the config.', lock_config=True,
+    sys_argv=_CONFIG_ARGV)
+# Config sections whose fields the user names: an operator's hyper-parameters. The locked
+# config refuses new fields, so `--config.model.fusion_kwargs.<field>=<value>` is taken out
+# of the arguments before parsing and set afterwards (`split_free_fields`).
+FREE_SECTIONS = ('model.fusion_kwargs',)
+_FREE_FIELD = re.compile(r'--?(no)?config\.(%s)\.([A-Za-z_]\w*)(?:=(.*))?' %
+                         '|'.join(re.escape(s) for s in FREE_SECTIONS), re.DOTALL)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 flags.DEFINE_string('model', None, 'predict: a shipped model (er, mito, nucleus) or a run or '
@@ -63,21 +81,27 @@ flags.DEFINE_float('pixel_size', None, 'predict: pixel size of the inputs in mic
 flags.DEFINE_bool('no_rescale', False, 'predict: never rescale images to the pixel size the '
                   'model was trained at.')
 flags.DEFINE_bool('overwrite', False, 'predict: replace existing results in --output.')
+flags.DEFINE_bool('trust_imports', False, 'eval/predict/summary: import the code that the run '
+                  "directory's config.imports names (never imported on its own).")
 flags.DEFINE_bool('verbose', False, 'Show the log lines of JAX, orbax and grain.')
 flags.DEFINE_bool('debug', False, 'Show tracebacks for user errors.')
 
 
 def run(config, workdir: str, mode: str) -> None:
-  """Runs one mode; importing JAX-heavy modules here keeps --help fast."""
+  """Checks the config (`config_checks.validate`: one line naming the first invalid field),
+  then runs one mode; importing JAX-heavy modules here keeps --help fast."""
   from flmiseg import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()
-  from flmiseg import evaluate, summary, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from flmiseg import config_checks, evaluate, summary, train
+  config_checks.validate(config)  # after config.imports registered their names
   if mode == 'summary':
     crop = config.data.crop_size
     result = summary.model_summary(config.model, (crop, crop))
     out = pathlib.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'model_summary.json').write_text(json.dumps(result) + '\n')
+    if evaluate.is_primary():
+      evaluate.write_text_atomic(out / 'model_summary.json', json.dumps(result) + '\n')
     print(f'{config.model.name}/{config.model.variant} width {config.model.width}: '
           f'{result["params"]:,} parameters, {result["flops"] / 1e9:.2f} GFLOP forward per '
           f'{crop}x{crop} image')
@@ -113,13 +137,21 @@ def mode_config(mode: str, workdir: str):
   settings (flmiseg/rundir.py)."""
   if mode == 'train' or (mode == 'summary' and FLAGS['config'].present
                          and not (pathlib.Path(workdir) / rundir.CONFIG_FILE).is_file()):
-    return load_config()
+    config = load_config()
+    if 'imports' in config:  # config.json then names the same files from anywhere
+      config.imports = registry.normalize_imports(config.imports)
+    return config
   if mode == 'summary':
     if not (pathlib.Path(workdir) / rundir.CONFIG_FILE).is_file():
       raise UserError(f'--workdir={workdir}: no {rundir.CONFIG_FILE}; give --config too')
   else:
     rundir.check_trained(workdir)
-  return rundir.inference_config(workdir, load_config())
+  config = rundir.inference_config(workdir, load_config())
+  named = FLAGS['config'].override_values.get('imports') if FLAGS.config is not None else None
+  config.imports = rundir.imports_to_run(
+      workdir, config, None if named is None else registry.normalize_imports(named),
+      FLAGS.trust_imports)
+  return config
 
 
 def main(argv):
@@ -130,7 +162,10 @@ def main(argv):
     if not FLAGS.workdir:
       raise UserError('--workdir is required (the run directory: where a run is trained, '
                       'or the trained run to use)')
-    run(mode_config(FLAGS.mode, FLAGS.workdir), FLAGS.workdir, FLAGS.mode)
+    config = mode_config(FLAGS.mode, FLAGS.workdir)
+    # The user's code registers its names before anything is built from the config.
+    registry.import_modules(config.get('imports', ''))
+    run(config, FLAGS.workdir, FLAGS.mode)
   except UserError as e:
     if FLAGS.debug:
       raise
@@ -157,11 +192,55 @@ def parse_flags(argv: list[str]) -> list[str]:
   exit status 2 (--debug: the traceback). A stock config name becomes its file; without
   --config, an inference mode reads the config of its --workdir."""
   try:
-    return FLAGS(resolve_config_arg(argv))
+    argv = FLAGS.read_flags_from_files(resolve_config_arg(argv), force_gnu=False)
+    argv, free_fields = split_free_fields(argv)
+    _CONFIG_ARGV[:] = argv
+    remaining = FLAGS(argv)
+    if free_fields:
+      set_free_fields(load_config(), free_fields)
+    return remaining
   except Exception as e:  # pylint: disable=broad-except  # flags.Error, or ml_collections'.
     if '--debug' in argv:
       raise
     exit_with_error(flag_error_message(e, argv))
+
+
+def split_free_fields(argv: list[str]) -> tuple[list[str], list[tuple[str, str, object]]]:
+  """(argv without the `--config.<free section>.<field>=<value>` arguments, their
+  (section, field, value)s). Values parse as ml_collections parses a field of unknown type:
+  a Python literal (true/false too), else the string; `--config...<field>` alone is True and
+  `--noconfig...<field>` False."""
+  rest, fields = [], []
+  for arg in argv:
+    match = _FREE_FIELD.fullmatch(arg)
+    if match is None:
+      rest.append(arg)
+      continue
+    negated, section, field, text = match.groups()
+    if text is None:
+      value = not negated
+    elif negated:
+      raise UserError(f'{arg}: give a value or use the --no form, not both')
+    else:
+      try:
+        value = ast.literal_eval(text.capitalize() if text in ('true', 'false') else text)
+      except (SyntaxError, ValueError):
+        value = text
+    fields.append((section, field, value))
+  return rest, fields
+
+
+def set_free_fields(config, fields: list[tuple[str, str, object]]) -> None:
+  """Sets `split_free_fields`' fields in `config` (locked: new fields need the section
+  unlocked)."""
+  if config is None:
+    raise UserError(f'--config.{fields[0][0]}.{fields[0][1]} needs --config')
+  for section, field, value in fields:
+    node = config
+    for part in section.split('.'):
+      node = node[part]
+    with node.unlocked():
+      node[field] = value
 
 
 def _flag_value(argv: list[str], name: str) -> tuple[int, str | None]:

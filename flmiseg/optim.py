@@ -11,8 +11,6 @@ import math
 
 import optax
 
-from flmiseg.errors import UserError
-
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('step', 'cosine', 'poly', 'constant')
 
@@ -32,8 +30,8 @@ def make_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule
   elif cfg.schedule == 'constant':
     main = optax.constant_schedule(lr)
   else:
-    raise UserError(f'config.optim.schedule={cfg.schedule!r} is not a schedule; valid names: '
-                    f'{", ".join(SCHEDULES)}')
+    raise ValueError(f'config.optim.schedule={cfg.schedule!r} is not a schedule; valid names: '
+                     f'{", ".join(SCHEDULES)}')
   if warmup <= 0:
     return main
   ramp = optax.linear_schedule(0.0, lr, warmup)
@@ -43,8 +41,8 @@ def make_schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule
 def make_optimizer(cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
   """The optimiser of `cfg` (a config.optim) driven by `schedule`."""
   if cfg.name not in OPTIMIZERS:
-    raise UserError(f'config.optim.name={cfg.name!r} is not an optimiser; valid names: '
-                    f'{", ".join(OPTIMIZERS)}')
+    raise ValueError(f'config.optim.name={cfg.name!r} is not an optimiser; valid names: '
+                     f'{", ".join(OPTIMIZERS)}')
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))

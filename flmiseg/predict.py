@@ -84,7 +84,7 @@ class Options:
   save_prob: bool = False
   instances: bool = False
   min_size: int = 16
-  seed_threshold: float | None = None  # None: config.eval.seed_threshold.
+  seed_dynamic: float | None = None  # None: calibrated, else config.eval.seed_dynamic.
   channel: int | None = None  # The channel of a multi-channel image.
   axes: str = ''  # Axes of files without metadata ('' = from the file).
   pixel_size: float | None = None  # Micrometres per pixel of the inputs (None = from file).
@@ -326,7 +326,7 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   if options.save_prob:
     write('prob', prob)
   if options.instances:
-    labels = np.stack([evaluate.predicted_instances(o, threshold, options.seed_threshold,
+    labels = np.stack([evaluate.predicted_instances(o, threshold, options.seed_dynamic,
                                                     options.min_size) for o in outputs])
     write('instances', labels)
     write_objects(output_path(out, name, 'objects', image.ome), labels, planes, pixel_size)
@@ -373,9 +373,10 @@ def run(config, workdir, options: Options) -> dict:
   predictor = Predictor(
       inference.prob_fn(state, mesh, options.tta), config, tile, options.overlap,
       inference.round_up_batch(options.batch_size or config.eval.batch_size, n))
-  if options.seed_threshold is None:
-    options = dataclasses.replace(options, seed_threshold=config.eval.get(
-        'seed_threshold', instances.SEED_THRESHOLD))
+  if options.seed_dynamic is None:
+    calibrated = evaluate.calibrated_dynamic(workdir, step)
+    options = dataclasses.replace(options, seed_dynamic=calibrated if calibrated is not None
+                                  else config.eval.get('seed_dynamic', instances.SEED_DYNAMIC))
   if options.instances and not config.model.get('instance_head'):
     logging.warning('%s has no instance head (config.model.instance_head): instances are '
                     'connected components of the mask, so touching objects stay merged',

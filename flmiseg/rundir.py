@@ -11,6 +11,13 @@ On the inference modes the command line may change only inference settings
 (`INFERENCE_FIELDS`: the eval batch size and thresholds, the test list); any other field that
 differs from the run's is refused, naming the field and both values, because it would
 silently change the preprocessing or the network.
+
+`config.imports` (code of the user's own that registers models, fusion operators, backbones or
+losses: flmiseg/registry.py) is neither kind of field (`CODE_FIELDS`): it is code, and a run
+directory is something people share, so loading one never runs it on its own. When the run's
+config names imports, the command line must name the code to import itself (`--config.imports=`
+the run's modules, or the user's copy of them elsewhere, which then replaces the run's) or pass
+`--trust_imports` to import the run's; otherwise nothing runs (`imports_to_run`).
 """
 
 import json
@@ -20,6 +27,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from flmiseg import registry
 from flmiseg.configs import default
 from flmiseg.data import preprocess
 from flmiseg.errors import UserError
@@ -33,6 +41,9 @@ INFERENCE_FIELDS = ('eval.', 'data.test_list', 'data.source', 'data.synthetic_di
 # Fields (prefixes) that define the network and what it sees.
 MODEL_FIELDS = ('model.', 'data.kind', 'data.normalization', 'data.pixel_size',
                 'data.crop_size', 'train.dtype')
+# Fields that name code to import (see the module docstring): the command line's value is
+# neither refused nor copied by `inference_config`; `imports_to_run` decides.
+CODE_FIELDS = ('imports',)
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:
@@ -71,9 +82,22 @@ def read_config(workdir) -> ml_collections.ConfigDict:
   if not isinstance(saved, dict):
     raise UserError(f'{path}: not a config (expected a JSON object)')
   config = default.get_config()
-  for key, value in flatten(saved).items():
+  for key, value in with_legacy_fields(flatten(saved)).items():
     set_field(config, key, value)
   return config
+
+
+def with_legacy_fields(saved: dict) -> dict:
+  """A flattened saved config with the fields whose default would not reproduce the run.
+
+  config.data.seed: a run made before it existed simulated its dataset with config.seed, so
+  its data.seed is its seed (when its data was simulated; for lists it has no effect).
+  """
+  saved = dict(saved)
+  if ('data.seed' not in saved and 'seed' in saved
+      and saved.get('data.source', 'synthetic') == 'synthetic'):
+    saved['data.seed'] = saved['seed']
+  return saved
 
 
 def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
@@ -111,8 +135,14 @@ def inference_config(workdir, given: ml_collections.ConfigDict | None):
   given_fields = sorted(flatten(json.loads(given.to_json())).items(),
                         key=lambda kv: not kv[0].startswith(MODEL_FIELDS))
   for key, value in given_fields:
-    if _is_inference_field(key):
+    if _is_inference_field(key) or key in CODE_FIELDS:
       continue
+    if key not in trained and key.startswith(MODEL_FIELDS):  # a free-form field, as
+      # config.model.fusion_kwargs.<name>, that the run does not set
+      raise UserError(
+          f'--config.{key}={value!r}, but the model in {workdir} was trained without it; '
+          f'eval/predict/summary take the model settings from {workdir / CONFIG_FILE}: '
+          'leave it out')
     if key in trained and trained[key] != value:
       raise UserError(
           f'--config.{key}={value!r}, but the model in {workdir} was trained with '
@@ -122,6 +152,32 @@ def inference_config(workdir, given: ml_collections.ConfigDict | None):
     if _is_inference_field(key):
       set_field(config, key, value)
   return config
+
+
+def imports_to_run(workdir, config: ml_collections.ConfigDict, named: str | None,
+                   trust: bool) -> str:
+  """The `config.imports` an inference mode may import for the run in `workdir`.
+
+  Args:
+    workdir: the run directory (for the message).
+    config: the run's config (`inference_config`).
+    named: the imports the command line names itself (--config.imports=...), or None.
+    trust: --trust_imports: import what the run's config names.
+  Returns:
+    `named` when given (the user's own choice of code), else the run's imports when `trust`
+    or when it names none.
+  Raises:
+    UserError naming the run's modules when it names some and neither was given.
+  """
+  if named is not None:
+    return named
+  entries = registry.split_imports(config.get('imports', ''))
+  if not entries or trust:
+    return ','.join(entries)
+  raise UserError(
+      f'{pathlib.Path(workdir) / CONFIG_FILE} names code to import ({", ".join(entries)}); a '
+      'run directory never runs code on its own: name it yourself with '
+      f'--config.imports={",".join(entries)} (or your copy of it), or pass --trust_imports')
 
 
 # ----------------------------------------------------------------------------- input stats

@@ -5,6 +5,8 @@ shard) become global arrays at one boundary, `global_batch`, so the same code ru
 8 fake CPU devices, one GPU, or many hosts.
 """
 
+import json
+
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
@@ -58,3 +60,17 @@ def to_host(tree):
     return jax.device_get(tree)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def from_primary(value):
+  """Process 0's `value` (JSON-serialisable: dicts, lists, numbers, strings, None) on every
+  process; what the other processes pass is ignored. Host-side results computed once, on
+  process 0, reach every process this way. One process: `value` itself."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = json.dumps(value).encode() if jax.process_index() == 0 else b''
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+  buffer = np.zeros(size, np.uint8)
+  buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))))

@@ -6,13 +6,16 @@ split (DIR/calibration.json), then evaluates the best on the test set. Rerunning
 resumes from the latest checkpoint (a finished run does not retrain).
 """
 
+import dataclasses
 import json
 import pathlib
 import time
 
 from absl import logging
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import tqdm
 
 from flmiseg import checkpoint
@@ -26,6 +29,7 @@ from flmiseg import sharding
 from flmiseg import steps as steps_lib
 from flmiseg import logs
 from flmiseg import rundir
+from flmiseg import runlock
 from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import pipeline
@@ -46,38 +50,82 @@ class TrainingDiverged(UserError):
 def prepare_workdir(config, workdir) -> pathlib.Path:
   """Creates workdir, refuses one made by a different config, writes config.json.
 
-  config.json is only ever parsed as JSON. Raises UserError when the workdir cannot be
-  created or written, or holds the work of another config.
+  config.json is only ever parsed as JSON, and written by process 0 only. Raises UserError
+  when the workdir cannot be created or written, or holds the work of another config;
+  ValueError for an invalid config.train.resume_mismatch.
   """
-  workdir = pathlib.Path(workdir)
   if config.train.resume_mismatch not in RESUME_MISMATCH:
-    raise UserError(f'config.train.resume_mismatch={config.train.resume_mismatch!r}; valid: '
-                    f'{", ".join(RESUME_MISMATCH)}')
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'--workdir={workdir}: cannot create it ({e.strerror})') from e
+    raise ValueError(f'config.train.resume_mismatch={config.train.resume_mismatch!r}; valid: '
+                     f'{", ".join(RESUME_MISMATCH)}')
+  workdir = make_workdir(workdir)
   new = json.loads(config.to_json())
   path = workdir / 'config.json'
   if path.exists() and config.train.resume_mismatch != 'allow':
     try:
-      old = rundir.flatten(json.loads(path.read_text()))
+      saved = rundir.flatten(json.loads(path.read_text()))
     except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON, not a dict.
       raise UserError(f'{path}: unreadable ({e}); use a new --workdir, or '
                       '--config.train.resume_mismatch=allow to overwrite it') from e
     # Fields absent from the old config were added to flmiseg since; their defaults keep the
-    # old behaviour.
+    # old behaviour (or `rundir.with_legacy_fields` gives their old meaning).
+    old = rundir.with_legacy_fields(saved)
     diff = [k for k, v in rundir.flatten(new).items()
             if k in old and old[k] != v and not k.startswith(_FREE_FIELDS)]
     if diff:
+      hint = (f' (a run made before config.data.seed existed simulated its data with '
+              f'config.seed: add --config.data.seed={old["data.seed"]})'
+              if 'data.seed' in diff and 'data.seed' not in saved else '')
       raise UserError(f'{workdir} was made by a different config ({", ".join(diff[:4])} '
-                      'differ); use a new --workdir, or --config.train.resume_mismatch=allow')
-  evaluate.write_json_atomic(path, new, failure=f'--workdir={workdir}: not writable')
+                      'differ); use a new --workdir, or --config.train.resume_mismatch=allow'
+                      + hint)
+  if jax.process_index() == 0:
+    evaluate.write_json_atomic(path, new, failure=f'--workdir={workdir}: not writable')
   return workdir
 
 
-def build(config, workdir, sample_hw, num_train: int):
-  """Model, schedule, optimiser, mesh and initial (or abstract) train state."""
+def make_workdir(workdir) -> pathlib.Path:
+  """Creates the run directory (and its parents); UserError when it cannot."""
+  workdir = pathlib.Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'--workdir={workdir}: cannot create it ({e.strerror})') from e
+  return workdir
+
+
+def lock_run(workdir) -> runlock.RunLock:
+  """DIR/run.lock taken by process 0 (flmiseg/runlock.py); raises RunDirectoryInUse on every
+  process when a live training holds it."""
+  lock = runlock.RunLock(workdir, enabled=jax.process_index() == 0)
+  refusal = None
+  try:
+    lock.acquire()
+  except UserError as e:
+    refusal = e
+  if jax.process_count() > 1:  # the other processes must stop too, not wait for process 0
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    refused = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
+    if refused and refusal is None:
+      raise runlock.RunDirectoryInUse(f'--workdir={workdir}: process 0 could not lock it '
+                                      '(its error line says why)')
+  if refusal is not None:
+    raise refusal
+  return lock
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """What `build` makes of a config: the pieces of a training."""
+  model: nn.Module
+  schedule: optax.Schedule  # step -> learning rate
+  mesh: jax.sharding.Mesh
+  state: steps_lib.TrainState  # initial, replicated over `mesh`
+  total_steps: int  # config.train.num_steps, or num_epochs over the training images
+
+
+def build(config, workdir, sample_hw, num_train: int) -> TrainSetup:
+  """The model, schedule, mesh and initial train state of `config`, for `num_train` training
+  images of crops `sample_hw` (H, W)."""
   dtype = inference.compute_dtype(config)
   sharding.check_batch_size(config.train.batch_size)
   losses.make_loss(config.train.loss, config.train.loss_weights)  # a bad name fails here
@@ -88,7 +136,7 @@ def build(config, workdir, sample_hw, num_train: int):
   tx = optim.make_optimizer(config.optim, schedule)
   mesh = sharding.make_mesh()
   state = steps_lib.create_train_state(model, tx, sample_hw, config.seed, mesh)
-  return model, schedule, mesh, state, total
+  return TrainSetup(model, schedule, mesh, state, total)
 
 
 class _Trainer:
@@ -103,7 +151,9 @@ class _Trainer:
     shardings = jax.tree.map(lambda x: x.sharding, state)
     self.train_step, self.predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh,
                                                         shardings)
-    self.best_iou, self.pending, self.last_good = -1.0, [], None
+    self.best_iou, self.last_good = -1.0, None
+    # Step metrics: still on the device (pending), and fetched but not yet logged.
+    self.pending, self.fetched = [], []
     # Early stopping: validations since the best one, and whether the run stopped early.
     self.since_best, self.stopped_early = 0, False
 
@@ -118,8 +168,9 @@ class _Trainer:
     logging.info('Resuming from step %d of %s', record['step'], self.workdir)
     return data_state
 
-  def flush(self, step: int) -> dict:
-    """Fetches pending step metrics (waiting for them), stops on NaN; returns their mean."""
+  def check_finite(self, step: int) -> None:
+    """Fetches the pending step metrics of the steps up to `step` (waiting for the device) and
+    raises TrainingDiverged if a loss is NaN or inf; they stay for the next `flush`."""
     fetched = jax.device_get(self.pending)
     self.pending = []
     first = step - len(fetched) + 1
@@ -130,6 +181,12 @@ class _Trainer:
         raise TrainingDiverged(
             f'loss became {m["loss"]} at step {first + offset}; {kept}; try a lower '
             f'learning rate, e.g. --config.optim.lr={self.config.optim.lr / 10:g}')
+    self.fetched.extend(fetched)
+
+  def flush(self, step: int) -> dict:
+    """`check_finite`, then the mean of the step metrics since the last flush."""
+    self.check_finite(step)
+    fetched, self.fetched = self.fetched, []
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
 
   def checkpoint(self, step: int, data_iter, val_iou: float | None) -> None:
@@ -163,6 +220,8 @@ class _Trainer:
     every_ckpt = cfg.checkpoint_every_steps or every_eval
     bar = tqdm.tqdm(total=self.total_steps, initial=start, desc='train', unit='step',
                     disable=jax.process_index() != 0, dynamic_ncols=True)
+    # Images/s counts the training steps since (tick_step, tick) only: both are reset together
+    # after each log line and after each validation and checkpoint, whose time is excluded.
     tick, tick_step = time.perf_counter(), start
     for step in range(start + 1, self.total_steps + 1):
       batch = sharding.global_batch(next(data_iter), self.mesh)
@@ -170,19 +229,23 @@ class _Trainer:
       self.pending.append(scalars)
       bar.update(1)
       last = step == self.total_steps
-      if step % cfg.log_every_steps == 0 or last or step % every_ckpt == 0:
+      evaluate_now = step % every_eval == 0 or last
+      save_now = evaluate_now or step % every_ckpt == 0
+      if step % cfg.log_every_steps == 0 or last or step % every_ckpt == 0:  # a log line
         mean = self.flush(step)  # waits for the device, so the rate below is real
         rate = (step - tick_step) * cfg.batch_size / (time.perf_counter() - tick)
         self.logger.write(step, 'train', {**mean, 'images_per_s': rate})
         bar.set_postfix(loss=f'{mean["loss"]:.4f}', lr=f'{mean["lr"]:.2e}',
                         img_s=f'{rate:.1f}')
         tick, tick_step = time.perf_counter(), step
-      val_iou = self.validate(step) if (step % every_eval == 0 or last) else None
+      elif save_now:
+        self.check_finite(step)  # never validate or save diverged weights, whatever the logging
+      val_iou = self.validate(step) if evaluate_now else None
       if val_iou is not None:
         bar.write(f'step {step}: validation IoU {val_iou:.4f}')
-      if step % every_ckpt == 0 or step % every_eval == 0 or last:
+      if save_now:
         self.checkpoint(step, data_iter, val_iou)
-        tick = time.perf_counter()
+        tick, tick_step = time.perf_counter(), step
       if self.stopped_early:
         bar.write(f'step {step}: stopping early, no better validation IoU in the last '
                   f'{self.since_best} validations (config.train.early_stop_patience)')
@@ -195,7 +258,15 @@ def train_and_evaluate(config, workdir) -> dict:
   best checkpoint on the validation split, then evaluates it on the test set.
 
   Returns the test summary (also written to DIR/eval/summary.json), or {} without a test set.
+  The run directory is locked meanwhile (DIR/run.lock, flmiseg/runlock.py): a second training
+  started on it while this one lives is refused (runlock.RunDirectoryInUse).
   """
+  with lock_run(make_workdir(workdir)):
+    return _train_and_evaluate(config, pathlib.Path(workdir))
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
+  """`train_and_evaluate` in a run directory that this process has locked."""
   if config.train.init_from:
     adopt_source_preprocessing(config)
   workdir = prepare_workdir(config, workdir)
@@ -204,9 +275,10 @@ def train_and_evaluate(config, workdir) -> dict:
   if jax.process_index() == 0 and rundir.read_input_stats(workdir) is None:
     rundir.write_input_stats(workdir, rundir.input_stats(data.train))
   crop = config.data.crop_size
-  _, schedule, mesh, state, total = build(config, workdir, (crop, crop), len(data.train))
-  checkpoint.check_disk_space(workdir, state, config.train.max_checkpoints)
-  trainer = _Trainer(config, workdir, data, state, schedule, mesh, total)
+  setup = build(config, workdir, (crop, crop), len(data.train))
+  mesh, total = setup.mesh, setup.total_steps
+  checkpoint.check_disk_space(workdir, setup.state, config.train.max_checkpoints)
+  trainer = _Trainer(config, workdir, data, setup.state, setup.schedule, mesh, total)
   data_state = trainer.restore()
   start = int(trainer.state.step)
   if data_state is None and config.train.init_from:
@@ -298,9 +370,11 @@ def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> di
   if not ev.calibrate_metric:
     return None
   stored = evaluate.read_calibration(workdir)
+  head = bool(config.model.get('instance_head'))
   if stored is not None and (stored.get('checkpoint_step'), stored.get('metric'),
                              stored.get('default_threshold')) == (
-                                 step, ev.calibrate_metric, ev.threshold):
+                                 step, ev.calibrate_metric, ev.threshold) and (
+                                     not head or 'seed_dynamic' in stored):
     logging.info('Reusing the threshold %g calibrated for step %d (%s)', stored['threshold'],
                  step, workdir / evaluate.CALIBRATION_FILE)
     return stored
@@ -313,6 +387,15 @@ def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> di
   result = evaluate.calibrate_source(predict, state, data.val, mesh, ev.batch_size,
                                      ev.calibrate_metric, ev.threshold)
   result['checkpoint_step'] = step
+  if head:  # the seeds of the instance head, at the calibrated threshold
+    result['seed_dynamic'] = None  # binary validation masks: no true instances to tune on
+    if data.val.has_labels:
+      result.update(evaluate.calibrate_dynamic(
+          predict, state, data.val, mesh, ev.batch_size, result['threshold'],
+          ev.get('min_size', 0), ev.get('seed_dynamic', instances.SEED_DYNAMIC)))
+      logging.info('Calibrated the instance seeds\' dynamic %g on the validation split '
+                   '(instance AP@0.5 %.4f)', result['seed_dynamic'],
+                   result['seed_dynamic_ap_0.5'][f'{result["seed_dynamic"]:g}'])
   if jax.process_index() == 0:
     evaluate.write_json_atomic(workdir / evaluate.CALIBRATION_FILE, result)
   logging.info('Calibrated threshold %g on %d validation images: mean %s %.4f (%.4f at %g)',
@@ -343,6 +426,12 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
   return evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
                            config.eval.threshold, out_dir=workdir / 'eval',
                            extra={'checkpoint_step': step}, calibration=calibration,
-                           seed_threshold=config.eval.get('seed_threshold',
-                                                          instances.SEED_THRESHOLD),
+                           dynamic=seed_dynamic(config, calibration),
                            min_size=config.eval.get('min_size', 0))
+
+
+def seed_dynamic(config, calibration: dict | None) -> float:
+  """The instance seeds' dynamic: calibrated when it was, else config.eval.seed_dynamic."""
+  calibrated = (calibration or {}).get('seed_dynamic')
+  return calibrated if calibrated is not None else config.eval.get('seed_dynamic',
+                                                                    instances.SEED_DYNAMIC)

@@ -190,6 +190,10 @@ CASES = {
         'constant',)),
     'unknown_optimizer': Case(lambda r: ['--config.optim.name=adamm'], (
         "config.optim.name='adamm' is not an optimiser; valid names: sgd, adam, adamw",)),
+    'learning_rate_not_positive': Case(lambda r: ['--config.optim.lr=-0.1'], (
+        'config.optim.lr=-0.1: must be a number > 0',)),
+    'fraction_out_of_range': Case(lambda r: ['--config.data.val_fraction=1.5'], (
+        'config.data.val_fraction=1.5: must be a number in [0, 1)',)),
     'mistyped_setting': Case(lambda r: ['--config.train.batchsize=2'], (
         "--config.train.batchsize: no such setting 'batchsize' (did you mean \"batch_size\"",)),
     'missing_config_file': Case(lambda r: ['--config=configs/nope.py'], (

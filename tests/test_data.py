@@ -143,14 +143,19 @@ def test_preprocessing_values():
   np.testing.assert_allclose(z, expected, rtol=1e-6)
   p = preprocess.percentile_normalize(np.arange(1001, dtype=np.float32))
   np.testing.assert_allclose(p[[10, 998]], [0.0, 1.0], atol=1e-6)
-  # A constant image must not divide by zero.
+  # A constant image must not divide by zero: it maps to zeros.
   for method in ('clahe_zscore', 'clahe_unit', 'percentile', 'zscore'):
     out = preprocess.normalize(np.full((16, 16), 7, np.uint16), method)
-    assert np.all(np.isfinite(out)), method
-  # CLAHE at 16 bits keeps a ramp increasing overall; unit scaling maps into [0, 1].
+    assert out.dtype == np.float32, method
+    np.testing.assert_array_equal(out, np.zeros((16, 16)), err_msg=method)
+  # CLAHE at 16 bits keeps a ramp increasing overall; unit scaling is OpenCV's CLAHE (2x2
+  # tiles of 32 px) of the stretched 8-bit image, divided by 255.
   ramp = np.tile(np.linspace(1000, 50000, 64).astype(np.uint16), (64, 1))
   unit = preprocess.normalize(ramp, 'clahe_unit')
-  assert unit.dtype == np.float32 and 0 <= unit.min() and unit.max() <= 1
+  clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(2, 2))
+  expected = clahe.apply(preprocess.stretch_to_uint8(ramp)).astype(np.float32) / 255
+  assert unit.dtype == np.float32 and unit.max() == 1.0
+  np.testing.assert_array_equal(unit, expected)
   assert unit[:, :16].mean() < unit[:, 24:40].mean() < unit[:, 48:].mean()
   zs = preprocess.normalize(ramp, 'auto', kind='er')
   np.testing.assert_allclose([zs.mean(), zs.std()], [0.0, 1.0], atol=1e-4)
@@ -159,7 +164,7 @@ def test_preprocessing_values():
 def test_auto_normalization_per_kind():
   assert preprocess.resolve('auto', 'er') == 'clahe_zscore'
   assert preprocess.resolve('auto', 'nucleus') == 'clahe_unit'
-  with pytest.raises(UserError, match='config.data.normalization'):
+  with pytest.raises(ValueError, match='config.data.normalization'):
     preprocess.resolve('magic', 'er')
 
 

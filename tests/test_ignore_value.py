@@ -163,7 +163,7 @@ def test_only_real_foreground_counts_for_require_foreground(tmp_path):
 
 
 @pytest.mark.parametrize('bad', [0, -2, 1.5, '2'])
-def test_bad_ignore_value_is_a_one_line_user_error(tmp_path, bad):
-  with pytest.raises(UserError) as e:
+def test_bad_ignore_value_is_a_one_line_value_error(tmp_path, bad):
+  with pytest.raises(ValueError) as e:
     _prepared(tmp_path, ignore_value=bad)
-  assert 'config.data.ignore_value' in str(e.value) and '\n' not in str(e.value)
+  assert f'config.data.ignore_value={bad!r}' in str(e.value) and '\n' not in str(e.value)

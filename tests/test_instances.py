@@ -70,9 +70,9 @@ def test_from_distance_splits_touching_objects_deterministically():
 def test_from_distance_keeps_unseeded_objects_and_drops_small_ones():
   mask = np.zeros((20, 20), bool)
   mask[2:8, 2:8] = True  # seeded
-  mask[12:14, 12:18] = True  # 12 px, no seed (predicted distance low)
+  mask[12:14, 12:18] = True  # 12 px, no seed: its distance rises less than the dynamic
   mask[17, 1] = True  # 1 px
-  distance = np.where(mask, 0.2, 0.0)
+  distance = np.where(mask, 0.03, 0.0)
   distance[4:6, 4:6] = 0.9
   found = instances.from_distance(mask, distance, min_size=2)
   assert found.max() == 2
@@ -197,6 +197,12 @@ def test_eval_reports_instances(instance_run):
   tp = sum(float(r['recall_0.5']) * int(r['num_true']) for r in rows)
   assert found['recall_0.5'] == pytest.approx(tp / true)
   assert '## Instances' in (work / 'eval' / 'report.md').read_text()
+  # The seeds' dynamic was calibrated on the validation split: the best of the grid there.
+  calibration = json.loads((work / 'calibration.json').read_text())
+  scores = calibration['seed_dynamic_ap_0.5']
+  assert found['seed_dynamic'] == calibration['seed_dynamic']
+  assert scores[f'{calibration["seed_dynamic"]:g}'] == max(scores.values())
+  assert set(scores) == {f'{h:g}' for h in instances.DYNAMIC_GRID}
 
 
 def test_predict_writes_instances_and_objects(instance_run, tmp_path):

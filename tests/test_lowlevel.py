@@ -60,7 +60,7 @@ def test_stride_is_measured_from_the_backbone():
 @pytest.mark.parametrize('name', sorted(fusion.FUSIONS))
 @pytest.mark.parametrize('hw', [(64, 64), (37, 50)])
 def test_forward_contract_for_every_fusion(name, hw):
-  model = lowlevel.lowlevel(TinyEncoder(), fusion=name, width=4, num_classes=2)
+  model = lowlevel.lowlevel(TinyEncoder(), fusion=fusion.FUSIONS[name], width=4, num_classes=2)
   x = jnp.zeros((2, *hw, 1))
   logits, aux = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x))[0]
   assert logits.shape == (2, *hw, 2) and logits.dtype == jnp.float32
@@ -68,12 +68,14 @@ def test_forward_contract_for_every_fusion(name, hw):
   assert [f.shape[1:] for f in aux['pyramid']] == [
       (padded[0] // s, padded[1] // s, c) for s, c in zip((2, 4, 8), TINY_CHANNELS)]
   assert aux['skips'][0].shape == (2, *padded, 4)  # the full-scale input layer
+  assert [f.shape for f in aux['skips'][1:]] == [f.shape for f in aux['pyramid'][:-1]]
+  assert aux['bottleneck'].shape == aux['pyramid'][-1].shape and aux['side_outputs'] == []
   assert [d.shape[-1] for d in aux['decoder']] == [4, 4, 8]
 
 
 def test_parameter_count_matches_the_described_wiring():
   w = 4
-  model = lowlevel.lowlevel(TinyEncoder(), fusion='concat', width=w)
+  model = lowlevel.lowlevel(TinyEncoder(), fusion=fusion.Concat, width=w)
   encoder = _conv_bn(1, 4) + _conv_bn(4, 8) + _conv_bn(8, 16)
   input_layer = _conv_bn(1, w) + _conv_bn(w, w)
   # Decoder widths (w, w, 2w, 4w): coarsest (16 ch) projected to 16; each finer backbone
@@ -87,8 +89,8 @@ def test_parameter_count_matches_the_described_wiring():
 
 
 def test_add_fusion_is_cheaper_than_concat_by_the_halved_decoder_inputs():
-  concat = _params(lowlevel.lowlevel(TinyEncoder(), fusion='concat', width=4))
-  add = _params(lowlevel.lowlevel(TinyEncoder(), fusion='add', width=4))
+  concat = _params(lowlevel.lowlevel(TinyEncoder(), fusion=fusion.Concat, width=4))
+  add = _params(lowlevel.lowlevel(TinyEncoder(), fusion=fusion.Add, width=4))
   # Each decode DoubleConv's first conv sees c instead of 2c input channels (c = 16, 8, 4).
   assert concat - add == sum(9 * c * out for c, out in ((16, 8), (8, 4), (4, 4)))
 
@@ -122,7 +124,10 @@ def test_training_updates_batch_stats_of_backbone_and_decoder():
 
 def test_unknown_fusion_and_bad_decoder_widths_are_rejected():
   with pytest.raises(UserError, match='valid names: add, attention_gate, concat'):
-    lowlevel.lowlevel(TinyEncoder(), fusion='mean')
+    lowlevel.build(_model_config('vgg16', 4, 'mean'), jnp.float32)
+  # The Python API takes the operator itself; names are resolved from configs only.
+  with pytest.raises(TypeError, match="fusion='concat' is not a module factory"):
+    lowlevel.lowlevel(TinyEncoder(), fusion='concat')
   model = lowlevel.lowlevel(TinyEncoder(), width=4, decoder_widths=(4, 8))
   with pytest.raises(ValueError, match='decoder_widths needs 4 entries'):
     _shapes(model)
@@ -154,14 +159,14 @@ def _check_runs(model):
 
 def test_vgg16_wrapper_runs_with_finite_gradients():
   model = lowlevel.build(_model_config('vgg16', 4, 'attention_gate'), jnp.float32)
-  assert model.stride == vgg.STRIDE and model.fusion == 'attention_gate'
+  assert model.stride == vgg.STRIDE and model.fusion is fusion.AttentionGate
   _check_runs(model)
 
 
 @pytest.mark.parametrize('fusion_name,expected', [('', 19_698_113), ('add', 18_112_961)])
 def test_vgg16_wrapper_parameter_count_at_full_width(fusion_name, expected):
   model = lowlevel.build(_model_config('vgg16', 64, fusion_name), jnp.float32)
-  assert model.fusion == (fusion_name or 'concat')
+  assert model.fusion is fusion.FUSIONS[fusion_name or 'concat']
   params = _shapes(model)['params']
   encoder = jax.eval_shape(lambda: vgg.VGG16Encoder(64).init(
       jax.random.key(0), jnp.zeros((1, 64, 64, 1))))['params']
@@ -172,7 +177,7 @@ def test_vgg16_wrapper_parameter_count_at_full_width(fusion_name, expected):
 
 def test_resnet50_wrapper_runs_with_finite_gradients():
   model = lowlevel.build(_model_config('', 8, 'se_concat'), jnp.float32)
-  assert model.stride == 16 and model.fusion == 'se_concat'
+  assert model.stride == 16 and model.fusion is fusion.SEConcat
   _check_runs(model)
 
 

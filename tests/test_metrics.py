@@ -1,5 +1,6 @@
-"""Every metric against a value known by hand on a tiny mask, plus the empty-set conventions
-and the device (JAX) counting path against numpy."""
+"""Every metric against a value known by hand on a tiny mask, plus the empty-set conventions,
+the device (JAX) counting path against numpy, and AUC, Hausdorff and hd95 against independent
+implementations (pair counting or scikit-learn, scipy, brute-force numpy) on random cases."""
 
 import math
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from scipy.spatial import distance as spatial_distance
 
 from flmiseg import metrics
 
@@ -255,8 +257,160 @@ def test_summarize_means_and_pooled():
   assert summary['iou'] == pytest.approx((8 / 24 + 1.0) / 2)
   assert summary['pooled_iou'] == pytest.approx(8 / 24)
   assert summary['pooled_accuracy'] == pytest.approx((8 + 40 + 64) / 128)
-  assert summary['auc'] == overlapping['auc']  # NaN of the empty image skipped.
-  assert summary['hd'] == pytest.approx(overlapping['hd'] / 2)
+  # The NaN AUC of the empty image is skipped. Of the 16 x 48 (positive, negative) pairs, 8 x 40
+  # are ordered right and 8 x 8 + 8 x 40 tied: (320 + 0.5 * 384) / 768.
+  assert summary['auc'] == overlapping['auc'] == pytest.approx(2 / 3, abs=1e-12)
+  # Each square's boundary lies within 2 px of the other's (its outer column is 2 px from the
+  # other's nearest column): hd 2, and 0 for the empty image.
+  assert (overlapping['hd'], summary['hd']) == (2.0, 1.0)
   assert set(summary) == set(metrics.METRIC_NAMES) | {
       f'pooled_{k}' for k in metrics.OVERLAP_NAMES}
   assert metrics.summarize([]) == {}
+
+
+# Cross-checks against independent implementations on random seeded cases. The reference
+# AUC is the pair-counting definition (and scikit-learn's roc_auc_score where installed);
+# the reference distances are scipy's directed_hausdorff and brute-force numpy on boundaries
+# found by a 4-neighbour test, not by the erosion and distance transform metrics.py uses.
+
+def _pairwise_auc(scores, positive):
+  """P(score of a positive > score of a negative), a tie counting half; NaN if one class."""
+  pos, neg = scores[positive], scores[~positive]
+  if not pos.size or not neg.size:
+    return float('nan')
+  greater = (pos[:, None] > neg[None, :]).sum()
+  ties = (pos[:, None] == neg[None, :]).sum()
+  return float((greater + 0.5 * ties) / (pos.size * neg.size))
+
+
+def _sklearn_auc(scores, positive):
+  roc_auc_score = pytest.importorskip('sklearn.metrics').roc_auc_score
+  if positive.all() or not positive.any():
+    return float('nan')  # roc_auc_score refuses one class; metrics.auc gives NaN.
+  return float(roc_auc_score(positive.astype(int), scores))
+
+
+def _random_case(seed):
+  """(prob, target, valid) with empty masks, all-foreground masks, tied probabilities and
+  valid masks excluding pixels among the 20 seeds."""
+  rng = np.random.default_rng(seed)
+  h, w = rng.integers(3, 20, size=2)
+  prob = rng.random((h, w))
+  if seed % 3 == 0:  # Few distinct scores: many ties, also between the classes.
+    prob = np.round(prob * 3) / 3
+  target = rng.random((h, w)) < rng.uniform(0.1, 0.7)
+  if seed % 7 == 1:
+    target[:] = False
+  if seed % 7 == 2:
+    target[:] = True
+  if seed % 5 == 3:
+    prob[:] = 0.25  # An empty prediction at threshold 0.5, every score tied.
+  valid = np.ones((h, w), bool)
+  if seed % 2:
+    valid[rng.integers(1, h + 1):] = False  # Padding rows (possibly none).
+    valid &= rng.random((h, w)) > 0.2  # And scattered excluded pixels.
+  if seed == 5:  # Positives in the padding only: one class among the valid pixels.
+    target[:] = False
+    target[-1] = True
+    valid[-1] = False
+  return prob.astype(np.float32), target.astype(np.uint8), valid.astype(np.uint8)
+
+
+@pytest.mark.parametrize('reference', [_pairwise_auc, _sklearn_auc],
+                         ids=['pairwise', 'sklearn'])
+def test_auc_equals_an_independent_implementation(reference):
+  nan_cases = set()
+  for seed in range(20):
+    prob, target, valid = _random_case(seed)
+    keep = valid > 0
+    scores = prob.astype(np.float64)
+    for mask, selected in ((None, np.ones_like(keep)), (valid, keep)):
+      got = metrics.auc(prob, target, mask)
+      expected = reference(scores[selected], target[selected] > 0)
+      if math.isnan(expected):
+        nan_cases.add((seed, mask is not None))
+        assert math.isnan(got), (seed, got)
+      else:
+        assert got == pytest.approx(expected, abs=1e-12), seed
+    assert metrics.image_metrics(prob, target, valid=valid)['auc'] == pytest.approx(
+        reference(scores[keep], target[keep] > 0), abs=1e-12, nan_ok=True), seed
+  one_class = {(seed, with_valid) for seed in (1, 2, 8, 9, 15, 16) for with_valid in (False, True)}
+  assert nan_cases == one_class | {(5, True)}  # The NaN cases are exercised.
+
+
+def _boundary_points(mask):
+  """(K, 2) coordinates of the foreground pixels with a 4-neighbour in the background or
+  outside the image."""
+  framed = np.pad(mask, 1, constant_values=False)
+  interior = (framed[:-2, 1:-1] & framed[2:, 1:-1] & framed[1:-1, :-2] & framed[1:-1, 2:])
+  return np.argwhere(mask & ~interior)
+
+
+def _nearest_distances(a, b):
+  """For each point of a, the Euclidean distance to the nearest point of b (brute force)."""
+  return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+def _reference_distances(pred, target, boundary=True):
+  """(hd by scipy, hd95 by brute-force numpy) with metrics.py's empty-mask conventions."""
+  if not pred.any() and not target.any():
+    return 0.0, 0.0
+  if not pred.any() or not target.any():
+    diagonal = math.hypot(pred.shape[0] - 1, pred.shape[1] - 1)
+    return diagonal, diagonal
+  points = _boundary_points if boundary else np.argwhere
+  a, b = points(pred), points(target)
+  hd = max(spatial_distance.directed_hausdorff(a, b)[0],
+           spatial_distance.directed_hausdorff(b, a)[0])
+  pooled = np.concatenate([_nearest_distances(a, b), _nearest_distances(b, a)])
+  return hd, float(np.percentile(pooled, 95))
+
+
+def _random_masks(seed):
+  """Two (H, W) masks: sparse or dense noise, unions of two rectangles (L shapes, crosses,
+  lines, often touching the image edge), empty or the whole image."""
+  rng = np.random.default_rng(100 + seed)
+  h, w = rng.integers(4, 40, size=2)
+  masks = []
+  for _ in range(2):
+    # Dense noise has interior pixels whose only background neighbours are diagonal.
+    mask = rng.random((h, w)) < rng.uniform(*((0.5, 0.95) if seed % 3 == 1 else (0.05, 0.5)))
+    if seed % 3 == 0:
+      mask[:] = False
+      for _ in range(2):
+        top, left = rng.integers(0, h), rng.integers(0, w)
+        mask[top:top + rng.integers(1, h + 1), left:left + rng.integers(1, w + 1)] = True
+    masks.append(mask)
+  pred, target = masks
+  if seed % 10 == 4:
+    pred[:] = False
+  if seed % 10 == 7:
+    target[:] = False
+  if seed == 9:
+    pred[:] = target[:] = False
+  if seed == 12:
+    target[:] = True  # The whole image: its boundary is the image's edge.
+  return pred, target
+
+
+def test_hausdorff_and_hd95_equal_scipy_and_brute_force():
+  for seed in range(20):
+    pred, target = _random_masks(seed)
+    for boundary in (True, False):
+      hd, hd95 = _reference_distances(pred, target, boundary)
+      assert metrics.hausdorff(pred, target, boundary=boundary) == pytest.approx(
+          hd, abs=1e-12), (seed, boundary)
+      assert metrics.hausdorff(pred, target, 95.0, boundary) == pytest.approx(
+          hd95, abs=1e-12), (seed, boundary)
+      assert metrics.hausdorff(target, pred, 95.0, boundary) == pytest.approx(
+          hd95, abs=1e-12), (seed, boundary)
+
+
+def test_image_metrics_distances_treat_invalid_pixels_as_background():
+  for seed in range(20):
+    prob, target, valid = _random_case(seed)
+    row = metrics.image_metrics(prob, target, valid=valid, topology=False)
+    keep = valid > 0
+    hd, hd95 = _reference_distances((prob > 0.5) & keep, (target > 0) & keep)
+    assert (row['hd'], row['hd95']) == (pytest.approx(hd, abs=1e-12),
+                                        pytest.approx(hd95, abs=1e-12)), seed

@@ -8,18 +8,20 @@ import pytest
 from flmiseg import summary
 from flmiseg.errors import UserError
 from flmiseg.models import deeplabv3p
+from flmiseg.models import fusion
 from flmiseg.models import resnet
 
 
-@pytest.mark.parametrize('variant, backbone, fusion, expected', [
+@pytest.mark.parametrize('variant, backbone, op, expected', [
     ('original', 'resnet50', '', 40_340_769),
     ('lowlevel', 'resnet50', '', 43_048_129),
     ('lowlevel', 'resnet50', 'add', 41_942_209),
     ('original', 'resnet101', '', 59_332_897),
     ('lowlevel', 'resnet101', '', 62_040_257),
 ])
-def test_reference_parameter_counts(variant, backbone, fusion, expected):
-  model = deeplabv3p.DeepLabV3Plus(variant=variant, backbone=backbone, fusion=fusion)
+def test_reference_parameter_counts(variant, backbone, op, expected):
+  model = deeplabv3p.DeepLabV3Plus(variant=variant, backbone=backbone,
+                                   fusion=fusion.FUSIONS[op or 'concat'])
   assert summary.count_params(model) == expected
 
 
@@ -47,8 +49,9 @@ def test_forward_any_size(variant, hw):
   (logits, aux), _ = init(x)
   assert logits.shape == (2, *hw, 1) and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
-  skips = aux['skips']
-  assert len(skips) == 5 and aux['aspp'].shape[-1] == 32
+  skips = aux['skips'] + [aux['bottleneck']]  # stem, layer1..layer3; layer4
+  assert len(skips) == 5 and aux['aspp'].shape[-1] == 32 and aux['side_outputs'] == []
+  assert aux['bottleneck'].shape[-1] == 256  # layer4 (2048 channels at width 64)
   # The stem feature is taken before its ReLU (the reference's low_level_feat0); the
   # residual stages end in a ReLU.
   assert np.min(skips[0]) < 0 and all(np.min(f) >= 0 for f in skips[1:])
@@ -86,7 +89,7 @@ def _config(**overrides):
 def test_build_defaults_to_resnet50_and_concat():
   model = deeplabv3p.build(_config(variant='lowlevel'), jnp.bfloat16)
   assert (model.backbone, model.fusion, model.width, model.dtype) == (
-      'resnet50', '', 8, jnp.bfloat16)
+      'resnet50', fusion.Concat, 8, jnp.bfloat16)
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -98,7 +101,7 @@ def test_bad_settings_are_user_errors(overrides, message):
     deeplabv3p.build(_config(**overrides), jnp.float32)
 
 
-def test_unknown_variant_is_a_user_error():
+def test_unknown_variant_is_a_value_error():
   model = deeplabv3p.DeepLabV3Plus(width=8, variant='plus')
-  with pytest.raises(UserError, match="variant='plus'.*valid: original, lowlevel"):
+  with pytest.raises(ValueError, match="variant='plus'.*valid: original, lowlevel"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1))))

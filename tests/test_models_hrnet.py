@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from flmiseg import summary
-from flmiseg.errors import UserError
 from flmiseg.models import hrnet
 
 
@@ -56,6 +55,6 @@ def test_forward_odd_size_and_gradients():
   assert np.any(np.asarray(jax.tree.leaves(grads['stage4_branch3_3'])[0]) != 0)
 
 
-def test_unknown_variant_is_a_user_error():
-  with pytest.raises(UserError, match="variant='plus'.*valid: original, lowlevel"):
+def test_unknown_variant_is_a_value_error():
+  with pytest.raises(ValueError, match="variant='plus'.*valid: original, lowlevel"):
     hrnet.HRNetV2(width=4, variant='plus').init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))

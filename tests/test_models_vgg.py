@@ -191,13 +191,21 @@ def test_max_unpool_restores_odd_sizes():
   np.testing.assert_array_equal(jnp.sort(out[out != 0]), jnp.sort(pooled.ravel()))
 
 
-@pytest.mark.parametrize('builder,settings', [
-    (fcn.build, dict(name='fcn64')),
-    (fcn.build, dict(name='fcn8s', variant='lowlevel')),
-    (fcn.build, dict(name='fcn', fusion='sum')),
-    (segnet.build, dict(name='segnet', variant='modified')),
-    (segnet.build, dict(name='segnet', variant='lowlevel', fusion='cat')),
+@pytest.mark.parametrize('builder,settings,error,message', [
+    (fcn.build, dict(name='fcn64'), ValueError,
+     "config.model.name='fcn64' is not an FCN; valid: fcn32s, fcn16s, fcn8s, fcn"),
+    (fcn.build, dict(name='fcn8s', variant='lowlevel'), ValueError,
+     "config.model.variant='lowlevel' is not a variant of 'fcn8s'; valid: original"),
+    (fcn.build, dict(name='fcn', fusion='sum'), UserError,
+     "config.model.fusion='sum' is not a fusion operator; valid names: add, "),
+    (segnet.build, dict(name='segnet', variant='modified'), ValueError,
+     "config.model.variant='modified' is not a variant of 'segnet'; valid: original, "
+     'lowlevel'),
+    (segnet.build, dict(name='segnet', variant='lowlevel', fusion='cat'), UserError,
+     "config.model.fusion='cat' is not a fusion operator; valid names: add, "),
 ])
-def test_bad_settings_raise_user_error(builder, settings):
-  with pytest.raises(UserError, match='valid'):
+def test_bad_settings_raise(builder, settings, error, message):
+  # A bad argument is a ValueError; an unknown registered name names its setting (UserError).
+  with pytest.raises(error) as e:
     builder(model_config(**settings), jnp.float32)
+  assert str(e.value).startswith(message)

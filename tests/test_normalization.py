@@ -65,18 +65,28 @@ def test_robust_stretch_maps_percentiles_and_saturates():
 
 def test_constant_and_nearly_constant_images():
   constant = np.full((32, 32), 700, np.uint16)
-  for method in preprocess.METHODS[1:]:
-    assert np.all(np.isfinite(preprocess.normalize(constant, method))), method
-  for method in INVARIANT:
+  for method in INVARIANT + ('reference_clahe_zscore',):
     np.testing.assert_array_equal(preprocess.normalize(constant, method), 0.0,
                                   err_msg=method)
+  reference = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(constant)
+  np.testing.assert_array_equal(preprocess.normalize(constant, 'reference_clahe_unit'),
+                                reference.astype(np.float32) / 65535)
   nearly = constant.copy()
   nearly[5, 7] = 701  # both percentiles are 700: the range falls back to min..max
   assert preprocess.robust_range(nearly) == (700.0, 701.0)
   stretched = preprocess.stretch_to_uint8(nearly)
   assert stretched[5, 7] == 255 and stretched.sum() == 255
+  # One pixel of 1024 stands out: the z-score is sqrt(1023) there, -1 / sqrt(1023) elsewhere
+  # (whatever two levels CLAHE gives), and the percentile method maps 700..701 to 0..1.
+  one = np.zeros((32, 32))
+  one[5, 7] = 1
+  z = np.where(one > 0, np.sqrt(1023), -1 / np.sqrt(1023))
+  clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(1, 1))  # one 32-px tile
+  expected = {'zscore': z, 'clahe_zscore': z, 'percentile': one,
+              'clahe_unit': clahe.apply(np.uint8(255 * one)).astype(np.float32) / 255}
   for method in INVARIANT:
-    assert np.all(np.isfinite(preprocess.normalize(nearly, method))), method
+    np.testing.assert_allclose(preprocess.normalize(nearly, method), expected[method],
+                               rtol=1e-6, atol=1e-7, err_msg=method)
 
 
 def test_clahe_methods_are_clahe_of_the_stretched_8_bit_image():

@@ -1,5 +1,6 @@
 """experiments/paper_table.py: the table's arithmetic and verdict, and one real cell."""
 
+import csv
 import json
 
 import numpy as np
@@ -47,11 +48,17 @@ def test_one_cell_trains_and_a_rerun_skips_it(tmp_path, monkeypatch):
   assert (config.model.width, config.train.num_steps, config.data.crop_size) == (4, 4, 64)
   reference = paper_table.cell_config('reference', 'mito', 'hrnetv2', 'original', 2)
   assert (reference.model.width, reference.data.kind, reference.seed) == (32, 'mito', 2)
+  assert reference.data.seed == 2  # each seed simulates its own data, as the table always did
   assert reference.optim.name == 'sgd' and reference.train.loss == 'soft_iou'
   workdir = tmp_path / 'cell'
   result = paper_table.run_cell(workdir, config)
-  assert 0 <= result['iou'] <= 1 and len(result['per_image_iou']) == 4
   summary = json.loads((workdir / 'eval' / 'summary.json').read_text())
+  assert (result['iou'], result['f1']) == (summary['iou'], summary['f1'])
+  # Each image's IoU is tp / (tp + fp + fn) of its counts in per_image.csv.
+  with open(workdir / 'eval' / 'per_image.csv', newline='') as f:
+    counts = {row['name']: [int(row[k]) for k in ('tp', 'fp', 'fn')] for row in csv.DictReader(f)}
+  assert len(counts) == 4 and result['per_image_iou'] == pytest.approx(
+      {name: tp / (tp + fp + fn) for name, (tp, fp, fn) in counts.items()}, rel=1e-12)
   assert np.mean(list(result['per_image_iou'].values())) == pytest.approx(summary['iou'])
   stamp = (workdir / 'result.json').stat().st_mtime_ns
   assert paper_table.run_cell(workdir, config) == result

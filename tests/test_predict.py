@@ -33,7 +33,10 @@ def test_gaussian_weight_shape_and_falloff():
   assert w.shape == (64, 64) and w.dtype == np.float32
   np.testing.assert_array_equal(w, w.T)
   np.testing.assert_array_equal(w, w[::-1, ::-1])
-  assert w[31, 31] == w.max() and w.min() > 0
+  # Largest at the 4 centre pixels, smallest in the corners: exp(-(31.5 / 8)^2) > 0 of the peak.
+  assert w[31, 31] == w[32, 32] == w.max() and w[0, 0] == w[63, 63] == w.min()
+  np.testing.assert_allclose(w[0, 0] / w[31, 31],
+                             np.exp(-(31.5 / 8) ** 2) / np.exp(-(0.5 / 8) ** 2), rtol=1e-5)
   # An edge pixel weighs exp(-8 ((t - 1) / t)^2) of the centre (sigma = t / 8).
   expected = np.exp(-0.5 * (31.5 / 8) ** 2) / np.exp(-0.5 * (0.5 / 8) ** 2)
   np.testing.assert_allclose(w[0, 31] / w[31, 31], expected, rtol=1e-5)
@@ -134,18 +137,29 @@ def test_predict_any_size_and_stacks(trained, tmp_path):
                                                    'stack.tif']
 
 
-def test_predict_tta_runs_and_stays_a_probability(trained, tmp_path):
+def test_predict_tta_is_the_mean_over_the_8_flips_and_rotations(trained, tmp_path):
   config, workdir = trained
-  src = tmp_path / 'one.tif'
-  tifffile.imwrite(src, np.random.default_rng(2).integers(0, 9000, (45, 61), np.uint16))
+  # One 32x32 tile (the crop size), so each view of the image is one whole tile too.
+  image = np.random.default_rng(2).integers(0, 9000, (32, 32), np.uint16)
+  views = [np.rot90(np.fliplr(image) if flip else image, turns)
+           for flip in (False, True) for turns in range(4)]
+  src = tmp_path / 'views'
+  src.mkdir()
+  for k, view in enumerate(views):
+    tifffile.imwrite(src / f'view{k}.tif', np.ascontiguousarray(view))
   predict.run(config, workdir, _options(tmp_path, input=src, output=tmp_path / 'a',
                                         save_prob=True))
-  predict.run(config, workdir, _options(tmp_path, input=src, output=tmp_path / 'b',
-                                        save_prob=True, tta=True))
-  plain = tifffile.imread(tmp_path / 'a' / 'one_prob.tif')
+  tifffile.imwrite(tmp_path / 'one.tif', image)
+  predict.run(config, workdir, _options(tmp_path, input=tmp_path / 'one.tif',
+                                        output=tmp_path / 'b', save_prob=True, tta=True))
+  undone = []  # each view's plain prediction, turned and flipped back
+  for k in range(8):
+    prob = np.rot90(tifffile.imread(tmp_path / 'a' / f'view{k}_prob.tif'), -(k % 4))
+    undone.append(np.fliplr(prob) if k >= 4 else prob)
   tta = tifffile.imread(tmp_path / 'b' / 'one_prob.tif')
-  assert tta.shape == plain.shape and np.all((tta >= 0) & (tta <= 1))
-  assert not np.allclose(tta, plain)  # a random-ish net is not symmetric
+  assert tta.shape == image.shape and tta.dtype == np.float32
+  np.testing.assert_allclose(tta, np.mean(undone, axis=0), rtol=0, atol=1e-6)
+  assert not np.allclose(tta, undone[0], atol=1e-3)  # a random-ish net is not symmetric
 
 
 def test_predict_refuses_to_overwrite_and_mix_with_inputs(trained, tmp_path):

@@ -200,8 +200,12 @@ def test_a_warning_names_each_image_unlike_the_training_images(cli):
   _ok(results['domain'])
   warnings = [l for l in results['domain'].stderr.splitlines() if l.startswith('warning:')]
   assert len(warnings) == 1, results['domain'].stderr
-  assert 'noise.tif: unlike the training images' in warnings[0]
-  assert 'the mask may be wrong' in warnings[0]
+  # The key facts: the file, and a statistic of it whose value lies outside the training range.
+  found = re.search(r'noise\.tif: unlike the training images: (p1|p50|p99|mean|std) '
+                    r'(\S+) \(training (\S+)\.\.(\S+)\)', warnings[0])
+  assert found, warnings[0]
+  value, low, high = map(float, found.group(2, 3, 4))
+  assert not low <= value <= high, warnings[0]
 
 
 def test_axes_channels_and_pixel_size_are_read_and_written_back(cli):

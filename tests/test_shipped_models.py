@@ -1,5 +1,7 @@
 """The shipped er, mito and nucleus models: intact files that segment without any training."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ def test_shipped_model_segments_simulated_images_out_of_the_box(kind):
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   state, step = inference.load(config, folder, mesh)  # checks the SHA-256
   threshold = evaluate.calibrated_threshold(folder, step)
-  assert threshold is not None and 0 < threshold < 1
+  calibration = json.loads((folder / 'calibration.json').read_text())
+  assert (threshold, step) == (calibration['threshold'], calibration['checkpoint_step'])
   predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
                                 config.data.crop_size, 0.25, 1)
   ious = []

@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import json
 import pathlib
+import types
 
 import jax
 import numpy as np
@@ -30,7 +31,7 @@ def data_root(tmp_path_factory):
 
 def _final_params(workdir, config):
   """The params of the latest checkpoint of workdir, as numpy."""
-  _, _, _, state, _ = train.build(config, workdir, (32, 32), 9)
+  state = train.build(config, workdir, (32, 32), 9).state
   ckpt = checkpoint.Checkpointer(workdir)
   restored, _, record = ckpt.restore_last(checkpoint.abstract(state))
   ckpt.close()
@@ -102,7 +103,8 @@ def test_sharded_step_equals_single_device(data_root, tmp_path):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
-    model, schedule, _, _, _ = train.build(config, tmp_path, (32, 32), 9)
+    setup = train.build(config, tmp_path, (32, 32), 9)
+    model, schedule = setup.model, setup.schedule
     state = steps.create_train_state(model, train.optim.make_optimizer(
         config.optim, schedule), (32, 32), 0, mesh)
     step = jax.jit(functools.partial(
@@ -158,3 +160,61 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_ro
   if latest is not None:  # every kept checkpoint holds finite parameters
     _, params = _final_params(tmp_path / 'nan', config)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def _scripted_train_steps(monkeypatch, edit):
+  """Makes every training's train step pass its scalars through edit(call number, scalars)."""
+  original = steps.jit_steps
+  calls = [0]
+
+  def jit_steps(*args, **kwargs):
+    train_step, predict = original(*args, **kwargs)
+
+    def scripted(state, batch):
+      calls[0] += 1
+      state, scalars = train_step(state, batch)
+      return state, edit(calls[0], scalars)
+    return scripted, predict
+  monkeypatch.setattr(train.steps_lib, 'jit_steps', jit_steps)
+
+
+def test_nan_is_caught_before_a_validation_or_checkpoint_off_the_log_steps(
+    data_root, tmp_path, monkeypatch):
+  # Step 3 validates and saves; it is neither a log step nor a checkpoint_every_steps step.
+  config = helpers.tiny_config(data_root, **{
+      'train.num_steps': 6, 'train.log_every_steps': 100, 'eval.every_steps': 3,
+      'train.checkpoint_every_steps': 5})
+  _scripted_train_steps(monkeypatch, lambda call, scalars: (
+      {**scalars, 'loss': np.float32(np.nan)} if call == 3 else scalars))
+  with pytest.raises(train.TrainingDiverged,
+                     match='^loss became nan at step 3; no checkpoint was written yet;'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  metrics = tmp_path / 'run/metrics.jsonl'
+  assert not metrics.exists() or 'val' not in metrics.read_text()  # never validated
+  assert not [p for p in (tmp_path / 'run').glob('*/*') if p.name.isdigit()]  # nor saved
+
+
+def test_images_per_second_counts_training_time_only(data_root, tmp_path, monkeypatch):
+  # A fake clock: each training step takes 1 s, each validation and checkpoint 100 s.
+  clock = [0.0]
+  monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+  def tick(call, scalars):
+    clock[0] += 1.0
+    return scalars
+  _scripted_train_steps(monkeypatch, tick)
+  for name in ('validate', 'checkpoint'):
+    original = getattr(train._Trainer, name)
+
+    def slow(self, *args, original=original):
+      clock[0] += 100.0
+      return original(self, *args)
+    monkeypatch.setattr(train._Trainer, name, slow)
+  # Validations at 2, 4, 6; checkpoints also at 4; log lines at 3, 4, 6.
+  config = helpers.tiny_config(data_root, **{
+      'train.num_steps': 6, 'train.log_every_steps': 3, 'eval.every_steps': 2,
+      'train.checkpoint_every_steps': 4})
+  train.train_and_evaluate(config, tmp_path / 'run')
+  records = [json.loads(l) for l in (tmp_path / 'run/metrics.jsonl').read_text().splitlines()]
+  rates = {r['step']: r['images_per_s'] for r in records if r['kind'] == 'train'}
+  assert rates == {3: 8.0, 4: 8.0, 6: 8.0}  # batch 8 per 1 s step

@@ -16,10 +16,19 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.seed = 0  # Seeds initialisation, shuffling, augmentation and the validation split.
+  # Seeds initialisation, shuffling, augmentation and the validation split (not the simulated
+  # data: data.seed), so runs that differ only here train other models on the same data.
+  config.seed = 0
+  # Code of your own imported before anything is built: comma-separated module names or .py
+  # files that register models, fusion operators, backbones or losses (docs/fusion.md).
+  # A run directory never imports it on its own (eval/predict: --trust_imports).
+  config.imports = ''
 
   config.data = data = ml_collections.ConfigDict()
   data.source = 'synthetic'  # 'synthetic' (simulated, embedded default) or 'lists'.
+  # Seeds the simulated dataset (source='synthetic'; its cache folder ends in _seed<value>).
+  # Run directories made before this field existed simulated with config.seed, and keep it.
+  data.seed = 0
   data.kind = 'er'  # 'er', 'mito' or 'nucleus': what to simulate, and preprocessing.
   data.train_list = ''  # source='lists': list file (image mask per line) or images/+masks/ dir.
   data.test_list = ''  # source='lists': the test set, same formats; never used for selection.
@@ -55,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.variant = 'original'  # 'original' or 'lowlevel' (where the model has both).
   model.width = 16  # Base width (channels of the first stage); the reference's unet: 64.
   model.fusion = ''  # Fusion operator for models that take one; '' = the variant's default.
+  # The fusion operator's fields (its hyper-parameters), e.g.
+  # --config.model.fusion_kwargs.reduction=8 for se_concat; empty: its defaults.
+  model.fusion_kwargs = ml_collections.ConfigDict()
   model.backbone = ''  # Encoder for models that take one (deeplabv3p: resnet50|resnet101).
   model.num_classes = 1  # Output channels: one foreground logit.
   # '' or 'distance': an extra output that separates touching objects (flmiseg/instances.py);
@@ -96,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   ev.batch_size = 8  # Global eval batch (padded with masked entries at the end).
   ev.threshold = 0.5  # Probability threshold, as the reference.
   ev.calibrate_metric = 'iou'  # Threshold tuned on the validation split by this ('' = off).
-  # Instance head: predicted distance above which pixels seed an object (flmiseg/instances.py).
-  ev.seed_threshold = 0.5
+  # Instance head: the h of the h-maxima of the predicted distance that seed objects
+  # (flmiseg/instances.py); calibrated on the validation split when it has label images.
+  ev.seed_dynamic = 0.1
   ev.min_size = 16  # Instances: objects smaller than this many pixels are dropped.
   return config

@@ -132,12 +132,12 @@ def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def check_ignore_value(ignore_value) -> int:
-  """Raises UserError unless `ignore_value` is -1 (none) or a positive integer mask value."""
+  """Raises ValueError unless `ignore_value` is -1 (none) or a positive integer mask value."""
   if (isinstance(ignore_value, bool) or not isinstance(ignore_value, (int, np.integer))
       or ignore_value == 0 or ignore_value < -1):
     # 0 is background: ignoring it would leave no background label to learn from.
-    raise UserError(f'config.data.ignore_value={ignore_value!r}: must be -1 (none) or a '
-                    'positive integer mask value (e.g. 2) marking unlabelled pixels')
+    raise ValueError(f'config.data.ignore_value={ignore_value!r}: must be -1 (none) or a '
+                     'positive integer mask value (e.g. 2) marking unlabelled pixels')
   return int(ignore_value)
 
 
@@ -233,7 +233,7 @@ def split_validation(source: PreparedSource, val_fraction: float,
   Returns (train, val); val is None when val_fraction is 0. At least one image stays in each.
   """
   if not 0.0 <= val_fraction < 1.0:
-    raise UserError(f'config.data.val_fraction={val_fraction} must be in [0, 1)')
+    raise ValueError(f'config.data.val_fraction={val_fraction} must be in [0, 1)')
   n = len(source)
   num_val = int(round(n * val_fraction))
   if val_fraction > 0:

@@ -33,13 +33,16 @@ def default_cache_root() -> pathlib.Path:
 
 
 def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
-  """Makes (once) and returns the folder of the simulated dataset `data_cfg` describes."""
+  """Makes (once) and returns the folder of the simulated dataset `data_cfg` describes.
+
+  Raises ValueError for an invalid config.data.synthetic_params or kind.
+  """
   # Imported here: the simulator is only needed on this path.
   from flmiseg.data import simulate  # pylint: disable=g-import-not-at-top
   knobs = data_cfg.get('synthetic_params', 'default')  # absent from configs made before it
   if knobs not in ('default',) + simulate.RANDOMIZE:
-    raise UserError(f'config.data.synthetic_params={knobs!r} is not valid; valid: default, '
-                    f'{", ".join(simulate.RANDOMIZE)}')
+    raise ValueError(f'config.data.synthetic_params={knobs!r} is not valid; valid: default, '
+                     f'{", ".join(simulate.RANDOMIZE)}')
   root = pathlib.Path(data_cfg.synthetic_dir) if data_cfg.synthetic_dir else (
       default_cache_root() / 'synthetic')
   # 'default' keeps the original folder names, so existing cached datasets are reused.
@@ -49,8 +52,8 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   out = root / name
   if not ((out / 'train.txt').is_file() and (out / 'test.txt').is_file()):
     if data_cfg.kind not in simulate.KINDS:
-      raise UserError(f'config.data.kind={data_cfg.kind!r} is not a kind; valid: '
-                      f'{", ".join(simulate.KINDS)}')
+      raise ValueError(f'config.data.kind={data_cfg.kind!r} is not a kind; valid: '
+                       f'{", ".join(simulate.KINDS)}')
     logging.info('Simulating %s into %s (once; later runs reuse it)', name, out)
     simulate.write_dataset(data_cfg.kind, out, num_train=data_cfg.num_synthetic_train,
                            num_test=data_cfg.num_synthetic_test,
@@ -59,16 +62,24 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   return out
 
 
+def data_seed(config) -> int:
+  """The seed of the simulated dataset: config.data.seed (config.seed seeds the model, the
+  shuffling and the validation split). A config made before data.seed existed simulated its
+  data with config.seed."""
+  return config.data.get('seed', config.seed)
+
+
 def list_paths(config) -> tuple[pathlib.Path, pathlib.Path | None]:
-  """(train list, test list) that config.data points at."""
+  """(train list, test list) that config.data points at; ValueError for an invalid source."""
   data_cfg = config.data
   if data_cfg.source == 'synthetic':
-    folder = synthetic_dataset_dir(data_cfg, config.seed)
+    folder = synthetic_dataset_dir(data_cfg, data_seed(config))
     return folder / 'train.txt', folder / 'test.txt'
   if data_cfg.source != 'lists':
-    raise UserError(f'config.data.source={data_cfg.source!r} is not a source; valid: '
-                    f'{", ".join(SOURCES)}')
+    raise ValueError(f'config.data.source={data_cfg.source!r} is not a source; valid: '
+                     f'{", ".join(SOURCES)}')
   if not data_cfg.train_list:
+    # Not a bad value but a missing input (configs/finetune.py leaves it to the user).
     raise UserError('config.data.source=lists needs config.data.train_list (a list file or '
                     'a folder with images/ and masks/)')
   test = pathlib.Path(data_cfg.test_list) if data_cfg.test_list else None
@@ -79,8 +90,8 @@ def load(config, cache_dir, need_train: bool = True) -> Datasets:
   """Prepared train/val/test sources for `config`; images are normalised once and cached."""
   data_cfg = config.data
   if not data_cfg.pixel_size >= 0:
-    raise UserError(f'config.data.pixel_size={data_cfg.pixel_size}: must be >= 0 '
-                    '(micrometres per pixel; 0 = unknown)')
+    raise ValueError(f'config.data.pixel_size={data_cfg.pixel_size}: must be >= 0 '
+                     '(micrometres per pixel; 0 = unknown)')
   train_spec, test_spec = list_paths(config)
   prep = lambda spec, train: dataset.prepare(  # pylint: disable=g-long-lambda
       lists.load_pairs(spec), data_cfg.normalization, data_cfg.kind, cache_dir,

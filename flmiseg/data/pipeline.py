@@ -38,7 +38,6 @@ import cv2
 import grain
 import numpy as np
 
-from flmiseg.errors import UserError
 
 DIHEDRAL_ORDER = 8
 AUGMENT_GROUPS = ('intensity', 'noise', 'blur', 'scale', 'illumination')
@@ -63,14 +62,15 @@ GAUSSIAN_NOISE = 0.3  # largest additive sigma, in crop stds
 
 def parse_augment(spec: str) -> tuple[str, ...]:
   """The groups of a config.data.augment string ('' = none, 'all', or 'noise,blur', ...),
-  in AUGMENT_GROUPS order. Raises UserError naming the setting for an unknown name."""
+  in AUGMENT_GROUPS order. Raises ValueError naming the setting for an unknown name."""
   valid = f'valid: {", ".join(AUGMENT_GROUPS)} or all, comma-separated (\'\' = off)'
   if not isinstance(spec, str):
-    raise UserError(f'config.data.augment={spec!r} is not a string; {valid}')
+    raise ValueError(f'config.data.augment={spec!r} is not a string; {valid}')
   names = [n.strip() for n in spec.split(',') if n.strip()]
   for name in names:
     if name not in AUGMENT_GROUPS + ('all',):
-      raise UserError(f'config.data.augment={spec!r}: {name!r} is not an augmentation; {valid}')
+      raise ValueError(f'config.data.augment={spec!r}: {name!r} is not an augmentation; '
+                       f'{valid}')
   return tuple(g for g in AUGMENT_GROUPS if g in names or 'all' in names)
 
 

@@ -35,7 +35,6 @@ zeros. Output: float32 (H, W).
 import cv2
 import numpy as np
 
-from flmiseg.errors import UserError
 
 METHODS = ('auto', 'clahe_zscore', 'clahe_unit', 'percentile', 'zscore',
            'reference_clahe_zscore', 'reference_clahe_unit')
@@ -52,11 +51,11 @@ _EPS = 1e-6
 def resolve(method: str, kind: str) -> str:
   """The concrete method for `method` ('auto' picks by dataset kind)."""
   if method not in METHODS:
-    raise UserError(f'config.data.normalization={method!r} is not a method; valid: '
-                    f'{", ".join(METHODS)}')
+    raise ValueError(f'config.data.normalization={method!r} is not a method; valid: '
+                     f'{", ".join(METHODS)}')
   if method == 'auto':
     if kind not in _AUTO:
-      raise UserError(f'config.data.kind={kind!r} is not a kind; valid: {", ".join(_AUTO)}')
+      raise ValueError(f'config.data.kind={kind!r} is not a kind; valid: {", ".join(_AUTO)}')
     return _AUTO[kind]
   return method
 

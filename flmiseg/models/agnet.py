@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flmiseg.models import layers
+from flmiseg.models import zoo
 
 VARIANTS = ('original',)
 BASE_WIDTH = 32
@@ -218,6 +219,10 @@ AGNet32 = functools.partial(AGNet, width=32)
 AGNetTiny = functools.partial(AGNet, width=4)
 
 
+@zoo.register_model('agnet', variants=VARIANTS, base_width=BASE_WIDTH)
 def build(model_config, dtype) -> nn.Module:
   """AGNet from a `config.model` (reads .width and .num_classes)."""
-  return AGNet(width=model_config.width, num_classes=model_config.num_classes, dtype=dtype)
+  # One-logit heads: the reference's parameter count for one output channel (9,326,216);
+  # AGNet(single_logit_heads=False) keeps its 2-class softmax heads instead.
+  return AGNet(width=model_config.width, num_classes=model_config.num_classes,
+               single_logit_heads=True, dtype=dtype)

@@ -17,7 +17,7 @@ parameters); this port has only the parameters that receive gradients.
 """
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from flmiseg.errors import UserError
 from flmiseg.models import fusion as fusion_lib
 from flmiseg.models import layers
 from flmiseg.models import resnet
+from flmiseg.models import zoo
 
 VARIANTS = ('original', 'lowlevel')
 BACKBONES = ('resnet50', 'resnet101')
@@ -77,18 +78,20 @@ class Head(nn.Module):
 class DeepLabV3Plus(nn.Module):
   """DeepLabv3+. Input NHWC of any size; returns (logits (N, H, W, num_classes), aux).
 
-  aux holds 'skips' (the encoder pyramid: stem, layer1..layer4, finest first) and 'aspp'.
+  aux holds 'skips' (the encoder pyramid but its coarsest level: stem, layer1..layer3,
+  finest first), 'bottleneck' (layer4, which ASPP reads), 'aspp' and 'side_outputs' ([]).
   Attributes:
     width: base width (ResNet stem channels; 64 in the reference).
     variant: 'original' or 'lowlevel'.
     backbone: 'resnet50' or 'resnet101'.
-    fusion: lowlevel decoder's operator ('' = concat); no effect on 'original'.
+    fusion: the lowlevel decoder's fusion operator, a module factory called as
+      fusion(dtype=..., name=...) (flmiseg/models/fusion.py); no effect on 'original'.
     num_classes, dtype: as every model.
   """
   width: int = BASE_WIDTH
   variant: str = 'original'
   backbone: str = 'resnet50'
-  fusion: str = ''
+  fusion: Callable[..., nn.Module] = fusion_lib.Concat
   num_classes: int = 1
   dtype: Any = jnp.float32
 
@@ -101,14 +104,13 @@ class DeepLabV3Plus(nn.Module):
 
   def _decode_lowlevel(self, aspp, skips, train):
     s = functools.partial(layers.scaled, self.width, BASE_WIDTH)
-    fuse = fusion_lib.get_fusion(self.fusion or 'concat')
     x = aspp
     # (level, projection width, DoubleConv width after fusing); None: no DoubleConv.
     plan = ((3, 256, 256), (2, 256, 128), (1, 128, 64), (0, 64, None))
     for level, proj, out in plan:
       skip = ConvBN(s(proj), 1, dtype=self.dtype, name=f'project{level}')(skips[level], train)
       x = _up(x, skip.shape[1:3])
-      x = fuse(dtype=self.dtype, name=f'fuse{level}')(x, skip, train)
+      x = self.fusion(dtype=self.dtype, name=f'fuse{level}')(x, skip, train)
       if out is not None:
         x = layers.DoubleConv(s(out), dtype=self.dtype, name=f'decode{level}')(x, train)
     return Head(s(256), self.num_classes, self.dtype, name='head')(x, train)
@@ -116,10 +118,11 @@ class DeepLabV3Plus(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.variant not in VARIANTS:
-      raise UserError(f'config.model.variant={self.variant!r}; valid: {", ".join(VARIANTS)}')
+      raise ValueError(f'variant={self.variant!r} is not a DeepLabv3+ variant; valid: '
+                       f'{", ".join(VARIANTS)}')
     if self.backbone not in BACKBONES:
-      raise UserError(f'config.model.backbone={self.backbone!r}; valid: '
-                      f'{", ".join(BACKBONES)}')
+      raise ValueError(f'backbone={self.backbone!r} is not a DeepLabv3+ backbone; valid: '
+                       f'{", ".join(BACKBONES)}')
     lowlevel = self.variant == 'lowlevel'
     x, hw = layers.pad_to_multiple(x.astype(self.dtype), 8 if lowlevel else 16)
     encoder = resnet.ResNetEncoder(depth=int(self.backbone[6:]), width=self.width,
@@ -131,18 +134,19 @@ class DeepLabV3Plus(nn.Module):
     decode = self._decode_lowlevel if lowlevel else self._decode_original
     logits = _up(decode(aspp, skips, train), x.shape[1:3])
     logits = layers.crop_to(logits, hw).astype(jnp.float32)
-    return logits, {'skips': skips, 'aspp': aspp}
+    return logits, {'skips': skips[:-1], 'bottleneck': skips[-1], 'aspp': aspp,
+                    'side_outputs': []}
 
 
+@zoo.register_model('deeplabv3p', variants=VARIANTS, base_width=BASE_WIDTH)
 def build(model_config, dtype) -> nn.Module:
-  """DeepLabV3Plus from a `config.model` (.variant, .width, .backbone, .fusion, .num_classes)."""
+  """DeepLabV3Plus from a `config.model` (.variant, .width, .backbone, .fusion ('' = concat),
+  .fusion_kwargs, .num_classes)."""
   backbone = getattr(model_config, 'backbone', '') or 'resnet50'
   if backbone not in BACKBONES:
     raise UserError(f'config.model.backbone={backbone!r} is not a backbone of deeplabv3p; '
                     f'valid: {", ".join(BACKBONES)}')
-  fusion = getattr(model_config, 'fusion', '') or ''
-  if fusion:
-    fusion_lib.get_fusion(fusion)
+  fusion = fusion_lib.from_config(model_config, fusion_lib.Concat)
   return DeepLabV3Plus(width=model_config.width, variant=model_config.variant,
                        backbone=backbone, fusion=fusion,
                        num_classes=model_config.num_classes, dtype=dtype)

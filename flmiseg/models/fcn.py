@@ -21,16 +21,15 @@ network's concatenation order is [skip, decoder] (fusion.Concat) instead of [dec
 which only permutes the next layer's input channels.
 """
 
-import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flmiseg.errors import UserError
 from flmiseg.models import fusion as fusion_lib
 from flmiseg.models import layers
 from flmiseg.models import vgg
+from flmiseg.models import zoo
 
 BASE_WIDTH = vgg.BASE_WIDTH
 
@@ -42,8 +41,8 @@ VARIANTS = {
     'fcn': ('original', 'lowlevel'),
 }
 
-# The fusion operator each variant uses when `fusion` is '' (as the reference).
-DEFAULT_FUSION = {'original': 'add', 'lowlevel': 'concat'}
+# The fusion operator each variant uses by default (as the reference).
+DEFAULT_FUSION = {'original': fusion_lib.Add, 'lowlevel': fusion_lib.Concat}
 
 # `skips` setting -> number of encoder features fused (x4, then x3, x2, x1).
 SKIP_LEVELS = {'32s': 0, '16s': 1, '8s': 2, 'all': 4}
@@ -55,25 +54,21 @@ NAME_SKIPS = {'fcn32s': '32s', 'fcn16s': '16s', 'fcn8s': '8s', 'fcn': 'all'}
 DECONV_CHANNELS = (512, 256, 128, 64, 32)
 
 
-def _check_choice(setting: str, value: str, valid) -> None:
-  if value not in valid:
-    raise UserError(f'{setting}={value!r} is not valid; valid values: {", ".join(valid)}')
-
-
-def resolve_fusion(variant: str, fusion: str) -> str:
-  """The fusion operator name: `fusion`, or the variant's default when it is ''."""
-  _check_choice('config.model.variant', variant, tuple(DEFAULT_FUSION))
-  name = fusion or DEFAULT_FUSION[variant]
-  fusion_lib.get_fusion(name)  # raises UserError listing the operators on a typo
-  return name
+def default_fusion(variant: str) -> Callable[..., nn.Module]:
+  """The variant's own fusion operator: add ('original') or concat ('lowlevel')."""
+  if variant not in DEFAULT_FUSION:
+    raise ValueError(f'variant={variant!r} is not an FCN variant; valid: '
+                     f'{", ".join(DEFAULT_FUSION)}')
+  return DEFAULT_FUSION[variant]
 
 
 class FCN(nn.Module):
   """FCN-32s/16s/8s/all-skips on VGG16. Input NHWC of any size.
 
   Returns (logits (N, H, W, num_classes) float32, aux) with aux['skips'] (the pooled encoder
-  features x1..x4, finest first, strides 2..16), aux['bottleneck'] (x5, stride 32) and
-  aux['decoder'] (the output of each decoder stage, finest first, strides 1..16).
+  features x1..x4, finest first, strides 2..16), aux['bottleneck'] (x5, stride 32),
+  aux['decoder'] (the output of each decoder stage, finest first, strides 1..16) and
+  aux['side_outputs'] ([]).
 
   Attributes:
     width: channels of VGG16's first block (64 in the reference).
@@ -81,21 +76,23 @@ class FCN(nn.Module):
       default of `fusion`.
     skips: '32s', '16s', '8s' or 'all' (which encoder features are fused; see the module
       docstring, which also says where each normalises).
-    fusion: fusion operator name (flmiseg.models.fusion.FUSIONS); '' = the variant's default.
+    fusion: the fusion operator, a module factory called as fusion(dtype=..., name=...)
+      (flmiseg/models/fusion.py); None: the variant's default (DEFAULT_FUSION).
     num_classes: output channels.
     dtype: computation dtype (parameters stay float32).
   """
   width: int = BASE_WIDTH
   variant: str = 'original'
   skips: str = 'all'
-  fusion: str = ''
+  fusion: Callable[..., nn.Module] | None = None
   num_classes: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    _check_choice('skips', self.skips, tuple(SKIP_LEVELS))
-    fuse_cls = fusion_lib.get_fusion(resolve_fusion(self.variant, self.fusion))
+    if self.skips not in SKIP_LEVELS:
+      raise ValueError(f'skips={self.skips!r} is not valid; valid: {", ".join(SKIP_LEVELS)}')
+    fuse_cls = self.fusion or default_fusion(self.variant)
     num_fused = SKIP_LEVELS[self.skips]
     # The reference's FCN16s/8s normalise the fused sum, its all-skip FCNs the deconvolution.
     norm_after_fusion = self.skips in ('16s', '8s')
@@ -120,25 +117,28 @@ class FCN(nn.Module):
       decoded.insert(0, y)
     logits = layers.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(y)
     logits = layers.crop_to(logits, hw).astype(jnp.float32)
-    return logits, {'skips': pyramid[:-1], 'bottleneck': pyramid[-1], 'decoder': decoded}
+    return logits, {'skips': pyramid[:-1], 'bottleneck': pyramid[-1], 'decoder': decoded,
+                    'side_outputs': []}
 
 
-FCN32s = functools.partial(FCN, skips='32s')
-FCN16s = functools.partial(FCN, skips='16s')
-FCN8s = functools.partial(FCN, skips='8s')
-FCNTiny = functools.partial(FCN, width=4)
-
-
+@zoo.register_model('fcn', variants=VARIANTS['fcn'], base_width=BASE_WIDTH)
+@zoo.register_model('fcn8s', variants=VARIANTS['fcn8s'], base_width=BASE_WIDTH)
+@zoo.register_model('fcn16s', variants=VARIANTS['fcn16s'], base_width=BASE_WIDTH)
+@zoo.register_model('fcn32s', variants=VARIANTS['fcn32s'], base_width=BASE_WIDTH)
 def build(model_config, dtype) -> nn.Module:
   """The FCN named by `model_config` (a `config.model`).
 
   Reads .name ('fcn32s', 'fcn16s', 'fcn8s' or 'fcn'), .variant, .width, .fusion ('' = the
-  variant's default: add for original, concat for lowlevel; it has no effect on fcn32s)
-  and .num_classes. Raises UserError on an unknown name, variant or fusion.
+  variant's default: add for original, concat for lowlevel; it has no effect on fcn32s),
+  .fusion_kwargs and .num_classes. Raises ValueError on a name or variant that is not an
+  FCN's (create_model checks them first), UserError on an unknown fusion operator.
   """
   name, variant = model_config.name, model_config.variant
-  _check_choice('config.model.name', name, tuple(VARIANTS))
-  _check_choice('config.model.variant', variant, VARIANTS[name])
-  fusion = resolve_fusion(variant, getattr(model_config, 'fusion', '') or '')
+  if name not in VARIANTS:
+    raise ValueError(f'config.model.name={name!r} is not an FCN; valid: {", ".join(VARIANTS)}')
+  if variant not in VARIANTS[name]:
+    raise ValueError(f'config.model.variant={variant!r} is not a variant of {name!r}; valid: '
+                     f'{", ".join(VARIANTS[name])}')
+  fusion = fusion_lib.from_config(model_config, default_fusion(variant))
   return FCN(width=model_config.width, variant=variant, skips=NAME_SKIPS[name], fusion=fusion,
              num_classes=model_config.num_classes, dtype=dtype)

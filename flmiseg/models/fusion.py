@@ -1,12 +1,15 @@
 """Fusion operators: join a decoder feature with an encoder (skip) feature.
 
-Interface (every operator is a Flax module with this call):
-  op(dtype=...)(decoder, skip, train=False) -> fused
+Interface (every operator is a Flax module, or a factory of one, with this call):
+  op(dtype=..., name=...)(decoder, skip, train=False) -> fused
 decoder and skip are NHWC; the decoder feature is first resized (bilinear) to the skip's
-spatial size when they differ, then fused. Operators are looked up by name from `FUSIONS`
-(`config.model.fusion`); to add one, write a module with that call and register it in FUSIONS
-(docs/fusion.md). `fused_channels(name, c_decoder, c_skip)` tells a decoder how many channels
-an operator returns.
+spatial size when they differ, then fused. Models take the operator as such a factory
+(`Callable[..., nn.Module]`, e.g. the class `Concat`); names are resolved only when a model is
+built from a config (`from_config`, called by `flmiseg.models.create_model`): `FUSIONS` maps
+`config.model.fusion` to the operator, and `config.model.fusion_kwargs` sets its fields. To add
+one, decorate it with `@register_fusion('name')`, in this file or in a file of your own named by
+`config.imports` (docs/fusion.md). `fused_channels(op, c_decoder, c_skip)` tells a decoder how
+many channels an operator returns.
 
 Output channels (C_d: decoder, C_s: skip):
   add             C_s (needs C_d == C_s)
@@ -17,16 +20,35 @@ Output channels (C_d: decoder, C_s: skip):
 """
 
 import functools
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flmiseg import registry
 from flmiseg.errors import UserError
 from flmiseg.models import layers
 
+# A fusion operator: a Flax module class, or any callable returning one, called as
+# op(dtype=..., name=...); its other fields come from config.model.fusion_kwargs.
+Fusion = Callable[..., nn.Module]
 
+# config.model.fusion -> operator; filled by `register_fusion`.
+FUSIONS = registry.Registry('fusion operator', 'config.model.fusion')
+
+
+def register_fusion(name: str, *, override: bool = False) -> Callable[[Fusion], Fusion]:
+  """Decorator: registers a fusion operator (module class or factory) under `name`.
+
+  The operator is then `config.model.fusion=name`, for every model that takes one. Raises
+  ValueError when `name` is taken, unless `override` (which replaces the registered one).
+  """
+  return FUSIONS.decorator(name, override=override)
+
+
+@register_fusion('add')
 class Add(nn.Module):
   """decoder + skip (channel counts must match)."""
   dtype: Any = jnp.float32
@@ -40,6 +62,7 @@ class Add(nn.Module):
     return decoder + skip
 
 
+@register_fusion('concat')
 class Concat(nn.Module):
   """concatenate([skip, decoder]) along channels: C_skip + C_decoder channels."""
   dtype: Any = jnp.float32
@@ -50,6 +73,7 @@ class Concat(nn.Module):
     return jnp.concatenate([skip, decoder.astype(skip.dtype)], axis=-1)
 
 
+@register_fusion('attention_gate')
 class AttentionGate(nn.Module):
   """Additive attention on the skip (Oktay et al. 2018), then [alpha * skip, decoder].
 
@@ -83,6 +107,7 @@ class AttentionGate(nn.Module):
     return jnp.concatenate([alpha * x, g], axis=-1)
 
 
+@register_fusion('weighted_sum')
 class WeightedSum(nn.Module):
   """Fast normalised fusion (BiFPN, Tan et al. 2020): learned non-negative scalar weights.
 
@@ -108,6 +133,7 @@ class WeightedSum(nn.Module):
     return (w[0] * decoder + w[1] * skip.astype(self.dtype)) / (w[0] + w[1] + self.eps)
 
 
+@register_fusion('se_concat')
 class SEConcat(nn.Module):
   """concatenate([skip, decoder]) rescaled by squeeze-and-excitation (Hu et al. 2018).
 
@@ -136,33 +162,69 @@ class SEConcat(nn.Module):
     return x * e[:, None, None, :]
 
 
-FUSIONS: dict[str, type[nn.Module]] = {
-    'add': Add,
-    'concat': Concat,
-    'attention_gate': AttentionGate,
-    'weighted_sum': WeightedSum,
-    'se_concat': SEConcat,
-}
+def get_fusion(name: str) -> Fusion:
+  """The fusion operator registered under `name`; UserError listing the valid names."""
+  return FUSIONS.resolve(name)
 
 
-def get_fusion(name: str) -> type[nn.Module]:
-  """The fusion module class registered under `name`."""
-  if name not in FUSIONS:
-    raise UserError(f'config.model.fusion={name!r} is not a fusion operator; valid names: '
-                    f'{", ".join(sorted(FUSIONS))}')
-  return FUSIONS[name]
+def from_config(model_config, default: Fusion) -> Fusion:
+  """The operator a `config.model` asks for, with its `fusion_kwargs` bound.
+
+  Args:
+    model_config: reads .fusion (a registered name; '' = `default`) and .fusion_kwargs
+      (the operator's fields, e.g. {'reduction': 8}; missing or empty: its defaults).
+    default: the model's own operator, used when .fusion is ''.
+  Returns:
+    A factory called as op(dtype=..., name=...): the operator itself without kwargs, else
+    a functools.partial binding them.
+  Raises:
+    UserError naming the setting for an unknown name, or a kwarg the operator does not take.
+  """
+  name = getattr(model_config, 'fusion', '') or ''
+  op = get_fusion(name) if name else default
+  kwargs = getattr(model_config, 'fusion_kwargs', None) or {}
+  kwargs = kwargs.to_dict() if hasattr(kwargs, 'to_dict') else dict(kwargs)
+  if not kwargs:
+    return op
+  accepted = operator_fields(op)
+  for key in kwargs:
+    if accepted is not None and key not in accepted:
+      name = name or next((n for n, entry in FUSIONS.items() if entry is op),
+                          getattr(op, '__name__', repr(op)))
+      raise UserError(f'config.model.fusion_kwargs.{key}: not a field of the fusion operator '
+                      f'{name!r} (its fields: {", ".join(sorted(accepted)) or "none"})')
+  return functools.partial(op, **kwargs)
+
+
+def operator_fields(op: Fusion) -> set[str] | None:
+  """The keyword arguments `op` takes besides dtype (and a Flax module's parent and name);
+  None when it takes any (**kwargs) or its signature cannot be read."""
+  try:
+    parameters = inspect.signature(op).parameters.values()
+  except (TypeError, ValueError):
+    return None
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    return None
+  return {p.name for p in parameters if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)
+          and p.name not in ('dtype', 'parent', 'name')}
+
+
+def fused_channels(op: Fusion | str, c_decoder: int, c_skip: int) -> int:
+  """Channels of `op`'s output for decoder/skip features of c_decoder/c_skip channels.
+
+  `op` is an operator (factory) or a registered name. Found by tracing the operator on tiny
+  inputs (shape only), so it holds for any operator, including ones added later. Raises
+  UserError for an unknown name and ValueError where the operator cannot fuse those channel
+  counts (add with C_d != C_s).
+  """
+  return _traced_channels(get_fusion(op) if isinstance(op, str) else op, c_decoder, c_skip)
 
 
 @functools.lru_cache(maxsize=None)
-def fused_channels(name: str, c_decoder: int, c_skip: int) -> int:
-  """Channels of `name`'s output for decoder/skip features of c_decoder/c_skip channels.
-
-  Found by tracing the operator (with its default fields) on tiny inputs, so it holds for any
-  registered operator, including ones added later. Raises UserError for an unknown name and
-  ValueError where the operator cannot fuse those channel counts (add with C_d != C_s).
-  """
-  op = get_fusion(name)()
+def _traced_channels(op: Fusion, c_decoder: int, c_skip: int) -> int:
+  module = op()
   decoder = jnp.zeros((1, 2, 2, c_decoder), jnp.float32)
   skip = jnp.zeros((1, 4, 4, c_skip), jnp.float32)
-  out, _ = jax.eval_shape(lambda: op.init_with_output(jax.random.key(0), decoder, skip))
+  out, _ = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), decoder, skip))
   return int(out.shape[-1])

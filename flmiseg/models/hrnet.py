@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flmiseg.errors import UserError
 from flmiseg.models import layers
+from flmiseg.models import zoo
 
 VARIANTS = ('original', 'lowlevel')
 BASE_WIDTH = 32
@@ -99,9 +99,10 @@ class HRNetV2(nn.Module):
     variant: 'original' (stride-2 stem convs) or 'lowlevel' (stride-1 stem convs).
     num_classes: output channels (1: a foreground logit).
     dtype: computation dtype (parameters stay float32).
-  aux['branches'] (also aux['skips']): the four final branch features, finest first, at
-  strides (4, 8, 16, 32) ('original') or (1, 2, 4, 8) ('lowlevel') of the input padded to
-  a multiple of 32 or 8, with w, 2w, 4w, 8w channels.
+  aux['branches']: the four final branch features, finest first, at strides (4, 8, 16, 32)
+  ('original') or (1, 2, 4, 8) ('lowlevel') of the input padded to a multiple of 32 or 8,
+  with w, 2w, 4w, 8w channels; as every model's aux, 'skips' (the three finer branches),
+  'bottleneck' (the coarsest) and 'side_outputs' ([]).
   """
   width: int = BASE_WIDTH
   variant: str = 'original'
@@ -135,8 +136,8 @@ class HRNetV2(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.variant not in VARIANTS:
-      raise UserError(f'config.model.variant={self.variant!r} is not valid for hrnetv2; '
-                      f'valid: {", ".join(VARIANTS)}')
+      raise ValueError(f'variant={self.variant!r} is not valid for hrnetv2; '
+                       f'valid: {", ".join(VARIANTS)}')
     stem_stride = 2 if self.variant == 'original' else 1
     # Stages 2-4 halve the resolution three times after the stem's stem_stride**2.
     x, hw = layers.pad_to_multiple(x.astype(self.dtype), 8 * stem_stride**2)
@@ -155,13 +156,11 @@ class HRNetV2(nn.Module):
     y = layers.ConvBNReLU(y.shape[-1], 1, dtype=self.dtype, name='head_conv')(y, train)
     logits = layers.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(y)
     logits = layers.crop_to(logits, hw).astype(jnp.float32)
-    return logits, {'branches': xs, 'skips': xs}
+    return logits, {'branches': xs, 'skips': xs[:-1], 'bottleneck': xs[-1],
+                    'side_outputs': []}
 
 
-HRNetV2W32 = functools.partial(HRNetV2, width=32)
-HRNetV2Tiny = functools.partial(HRNetV2, width=4)
-
-
+@zoo.register_model('hrnetv2', variants=VARIANTS, base_width=BASE_WIDTH)
 def build(model_config, dtype) -> nn.Module:
   """HRNetV2 from a `config.model` (reads .variant, .width, .num_classes)."""
   return HRNetV2(width=model_config.width, variant=model_config.variant,

@@ -37,21 +37,24 @@ Relation to the reference's hand-modified `lowlevel` variants (cbmi-group/icss-s
     ports of those three belong to the models' own `lowlevel` variants; this wrapper is the
     general recipe for any encoder.
 
-`build(model_config, dtype)` wraps the ResNet-50/101 or VGG16 encoder named by
-`model_config.backbone`.
+`build(model_config, dtype)` wraps the encoder named by `model_config.backbone`: ResNet-50/101,
+VGG16, or one of your own registered with `@register_backbone('name')` (docs/fusion.md).
 """
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flmiseg import registry
 from flmiseg.errors import UserError
 from flmiseg.models import fusion as fusion_lib
 from flmiseg.models import layers
 from flmiseg.models import resnet
 from flmiseg.models import vgg
+from flmiseg.models import zoo
 
 # Decoder channels per level as multiples of `width` (level 0: full scale); deeper levels
 # repeat the last entry, as the reference's decoder stays at 256 = 4 * 64 channels.
@@ -63,13 +66,16 @@ class LowLevelSegmenter(nn.Module):
 
   Input NHWC of any size (padded to `stride` and cropped back); returns
   (logits (N, H, W, num_classes) float32, aux) with aux['pyramid'] (the backbone's features,
-  finest first), aux['skips'] (the input-layer features followed by the pyramid) and
-  aux['decoder'] (the decoder feature after each fusion, finest first).
+  finest first), aux['skips'] (the input-layer features followed by the pyramid but its
+  coarsest level), aux['bottleneck'] (the pyramid's coarsest level, where the decoder
+  starts), aux['decoder'] (the decoder feature after each fusion, finest first) and
+  aux['side_outputs'] ([]).
 
   Attributes:
     backbone: encoder; `backbone(x, train=train)` returns a list of NHWC features, finest
       first, at any strides.
-    fusion: name of the fusion operator (flmiseg.models.fusion.FUSIONS).
+    fusion: the fusion operator, a module factory called as fusion(dtype=..., name=...)
+      (flmiseg/models/fusion.py; e.g. fusion.SEConcat or functools.partial of it).
     width: base width: the input layer's channels; the decoder's are multiples of it.
     num_classes: output channels.
     stride: the backbone's total stride; inputs are padded to a multiple of it.
@@ -83,7 +89,7 @@ class LowLevelSegmenter(nn.Module):
       feature, where the decoder starts).
   """
   backbone: nn.Module
-  fusion: str = 'concat'
+  fusion: Callable[..., nn.Module] = fusion_lib.Concat
   width: int = 64
   num_classes: int = 1
   stride: int = 32
@@ -106,7 +112,6 @@ class LowLevelSegmenter(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    fuse_cls = fusion_lib.get_fusion(self.fusion)
     x, hw = layers.pad_to_multiple(x.astype(self.dtype), self.stride)
     full = layers.DoubleConv(self.width, dtype=self.dtype, name='input_layer')(x, train)
     pyramid = list(self.backbone(x, train=train))
@@ -123,12 +128,13 @@ class LowLevelSegmenter(nn.Module):
       # channels to the decoder's, so every operator (add included) applies.
       if level > 0 or skip.shape[-1] != y.shape[-1]:
         skip = self._project(skip, y.shape[-1], f'project{level}', train)
-      y = fuse_cls(dtype=self.dtype, name=f'fuse{level}')(y, skip, train)
+      y = self.fusion(dtype=self.dtype, name=f'fuse{level}')(y, skip, train)
       y = layers.DoubleConv(widths[level], dtype=self.dtype, name=f'decode{level}')(y, train)
       decoded.insert(0, y)
     logits = layers.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='head')(y)
     logits = layers.crop_to(logits, hw).astype(jnp.float32)
-    return logits, {'pyramid': pyramid, 'skips': skips, 'decoder': decoded}
+    return logits, {'pyramid': pyramid, 'skips': skips[:-1], 'bottleneck': skips[-1],
+                    'decoder': decoded, 'side_outputs': []}
 
 
 def backbone_stride(backbone: nn.Module, in_channels: int = 1, probe: int = 256) -> int:
@@ -147,15 +153,16 @@ def backbone_stride(backbone: nn.Module, in_channels: int = 1, probe: int = 256)
   return probe // coarsest
 
 
-def lowlevel(backbone: nn.Module, fusion: str = 'concat', width: int = 64,
-             num_classes: int = 1, dtype: Any = jnp.float32, stride: int | None = None,
-             decoder_widths: Sequence[int] | None = None,
+def lowlevel(backbone: nn.Module, fusion: Callable[..., nn.Module] = fusion_lib.Concat,
+             width: int = 64, num_classes: int = 1, dtype: Any = jnp.float32,
+             stride: int | None = None, decoder_widths: Sequence[int] | None = None,
              in_channels: int = 1) -> LowLevelSegmenter:
   """Wraps a feature-pyramid encoder into a full segmenter with the paper's two changes.
 
   Args:
     backbone: encoder module; `backbone(x, train=train)` returns NHWC features, finest first.
-    fusion: fusion operator name (flmiseg.models.fusion.FUSIONS); checked here.
+    fusion: the fusion operator: a module factory (e.g. flmiseg.models.fusion.SEConcat, or
+      your own module class), called as fusion(dtype=..., name=...).
     width: base width of the input layer and decoder.
     num_classes: output channels.
     dtype: computation dtype of the added layers.
@@ -164,8 +171,13 @@ def lowlevel(backbone: nn.Module, fusion: str = 'concat', width: int = 64,
     in_channels: image channels, only used to measure the stride.
   Returns:
     The LowLevelSegmenter module.
+  Raises:
+    TypeError when `fusion` is not callable (a name: names are resolved from a config, by
+    flmiseg.models.create_model, or with flmiseg.models.fusion.get_fusion).
   """
-  fusion_lib.get_fusion(fusion)  # fail early, with the valid names, on a typo
+  if not callable(fusion):
+    raise TypeError(f'fusion={fusion!r} is not a module factory; pass the operator itself, '
+                    'e.g. flmiseg.models.fusion.get_fusion(name)')
   if stride is None:
     stride = backbone_stride(backbone, in_channels)
   return LowLevelSegmenter(backbone=backbone, fusion=fusion, width=width,
@@ -174,57 +186,74 @@ def lowlevel(backbone: nn.Module, fusion: str = 'concat', width: int = 64,
                            else tuple(decoder_widths), dtype=dtype)
 
 
-def _wrap(encoder: nn.Module, stride: int, model_config, dtype) -> LowLevelSegmenter:
-  return lowlevel(encoder, fusion=getattr(model_config, 'fusion', '') or 'concat',
-                  width=model_config.width, num_classes=model_config.num_classes,
-                  dtype=dtype, stride=stride)
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """A registered encoder of the wrapper.
 
-
-def build_vgg16(model_config, dtype) -> LowLevelSegmenter:
-  """The wrapper around VGG16 (no BatchNorm, as the reference's FCNs), from `config.model`.
-
-  Reads .width (64 = VGG16), .fusion ('' = concat) and .num_classes.
+  Attributes:
+    build: build(model_config, dtype) -> the encoder module (reads what it needs of a
+      `config.model`, e.g. .width); its call returns a list of NHWC features, finest first.
+    stride: its total stride (inputs are padded to a multiple of it); None: measured once
+      per build with `backbone_stride`.
   """
-  encoder = vgg.VGG16Encoder(width=model_config.width, dtype=dtype)
-  return _wrap(encoder, vgg.STRIDE, model_config, dtype)
+  build: Callable[[Any, Any], nn.Module]
+  stride: int | None = None
 
 
-def build_resnet(model_config, dtype, depth: int = 50) -> LowLevelSegmenter:
-  """The wrapper around a ResNet-50/101 (stride-2 stem, output stride 16), from `config.model`.
+# config.model.backbone -> Backbone; filled by `register_backbone`; '' means 'resnet50'.
+BACKBONES = registry.Registry('backbone of the low-level wrapper', 'config.model.backbone')
 
-  Reads .width (64 = ResNet), .fusion ('' = concat) and .num_classes. The encoder keeps its
-  own stem; the wrapper's input layer supplies the full-resolution features.
+
+def register_backbone(name: str, *, stride: int | None = None,
+                      override: bool = False) -> Callable:
+  """Decorator: registers an encoder builder for `--config.model.backbone=name`.
+
+  The decorated function is build(model_config, dtype) -> an encoder module whose call
+  `(x, train=train)` returns NHWC features, finest first (docs/fusion.md). `stride`: the
+  encoder's total stride (None: measured). Raises ValueError when `name` is taken, unless
+  `override`.
   """
-  encoder = resnet.ResNetEncoder(depth=depth, width=model_config.width, stem_stride=2,
-                                 output_stride=16, dtype=dtype)
-  return _wrap(encoder, 16, model_config, dtype)
+  def register(build_fn):
+    BACKBONES.add(name, Backbone(build_fn, stride), override=override)
+    return build_fn
+  return register
 
 
-def build_resnet50(model_config, dtype) -> LowLevelSegmenter:
-  """`build_resnet` with ResNet-50."""
-  return build_resnet(model_config, dtype, depth=50)
+@register_backbone('resnet50', stride=16)
+def resnet50_encoder(model_config, dtype) -> nn.Module:
+  """ResNet-50 (stride-2 stem, output stride 16) at .width (64 = ResNet). The encoder keeps
+  its own stem; the wrapper's input layer supplies the full-resolution features."""
+  return resnet.ResNetEncoder(depth=50, width=model_config.width, stem_stride=2,
+                              output_stride=16, dtype=dtype)
 
 
-def build_resnet101(model_config, dtype) -> LowLevelSegmenter:
-  """`build_resnet` with ResNet-101."""
-  return build_resnet(model_config, dtype, depth=101)
+@register_backbone('resnet101', stride=16)
+def resnet101_encoder(model_config, dtype) -> nn.Module:
+  """ResNet-101, otherwise as `resnet50_encoder`."""
+  return resnet.ResNetEncoder(depth=101, width=model_config.width, stem_stride=2,
+                              output_stride=16, dtype=dtype)
 
 
-# config.model.backbone -> builder(model_config, dtype); '' means 'resnet50'.
-BACKBONES = {
-    'resnet50': build_resnet50,
-    'resnet101': build_resnet101,
-    'vgg16': build_vgg16,
-}
+@register_backbone('vgg16', stride=vgg.STRIDE)
+def vgg16_encoder(model_config, dtype) -> nn.Module:
+  """VGG16 (no BatchNorm, as the reference's FCNs) at .width (64 = VGG16)."""
+  return vgg.VGG16Encoder(width=model_config.width, dtype=dtype)
 
 
+# The paper's strategy applied to any encoder (config.model.backbone picks it).
+@zoo.register_model('lowlevel', variants=('wrapped',), base_width=64)
 def build(model_config, dtype) -> LowLevelSegmenter:
   """The wrapper around the encoder named by `model_config.backbone` ('' = resnet50).
 
-  Reads .backbone, .width, .fusion ('' = concat) and .num_classes of a `config.model`.
+  Reads .backbone, .width, .fusion ('' = concat), .fusion_kwargs and .num_classes of a
+  `config.model`. Raises UserError on an unknown backbone or fusion operator.
   """
   name = getattr(model_config, 'backbone', '') or 'resnet50'
   if name not in BACKBONES:
     raise UserError(f'config.model.backbone={name!r} is not a backbone of the low-level '
                     f'wrapper; valid backbones: {", ".join(sorted(BACKBONES))}')
-  return BACKBONES[name](model_config, dtype)
+  backbone = BACKBONES[name]
+  encoder = backbone.build(model_config, dtype)
+  return lowlevel(encoder, fusion=fusion_lib.from_config(model_config, fusion_lib.Concat),
+                  width=model_config.width, num_classes=model_config.num_classes,
+                  dtype=dtype, stride=backbone.stride)

@@ -20,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flmiseg.errors import UserError
 from flmiseg.models import layers
 
 BASE_WIDTH = 64
@@ -78,9 +77,9 @@ class ResNetEncoder(nn.Module):
   def __call__(self, x, train: bool = False):
     name = f'resnet{self.depth}'
     if name not in DEPTHS:
-      raise UserError(f'ResNet depth {self.depth} is not available; valid: 50, 101')
+      raise ValueError(f'ResNet depth {self.depth} is not available; valid: 50, 101')
     if self.output_stride not in STAGE_STRIDES:
-      raise UserError(f'output_stride={self.output_stride}; valid: 8, 16')
+      raise ValueError(f'output_stride={self.output_stride}; valid: 8, 16')
     strides = STAGE_STRIDES[self.output_stride]
     dilations = STAGE_DILATIONS[self.output_stride]
     s = functools.partial(layers.scaled, self.width, BASE_WIDTH)
@@ -95,7 +94,3 @@ class ResNetEncoder(nn.Module):
                        self.dtype, name=f'layer{i + 1}_{b}')(y, train)
       features.append(y)
     return features
-
-
-ResNet50Encoder = functools.partial(ResNetEncoder, depth=50)
-ResNet101Encoder = functools.partial(ResNetEncoder, depth=101)

@@ -17,30 +17,24 @@ the reference's [decoder, encoder] only permutes the next convolution's input ch
 Convolutions are initialised as the reference's (kaiming normal, fan_out; zero bias).
 """
 
-import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flmiseg.errors import UserError
 from flmiseg.models import fusion as fusion_lib
 from flmiseg.models import layers
 from flmiseg.models import vgg
+from flmiseg.models import zoo
 
 BASE_WIDTH = vgg.BASE_WIDTH
 
 # Model name -> valid variants.
 VARIANTS = {'segnet': ('original', 'lowlevel')}
 
-# Fusion of the lowlevel variant when `fusion` is '' (the reference concatenates).
-DEFAULT_FUSION = 'concat'
-
-
-def _check_choice(setting: str, value: str, valid) -> None:
-  if value not in valid:
-    raise UserError(f'{setting}={value!r} is not valid; valid values: {", ".join(valid)}')
+# Fusion of the lowlevel variant by default (the reference concatenates).
+DEFAULT_FUSION = fusion_lib.Concat
 
 
 def max_pool_with_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -92,20 +86,20 @@ class SegNet(nn.Module):
 
   Returns (logits (N, H, W, num_classes) float32, aux) with aux['skips'] (the five encoder
   block outputs before pooling, finest first, strides 1..16: what the lowlevel variant
-  fuses), aux['bottleneck'] (the last pooled feature, stride 32) and aux['decoder'] (the
-  output of each decoder block, finest first, strides 1..16).
+  fuses), aux['bottleneck'] (the last pooled feature, stride 32), aux['decoder'] (the
+  output of each decoder block, finest first, strides 1..16) and aux['side_outputs'] ([]).
 
   Attributes:
     width: channels of the first block (64 in the reference).
     variant: 'original' (no skips) or 'lowlevel' (encoder features fused after unpooling).
-    fusion: fusion operator of the lowlevel variant (flmiseg.models.fusion.FUSIONS);
-      '' = concat. No effect on the original variant.
+    fusion: the lowlevel variant's fusion operator, a module factory called as
+      fusion(dtype=..., name=...) (flmiseg/models/fusion.py). No effect on 'original'.
     num_classes: output channels.
     dtype: computation dtype (parameters stay float32).
   """
   width: int = BASE_WIDTH
   variant: str = 'original'
-  fusion: str = ''
+  fusion: Callable[..., nn.Module] = DEFAULT_FUSION
   num_classes: int = 1
   dtype: Any = jnp.float32
 
@@ -121,8 +115,9 @@ class SegNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    _check_choice('variant', self.variant, VARIANTS['segnet'])
-    fuse_cls = fusion_lib.get_fusion(self.fusion or DEFAULT_FUSION)
+    if self.variant not in VARIANTS['segnet']:
+      raise ValueError(f'variant={self.variant!r} is not a SegNet variant; valid: '
+                       f'{", ".join(VARIANTS["segnet"])}')
     x, hw = layers.pad_to_multiple(x.astype(self.dtype), vgg.STRIDE)
     y, skips, argmaxes = self._encode(x, train)
     bottleneck = y
@@ -130,7 +125,7 @@ class SegNet(nn.Module):
     for k in reversed(range(len(vgg.STAGES))):
       y = max_unpool(y, argmaxes[k], skips[k].shape[1:3])
       if self.variant == 'lowlevel':
-        y = fuse_cls(dtype=self.dtype, name=f'fuse{k + 1}')(y, skips[k], train)
+        y = self.fusion(dtype=self.dtype, name=f'fuse{k + 1}')(y, skips[k], train)
       channels, num_convs = vgg.STAGES[k]
       features = layers.scaled(self.width, BASE_WIDTH, channels)
       if k > 0:
@@ -146,24 +141,25 @@ class SegNet(nn.Module):
                          kernel_init=vgg.conv_init, bias_init=nn.initializers.zeros,
                          dtype=self.dtype, name='head')(y)
     logits = layers.crop_to(logits, hw).astype(jnp.float32)
-    return logits, {'skips': skips, 'bottleneck': bottleneck, 'decoder': decoded}
+    return logits, {'skips': skips, 'bottleneck': bottleneck, 'decoder': decoded,
+                    'side_outputs': []}
 
 
-SegNet64 = functools.partial(SegNet, width=64)
-SegNetTiny = functools.partial(SegNet, width=4)
-
-
+@zoo.register_model('segnet', variants=VARIANTS['segnet'], base_width=BASE_WIDTH)
 def build(model_config, dtype) -> nn.Module:
   """The SegNet described by `model_config` (a `config.model`).
 
   Reads .name ('segnet'), .variant, .width, .fusion ('' = concat; only the lowlevel variant
-  fuses) and .num_classes. Raises UserError on an unknown name, variant or fusion.
+  fuses), .fusion_kwargs and .num_classes. Raises ValueError on a name or variant that is not
+  SegNet's (create_model checks them first), UserError on an unknown fusion operator.
   """
   name, variant = model_config.name, model_config.variant
-  _check_choice('config.model.name', name, tuple(VARIANTS))
-  _check_choice('config.model.variant', variant, VARIANTS[name])
-  fusion = getattr(model_config, 'fusion', '') or ''
-  if fusion:
-    fusion_lib.get_fusion(fusion)  # raises UserError listing the operators on a typo
+  if name not in VARIANTS:
+    raise ValueError(f'config.model.name={name!r} is not a SegNet; valid: '
+                     f'{", ".join(VARIANTS)}')
+  if variant not in VARIANTS[name]:
+    raise ValueError(f'config.model.variant={variant!r} is not a variant of {name!r}; valid: '
+                     f'{", ".join(VARIANTS[name])}')
+  fusion = fusion_lib.from_config(model_config, DEFAULT_FUSION)
   return SegNet(width=model_config.width, variant=variant, fusion=fusion,
                 num_classes=model_config.num_classes, dtype=dtype)

@@ -6,13 +6,13 @@ with the encoder feature of the same scale, DoubleConv; a 1x1 convolution head. 
 one input and one output channel it has 31,042,369 parameters, as the reference.
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from flmiseg.models import layers
+from flmiseg.models import zoo
 
 SKIP_NAMES = ('skip0', 'skip1', 'skip2', 'skip3', 'bottleneck')
 
@@ -26,7 +26,8 @@ class UNet(nn.Module):
     dtype: computation dtype (parameters stay float32).
     ablate: names of decoder inputs to zero at inference, for the feature-importance
       analysis: 'skip0' (full resolution) .. 'skip3' (1/8), 'bottleneck' (1/16).
-  aux holds 'skips' (the encoder features, finest first) and 'bottleneck'.
+  aux holds 'skips' (the encoder features, finest first), 'bottleneck' and 'side_outputs'
+  ([]).
   """
   width: int = 64
   num_classes: int = 1
@@ -56,8 +57,10 @@ class UNet(nn.Module):
       x = layers.DoubleConv(features, dtype=self.dtype)(x, train)
     logits = layers.Conv(self.num_classes, (1, 1), dtype=self.dtype)(x)
     logits = layers.crop_to(logits, hw).astype(jnp.float32)
-    return logits, {'skips': skips, 'bottleneck': bottleneck}
+    return logits, {'skips': skips, 'bottleneck': bottleneck, 'side_outputs': []}
 
 
-UNet64 = functools.partial(UNet, width=64)
-UNetTiny = functools.partial(UNet, width=4)
+@zoo.register_model('unet', variants=('original',), base_width=UNet.width)
+def build(model_config, dtype) -> nn.Module:
+  """UNet from a `config.model` (reads .width and .num_classes)."""
+  return UNet(width=model_config.width, num_classes=model_config.num_classes, dtype=dtype)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flmiseg.models import layers
+from flmiseg.models import zoo
 
 VARIANTS = ('original',)
 BASE_WIDTH = 32
@@ -37,7 +38,8 @@ class UNetPP(nn.Module):
     deep_supervision: four heads on X(0, 1..4) (the reference's setting). logits is the head
       on X(0, 4); aux['side_outputs'] holds the heads on X(0, 1), X(0, 2), X(0, 3), each
       (N, H, W, num_classes) float32. Without it, a single head on X(0, 4) (the reference
-      puts its single head on X(0, 3), leaving X(0, 4) unused; we keep the full network).
+      puts its single head on X(0, 3), leaving X(0, 4) unused; we keep the full network)
+      and aux['side_outputs'] is [].
     num_classes: output channels (1: a foreground logit).
     dtype: computation dtype (parameters stay float32).
   aux also holds 'skips' (the encoder features X(0..3, 0), finest first), 'bottleneck'
@@ -76,9 +78,8 @@ class UNetPP(nn.Module):
     outputs = [layers.crop_to(o, hw).astype(jnp.float32) for o in outputs]
     aux = {'skips': [nodes[(i, 0)] for i in range(_DEPTH)],
            'bottleneck': nodes[(_DEPTH, 0)],
-           'top_row': top_row}
-    if self.deep_supervision:
-      aux['side_outputs'] = outputs[:-1]
+           'top_row': top_row,
+           'side_outputs': outputs[:-1]}
     return outputs[-1], aux
 
 
@@ -86,6 +87,7 @@ UNetPP32 = functools.partial(UNetPP, width=32)
 UNetPPTiny = functools.partial(UNetPP, width=4)
 
 
+@zoo.register_model('unet_pp', variants=VARIANTS, base_width=BASE_WIDTH)
 def build(model_config, dtype) -> nn.Module:
   """UNetPP from a `config.model` (reads .width and .num_classes)."""
   return UNetPP(width=model_config.width, num_classes=model_config.num_classes, dtype=dtype)

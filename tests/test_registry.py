@@ -1,0 +1,331 @@
+"""Extending flmiseg from outside the package: registries, config.imports, fusion_kwargs, aux.
+
+The end-to-end case is issue 15's done-when: a fusion operator (and a loss) written in a file
+outside the repository trains the lowlevel model from the command line, and a run directory
+never imports that file on its own.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flmiseg import inference
+from flmiseg import losses
+from flmiseg import models
+from flmiseg import registry
+from flmiseg import rundir
+from flmiseg import sharding
+from flmiseg.configs import default
+from flmiseg.errors import UserError
+from flmiseg.models import fusion
+from flmiseg.models import lowlevel
+from tests import helpers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BUILTIN_FUSIONS = ['add', 'attention_gate', 'concat', 'se_concat', 'weighted_sum']
+
+# A user's file: a fusion operator with a hyper-parameter that sets its parameters' shapes,
+# and a loss whose value shows in the training log.
+USER_FILE = '''
+    """My fusion research, outside flmiseg."""
+    from typing import Any
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from flmiseg import losses
+    from flmiseg.models import fusion
+    from flmiseg.models import layers
+
+
+    @fusion.register_fusion('mixed_concat')
+    class MixedConcat(nn.Module):
+      """[skip, decoder] mixed by a 1x1 convolution to `features` channels."""
+      features: int = 4
+      dtype: Any = jnp.float32
+
+      @nn.compact
+      def __call__(self, decoder, skip, train: bool = False):
+        decoder = layers.resize_to(decoder, skip.shape[1:3])
+        x = jnp.concatenate([skip, decoder.astype(skip.dtype)], axis=-1).astype(self.dtype)
+        return layers.Conv(self.features, (1, 1), dtype=self.dtype, name='mix')(x)
+
+
+    @losses.register_loss('offset_bce')
+    def offset_bce(logits, targets, valid=None):
+      return losses.bce(logits, targets, valid) + 100.0
+'''
+
+
+def run_main(*args, timeout=600):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _error_lines(result) -> list[str]:
+  return [l for l in result.stderr.splitlines() if l.startswith('error:')]
+
+
+@pytest.fixture
+def clean_registries():
+  """Restores every registry (entries and order) after a test that registers."""
+  saved = [(r, dict(r)) for r in (models.MODELS, fusion.FUSIONS, lowlevel.BACKBONES,
+                                  losses.LOSSES)]
+  yield
+  for reg, entries in saved:
+    for name in list(reg):
+      reg.remove(name)
+    for name, entry in entries.items():
+      reg.add(name, entry)
+
+
+@pytest.fixture(scope='module')
+def user_run(tmp_path_factory):
+  """(user file, run directory) of lowlevel trained from the CLI with the user's operator
+  (features=6) and loss, imported from a file outside the repository."""
+  root = tmp_path_factory.mktemp('user_code')
+  user_file = root / 'elsewhere' / 'my_fusion.py'
+  user_file.parent.mkdir()
+  user_file.write_text(textwrap.dedent(USER_FILE))
+  data = helpers.write_blob_dataset(root / 'data', num_train=8, num_test=2)
+  workdir = root / 'run'
+  result = run_main(
+      '--config=configs/default.py', '--config.data.source=lists',
+      f'--config.data.train_list={data}/train.txt', f'--config.data.test_list={data}/test.txt',
+      '--config.data.crop_size=32', '--config.data.val_fraction=0.25',
+      '--config.model.width=4', '--config.train.num_steps=2', '--config.train.batch_size=4',
+      '--config.train.log_every_steps=1', '--config.eval.every_steps=2',
+      '--config.eval.batch_size=2', '--config.model.name=lowlevel',
+      '--config.model.variant=wrapped', '--config.model.backbone=vgg16',
+      f'--config.imports={user_file}', '--config.model.fusion=mixed_concat',
+      '--config.model.fusion_kwargs.features=6', '--config.train.loss=offset_bce+dice',
+      f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return user_file, workdir
+
+
+def test_a_users_operator_and_loss_train_lowlevel_from_the_cli(user_run, clean_registries):
+  user_file, workdir = user_run
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['imports'] == str(user_file)
+  assert saved['model']['fusion'] == 'mixed_concat'
+  assert saved['model']['fusion_kwargs'] == {'features': 6}
+  assert saved['train']['loss'] == 'offset_bce+dice'
+  # The user's loss was the one trained: bce + 100 + dice.
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_losses = [r['loss'] for r in rows if r['kind'] == 'train']
+  assert train_losses and all(100.0 < v < 103.0 for v in train_losses)
+  # The checkpoint holds the operator's parameters at features=6: it restores into the model
+  # its config describes, whose every fuse level mixes to 6 channels.
+  assert registry.import_modules(str(user_file)) == ['my_fusion']
+  config = rundir.read_config(workdir)
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  state, _ = inference.load(config, workdir, mesh)
+  fuse = {k: v['mix']['kernel'].shape for k, v in state.params.items() if k.startswith('fuse')}
+  # [skip, decoder] at each level: 4 + 4 (full scale), then the decoder widths 8, 16, 16, 16
+  # twice (each skip is projected to the decoder's width), mixed down to features=6.
+  assert fuse == {'fuse0': (1, 1, 8, 6), 'fuse1': (1, 1, 16, 6), 'fuse2': (1, 1, 32, 6),
+                  'fuse3': (1, 1, 32, 6), 'fuse4': (1, 1, 32, 6)}
+  sys.modules.pop('my_fusion')
+
+
+def test_a_run_directory_never_imports_code_on_its_own(user_run):
+  user_file, workdir = user_run
+  for mode_flags in (['--mode=eval'], ['--mode=predict', f'--input={workdir}/eval',
+                                        f'--output={workdir}/out']):
+    refused = run_main(*mode_flags, f'--workdir={workdir}')
+    assert refused.returncode == 2
+    assert _error_lines(refused) == [
+        f'error: {workdir}/config.json names code to import ({user_file}); a run directory '
+        f'never runs code on its own: name it yourself with --config.imports={user_file} '
+        '(or your copy of it), or pass --trust_imports'], refused.stderr[-2000:]
+    assert 'Traceback' not in refused.stderr
+  assert not (workdir / 'out').exists()
+  # A hyper-parameter is part of the model: the command line cannot change it.
+  changed = run_main('--mode=eval', f'--workdir={workdir}', '--trust_imports',
+                     '--config.model.fusion_kwargs.features=5')
+  assert changed.returncode == 2
+  assert "--config.model.fusion_kwargs.features=5, but the model in" in changed.stderr
+  trusted = run_main('--mode=eval', f'--workdir={workdir}', '--trust_imports')
+  assert trusted.returncode == 0, trusted.stderr[-3000:]
+  assert 'Test set (2 images' in trusted.stdout
+
+
+def test_imports_to_run_takes_the_command_lines_or_trusted_code(tmp_path):
+  config = default.get_config()
+  config.imports = '/a/my_fusion.py, my_pkg.ops'
+  assert rundir.imports_to_run(tmp_path, config, None, trust=True) == (
+      '/a/my_fusion.py,my_pkg.ops')
+  assert rundir.imports_to_run(tmp_path, config, '/b/copy.py', trust=False) == '/b/copy.py'
+  with pytest.raises(UserError, match=r'names code to import \(/a/my_fusion.py, my_pkg.ops\)'):
+    rundir.imports_to_run(tmp_path, config, None, trust=False)
+  config.imports = ''
+  assert rundir.imports_to_run(tmp_path, config, None, trust=False) == ''
+
+
+def test_import_modules_loads_files_once_and_names_failures(tmp_path, clean_registries):
+  user_file = tmp_path / 'my_ops.py'
+  user_file.write_text(textwrap.dedent('''
+      from flmiseg.models import fusion
+      from flmiseg.models import layers
+
+      @fusion.register_fusion('skip_only')
+      def skip_only(dtype=None, name=None):
+        return layers.Conv(2, (1, 1), dtype=dtype, name=name)
+  '''))
+  try:
+    assert registry.import_modules(f' {user_file} ,json') == ['my_ops', 'json']
+    assert registry.import_modules(str(user_file)) == ['my_ops']  # not run again
+    assert fusion.get_fusion('skip_only') is sys.modules['my_ops'].skip_only
+  finally:
+    sys.modules.pop('my_ops', None)
+  with pytest.raises(UserError, match=r'^config.imports: .*/nope.py: no such file$'):
+    registry.import_modules(str(tmp_path / 'nope.py'))
+  with pytest.raises(UserError, match=r"importing no_such_module_xyz failed \(ModuleNotFound"):
+    registry.import_modules('no_such_module_xyz')
+  relative = registry.normalize_imports(f'{os.path.relpath(user_file)}, json')
+  assert relative == f'{user_file.resolve()},json'
+
+
+def test_duplicate_names_are_refused_unless_overridden(clean_registries):
+  with pytest.raises(ValueError, match="fusion operator 'concat' is already registered "
+                     r'\(flmiseg.models.fusion.Concat\); pick another name, or pass '
+                     'override=True'):
+    fusion.register_fusion('concat')(fusion.Add)
+  assert fusion.register_fusion('concat', override=True)(fusion.Add) is fusion.Add
+  assert fusion.FUSIONS['concat'] is fusion.Add
+  fusion.register_fusion('add')(fusion.Add)  # the same entry again: a module imported twice
+  with pytest.raises(ValueError, match="loss 'bce' is already registered"):
+    losses.register_loss('bce')(losses.dice)
+  with pytest.raises(ValueError, match='cannot contain "\\+"'):
+    losses.register_loss('bce+x')
+  with pytest.raises(ValueError, match="model 'unet' is already registered"):
+    models.register_model('unet')(lambda cfg, dtype: None)
+  with pytest.raises(ValueError, match="backbone of the low-level wrapper 'vgg16' is already"):
+    models.register_backbone('vgg16')(lambda cfg, dtype: None)
+
+
+def test_unknown_fusion_lists_every_registered_name(clean_registries):
+  cfg = default.get_config().model
+  cfg.name, cfg.variant, cfg.fusion = 'lowlevel', 'wrapped', 'nope'
+  with pytest.raises(UserError, match=r"^config.model.fusion='nope' is not a fusion operator; "
+                     f'valid names: {", ".join(BUILTIN_FUSIONS)}$'):
+    models.create_model(cfg, jnp.float32)
+  fusion.register_fusion('mine')(fusion.Concat)
+  with pytest.raises(UserError, match=r'valid names: add, attention_gate, concat, mine, '):
+    models.create_model(cfg, jnp.float32)
+
+
+def test_fusion_kwargs_bind_the_operators_fields():
+  cfg = default.get_config().model
+  cfg.name, cfg.variant, cfg.width, cfg.backbone = 'lowlevel', 'wrapped', 4, 'vgg16'
+  cfg.fusion = 'se_concat'
+  cfg.fusion_kwargs.reduction, cfg.fusion_kwargs.min_channels = 2, 3
+  model = models.create_model(cfg, jnp.float32)
+  assert model.fusion.func is fusion.SEConcat
+  assert model.fusion.keywords == {'reduction': 2, 'min_channels': 3}
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1))))
+  # fuse0 joins 4 + 4 channels: bottleneck max(8 // 2, 3) = 4.
+  assert params['params']['fuse0']['squeeze']['kernel'].shape == (8, 4)
+  cfg.fusion_kwargs.reductoin = 8
+  with pytest.raises(UserError, match=r"^config.model.fusion_kwargs.reductoin: not a field of "
+                     r"the fusion operator 'se_concat' \(its fields: min_channels, reduction\)$"):
+    models.create_model(cfg, jnp.float32)
+
+
+def test_fusion_kwargs_apply_to_a_models_default_operator():
+  cfg = default.get_config().model
+  cfg.name, cfg.variant, cfg.width = 'segnet', 'lowlevel', 4
+  cfg.fusion_kwargs.features = 3
+  # segnet's default is concat, which has no fields: the kwarg cannot apply.
+  with pytest.raises(UserError, match="fusion_kwargs.features: not a field of the fusion "
+                     r"operator 'concat' \(its fields: none\)"):
+    models.create_model(cfg, jnp.float32)
+
+
+def test_cli_splits_free_fields_as_ml_collections_parses_literals():
+  from flmiseg import main  # pylint: disable=g-import-not-at-top  # defines absl flags
+  argv = ['prog', '--config=c.py', '--config.model.fusion_kwargs.reduction=8',
+          '--config.model.fusion_kwargs.gain=0.5', '--config.model.fusion_kwargs.kind=mean',
+          '--config.model.fusion_kwargs.on', '--noconfig.model.fusion_kwargs.off',
+          '--config.model.fusion_kwargs.flag=false', '--config.model.width=4']
+  rest, fields = main.split_free_fields(argv)
+  assert rest == ['prog', '--config=c.py', '--config.model.width=4']
+  assert fields == [('model.fusion_kwargs', 'reduction', 8),
+                    ('model.fusion_kwargs', 'gain', 0.5),
+                    ('model.fusion_kwargs', 'kind', 'mean'),
+                    ('model.fusion_kwargs', 'on', True),
+                    ('model.fusion_kwargs', 'off', False),
+                    ('model.fusion_kwargs', 'flag', False)]
+  config = default.get_config().lock()
+  main.set_free_fields(config, fields[:2])
+  assert config.model.fusion_kwargs.to_dict() == {'reduction': 8, 'gain': 0.5}
+  assert config.is_locked and config.model.fusion_kwargs.is_locked
+
+
+def test_register_loss_is_used_by_config_train_loss(clean_registries):
+  @losses.register_loss('half_bce')
+  def half_bce(logits, targets, valid=None):
+    return 0.5 * losses.bce(logits, targets, valid)
+
+  logits = jnp.array([0.0, 2.0, -1.0, 3.0]).reshape(1, 2, 2, 1)
+  targets = jnp.array([1.0, 0.0, 0.0, 1.0]).reshape(1, 2, 2, 1)
+  config = default.get_config()
+  config.train.loss, config.train.loss_weights = 'half_bce+dice', (2.0, 1.0)
+  loss = losses.make_loss(config.train.loss, config.train.loss_weights)
+  np.testing.assert_allclose(loss(logits, targets), losses.bce(logits, targets)
+                             + losses.dice(logits, targets), rtol=1e-6)
+  with pytest.raises(UserError, match="'halfbce' is not a loss; valid names: bce, wbce, focal, "
+                     'soft_iou, dice, l1, mse, half_bce'):
+    losses.make_loss('halfbce')
+
+
+def test_a_registered_backbone_trains_in_the_wrapper(clean_registries):
+  class TwoLevels(nn.Module):
+    width: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      a = nn.Conv(self.width, (3, 3), strides=2)(x)
+      return [a, nn.Conv(2 * self.width, (3, 3), strides=2)(a)]
+
+  @models.register_backbone('two_levels', stride=4)
+  def two_levels(model_config, dtype):
+    del dtype
+    return TwoLevels(model_config.width)
+
+  cfg = default.get_config().model
+  cfg.name, cfg.variant, cfg.width, cfg.backbone = 'lowlevel', 'wrapped', 4, 'two_levels'
+  model = models.create_model(cfg, jnp.float32)
+  assert model.stride == 4 and isinstance(model.backbone, TwoLevels)
+  (logits, aux), _ = jax.eval_shape(
+      lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 18, 22, 1))))
+  assert logits.shape == (1, 18, 22, 1) and aux['bottleneck'].shape == (1, 5, 6, 8)
+
+
+@pytest.mark.parametrize('name', sorted(models.MODELS))
+def test_every_model_returns_the_aux_contract(name):
+  for variant in models.MODELS[name].variants:
+    cfg = default.get_config().model
+    cfg.name, cfg.variant, cfg.width = name, variant, 4
+    model = models.create_model(cfg, jnp.float32)
+    (logits, aux), _ = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.key(0), jnp.zeros((2, 32, 32, 1))))
+    assert {'skips', 'bottleneck', 'side_outputs'} <= set(aux), (name, variant)
+    levels = list(aux['skips']) + [aux['bottleneck']]
+    assert len(aux['skips']) >= 3 and all(f.ndim == 4 and f.shape[0] == 2 for f in levels)
+    sizes = [f.shape[1] for f in levels]
+    assert sizes == sorted(sizes, reverse=True), (name, variant, sizes)  # finest first
+    assert all(o.shape == logits.shape and o.dtype == jnp.float32
+               for o in aux['side_outputs'])
