@@ -42,6 +42,7 @@ from flmiseg import instances
 from flmiseg import matching
 from flmiseg import metrics
 from flmiseg import sharding
+from flmiseg.data import dataset
 from flmiseg.data import pipeline
 from flmiseg.errors import UserError
 
@@ -177,7 +178,7 @@ def _labelled(source, index: int) -> tuple[np.ndarray, np.ndarray | None]:
   when it has none (every pixel counts, as before sparse labels existed).
   """
   valid_map = getattr(source, 'valid_map', None)  # sources without ignored pixels lack it
-  return np.load(source.files[index][1]), (valid_map(index) if valid_map else None)
+  return dataset.load_array(source.files[index][1]), (valid_map(index) if valid_map else None)
 
 
 def _labelled_pixels(prob: np.ndarray, source, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -495,8 +496,8 @@ def write_worst_best(source, selection, threshold: float, path) -> int:
   grid = fig.add_gridspec(rows, 2, top=1 - HEADER_INCHES / height, bottom=0.01,
                           left=0.02, right=0.98, hspace=0.15, wspace=0.05)
   for row, (label, i, iou, pred) in enumerate(selection):
-    gray = _display(np.squeeze(np.load(source.files[i][0])).astype(np.float64))
-    truth = np.squeeze(np.load(source.files[i][1])) > 0.5
+    gray = _display(np.squeeze(dataset.load_array(source.files[i][0])).astype(np.float64))
+    truth = np.squeeze(dataset.load_array(source.files[i][1])) > 0.5
     overlay = np.repeat(gray[..., None] * 0.6, 3, axis=-1)
     for mask, name in ((pred & truth, 'true positive'), (pred & ~truth, 'false positive'),
                        (~pred & truth, 'false negative')):  # blended: the texture shows

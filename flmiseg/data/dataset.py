@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import threading
 
 import numpy as np
 
@@ -37,6 +38,20 @@ from flmiseg.errors import UserError
 
 CACHE_VERSION = 5  # 5: label images; 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
 IGNORED = 255  # io.read_mask's value for pixels equal to the ignore value
+
+
+# np.load parses each file's header with ast.literal_eval, and CPython 3.11 (up to at least
+# 3.11.7, gh-106905) can fail with "SystemError: AST constructor recursion depth mismatch"
+# when two threads parse at once, as grain's prefetch threads do: headers are read one at a
+# time (memory-mapped, so only the header is read under the lock), the data outside it.
+_HEADER_LOCK = threading.Lock()
+
+
+def load_array(path: str) -> np.ndarray:
+  """np.load of a cached .npy file, safe to call from several threads at once."""
+  with _HEADER_LOCK:
+    mapped = np.load(path, mmap_mode='r')
+  return np.array(mapped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +81,11 @@ class PreparedSource:
 
   def __getitem__(self, index: int) -> dict:
     image_file, mask_file = self.files[index]
-    element = {'image': np.load(image_file), 'mask': np.load(mask_file), 'index': index}
+    element = {'image': load_array(image_file), 'mask': load_array(mask_file), 'index': index}
     if self.ignored_file(index):
-      element['ignored'] = np.load(self.ignored_file(index))
+      element['ignored'] = load_array(self.ignored_file(index))
     if self.distance:
-      element['distance'] = np.load(self.distance[index])
+      element['distance'] = load_array(self.distance[index])
     return element
 
   @property
@@ -82,13 +97,13 @@ class PreparedSource:
     """int32 (H, W) instance labels of image `index`: its label image, or the 8-connected
     components of its binary mask; 0 on ignored pixels."""
     if self.labels and self.labels[index]:
-      return np.load(self.labels[index])
-    return instances.connected_components(np.load(self.files[index][1])).astype(np.int32)
+      return load_array(self.labels[index])
+    return instances.connected_components(load_array(self.files[index][1])).astype(np.int32)
 
   def valid_map(self, index: int) -> np.ndarray | None:
     """(H, W) bool, False on ignored pixels; None when image `index` has none."""
     path = self.ignored_file(index)
-    return None if not path else np.load(path) == 0
+    return None if not path else load_array(path) == 0
 
   def subset(self, indices) -> 'PreparedSource':
     pick = lambda values: tuple(values[i] for i in indices) if values else ()
@@ -155,7 +170,8 @@ def _prepare_one(pair: lists.Pair, method: str, kind: str, cache_dir: pathlib.Pa
   image_file, mask_file, ignored_file, labels_file, distance_file = _cache_files(
       pair, method, cache_dir, ignore_value)
   if image_file.exists() and mask_file.exists():
-    mask = np.load(mask_file, mmap_mode='r')
+    with _HEADER_LOCK:
+      mask = np.load(mask_file, mmap_mode='r')
     shape, count = mask.shape, int(mask.sum())
   else:
     try:
@@ -178,8 +194,8 @@ def _prepare_one(pair: lists.Pair, method: str, kind: str, cache_dir: pathlib.Pa
     _save_atomic(mask_file, mask)
     shape, count = mask.shape, int(mask.sum())
   if instance_targets and not distance_file.exists():
-    labels = np.load(labels_file) if labels_file.exists() else None
-    _save_atomic(distance_file, instances.targets_from_mask(np.load(mask_file), labels))
+    labels = load_array(labels_file) if labels_file.exists() else None
+    _save_atomic(distance_file, instances.targets_from_mask(load_array(mask_file), labels))
   return (str(image_file), str(mask_file), shape, count, _present(ignored_file),
           _present(labels_file), _present(distance_file))
 
