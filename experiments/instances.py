@@ -20,6 +20,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from flmiseg import calibration
 from flmiseg import console
 from flmiseg import evaluate
 from flmiseg import inference
@@ -42,8 +43,8 @@ def score(config, workdir) -> dict:
   data = loader.load(config, workdir / 'cache', need_train=False)
   mesh = sharding.make_mesh()
   state, step = inference.load(config, workdir, mesh)
-  threshold = evaluate.calibrated_threshold(workdir, step) or config.eval.threshold
-  dynamic = train.seed_dynamic(config, evaluate.read_calibration(workdir))
+  threshold = calibration.calibrated_threshold(workdir, step) or config.eval.threshold
+  dynamic = train.seed_dynamic(config, calibration.read_calibration(workdir))
   predict = steps.jit_predict(config.eval.threshold)
   found = {'distance': [], 'connected_components': []}
   for i, outputs, _ in evaluate.predictions(predict, state, data.test, mesh,
@@ -85,10 +86,10 @@ def main(argv):
     print(f'| {name} | ' + ' | '.join(cells) + ' |')
   margin = [results[s]['distance']['ap_0.5'] - results[s]['connected_components']['ap_0.5']
             for s in results]
+  ious = ', '.join(f'{r["pixel_iou"]:.3f}' for r in results.values())
+  seconds = ', '.join(f'{r["seconds"]:.0f} s' for r in results.values())
   print(f'\nAP@0.5 margin per seed: {", ".join(f"{m:+.3f}" for m in margin)}; pixel IoU '
-        f'{", ".join(f"{results[s]["pixel_iou"]:.3f}" for s in results)}; train+eval '
-        f'{", ".join(f"{results[s]["seconds"]:.0f} s" for s in results)} '
-        f'({jax.devices()[0].device_kind})')
+        f'{ious}; train+eval {seconds} ({jax.devices()[0].device_kind})')
 
 
 if __name__ == '__main__':

@@ -17,8 +17,8 @@ import numpy as np
 import scipy.ndimage
 import skimage.filters
 
-from flmiseg import evaluate
 from flmiseg import metrics
+from flmiseg import report
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import loader
@@ -56,7 +56,7 @@ def main(_):
     print(json.dumps(summary))
   else:
     print(f'Otsu baseline on {test_list}:')
-    print(evaluate.format_table(summary))
+    print(report.format_table(summary))
 
 
 if __name__ == '__main__':

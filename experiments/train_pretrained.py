@@ -69,11 +69,11 @@ def mean_iou(folder: pathlib.Path, pairs) -> float:
   """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
   through the predict path (whole-image normalisation, blended tiles)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flmiseg import evaluate, predict  # pylint: disable=g-import-not-at-top
+  from flmiseg import calibration, predict  # pylint: disable=g-import-not-at-top
   config = rundir.read_config(folder)
   mesh = sharding.make_mesh(jax.local_devices())
   state, step = inference.load(config, folder, mesh)
-  threshold = evaluate.calibrated_threshold(folder, step) or config.eval.threshold
+  threshold = calibration.calibrated_threshold(folder, step) or config.eval.threshold
   predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
                                 config.data.crop_size, 0.25,
                                 inference.round_up_batch(8, len(jax.local_devices())))

@@ -1,19 +1,28 @@
-"""Checkpoints with orbax: the latest few in DIR/checkpoints, the best one (by validation IoU)
-in DIR/checkpoints_best.
+"""Checkpoints with orbax: one CheckpointManager in DIR/checkpoints keeps the latest few and the
+best one (by validation IoU).
 
 Each checkpoint holds the train state, the data iterator state (so a resumed run sees exactly
-the batches an uninterrupted run would) and a small JSON record (step, validation IoU).
-The threshold calibrated for the best checkpoint lives beside them in DIR/calibration.json.
-Nothing is pickled: arrays go to tensorstore, the rest to JSON.
+the batches an uninterrupted run would), a small JSON record (step, validation IoU, the early
+stopping counters) and, when it competes for the best, orbax's metrics (`best_metrics`).
+Which checkpoints stay is orbax's preservation policy: the latest `max_to_keep`, or the best by
+`best_key` (the highest validation IoU, the earliest step on ties; without a validation split
+the latest). The threshold calibrated for the best checkpoint lives beside them in
+DIR/calibration.json. Nothing is pickled: arrays go to tensorstore, the rest to JSON.
+
+Runs written before kept the best in a second folder, DIR/checkpoints_best (without the data
+iterator state or metrics). That folder is still read, never written: its checkpoint competes
+for the best with those of DIR/checkpoints by the IoU of its record, so an old run evaluates,
+predicts and resumes as before.
 
 Crash safety (kill -9 at any moment, disk full):
   * orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so
-    a half-written checkpoint never becomes the latest; leftover tmp folders are removed when
-    the managers open (`cleanup_tmp_directories`).
-  * A rerun may save a step that already exists (a kill between the best and the latest
-    save of one step); the old copy is replaced instead of failing.
+    a half-written checkpoint never becomes the latest; such unfinished folders (a kill, a
+    failed write) are removed by the next training: the manager starts removing them when it
+    opens and finishes before its first save (`cleanup_tmp_directories`).
+  * One save per step: a rerun resumes from the latest checkpoint, so it never saves a step
+    that exists.
   * A save that fails for lack of space or permission stops the run with a
-    CheckpointWriteError (a UserError); old checkpoints are only deleted after a new one is
+    CheckpointWriteError (a UserError); orbax deletes old checkpoints only after a new one is
     complete, so the last good one is kept.
     Each save first checks that one checkpoint fits in the free space.
   * `check_disk_space` refuses to start a run whose checkpoints cannot fit.
@@ -21,11 +30,11 @@ Crash safety (kill -9 at any moment, disk full):
 
 import errno
 import logging as py_logging
+import math
 import os
 import pathlib
 import re
 import shutil
-import time
 
 from absl import logging
 import jax
@@ -42,37 +51,65 @@ BYTES_PER_LEAF = 1024
 BYTES_PER_CHECKPOINT = 64 * 1024
 # metrics.jsonl, TensorBoard events, the training curve and eval/ outputs.
 LOG_BYTES = 8 * 1024 * 1024
+CHECKPOINTS = 'checkpoints'
+LEGACY_BEST = 'checkpoints_best'  # the best checkpoint of runs written before; read only
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
+def best_metrics(step: int, val_iou: float | None) -> dict:
+  """The orbax metrics of a checkpoint that competes for the best (see `best_key`)."""
+  return {'step': step, 'val_iou': val_iou}
+
+
+def best_key(metrics) -> tuple[float, float]:
+  """The rank of a checkpoint by its metrics (or record): higher is better.
+
+  A validated checkpoint ranks by its IoU, the earlier step first on ties (training counts a
+  validation as better only when its IoU is higher); a NaN IoU ranks last. Without a validation
+  split every checkpoint competes with val_iou None, and the latest is the best.
+  """
+  iou, step = metrics.get('val_iou'), metrics['step']
+  if iou is None:
+    return (-math.inf, step)
+  return (-math.inf, -math.inf) if math.isnan(iou) else (iou, -step)
+
+
 class Checkpointer:
-  """The 'last' and 'best' checkpoint managers of one workdir."""
+  """The checkpoints of one workdir: one orbax CheckpointManager in DIR/checkpoints (and, for a
+  run written before, its DIR/checkpoints_best, read only)."""
 
-  def __init__(self, workdir, max_to_keep: int = 2):
+  def __init__(self, workdir, max_to_keep: int = 2, read_only: bool = False):
     workdir = pathlib.Path(workdir).absolute()
-    options = dict(create=True, enable_async_checkpointing=False,
-                   cleanup_tmp_directories=True)
-    self.last = ocp.CheckpointManager(
-        workdir / 'checkpoints', options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, **options))
-    self.best = ocp.CheckpointManager(
-        workdir / 'checkpoints_best', options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, **options))
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, best_fn=best_key)
+    else:
+      managers = ocp.checkpoint_managers
+      options = ocp.CheckpointManagerOptions(
+          create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True,
+          best_fn=best_key,  # saves the metrics; `best_step` ranks by them
+          preservation_policy=managers.AnyPreservationPolicy([
+              managers.LatestN(n=max_to_keep),
+              managers.BestN(get_metric_fn=best_key, n=1,
+                             keep_checkpoints_without_metrics=False)]))
+    self.manager = ocp.CheckpointManager(workdir / CHECKPOINTS, options=options)
+    legacy = workdir / LEGACY_BEST
+    self.legacy = ocp.CheckpointManager(legacy, options=ocp.CheckpointManagerOptions(
+        read_only=True)) if legacy.is_dir() else None
 
-  @staticmethod
-  def _save(manager, step: int, state, data_state: dict | None, record: dict) -> None:
-    items = dict(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
-    if data_state is not None:
-      items['data'] = ocp.args.JsonSave(data_state)
+  def save(self, step: int, state, data_state: dict, record: dict,
+           metrics: dict | None) -> None:
+    """Saves a checkpoint; `metrics` (`best_metrics`) when it competes for the best, else
+    None. Orbax then deletes those its preservation policy no longer keeps."""
+    manager = self.manager
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                 record=ocp.args.JsonSave(record))
     if shutil.disk_usage(manager.directory).free < checkpoint_bytes(*tree_bytes(state)):
       # Refuse before writing: a write failing half-way makes tensorstore print noise.
       raise _save_error(manager, step, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-    if step in manager.all_steps():
-      _discard_step(manager, step)
     quiet = _NoTraceback()
     logging.get_absl_logger().addFilter(quiet)
     try:
-      manager.save(step, args=ocp.args.Composite(**items), force=True)
+      manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
       manager.wait_until_finished()
     except OSError as e:
       raise _save_error(manager, step, e) from e
@@ -83,34 +120,59 @@ class Checkpointer:
     finally:
       logging.get_absl_logger().removeFilter(quiet)
 
-  def save_last(self, step: int, state, data_state: dict | None, record: dict) -> None:
-    self._save(self.last, step, state, data_state, record)
+  def latest_step(self) -> int | None:
+    """The step of the latest checkpoint (the one a rerun resumes from), or None."""
+    return self.manager.latest_step()
 
-  def save_best(self, step: int, state, record: dict) -> None:
-    self._save(self.best, step, state, None, record)
+  def best(self) -> tuple[ocp.CheckpointManager, int] | None:
+    """(manager, step) of the best checkpoint, or None when no checkpoint competes yet.
 
-  @staticmethod
-  def _restore(manager, abstract_state, step: int | None, with_data: bool):
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    Orbax ranks those of DIR/checkpoints by their metrics; a run written before adds the one of
+    DIR/checkpoints_best, ranked by its record.
+    """
+    candidates = []
+    step = self.manager.best_step()
+    if step is not None:
+      candidates.append((best_key(self.manager.metrics(step)), step, self.manager))
+    old = self.legacy.latest_step() if self.legacy is not None else None
+    if old is not None:
+      record = self.legacy.restore(old, args=ocp.args.Composite(
+          record=ocp.args.JsonRestore())).record
+      candidates.append((best_key(record), old, self.legacy))
+    if not candidates:
       return None
-    items = dict(state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore())
-    if with_data:
-      items['data'] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return restored.state, (restored.data if with_data else None), restored.record
+    _, step, manager = max(candidates, key=lambda c: c[0])
+    return manager, step
+
+  def best_step(self) -> int | None:
+    """The step of the best checkpoint (`best`), or None."""
+    best = self.best()
+    return None if best is None else best[1]
 
   def restore_last(self, abstract_state):
     """(state, data_state, record) of the latest checkpoint, or None if there is none."""
-    return self._restore(self.last, abstract_state, None, True)
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        record=ocp.args.JsonRestore()))
+    return restored.state, restored.data, restored.record
 
   def restore_best(self, abstract_state):
     """(state, None, record) of the best checkpoint, or None if there is none."""
-    return self._restore(self.best, abstract_state, None, False)
+    best = self.best()
+    if best is None:
+      return None
+    manager, step = best
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
+    return restored.state, None, restored.record
 
   def close(self) -> None:
-    self.last.close()
-    self.best.close()
+    self.manager.close()
+    if self.legacy is not None:
+      self.legacy.close()
 
 
 def restore_best_variables(workdir, target):
@@ -118,40 +180,23 @@ def restore_best_variables(workdir, target):
 
   Only the subtrees of the saved train state that `target` names (`params` and
   `batch_stats`, as ShapeDtypeStructs with shardings) are read; the optimizer state is not.
-  The checkpoint folder is opened read-only.
+  The checkpoint folders are opened read-only.
   """
-  folder = pathlib.Path(workdir).absolute() / 'checkpoints_best'
-  if not folder.is_dir():
+  workdir = pathlib.Path(workdir).absolute()
+  if not any((workdir / name).is_dir() for name in (CHECKPOINTS, LEGACY_BEST)):
     return None
-  manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
+  ckpt = Checkpointer(workdir, read_only=True)
   try:
-    step = manager.latest_step()
-    if step is None:
+    best = ckpt.best()
+    if best is None:
       return None
+    manager, step = best
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)))
   finally:
-    manager.close()
+    ckpt.close()
   return dict(restored.state), step
-
-
-def _discard_step(manager, step: int) -> None:
-  """Atomically turns an existing step folder into an unfinished one, which orbax ignores.
-
-  It was left by a run killed between the best and the latest save of one step; the rerun
-  reaches that step again. A rename (not orbax's rmtree, which a kill can interrupt half-way)
-  means the folder is either the complete old checkpoint or ignored, never a broken one; the
-  next save (or manager) removes it.
-  """
-  directory = pathlib.Path(manager.directory)
-  logging.info('Replacing the existing checkpoint of step %d in %s', step, directory)
-  if ocp.multihost.is_primary_host(0):
-    trash = directory / f'{step}{_TMP_SUFFIX}'
-    shutil.rmtree(trash, ignore_errors=True)
-    (directory / str(step)).rename(trash)
-  ocp.multihost.sync_global_processes(f'flmiseg_discard_{directory.name}_{step}')
-  manager.reload()
 
 
 class _NoTraceback(py_logging.Filter):
@@ -163,32 +208,11 @@ class _NoTraceback(py_logging.Filter):
     return True
 
 
-def _remove_unfinished(folder: pathlib.Path, settle_s: float = 1.0,
-                       timeout_s: float = 30.0) -> None:
-  """Removes the folder of a failed save once it stays removed for `settle_s`.
-
-  After the first write fails, tensorstore's other writes of the same save are still in flight
-  and recreate their parent folders as they land, so one rmtree can come too early (seen on a
-  loaded 2-core CI machine). Orbax would also remove the folder when a manager next opens.
-  """
-  deadline = time.monotonic() + timeout_s
-  absent_since = None
-  while time.monotonic() < deadline:
-    if folder.exists():
-      shutil.rmtree(folder, ignore_errors=True)
-      absent_since = None
-    elif absent_since is None:
-      absent_since = time.monotonic()
-    elif time.monotonic() - absent_since >= settle_s:
-      return
-    time.sleep(0.05)
-  logging.warning('Could not remove the unfinished checkpoint folder %s', folder)
-
-
 def _save_error(manager, step: int, error: Exception) -> UserError:
-  """A one-line UserError for a failed save, after removing its half-written folder."""
+  """A one-line UserError for a failed save. Its unfinished folder is left to orbax, which
+  removes it before the next training's first save (tensorstore's other writes of the failed
+  save may still be landing in it now); `check_disk_space` counts it as free."""
   directory = pathlib.Path(manager.directory)
-  _remove_unfinished(directory / f'{step}{_TMP_SUFFIX}')
   kept = [s for s in manager.all_steps() if s != step]
   kept_text = (f'the last complete checkpoint (step {max(kept)}) is kept' if kept
                else 'no earlier checkpoint exists')
@@ -222,22 +246,35 @@ def estimate_disk_bytes(state_bytes: int, num_arrays: int, max_to_keep: int,
                         existing: int = 0) -> int:
   """Disk bytes a run still needs for its checkpoints and logs, at the peak.
 
-  At the peak there are `max_to_keep` latest checkpoints, one best and one being written
-  (orbax deletes the oldest only after the new one is complete); the `existing` checkpoints
-  of a resumed run already take their share.
+  At the peak DIR/checkpoints holds the `max_to_keep` latest checkpoints, the best one (when
+  it is older than those) and one being written (orbax deletes old ones only after the new
+  one is complete); the `existing` checkpoints of a resumed run already take their share.
   """
   one = checkpoint_bytes(state_bytes, num_arrays)
   return max(max_to_keep + 2 - existing, 0) * one + LOG_BYTES
 
 
+def _folder_bytes(folder: pathlib.Path) -> int:
+  total = 0
+  for path in folder.rglob('*'):
+    try:
+      total += path.stat().st_size if path.is_file() else 0
+    except OSError:  # removed while we looked
+      pass
+  return total
+
+
 def check_disk_space(workdir, state, max_to_keep: int) -> int:
   """Raises UserError before training when the checkpoints of the run cannot fit.
 
-  Returns the estimated bytes needed.
+  The unfinished folders of a save cut short (orbax removes them before the first save) count
+  as free space. Returns the estimated bytes needed.
   """
-  workdir = pathlib.Path(workdir)
-  existing = sum(1 for sub in ('checkpoints', 'checkpoints_best') if (workdir / sub).is_dir()
-                 for p in (workdir / sub).iterdir() if p.name.isdigit())
+  folder = pathlib.Path(workdir) / CHECKPOINTS
+  names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+  existing = sum(1 for name in names if name.isdigit())
+  reclaimable = sum(_folder_bytes(folder / name) for name in names
+                    if name.endswith(_TMP_SUFFIX))
   needed = estimate_disk_bytes(*tree_bytes(state), max_to_keep, existing)
-  io.check_free_space(workdir, needed, 'the checkpoints and logs of this run')
+  io.check_free_space(workdir, needed - reclaimable, 'the checkpoints and logs of this run')
   return needed

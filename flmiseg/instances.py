@@ -12,7 +12,7 @@ least `dynamic` above the saddle joining them to a higher one, so noise bumps on
 not split it); a seeded watershed on the negated distance splits the foreground (the semantic
 mask) between the seeds, and foreground components that received no seed become objects of
 their own. The dynamic is calibrated with the threshold on the validation split
-(`evaluate.calibrate_dynamic`). It works with every model of the zoo (one more output
+(`calibration.calibrate_dynamic`). It works with every model of the zoo (one more output
 channel) and costs one watershed on the CPU per image.
 
 Models without the head get connected components of the mask (`connected_components`),

@@ -93,15 +93,15 @@ def run(config, workdir: str, mode: str) -> None:
   from flmiseg import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()
   # pylint: disable-next=g-import-not-at-top
-  from flmiseg import config_checks, evaluate, summary, train
+  from flmiseg import config_checks, files, report, summary, train
   config_checks.validate(config)  # after config.imports registered their names
   if mode == 'summary':
     crop = config.data.crop_size
     result = summary.model_summary(config.model, (crop, crop))
     out = pathlib.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    if evaluate.is_primary():
-      evaluate.write_text_atomic(out / 'model_summary.json', json.dumps(result) + '\n')
+    if files.is_primary():
+      files.write_text_atomic(out / 'model_summary.json', json.dumps(result) + '\n')
     print(f'{config.model.name}/{config.model.variant} width {config.model.width}: '
           f'{result["params"]:,} parameters, {result["flops"] / 1e9:.2f} GFLOP forward per '
           f'{crop}x{crop} image')
@@ -126,7 +126,7 @@ def run(config, workdir: str, mode: str) -> None:
   if result:
     print(f'Test set ({result["num_images"]} images, best checkpoint at step '
           f'{result["checkpoint_step"]}):')
-    print(evaluate.format_table(result))
+    print(report.format_table(result))
     print(f'Written: {pathlib.Path(workdir) / "eval"}/ (summary.json, per_image.csv, '
           'report.md, worst_best.png)')
 

@@ -56,6 +56,7 @@ import jax
 import numpy as np
 import tqdm
 
+from flmiseg import calibration
 from flmiseg import evaluate
 from flmiseg import inference
 from flmiseg import instances
@@ -343,7 +344,7 @@ def resolve_threshold(config, workdir, step: int, options: Options) -> tuple[flo
   """(threshold, where it came from): --threshold, else calibrated, else the config's."""
   if options.threshold is not None:
     return options.threshold, '--threshold'
-  calibrated = evaluate.calibrated_threshold(workdir, step)
+  calibrated = calibration.calibrated_threshold(workdir, step)
   if calibrated is not None:
     return calibrated, 'calibrated'
   return config.eval.threshold, 'config.eval.threshold'
@@ -374,7 +375,7 @@ def run(config, workdir, options: Options) -> dict:
       inference.prob_fn(state, mesh, options.tta), config, tile, options.overlap,
       inference.round_up_batch(options.batch_size or config.eval.batch_size, n))
   if options.seed_dynamic is None:
-    calibrated = evaluate.calibrated_dynamic(workdir, step)
+    calibrated = calibration.calibrated_dynamic(workdir, step)
     options = dataclasses.replace(options, seed_dynamic=calibrated if calibrated is not None
                                   else config.eval.get('seed_dynamic', instances.SEED_DYNAMIC))
   if options.instances and not config.model.get('instance_head'):

@@ -2,10 +2,11 @@
 
   DIR/config.json       the resolved training config: architecture, preprocessing, pixel size
                         (the source of truth for --mode=eval|predict|summary);
-  DIR/calibration.json  the threshold calibrated for the best checkpoint (flmiseg/evaluate.py);
+  DIR/calibration.json  the threshold calibrated for the best checkpoint (flmiseg/calibration.py);
   DIR/input_stats.json  statistics of the normalised training images and masks, against which
                         predict checks that a new image looks like what the model was trained on;
-  DIR/checkpoints_best/ the weights.
+  DIR/checkpoints/      the weights (the best checkpoint; runs written before kept it in
+                        DIR/checkpoints_best/, still read).
 
 On the inference modes the command line may change only inference settings
 (`INFERENCE_FIELDS`: the eval batch size and thresholds, the test list); any other field that
@@ -60,9 +61,10 @@ def flatten(tree: dict, prefix: str = '') -> dict:
 def check_trained(workdir) -> pathlib.Path:
   """The run directory, or a UserError when it holds no trained model."""
   workdir = pathlib.Path(workdir)
-  best = workdir / 'checkpoints_best'
-  has_weights = (best.is_dir() and any(p.name.isdigit() for p in best.iterdir())) or (
-      workdir / 'weights.msgpack').is_file()  # a packed model (flmiseg/pretrained.py)
+  # checkpoints_best/: the best checkpoint of runs written before (flmiseg/checkpoint.py)
+  folders = [workdir / 'checkpoints', workdir / 'checkpoints_best']
+  has_weights = any(f.is_dir() and any(p.name.isdigit() for p in f.iterdir()) for f in folders)
+  has_weights = has_weights or (workdir / 'weights.msgpack').is_file()  # a packed model
   if not (workdir / CONFIG_FILE).is_file() or not has_weights:
     what = 'no such folder' if not workdir.exists() else (
         f'no {CONFIG_FILE}' if not (workdir / CONFIG_FILE).is_file() else 'no checkpoint')
@@ -207,8 +209,8 @@ def summarize_stats(per_image: list[dict], foreground: list[float]) -> dict:
 
 
 def write_input_stats(workdir, stats: dict) -> None:
-  from flmiseg import evaluate  # pylint: disable=g-import-not-at-top  # (JAX-heavy)
-  evaluate.write_json_atomic(pathlib.Path(workdir) / STATS_FILE, stats)
+  from flmiseg import files  # pylint: disable=g-import-not-at-top  # (JAX-heavy)
+  files.write_json_atomic(pathlib.Path(workdir) / STATS_FILE, stats)
 
 
 def read_input_stats(workdir) -> dict | None:

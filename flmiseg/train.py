@@ -18,8 +18,10 @@ import numpy as np
 import optax
 import tqdm
 
+from flmiseg import calibration as calibration_lib
 from flmiseg import checkpoint
 from flmiseg import evaluate
+from flmiseg import files
 from flmiseg import inference
 from flmiseg import instances
 from flmiseg import losses
@@ -79,7 +81,7 @@ def prepare_workdir(config, workdir) -> pathlib.Path:
                       'differ); use a new --workdir, or --config.train.resume_mismatch=allow'
                       + hint)
   if jax.process_index() == 0:
-    evaluate.write_json_atomic(path, new, failure=f'--workdir={workdir}: not writable')
+    files.write_json_atomic(path, new, failure=f'--workdir={workdir}: not writable')
   return workdir
 
 
@@ -190,19 +192,19 @@ class _Trainer:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
 
   def checkpoint(self, step: int, data_iter, val_iou: float | None) -> None:
-    record = {'step': step, 'val_iou': val_iou}
     if val_iou is not None and val_iou > self.best_iou:
       self.best_iou, self.since_best = val_iou, 0
-      self.ckpt.save_best(step, self.state, {**record, 'best_iou': val_iou})
-    elif val_iou is None and self.data.val is None:
-      self.ckpt.save_best(step, self.state, record)
     elif val_iou is not None:
       self.since_best += 1
     patience = self.config.train.early_stop_patience
     self.stopped_early = bool(patience and self.since_best >= patience)
-    self.ckpt.save_last(step, self.state, data_iter.get_state(),
-                        {**record, 'best_iou': self.best_iou, 'since_best': self.since_best,
-                         'stopped_early': self.stopped_early})
+    # Orbax keeps the best (checkpoint.best_key): the validated checkpoints compete by their
+    # IoU; without a validation split every one competes and the latest wins.
+    competes = val_iou is not None or self.data.val is None
+    self.ckpt.save(step, self.state, data_iter.get_state(),
+                   {'step': step, 'val_iou': val_iou, 'best_iou': self.best_iou,
+                    'since_best': self.since_best, 'stopped_early': self.stopped_early},
+                   checkpoint.best_metrics(step, val_iou) if competes else None)
     self.last_good = step
 
   def validate(self, step: int) -> float | None:
@@ -270,7 +272,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   if config.train.init_from:
     adopt_source_preprocessing(config)
   workdir = prepare_workdir(config, workdir)
-  evaluate.check_calibrate_metric(config.eval.calibrate_metric)  # before, not after, training
+  calibration_lib.check_calibrate_metric(config.eval.calibrate_metric)  # before training
   data = loader.load(config, workdir / 'cache')
   if jax.process_index() == 0 and rundir.read_input_stats(workdir) is None:
     rundir.write_input_stats(workdir, rundir.input_stats(data.train))
@@ -347,7 +349,7 @@ def initialize_from(config, state, mesh):
 
 def restore_best(config, workdir, state):
   """(state of the best checkpoint of `workdir`, its step); `state` gives the structure."""
-  ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints, read_only=True)
   try:
     restored = ckpt.restore_best(checkpoint.abstract(state))
   finally:
@@ -366,17 +368,17 @@ def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> di
   config.eval.calibrate_metric is '' or there is no validation split.
   """
   ev = config.eval
-  evaluate.check_calibrate_metric(ev.calibrate_metric)
+  calibration_lib.check_calibrate_metric(ev.calibrate_metric)
   if not ev.calibrate_metric:
     return None
-  stored = evaluate.read_calibration(workdir)
+  stored = calibration_lib.read_calibration(workdir)
   head = bool(config.model.get('instance_head'))
   if stored is not None and (stored.get('checkpoint_step'), stored.get('metric'),
                              stored.get('default_threshold')) == (
                                  step, ev.calibrate_metric, ev.threshold) and (
                                      not head or 'seed_dynamic' in stored):
     logging.info('Reusing the threshold %g calibrated for step %d (%s)', stored['threshold'],
-                 step, workdir / evaluate.CALIBRATION_FILE)
+                 step, workdir / calibration_lib.CALIBRATION_FILE)
     return stored
   if data.val is None and data.train is None and config.data.val_fraction > 0:
     data = loader.load(config, workdir / 'cache')  # --mode=eval loaded only the test set
@@ -384,20 +386,20 @@ def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> di
     logging.info('No validation split (config.data.val_fraction=0): not calibrating the '
                  'threshold; config.eval.threshold=%g is used.', ev.threshold)
     return None
-  result = evaluate.calibrate_source(predict, state, data.val, mesh, ev.batch_size,
-                                     ev.calibrate_metric, ev.threshold)
+  result = calibration_lib.calibrate_source(predict, state, data.val, mesh, ev.batch_size,
+                                            ev.calibrate_metric, ev.threshold)
   result['checkpoint_step'] = step
   if head:  # the seeds of the instance head, at the calibrated threshold
     result['seed_dynamic'] = None  # binary validation masks: no true instances to tune on
     if data.val.has_labels:
-      result.update(evaluate.calibrate_dynamic(
+      result.update(calibration_lib.calibrate_dynamic(
           predict, state, data.val, mesh, ev.batch_size, result['threshold'],
           ev.get('min_size', 0), ev.get('seed_dynamic', instances.SEED_DYNAMIC)))
       logging.info('Calibrated the instance seeds\' dynamic %g on the validation split '
                    '(instance AP@0.5 %.4f)', result['seed_dynamic'],
                    result['seed_dynamic_ap_0.5'][f'{result["seed_dynamic"]:g}'])
   if jax.process_index() == 0:
-    evaluate.write_json_atomic(workdir / evaluate.CALIBRATION_FILE, result)
+    calibration_lib.write_calibration(workdir, result)
   logging.info('Calibrated threshold %g on %d validation images: mean %s %.4f (%.4f at %g)',
                result['threshold'], result['num_val_images'], result['metric'],
                result['val_score'], result['val_score_at_default'], ev.threshold)
@@ -411,7 +413,7 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
   (`calibrate_best`, done here if it is missing), again at the calibrated one.
   """
   workdir = pathlib.Path(workdir)
-  evaluate.check_calibrate_metric(config.eval.calibrate_metric)
+  calibration_lib.check_calibrate_metric(config.eval.calibrate_metric)
   if data is None:
     data = loader.load(config, workdir / 'cache', need_train=False)
   if data.test is None:

@@ -9,6 +9,7 @@ from matplotlib import figure
 import pytest
 
 from flmiseg import evaluate
+from flmiseg import files
 from flmiseg import sharding
 from flmiseg import steps
 from flmiseg import train
@@ -45,7 +46,7 @@ def test_process_zero_writes_every_file_whole(model, tmp_path):
 def test_other_processes_write_nothing_and_return_process_zeros_summary(
     model, tmp_path, monkeypatch):
   shared = {'num_images': 3, 'iou': 0.25}  # what process 0 broadcasts
-  monkeypatch.setattr(evaluate, 'is_primary', lambda: False)
+  monkeypatch.setattr(files, 'is_primary', lambda: False)
   monkeypatch.setattr(sharding, 'from_primary', lambda value: shared if value is None else None)
   assert _evaluate(model, tmp_path / 'eval') is shared
   assert not (tmp_path / 'eval').exists()

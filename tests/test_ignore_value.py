@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from flmiseg import calibration as calibration_lib
 from flmiseg import evaluate
 from flmiseg import losses
 from flmiseg import metrics
@@ -111,7 +112,7 @@ def test_evaluation_excludes_ignored_pixels(tmp_path):
   assert device_counts == WITH_IGNORE
   iou = 4 / (4 + 18 + 12)
   assert evaluate.validation_iou(_predict, None, source, mesh, 8) == pytest.approx(iou)
-  calibration = evaluate.calibrate_source(_predict, None, source, mesh, 8, 'iou', 0.5)
+  calibration = calibration_lib.calibrate_source(_predict, None, source, mesh, 8, 'iou', 0.5)
   assert calibration['val_score_at_default'] == pytest.approx(iou)
   summary = evaluate.evaluate(_predict, None, source, mesh, 8, 0.5, out_dir=tmp_path / 'eval')
   with open(tmp_path / 'eval' / 'per_image.csv') as f:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from flmiseg import evaluate
+from flmiseg import calibration as calibration_lib
 from flmiseg import inference
 from flmiseg import predict
 from flmiseg import pretrained
@@ -26,7 +26,7 @@ def test_shipped_model_segments_simulated_images_out_of_the_box(kind):
   assert config.data.normalization in ('auto', 'percentile', 'clahe_zscore', 'clahe_unit')
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   state, step = inference.load(config, folder, mesh)  # checks the SHA-256
-  threshold = evaluate.calibrated_threshold(folder, step)
+  threshold = calibration_lib.calibrated_threshold(folder, step)
   calibration = json.loads((folder / 'calibration.json').read_text())
   assert (threshold, step) == (calibration['threshold'], calibration['checkpoint_step'])
   predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,

@@ -45,6 +45,11 @@ def test_training_lowers_loss_and_writes_outputs(data_root, tmp_path):
   train_losses = [r['loss'] for r in records if r['kind'] == 'train']
   assert train_losses[-1] < train_losses[0]
   assert [r['step'] for r in records if r['kind'] == 'val'] == [8, 16]
+  # The best checkpoint, evaluated on the test set: the highest validation IoU (the earlier
+  # on ties), kept by orbax's preservation policy in DIR/checkpoints beside the latest.
+  best = -max((r['iou'], -r['step']) for r in records if r['kind'] == 'val')[1]
+  assert result['checkpoint_step'] == best
+  assert not (tmp_path / 'run/checkpoints_best').exists()
   for name in ('config.json', 'training_curve.png', 'eval/summary.json', 'eval/per_image.csv'):
     assert (tmp_path / 'run' / name).exists(), name
   assert list((tmp_path / 'run/tensorboard').iterdir())
@@ -155,7 +160,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_ro
                      r'learning rate, e.g. --config.optim.lr=1e\+29'):
     train.train_and_evaluate(config, tmp_path / 'nan')
   ckpt = checkpoint.Checkpointer(tmp_path / 'nan')
-  latest = ckpt.last.latest_step()
+  latest = ckpt.latest_step()
   ckpt.close()
   if latest is not None:  # every kept checkpoint holds finite parameters
     _, params = _final_params(tmp_path / 'nan', config)
