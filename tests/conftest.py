@@ -5,6 +5,7 @@ which inherit the environment) compile with XLA's optimisations mostly off
 (jax_disable_most_optimizations: the tiny test models run slower, but compile 2-3x faster)
 and share a persistent compilation cache, so a program compiled by one test or CLI process is
 loaded, not compiled again, by the next. Set these variables yourself to override either.
+The suite runs in two processes (pytest-xdist, `-n 2`: README's test command), one per core.
 
 This must run before JAX initialises its backend, hence at conftest import time.
 """
@@ -18,6 +19,11 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(
     pathlib.Path(tempfile.gettempdir()) / f'flmiseg-test-jax-cache-{os.getuid()}'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# Simulated datasets and other caches of the tests go to a folder of their own (one per
+# pytest-xdist worker), never into the user's ~/.cache/flmiseg.
+os.environ['FLMISEG_CACHE'] = str(
+    pathlib.Path(tempfile.gettempdir()) /
+    f'flmiseg-test-cache-{os.getuid()}-{os.environ.get("PYTEST_XDIST_WORKER", "main")}')
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
