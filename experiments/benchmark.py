@@ -99,7 +99,7 @@ def median_rate(run, items: int, repeats: int) -> float:
 
 def time_steps(config, repeats: int, steps: int, with_predict: bool = True) -> dict:
   """Compile times and images/s of the jitted train (and predict) steps for `config`."""
-  setup = train.build(config, None, (config.data.crop_size,) * 2, 1)
+  setup = train.build(config, (config.data.crop_size,) * 2, 1)
   model, schedule, mesh, state = setup.model, setup.schedule, setup.mesh, setup.state
   loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
   shardings = jax.tree.map(lambda x: x.sharding, state)

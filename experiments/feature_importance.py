@@ -80,7 +80,7 @@ def run(workdir: pathlib.Path) -> list[dict]:
   if data.test is None:
     raise UserError(f'{workdir}: its config has no test set to measure on')
   crop = config.data.crop_size
-  setup = train.build(config, workdir, (crop, crop), 1)
+  setup = train.build(config, (crop, crop), 1)
   model, schedule, mesh, state = setup.model, setup.schedule, setup.mesh, setup.state
   state, step = train.restore_best(config, workdir, state)
   loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)

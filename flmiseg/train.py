@@ -125,7 +125,7 @@ class TrainSetup:
   total_steps: int  # config.train.num_steps, or num_epochs over the training images
 
 
-def build(config, workdir, sample_hw, num_train: int) -> TrainSetup:
+def build(config, sample_hw, num_train: int) -> TrainSetup:
   """The model, schedule, mesh and initial train state of `config`, for `num_train` training
   images of crops `sample_hw` (H, W)."""
   dtype = inference.compute_dtype(config)
@@ -277,7 +277,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   if jax.process_index() == 0 and rundir.read_input_stats(workdir) is None:
     rundir.write_input_stats(workdir, rundir.input_stats(data.train))
   crop = config.data.crop_size
-  setup = build(config, workdir, (crop, crop), len(data.train))
+  setup = build(config, (crop, crop), len(data.train))
   mesh, total = setup.mesh, setup.total_steps
   checkpoint.check_disk_space(workdir, setup.state, config.train.max_checkpoints)
   trainer = _Trainer(config, workdir, data, setup.state, setup.schedule, mesh, total)

@@ -164,7 +164,7 @@ def test_a_trained_run_in_the_old_layout_evaluates_alike(tiny_run, tmp_path):
   old.mkdir()
   for name in ('config.json', 'calibration.json', 'input_stats.json'):
     shutil.copyfile(run / name, old / name)
-  abstract = checkpoint.abstract(train.build(config, run, (32, 32), 8).state)
+  abstract = checkpoint.abstract(train.build(config, (32, 32), 8).state)
   ckpt = checkpoint.Checkpointer(run, read_only=True)
   saves = []
   for step in ckpt.manager.all_steps():

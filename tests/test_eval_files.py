@@ -27,7 +27,7 @@ def model(tmp_path_factory):
   config = helpers.tiny_config(helpers.write_blob_dataset(root / 'data', num_train=4,
                                                           num_test=3))
   data = loader.load(config, root / 'cache')
-  setup = train.build(config, root, (32, 32), len(data.train))
+  setup = train.build(config, (32, 32), len(data.train))
   return steps.jit_predict(0.5), setup.state, data.test, setup.mesh
 
 

@@ -31,7 +31,7 @@ def data_root(tmp_path_factory):
 
 def _final_params(workdir, config):
   """The params of the latest checkpoint of workdir, as numpy."""
-  state = train.build(config, workdir, (32, 32), 9).state
+  state = train.build(config, (32, 32), 9).state
   ckpt = checkpoint.Checkpointer(workdir)
   restored, _, record = ckpt.restore_last(checkpoint.abstract(state))
   ckpt.close()
@@ -108,7 +108,7 @@ def test_sharded_step_equals_single_device(data_root, tmp_path):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
-    setup = train.build(config, tmp_path, (32, 32), 9)
+    setup = train.build(config, (32, 32), 9)
     model, schedule = setup.model, setup.schedule
     state = steps.create_train_state(model, train.optim.make_optimizer(
         config.optim, schedule), (32, 32), 0, mesh)
