@@ -145,7 +145,7 @@ def calibrate_dynamic(predict, state, source, mesh, batch_size: int, threshold: 
     truth, valid = source.label_image(i), evaluate.valid_map(source, i)
     for h in grid:
       found[h].append(matching.match(
-          truth, evaluate.predicted_instances(outputs, threshold, h, min_size), (0.5,),
+          truth, instances.from_outputs(outputs, threshold, h, min_size), (0.5,),
           valid=valid))
   scores = {h: matching.combine(rows)[0]['ap'] if rows else 0.0 for h, rows in found.items()}
   best = max(grid, key=lambda h: (scores[h], -abs(h - default)))

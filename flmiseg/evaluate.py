@@ -102,16 +102,6 @@ def instance_truth(source, index: int, mask: np.ndarray | None = None) -> np.nda
   return instances.connected_components(mask).astype(np.int32)
 
 
-def predicted_instances(outputs: np.ndarray, threshold: float, dynamic: float,
-                        min_size: int) -> np.ndarray:
-  """uint16 instance labels of one image's outputs (h, w, C): split by the instance head's
-  distance where the model has one (C > 1), else connected components of the mask."""
-  mask = outputs[..., 0] > threshold
-  if outputs.shape[-1] > 1:
-    return instances.from_distance(mask, outputs[..., 1], dynamic, min_size)
-  return instances.connected_components(mask, min_size)
-
-
 # ------------------------------------------------------------------ test-set evaluation
 
 def image_row(prob: np.ndarray, target: np.ndarray, valid: np.ndarray | None,
@@ -169,7 +159,7 @@ def _score_images(outputs, source, threshold: float, tuned: float | None, extrem
       tuned_rows.append(row if tuned == threshold else
                         image_row(prob, target, valid, tuned, auc=row['auc']))
     if with_instances:
-      found = predicted_instances(output, shown_at, dynamic, min_size)
+      found = instances.from_outputs(output, shown_at, dynamic, min_size)
       matches.append(matching.match(instance_truth(source, i, target), found, valid=valid))
       rows[-1].update(matching.summary(matches[-1]))
       rows[-1].update(num_true=matches[-1][0]['n_true'], num_found=matches[-1][0]['n_pred'])
@@ -196,7 +186,7 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
     extra: entries added to the summary (e.g. the checkpoint's step).
     calibration: a `calibration.calibrate` result; its threshold gives summary['calibrated'].
     num_extremes: how many worst and best images worst_best.png shows.
-    dynamic, min_size: instance post-processing (`predicted_instances`).
+    dynamic, min_size: instance post-processing (`instances.from_outputs`).
 
   Returns:
     The summary: `metrics.summarize` at `threshold`, 'num_images', 'threshold', `extra`, and

@@ -112,6 +112,17 @@ def from_distance(mask: np.ndarray, distance: np.ndarray,
   return _to_uint16(_drop_small(labels, min_size))
 
 
+def from_outputs(outputs: np.ndarray, threshold: float, dynamic: float,
+                 min_size: int) -> np.ndarray:
+  """uint16 instance labels of one image's model outputs (h, w, C): the mask (channel 0 >
+  threshold) split by the instance head's distance (channel 1) where the model has one,
+  else its connected components."""
+  mask = outputs[..., 0] > threshold
+  if outputs.shape[-1] > 1:
+    return from_distance(mask, outputs[..., 1], dynamic, min_size)
+  return connected_components(mask, min_size)
+
+
 def object_table(labels: np.ndarray, image: np.ndarray,
                  pixel_size: float | None) -> tuple[list[str], list[list]]:
   """(header, rows) of one row per object: label, area, centroid, mean raw intensity.

@@ -67,7 +67,8 @@ flags.DEFINE_bool('tta', False, 'predict: average over the 8 flips/rotations of 
 flags.DEFINE_bool('save_prob', False, 'predict: also write <name>_prob.tif (float32).')
 flags.DEFINE_bool('instances', False,
                   'predict: also write <name>_instances.tif (uint16 component labels).')
-flags.DEFINE_integer('min_size', 16, 'predict --instances: smallest component kept, pixels.')
+flags.DEFINE_integer('min_size', None, 'predict --instances: smallest object kept, pixels '
+                     '(default: the run\'s config.eval.min_size).')
 flags.DEFINE_float('threshold', None,
                    'predict: probability threshold (default: calibrated, else config).')
 flags.DEFINE_integer('tile', 0, 'predict: tile side in pixels (0: config.data.crop_size).')

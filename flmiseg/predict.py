@@ -57,7 +57,6 @@ import numpy as np
 import tqdm
 
 from flmiseg import calibration
-from flmiseg import evaluate
 from flmiseg import inference
 from flmiseg import instances
 from flmiseg import rundir
@@ -84,7 +83,7 @@ class Options:
   threshold: float | None = None  # None: calibrated, else config.eval.threshold.
   save_prob: bool = False
   instances: bool = False
-  min_size: int = 16
+  min_size: int | None = None  # None: config.eval.min_size.
   seed_dynamic: float | None = None  # None: calibrated, else config.eval.seed_dynamic.
   channel: int | None = None  # The channel of a multi-channel image.
   axes: str = ''  # Axes of files without metadata ('' = from the file).
@@ -107,7 +106,7 @@ class Options:
       raise UserError(f'--channel={self.channel}: channels are numbered from 0')
     if self.axes:
       io.check_axes_flag(self.axes)
-    if self.min_size < 0:
+    if self.min_size is not None and self.min_size < 0:
       raise UserError(f'--min_size={self.min_size}: must be >= 0')
     if not self.output:
       raise UserError('--output is required with --mode=predict (a folder for the results)')
@@ -327,8 +326,8 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   if options.save_prob:
     write('prob', prob)
   if options.instances:
-    labels = np.stack([evaluate.predicted_instances(o, threshold, options.seed_dynamic,
-                                                    options.min_size) for o in outputs])
+    labels = np.stack([instances.from_outputs(o, threshold, options.seed_dynamic,
+                                              options.min_size) for o in outputs])
     write('instances', labels)
     write_objects(output_path(out, name, 'objects', image.ome), labels, planes, pixel_size)
   notes = [f'{path}: resized x{factor:.3g} to the model\'s pixel size '
@@ -374,6 +373,8 @@ def run(config, workdir, options: Options) -> dict:
   predictor = Predictor(
       inference.prob_fn(state, mesh, options.tta), config, tile, options.overlap,
       inference.round_up_batch(options.batch_size or config.eval.batch_size, n))
+  if options.min_size is None:
+    options = dataclasses.replace(options, min_size=config.eval.get('min_size', 16))
   if options.seed_dynamic is None:
     calibrated = calibration.calibrated_dynamic(workdir, step)
     options = dataclasses.replace(options, seed_dynamic=calibrated if calibrated is not None

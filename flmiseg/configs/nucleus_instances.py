@@ -3,12 +3,13 @@
   python -m flmiseg.main --config=nucleus_instances --workdir=runs/nucleus_instances
 
 Simulates 80 training and 20 test images of 256x256 nuclei (the masks are label images: one
-value per nucleus), trains 400 steps on whole images with the instance head (config.model.instance_head =
-'distance', flmiseg/instances.py), and evaluates the pixels and the objects: eval/summary.json
-gets 'instances' (ap_0.5, ap_0.75, ap_0.9, mean_ap, precision/recall/f1 at 0.5, pq), matched
-as StarDist matches them. Predict writes <name>_instances.tif and <name>_objects.csv with
---instances. Your own label-image masks (0 background, 1..N nuclei) train it the same way:
---config.data.source=lists --config.data.train_list=...
+value per nucleus), trains 400 steps on whole images with the instance head
+(config.model.instance_head='distance', flmiseg/instances.py), and evaluates the pixels and
+the objects: eval/summary.json gets 'instances' (ap_0.5, ap_0.75, ap_0.9, mean_ap,
+precision/recall/f1 at 0.5, pq), matched as StarDist matches them. Predict writes
+<name>_instances.tif and <name>_objects.csv with --instances. Your own label-image masks
+(0 background, 1..N nuclei) train it the same way: --config.data.source=lists
+--config.data.train_list=...
 """
 
 from flmiseg.configs import default

@@ -36,7 +36,8 @@ from flmiseg import instances
 from flmiseg import matching
 from flmiseg.errors import UserError
 
-CACHE_VERSION = 5  # 5: label images; 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
+# 5: label images; 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
+CACHE_VERSION = 5
 IGNORED = 255  # io.read_mask's value for pixels equal to the ignore value
 
 
