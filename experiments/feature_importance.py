@@ -24,7 +24,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import matplotlib
-import ml_collections
 import numpy as np
 
 matplotlib.use('Agg')
@@ -33,6 +32,8 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 from flmiseg import evaluate
 from flmiseg import losses
 from flmiseg import metrics
+from flmiseg import registry
+from flmiseg import rundir
 from flmiseg import steps as steps_lib
 from flmiseg import train
 from flmiseg.data import loader
@@ -43,6 +44,9 @@ def define_flags():
   """Defines the command-line flags (only when run as a script, so modules import together)."""
   flags.DEFINE_string('workdir', None, 'A trained run (with config.json and a checkpoint).')
   flags.DEFINE_string('figure', '', 'Also save the bar chart here (e.g. docs/...png).')
+  flags.DEFINE_string('imports', None, 'The code of your own that the run needs (its '
+                      'config.imports: .py files or modules), imported before the model is built.')
+  flags.DEFINE_bool('trust_imports', False, "Import what the run's config.imports names.")
 
 
 FLAGS = flags.FLAGS
@@ -70,12 +74,20 @@ def mean_iou(predict, state, source, mesh, batch_size: int) -> tuple[float, floa
   return float(np.mean(per_image)), float(pooled)
 
 
-def run(workdir: pathlib.Path) -> list[dict]:
-  """The intact model's and every ablation's test IoU; rows also hold the drop."""
-  saved = workdir / 'config.json'
+def run(workdir: pathlib.Path, imports: str | None = None, trust_imports: bool = False
+        ) -> list[dict]:
+  """The intact model's and every ablation's test IoU; rows also hold the drop.
+
+  `imports`/`trust_imports` as the CLI's --config.imports/--trust_imports: a run directory
+  never imports the code its config names on its own (flmiseg/rundir.py).
+  """
+  saved = workdir / rundir.CONFIG_FILE
   if not saved.exists():
     raise UserError(f'{saved}: not found; --workdir must be a trained run')
-  config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  config = rundir.read_config(workdir)
+  registry.import_modules(rundir.imports_to_run(
+      workdir, config, None if imports is None else registry.normalize_imports(imports),
+      trust_imports))
   data = loader.load(config, workdir / 'cache', need_train=False)
   if data.test is None:
     raise UserError(f'{workdir}: its config has no test set to measure on')
@@ -138,7 +150,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   workdir = pathlib.Path(FLAGS.workdir)
   try:
-    run(workdir)
+    run(workdir, FLAGS.imports, FLAGS.trust_imports)
   except UserError as e:
     raise app.UsageError(str(e)) from None
   print((workdir / 'feature_importance' / 'table.md').read_text())

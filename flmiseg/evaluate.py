@@ -120,27 +120,17 @@ def image_row(prob: np.ndarray, target: np.ndarray, valid: np.ndarray | None,
       labelled pixels above `threshold`) are replaced by host counts, with a warning.
     auc: the image's AUC when already computed (it does not depend on the threshold).
   """
-  keep = np.ones(target.shape, bool) if valid is None else np.asarray(valid) > 0.5
-  pred = (prob > threshold) & keep
-  truth = (target > 0.5) & keep
-  # Thresholds are nested: the same number of pixels above two thresholds means the same
-  # pixels, so this one check makes the device counts exactly the host's.
-  if counts is not None and counts['tp'] + counts['fp'] != int(np.count_nonzero(pred)):
-    logging.warning('The predict step\'s counts are not at threshold %g (%d predicted pixels, '
-                    'not %d): counting on the host', threshold, counts['tp'] + counts['fp'],
-                    np.count_nonzero(pred))
-    counts = None
-  if counts is None:
-    counts = {'tp': np.sum(pred & truth), 'fp': np.sum(pred & ~truth),
-              'fn': np.sum(~pred & truth), 'tn': np.sum(~pred & ~truth & keep)}
-  row = {k: int(counts[k]) for k in metrics.COUNT_NAMES}
-  row.update({k: float(v) for k, v in metrics.overlap_metrics(**row).items()})
-  row['auc'] = metrics.auc(prob, target, keep) if auc is None else auc
-  row['hd'] = metrics.hausdorff(pred, truth)
-  row['hd95'] = metrics.hausdorff(pred, truth, percentile=95.0)
-  row['cldice'] = metrics.cldice(pred, truth)
-  row['betti0_error'], row['betti1_error'] = map(float, metrics.betti_errors(pred, truth))
-  return row
+  if counts is not None:
+    keep = np.ones(target.shape, bool) if valid is None else np.asarray(valid) > 0.5
+    predicted = int(np.count_nonzero((prob > threshold) & keep))
+    # Thresholds are nested: the same number of pixels above two thresholds means the same
+    # pixels, so this one check makes the device counts exactly the host's.
+    if counts['tp'] + counts['fp'] != predicted:
+      logging.warning('The predict step\'s counts are not at threshold %g (%d predicted '
+                      'pixels, not %d): counting on the host', threshold,
+                      counts['tp'] + counts['fp'], predicted)
+      counts = None
+  return metrics.image_metrics(prob, target, threshold, valid, counts=counts, auc_value=auc)
 
 
 def _score_images(outputs, source, threshold: float, tuned: float | None, extremes,

@@ -210,7 +210,9 @@ def _as_image(array, name: str) -> np.ndarray:
 
 
 def image_metrics(prob: np.ndarray, target: np.ndarray, threshold: float = 0.5,
-                  valid: np.ndarray | None = None, topology: bool = True) -> dict[str, float]:
+                  valid: np.ndarray | None = None, topology: bool = True,
+                  counts: dict | None = None, auc_value: float | None = None
+                  ) -> dict[str, float]:
   """Every metric for one image, on the host.
 
   Args:
@@ -219,6 +221,9 @@ def image_metrics(prob: np.ndarray, target: np.ndarray, threshold: float = 0.5,
     threshold: foreground where prob > threshold (as `confusion_counts`).
     valid: optional same-shape {0, 1} mask of real pixels.
     topology: also compute clDice and the Betti errors.
+    counts: the image's 'tp', 'fp', 'fn', 'tn' at `threshold` when already known (the
+      evaluation step counts them on device), else counted here.
+    auc_value: the image's AUC when already known (it does not depend on the threshold).
 
   Returns:
     The counts ('tp', 'fp', 'fn', 'tn' as ints, equal to `confusion_counts`) and every
@@ -228,11 +233,12 @@ def image_metrics(prob: np.ndarray, target: np.ndarray, threshold: float = 0.5,
   keep = np.ones(target.shape, bool) if valid is None else _as_image(valid, 'valid') > 0.5
   pred = (prob > threshold) & keep
   truth = (target > 0.5) & keep
-  counts = {'tp': int(np.sum(pred & truth)), 'fp': int(np.sum(pred & ~truth)),
-            'fn': int(np.sum(~pred & truth)), 'tn': int(np.sum(~pred & ~truth & keep))}
-  row = dict(counts)
-  row.update({k: float(v) for k, v in overlap_metrics(**counts).items()})
-  row['auc'] = auc(prob, target, keep)
+  if counts is None:
+    counts = {'tp': np.sum(pred & truth), 'fp': np.sum(pred & ~truth),
+              'fn': np.sum(~pred & truth), 'tn': np.sum(~pred & ~truth & keep)}
+  row = {k: int(counts[k]) for k in COUNT_NAMES}
+  row.update({k: float(v) for k, v in overlap_metrics(**row).items()})
+  row['auc'] = auc(prob, target, keep) if auc_value is None else auc_value
   row['hd'] = hausdorff(pred, truth)
   row['hd95'] = hausdorff(pred, truth, percentile=95.0)
   if topology:

@@ -48,3 +48,18 @@ def test_feature_importance_run(tiny_run):
   out = workdir / 'feature_importance'
   assert (out / 'importance.png').stat().st_size > 0
   assert '| skip0 |' in (out / 'table.md').read_text()
+
+
+def test_feature_importance_never_imports_a_runs_code_on_its_own(tiny_run, tmp_path):
+  _, workdir = tiny_run
+  config = json.loads((workdir / 'config.json').read_text())
+  planted = tmp_path / 'planted.py'
+  planted.write_text('raise SystemExit("imported")\n')
+  config['imports'] = str(planted)
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(UserError, match='--trust_imports'):
+    feature_importance.run(run)
+  with pytest.raises(SystemExit, match='imported'):  # named by the user: it runs
+    feature_importance.run(run, imports=str(planted))
