@@ -57,6 +57,8 @@ def run_cell(kind, root, train_list, test_list, init_from: str, seed: int, pairs
   config.train.init_from = init_from
   config.seed = seed
   config.optim.lr = FLAGS.lr or config.optim.lr
+  if FLAGS.freeze_batch_stats is not None:
+    config.train.freeze_batch_stats = FLAGS.freeze_batch_stats
   start = time.perf_counter()
   name = f'{"finetuned" if init_from else "scratch"}_seed{seed}'
   train.train_and_evaluate(config, root / name)
@@ -93,4 +95,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', 'runs/finetune', 'Where the runs go.')
   flags.DEFINE_integer('seeds', 3, 'Seeds per recipe.')
   flags.DEFINE_float('lr', 0.0, 'Learning rate (0: configs/finetune.py\'s).')
+  flags.DEFINE_bool('freeze_batch_stats', None, 'config.train.freeze_batch_stats (default: '
+                    'configs/finetune.py\'s).')
   app.run(main)

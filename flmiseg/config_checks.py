@@ -186,6 +186,7 @@ RULES: dict[str, Rule] = {
     'train.resume_mismatch': choice(train.RESUME_MISMATCH),
     'train.init_from': text,
     'train.early_stop_patience': integer(0, note=' (0: off)'),
+    'train.freeze_batch_stats': boolean,
     'train.instance_weight': number(0),
     'optim.name': choice(optim.OPTIMIZERS, 'an optimiser', 'valid names'),
     'optim.lr': number(0, low_open=True),

@@ -50,19 +50,20 @@ def semantic_side_outputs(aux: dict) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, *, loss_fn, schedule, dropout_key,
-               instance_weight: float = 1.0):
+               instance_weight: float = 1.0, freeze_batch_stats: bool = False):
   """One optimisation step on a global batch; returns (new_state, metrics).
 
   The loss is loss_fn on the foreground logit (channel 0) of the final and side outputs;
   batches with a 'distance' target (an instance head) add instance_weight times the BCE of
-  channel 1 of the final output against it.
+  channel 1 of the final output against it. With `freeze_batch_stats` the model runs in
+  inference mode (BatchNorm normalises with, and keeps, its running statistics; no dropout).
   """
   key = jax.random.fold_in(dropout_key, state.step)
 
   def loss_of(params):
     (logits, aux), updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
-        mutable=['batch_stats'], rngs={'dropout': key})
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+        train=not freeze_batch_stats, mutable=['batch_stats'], rngs={'dropout': key})
     loss = losses.total_loss(loss_fn, logits[..., :1], semantic_side_outputs(aux),
                              batch['mask'], batch['valid'])
     if 'distance' in batch:  # the instance head: channel 1 of the final output
@@ -98,7 +99,8 @@ def jit_steps(config, loss_fn, schedule, mesh, state_shardings):
   train = jax.jit(
       functools.partial(train_step, loss_fn=loss_fn, schedule=schedule,
                         dropout_key=dropout_key,
-                        instance_weight=config.train.get('instance_weight', 1.0)),
+                        instance_weight=config.train.get('instance_weight', 1.0),
+                        freeze_batch_stats=config.train.get('freeze_batch_stats', False)),
       out_shardings=(state_shardings, rep), donate_argnums=0)
   return train, jit_predict(config.eval.threshold)
 

@@ -216,6 +216,13 @@ class _Trainer:
     self.logger.plot()
     return iou
 
+  def validate_source(self, data_iter) -> None:
+    """Validates and checkpoints the fine-tuning source as step 0, so it competes for the
+    best checkpoint: a fine-tuned run never ends worse on validation than its start."""
+    val_iou = self.validate(0)
+    logging.info('The source model (config.train.init_from): validation IoU %.4f', val_iou)
+    self.checkpoint(0, data_iter, val_iou)
+
   def run(self, data_iter, start: int) -> None:
     cfg = self.config.train
     every_eval = self.config.eval.every_steps
@@ -293,6 +300,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         flips=config.data.flips, augment=config.data.augment))
     if data_state is not None:
       it.set_state(data_state)
+    elif config.train.init_from and data.val is not None:
+      trainer.validate_source(it)
     logging.info('Training %s/%s for %d steps (%d images, batch %d, %d devices)',
                  config.model.name, config.model.variant, total, len(data.train),
                  config.train.batch_size, jax.device_count())

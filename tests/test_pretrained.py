@@ -121,6 +121,41 @@ def test_fine_tuning_starts_from_the_source_weights(packed, tmp_path):
     train.train_and_evaluate(config, tmp_path / 'mismatch')
 
 
+def test_fine_tuning_keeps_the_source_when_training_makes_it_worse(packed, tmp_path):
+  _, f32, _ = packed
+  data = helpers.write_blob_dataset(tmp_path / 'data', num_train=8, num_test=2, seed=5)
+  # lr 0.5: two Adam steps move every weight by about 1, which ruins the model.
+  config = helpers.tiny_config(data, **{'train.num_steps': 2, 'eval.every_steps': 2,
+                                        'optim.lr': 0.5, 'optim.schedule': 'constant',
+                                        'optim.warmup_steps': 0,
+                                        'train.init_from': str(f32)})
+  train.train_and_evaluate(config, tmp_path / 'tuned')
+  vals = [json.loads(l) for l in (tmp_path / 'tuned' / 'metrics.jsonl').read_text().splitlines()]
+  vals = {r['step']: r['iou'] for r in vals if r['kind'] == 'val'}
+  assert sorted(vals) == [0, 2] and vals[0] > vals[2]
+  tuned, step = _variables(tmp_path / 'tuned')  # the best checkpoint: the source's, step 0
+  source, _ = _variables(f32)
+  assert step == 0
+  jax.tree.map(np.testing.assert_array_equal, tuned, source)
+
+
+@pytest.mark.parametrize('freeze', [False, True])
+def test_freeze_batch_stats_keeps_the_source_statistics(packed, tmp_path, freeze):
+  _, f32, _ = packed
+  data = helpers.write_blob_dataset(tmp_path / 'data', num_train=8, num_test=2, seed=6)
+  config = helpers.tiny_config(data, **{'train.num_steps': 2, 'eval.every_steps': 2,
+                                        'data.val_fraction': 0.0, 'optim.lr': 1e-9,
+                                        'train.init_from': str(f32),
+                                        'train.freeze_batch_stats': freeze})
+  train.train_and_evaluate(config, tmp_path / 'tuned')
+  tuned, step = _variables(tmp_path / 'tuned')
+  source, _ = _variables(f32)
+  assert step == 2
+  same = jax.tree.leaves(jax.tree.map(np.array_equal, tuned['batch_stats'],
+                                      source['batch_stats']))
+  assert all(same) if freeze else not any(same)
+
+
 def test_early_stopping_ends_the_run_and_a_rerun_does_not_train_on(tmp_path):
   data = helpers.write_blob_dataset(tmp_path / 'data', num_train=8, num_test=2)
   config = helpers.tiny_config(data, **{'train.num_steps': 40, 'eval.every_steps': 2,

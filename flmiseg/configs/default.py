@@ -88,6 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
   # packed folder with the same config.model ('' = from scratch).
   train.init_from = ''
   train.early_stop_patience = 0  # Validations without a better IoU before stopping (0: off).
+  # Train with the BatchNorm statistics frozen (the layers in inference mode, dropout off):
+  # fine-tuning on a few crops keeps the source model's statistics.
+  train.freeze_batch_stats = False
+  # Train with the BatchNorm statistics frozen (the layers in inference mode, dropout off):
+  # fine-tuning on a few crops keeps the source model's statistics.
+  train.freeze_batch_stats = False
   train.instance_weight = 1.0  # Weight of the instance head's loss (model.instance_head).
 
   config.optim = optim = ml_collections.ConfigDict()
