@@ -91,9 +91,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Train with the BatchNorm statistics frozen (the layers in inference mode, dropout off):
   # fine-tuning on a few crops keeps the source model's statistics.
   train.freeze_batch_stats = False
-  # Train with the BatchNorm statistics frozen (the layers in inference mode, dropout off):
-  # fine-tuning on a few crops keeps the source model's statistics.
-  train.freeze_batch_stats = False
   train.instance_weight = 1.0  # Weight of the instance head's loss (model.instance_head).
 
   config.optim = optim = ml_collections.ConfigDict()
