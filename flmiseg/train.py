@@ -277,10 +277,19 @@ def train_and_evaluate(config, workdir) -> dict:
 def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   """`train_and_evaluate` in a run directory that this process has locked."""
   if config.train.init_from:
-    adopt_source_preprocessing(config)
+    adopt_source_settings(config)
   workdir = prepare_workdir(config, workdir)
   calibration_lib.check_calibrate_metric(config.eval.calibrate_metric)  # before training
   data = loader.load(config, workdir / 'cache')
+  if (config.train.init_from and config.model.get('instance_head') and
+      config.train.instance_weight and not data.train.has_labels):
+    # Binary masks give touching objects one distance peak: training the head on them would
+    # teach it to merge what the source model separates.
+    logging.warning('config.train.init_from=%s: the training masks are binary, not label '
+                    'images, so the instance head is not trained (config.train.'
+                    'instance_weight=0); give label images to fine-tune it',
+                    config.train.init_from)
+    config.train.instance_weight = 0.0
   if jax.process_index() == 0 and rundir.read_input_stats(workdir) is None:
     rundir.write_input_stats(workdir, rundir.input_stats(data.train))
   crop = config.data.crop_size
@@ -326,11 +335,17 @@ def _init_source(config):
   return folder, rundir.read_config(folder)
 
 
-def adopt_source_preprocessing(config) -> None:
+def adopt_source_settings(config) -> None:
   """With config.train.init_from, sets config.data.kind and .normalization to the source
-  model's when they would give its weights other inputs than it was trained on (a one-line
-  warning says so): fine-tuning a nucleus model must see nucleus preprocessing."""
+  model's when they would give its weights other inputs than it was trained on, and
+  config.model.instance_head to the source's (a one-line warning says so for each):
+  fine-tuning a nucleus model must see nucleus preprocessing and keep its instance head."""
   _, source = _init_source(config)
+  head = source.model.get('instance_head', '')
+  if config.model.get('instance_head', '') != head:
+    logging.warning('config.train.init_from=%s: using its instance head (%r) instead of %r',
+                    config.train.init_from, head, config.model.get('instance_head', ''))
+    config.model.instance_head = head
   resolve = lambda data: preprocess.resolve(data.normalization, data.kind)
   if resolve(source.data) != resolve(config.data):
     logging.warning('config.train.init_from=%s: using its preprocessing (kind %s, '
@@ -343,7 +358,7 @@ def adopt_source_preprocessing(config) -> None:
 def initialize_from(config, state, mesh):
   """`state` with the params and batch_stats of config.train.init_from (a shipped model's
   name, or a run or packed folder), for fine-tuning; the optimizer state stays fresh. The
-  preprocessing was matched before by `adopt_source_preprocessing`."""
+  preprocessing was matched before by `adopt_source_settings`."""
   folder, source = _init_source(config)
   mine = rundir.flatten(config.model.to_dict())
   for key, value in rundir.flatten(source.model.to_dict()).items():

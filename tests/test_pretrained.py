@@ -139,6 +139,16 @@ def test_fine_tuning_keeps_the_source_when_training_makes_it_worse(packed, tmp_p
   jax.tree.map(np.testing.assert_array_equal, tuned, source)
 
 
+def test_fine_tuning_adopts_the_sources_instance_head(packed, tmp_path):
+  _, f32, _ = packed  # a semantic model: no instance head
+  data = helpers.write_blob_dataset(tmp_path / 'data', num_train=8, num_test=2, seed=5)
+  config = helpers.tiny_config(data, **{'train.num_steps': 1, 'eval.every_steps': 1,
+                                        'train.init_from': str(f32),
+                                        'model.instance_head': 'distance'})
+  train.train_and_evaluate(config, tmp_path / 'tuned')
+  assert rundir.read_config(tmp_path / 'tuned').model.instance_head == ''
+
+
 @pytest.mark.parametrize('freeze', [False, True])
 def test_freeze_batch_stats_keeps_the_source_statistics(packed, tmp_path, freeze):
   _, f32, _ = packed
