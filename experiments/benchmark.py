@@ -20,6 +20,15 @@ flip/rotation, batching, in this one process) in images/s per host core, and wit
 (when PyTorch is importable; it is never a dependency) times `experiments/torch_unet.py`, the
 same U-Net, eagerly in fp32 as the reference runs it (SGD momentum, BCE), on the same device,
 and reports the JAX/PyTorch ratios.
+
+  python -m experiments.benchmark --backends=jax,onnx --predict_model=nucleus --size=1024
+
+instead compares predict's backends side by side (`backend_times`): one simulated image of
+--size x --size pixels predicted by a shipped model (or a run folder) exactly as --mode=predict
+does (normalisation, the same tiles of --tile pixels, blending), on JAX and on ONNX Runtime
+(`--backend=onnx`, flmiseg/onnx_backend.py; needs flmiseg[export]): the seconds to load
+(ONNX: converting and caching the graph on first use, then loading it), the first image
+(JAX: compiling) and the median of --repeats more, whole and for the network alone.
 """
 
 import json
@@ -27,6 +36,7 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
 
 from absl import app
@@ -35,12 +45,18 @@ import jax
 import numpy as np
 
 from flmiseg.configs import default
+from flmiseg import inference
 from flmiseg import losses
+from flmiseg import predict
+from flmiseg import pretrained
+from flmiseg import rundir
 from flmiseg import sharding
 from flmiseg import steps as steps_lib
 from flmiseg import summary
 from flmiseg import train
 from flmiseg.data import pipeline
+from flmiseg.data import preprocess
+from flmiseg.data import simulate
 
 FLAGS = flags.FLAGS
 
@@ -64,6 +80,10 @@ def define_flags():
   flags.DEFINE_integer('steps', 5, 'Steps per timed repeat.')
   flags.DEFINE_bool('torch', False, 'Also time the PyTorch U-Net (if torch is importable).')
   flags.DEFINE_bool('json', False, 'Print only the JSON object (else also a short table).')
+  flags.DEFINE_list('backends', [], "Compare predict's backends instead (jax, onnx) on one "
+                    '--size x --size image (backend_times).')
+  flags.DEFINE_string('predict_model', 'nucleus', '--backends: a shipped model or run folder.')
+  flags.DEFINE_integer('tile', 0, '--backends: tile side (0: the model\'s crop size).')
 
 
 def make_config(model: str, variant: str, width: int, size: int, batch: int, dtype: str):
@@ -304,6 +324,64 @@ def run(model: str = 'unet', variant: str = 'original', width: int = 64, size: i
   return result
 
 
+def backend_times(model: str = 'nucleus', size: int = 1024, backends=('jax', 'onnx'),
+                  tile: int = 0, repeats: int = 5) -> dict:
+  """predict's backends side by side on one simulated size x size image (module docstring).
+
+  The backends take turns, image after image, so a machine shared with other jobs slows
+  both alike. Returns {'model', 'size', 'tile', 'tiles', 'batch', 'backends': {backend:
+  {'convert_load_s' (ONNX: first use, converting into an empty cache), 'load_s',
+  'first_image_s', 'image_s' (median; normalisation, tiles, network, blending), 'network_s'
+  (median; the tiles alone)}}, 'jax_over_onnx'} (JAX's image_s over ONNX Runtime's: above 1,
+  ONNX Runtime is faster).
+  """
+  folder = pretrained.resolve_model(model)
+  config = rundir.read_config(folder)
+  kind = config.data.kind if config.data.kind in simulate.KINDS else 'er'
+  image, _ = simulate.simulate(kind, size, np.random.default_rng(0))
+  tile = tile or config.data.crop_size
+  normalised = preprocess.normalize(image, config.data.normalization, config.data.kind)
+  result = {'model': model, 'size': size, 'tile': tile,
+            'tiles': len(inference.tile_starts(size, tile, 0.25)) ** 2,
+            'batch': config.eval.batch_size, 'backends': {b: {} for b in backends}}
+  predictors, times = {}, {b: {'image_s': [], 'network_s': []} for b in backends}
+  saved = os.environ.get('FLMISEG_CACHE')
+  with tempfile.TemporaryDirectory() as cache:
+    os.environ['FLMISEG_CACHE'] = cache  # ONNX: convert into an empty cache, then reuse it
+    try:
+      for backend in backends:
+        options = predict.Options(input='', output='', tile=tile, backend=backend)
+        entry = result['backends'][backend]
+        for key in ('convert_load_s', 'load_s') if backend == 'onnx' else ('load_s',):
+          start = time.perf_counter()
+          predictors[backend], _ = predict.load_predictor(config, folder, options)
+          entry[key] = time.perf_counter() - start
+        start = time.perf_counter()
+        predictors[backend].plane(image)
+        entry['first_image_s'] = time.perf_counter() - start
+      for _ in range(repeats):
+        for backend, predictor in predictors.items():
+          start = time.perf_counter()
+          predictor.plane(image)
+          times[backend]['image_s'].append(time.perf_counter() - start)
+          start = time.perf_counter()
+          inference.sliding_window(predictor.probs_of, normalised, tile, 0.25,
+                                   predictor.batch_size)
+          times[backend]['network_s'].append(time.perf_counter() - start)
+    finally:
+      if saved is None:
+        os.environ.pop('FLMISEG_CACHE')
+      else:
+        os.environ['FLMISEG_CACHE'] = saved
+  for backend, measured in times.items():
+    result['backends'][backend].update(
+        {k: statistics.median(v) for k, v in measured.items()})
+  if {'jax', 'onnx'} <= set(backends):
+    result['jax_over_onnx'] = (result['backends']['jax']['image_s'] /
+                               result['backends']['onnx']['image_s'])
+  return result
+
+
 def format_table(result: dict) -> str:
   lines = [f'{result["model"]} width {result["width"]}, {result["size"]}x{result["size"]}, '
            f'batch {result["batch"]} on {result["num_devices"]} x {result["device_kind"]}',
@@ -324,6 +402,11 @@ def format_table(result: dict) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.backends:
+    result = backend_times(FLAGS.predict_model, FLAGS.size, tuple(FLAGS.backends), FLAGS.tile,
+                           FLAGS.repeats)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return
   result = run(FLAGS.model, FLAGS.variant, FLAGS.width, FLAGS.size, FLAGS.batch,
                tuple(FLAGS.dtypes), FLAGS.repeats, FLAGS.steps, FLAGS.torch)
   if not FLAGS.json:

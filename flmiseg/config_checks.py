@@ -148,6 +148,8 @@ _STEPS = integer(1, note=' (steps)')
 RULES: dict[str, Rule] = {
     'seed': _SEED,
     'imports': text,
+    'authors': text,
+    'license': text,
     'data.source': choice(loader.SOURCES, 'a source'),
     'data.seed': _SEED,
     'data.kind': text,  # a kind where it matters: `_check_consistency`

@@ -121,12 +121,14 @@ def gaussian_weight(tile: int) -> np.ndarray:
 
 
 def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch_size: int,
-                   progress: bool = False) -> np.ndarray:
+                   progress: bool = False,
+                   on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
   """Outputs (H, W, C) of a normalised (H, W) image by blended overlapping tiles.
 
   probs_of maps a (batch_size, tile, tile, 1) float32 array to outputs (batch_size, tile,
   tile, C) (C = 1: the foreground probability; 2 with an instance head). Images smaller than
-  a tile are zero-padded, as in training.
+  a tile are zero-padded, as in training. `progress` shows a console bar of the tiles;
+  `on_batch(tiles done, tiles in all)` is called after each batch (a GUI's progress bar).
   """
   h, w = image.shape
   ph, pw = max(h, tile), max(w, tile)
@@ -151,5 +153,7 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
       total[y:y + tile, x:x + tile] += probs[j] * weight[..., None]
       norm[y:y + tile, x:x + tile] += weight
     bar.update(len(chunk))
+    if on_batch is not None:
+      on_batch(start + len(chunk), len(corners))
   bar.close()
   return (total / norm[..., None])[:h, :w]

@@ -4,11 +4,16 @@
   python -m flmiseg.main --mode=predict --workdir=DIR --input=IMAGES --output=OUT
   python -m flmiseg.main --mode=predict --model=nucleus --input=IMAGES --output=OUT
   python -m flmiseg.main --mode=eval|summary --workdir=DIR
+  python -m flmiseg.main --mode=export --workdir=DIR|--model=nucleus --output=PACKAGE
 
 Modes: train (train, then evaluate the best checkpoint on the test set), eval (evaluate the
 best checkpoint of DIR on the test list), summary (parameter count and forward FLOPs per image
 at the configured crop size, written to DIR/model_summary.json), predict (masks for your own
-images: --input=FILE|FOLDER|GLOB --output=FOLDER; see flmiseg/predict.py).
+images: --input=FILE|FOLDER|GLOB --output=FOLDER; see flmiseg/predict.py), export (a
+bioimage.io model package of the model, ONNX weights, into a new or empty --output folder;
+flmiseg/export.py, docs/export.md). predict and eval run on JAX or, with --backend=onnx, on
+ONNX Runtime (CPU; the model is converted once and cached in DIR/export/). export and the ONNX
+backend need the optional extra: pip install "flmiseg[export]".
 --config is a config file or the name of a stock config (default, unet_er, unet_mito,
 unet_nucleus: flmiseg/configs/). Training needs it; eval, predict and summary read the model's
 config from DIR/config.json (the run directory is the model) and accept on the command line
@@ -29,7 +34,7 @@ import pathlib
 import re
 import sys
 
-MODES = ('train', 'eval', 'summary', 'predict')
+MODES = ('train', 'eval', 'summary', 'predict', 'export')
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
 RUN_CONFIG_FILE = pathlib.Path(__file__).resolve().parent / 'rundir_config.py'
 
@@ -59,10 +64,11 @@ _FREE_FIELD = re.compile(r'--?(no)?config\.(%s)\.([A-Za-z_]\w*)(?:=(.*))?' %
                          '|'.join(re.escape(s) for s in FREE_SECTIONS), re.DOTALL)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
-flags.DEFINE_string('model', None, 'predict: a shipped model (er, mito, nucleus) or a run or '
-                    'packed folder, instead of --workdir.')
+flags.DEFINE_string('model', None, 'predict, export: a shipped model (er, mito, nucleus) or a '
+                    'run or packed folder, instead of --workdir.')
 flags.DEFINE_string('input', '', 'predict: an image file, a folder of images, or a glob.')
-flags.DEFINE_string('output', '', 'predict: folder for <name>_mask.tif, _overlay.png, ...')
+flags.DEFINE_string('output', '', 'predict: folder for <name>_mask.tif, _overlay.png, ...; '
+                    'export: a new or empty folder for the bioimage.io package.')
 flags.DEFINE_bool('tta', False, 'predict: average over the 8 flips/rotations of each tile.')
 flags.DEFINE_bool('save_prob', False, 'predict: also write <name>_prob.tif (float32).')
 flags.DEFINE_bool('instances', False,
@@ -71,7 +77,10 @@ flags.DEFINE_integer('min_size', None, 'predict --instances: smallest object kep
                      '(default: the run\'s config.eval.min_size).')
 flags.DEFINE_float('threshold', None,
                    'predict: probability threshold (default: calibrated, else config).')
-flags.DEFINE_integer('tile', 0, 'predict: tile side in pixels (0: config.data.crop_size).')
+flags.DEFINE_integer('tile', 0, 'predict: tile side in pixels; export: the fixed tile of a '
+                     'model whose ONNX graph cannot take any size (0: config.data.crop_size).')
+flags.DEFINE_enum('backend', None, ('jax', 'onnx'), 'predict, eval: run the network on JAX or '
+                  'on ONNX Runtime (CPU; needs flmiseg[export]). Default: jax.')
 flags.DEFINE_float('overlap', 0.25, 'predict: fraction of a tile shared with its neighbour.')
 flags.DEFINE_integer('channel', None, 'predict: the channel to segment in a multi-channel '
                      'image (0-based).')
@@ -96,6 +105,8 @@ def run(config, workdir: str, mode: str) -> None:
   # pylint: disable-next=g-import-not-at-top
   from flmiseg import config_checks, files, report, summary, train
   config_checks.validate(config)  # after config.imports registered their names
+  if FLAGS.backend and mode not in ('predict', 'eval'):
+    raise UserError(f'--backend={FLAGS.backend} is for --mode=predict or eval')
   if mode == 'summary':
     crop = config.data.crop_size
     result = summary.model_summary(config.model, (crop, crop))
@@ -114,14 +125,24 @@ def run(config, workdir: str, mode: str) -> None:
         tta=FLAGS.tta, threshold=FLAGS.threshold, save_prob=FLAGS.save_prob,
         instances=FLAGS.instances, min_size=FLAGS.min_size, channel=FLAGS.channel,
         axes=FLAGS.axes, pixel_size=FLAGS.pixel_size, rescale=not FLAGS.no_rescale,
-        overwrite=FLAGS.overwrite)
+        overwrite=FLAGS.overwrite, backend=FLAGS.backend or predict.DEFAULT_BACKEND)
     result = predict.run(config, workdir, options)
     skipped = f'; skipped {len(result["skipped"])} non-image file(s)' if result['skipped'] else ''
     print(f'Predicted {len(result["written"])} image(s) into {result["output"]} at threshold '
           f'{result["threshold"]:.3f} ({result["threshold_source"]}){skipped}')
     return
+  if mode == 'export':
+    from flmiseg import export  # pylint: disable=g-import-not-at-top
+    result = export.run(config, workdir, export.Options(output=FLAGS.output, tile=FLAGS.tile))
+    print(f'Wrote the bioimage.io package of {workdir} (step {result["step"]}; '
+          f'{result["layout"].describe()}) into {result["output"]}')
+    return
   if mode == 'train':
     result = train.train_and_evaluate(config, workdir)
+  elif FLAGS.backend == 'onnx':
+    from flmiseg import onnx_backend  # pylint: disable=g-import-not-at-top
+    result = train.evaluate_best(config, workdir, predict=onnx_backend.predict_step(
+        config, workdir, config.eval.threshold))
   else:
     result = train.evaluate_best(config, workdir)
   if result:
@@ -273,9 +294,9 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
   _, workdir = _flag_value(argv, 'workdir')
   _, model = _flag_value(argv, 'model')
   if model is not None:
-    if mode != 'predict':
-      raise UserError(f'--model={model} is for --mode=predict; to evaluate or fine-tune, '
-                      'use --workdir or --config.train.init_from')
+    if mode not in ('predict', 'export'):
+      raise UserError(f'--model={model} is for --mode=predict or export; to evaluate or '
+                      'fine-tune, use --workdir or --config.train.init_from')
     if workdir is not None:
       raise UserError(f'--model={model} and --workdir={workdir}: give one of them')
     from flmiseg import pretrained  # pylint: disable=g-import-not-at-top

@@ -69,6 +69,8 @@ _GLOB_CHARS = '*?['
 OUTPUT_KINDS = ('mask', 'overlay', 'prob', 'instances', 'objects')
 # Pixel sizes within this relative difference count as equal (no rescaling).
 RESCALE_TOLERANCE = 0.1
+# The backend when --backend is not given (docs/benchmarks.md times both on a CPU).
+DEFAULT_BACKEND = 'jax'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Options:
   pixel_size: float | None = None  # Micrometres per pixel of the inputs (None = from file).
   rescale: bool = True  # Resize to the model's pixel size when both are known.
   overwrite: bool = False
+  backend: str = 'jax'  # 'jax', or 'onnx': ONNX Runtime on the CPU (flmiseg/onnx_backend.py).
 
   def check(self) -> None:
     """Raises UserError naming the first invalid option."""
@@ -108,6 +111,8 @@ class Options:
       io.check_axes_flag(self.axes)
     if self.min_size is not None and self.min_size < 0:
       raise UserError(f'--min_size={self.min_size}: must be >= 0')
+    if self.backend not in ('jax', 'onnx'):
+      raise UserError(f'--backend={self.backend!r}: valid: jax, onnx')
     if not self.output:
       raise UserError('--output is required with --mode=predict (a folder for the results)')
 
@@ -266,26 +271,48 @@ class Predictor:
   overlap: float
   batch_size: int
 
-  def plane(self, raw: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, dict]:
+  def plane(self, raw: np.ndarray, factor: float = 1.0,
+            on_batch=None) -> tuple[np.ndarray, dict]:
     """(float32 outputs (H, W, C), stats of the normalised plane) of a raw (H, W) plane,
     resized by `factor` for the network and back. Channel 0 is the foreground probability,
-    channel 1 the instance head's distance (models with one)."""
+    channel 1 the instance head's distance (models with one). `on_batch(done, total)`, when
+    given, is called with the tiles done after each batch (a progress bar)."""
     h, w = raw.shape
     scaled = raw if factor == 1.0 else resize(
         raw, (max(1, round(h * factor)), max(1, round(w * factor))))
     data = self.config.data
     normalised = preprocess.normalize(scaled, data.normalization, data.kind)
     prob = inference.sliding_window(self.probs_of, normalised, self.tile, self.overlap,
-                                    self.batch_size, progress=True)
+                                    self.batch_size, progress=True, on_batch=on_batch)
     if factor != 1.0:
       prob = np.stack([np.clip(resize(c, (h, w)), 0.0, 1.0) for c in np.moveaxis(prob, -1, 0)],
                       axis=-1)
     return prob, preprocess.image_stats(normalised)
 
-  def planes(self, planes: np.ndarray, factor: float = 1.0) -> tuple[np.ndarray, list[dict]]:
-    """(outputs (N, H, W, C), per-plane stats) of raw planes (N, H, W)."""
-    results = [self.plane(p, factor) for p in planes]
+  def planes(self, planes: np.ndarray, factor: float = 1.0,
+             progress=None) -> tuple[np.ndarray, list[dict]]:
+    """(outputs (N, H, W, C), per-plane stats) of raw planes (N, H, W). `progress(fraction
+    done)`, when given, is called after each batch of tiles."""
+    results = []
+    for i, p in enumerate(planes):
+      on_batch = None if progress is None else (
+          lambda done, total, i=i: progress((i + done / total) / len(planes)))
+      results.append(self.plane(p, factor, on_batch))
     return np.stack([r[0] for r in results]), [r[1] for r in results]
+
+
+def segment_planes(predictor: Predictor, planes: np.ndarray, factor: float, threshold: float,
+                   options: Options, progress=None):
+  """(outputs (N, H, W, C), per-plane stats, mask (N, H, W) bool, instance labels (N, H, W)
+  uint16 or None) of raw planes (N, H, W): the probabilities thresholded at `threshold`, and
+  with options.instances the instances (`instances.from_outputs`, with options.seed_dynamic
+  and options.min_size filled in by `instance_options`)."""
+  outputs, stats = predictor.planes(planes, factor, progress)
+  mask = outputs[..., 0] > threshold
+  labels = np.stack([instances.from_outputs(o, threshold, options.seed_dynamic,
+                                            options.min_size)
+                     for o in outputs]) if options.instances else None
+  return outputs, stats, mask, labels
 
 
 def image_warning(path, stats: list[dict], mask: np.ndarray, training: dict | None) -> str | None:
@@ -313,9 +340,8 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   pixel_size = options.pixel_size or image.pixel_size
   factor = rescale_factor(pixel_size, predictor.config.data.pixel_size or None,
                           options.rescale)
-  outputs, stats = predictor.planes(planes, factor)
+  outputs, stats, mask, labels = segment_planes(predictor, planes, factor, threshold, options)
   prob = outputs[..., 0]
-  mask = prob > threshold
   write = lambda kind, array: io.write_tiff(  # pylint: disable=g-long-lambda
       output_path(out, name, kind, image.ome), io.restore_axes(array, out_axes, out_shape),
       axes=out_axes, pixel_size=pixel_size)
@@ -326,8 +352,6 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   if options.save_prob:
     write('prob', prob)
   if options.instances:
-    labels = np.stack([instances.from_outputs(o, threshold, options.seed_dynamic,
-                                              options.min_size) for o in outputs])
     write('instances', labels)
     write_objects(output_path(out, name, 'objects', image.ome), labels, planes, pixel_size)
   notes = [f'{path}: resized x{factor:.3g} to the model\'s pixel size '
@@ -349,6 +373,38 @@ def resolve_threshold(config, workdir, step: int, options: Options) -> tuple[flo
   return config.eval.threshold, 'config.eval.threshold'
 
 
+def make_predictor(config, state, mesh, options: Options) -> Predictor:
+  """The Predictor of loaded weights (`inference.load`) with `options`' tile (0: the
+  training crop size), overlap, batch size (0: config.eval.batch_size) and TTA."""
+  return Predictor(
+      inference.prob_fn(state, mesh, options.tta), config,
+      options.tile or config.data.crop_size, options.overlap,
+      inference.round_up_batch(options.batch_size or config.eval.batch_size, mesh.size))
+
+
+def load_predictor(config, workdir, options: Options) -> tuple[Predictor, int]:
+  """(Predictor, checkpoint step) of the model in `workdir` on options.backend: JAX over
+  this process's devices, or ONNX Runtime (flmiseg/onnx_backend.py)."""
+  if options.backend == 'onnx':
+    from flmiseg import onnx_backend  # pylint: disable=g-import-not-at-top  # (the extra)
+    return onnx_backend.make_predictor(config, workdir, options)
+  mesh = sharding.make_mesh(jax.local_devices())
+  state, step = inference.load(config, workdir, mesh)
+  return make_predictor(config, state, mesh, options), step
+
+
+def instance_options(config, workdir, step: int, options: Options) -> Options:
+  """`options` with the instance settings left to the run filled in: min_size from
+  config.eval.min_size, seed_dynamic calibrated for checkpoint `step`, else the config's."""
+  if options.min_size is None:
+    options = dataclasses.replace(options, min_size=config.eval.get('min_size', 16))
+  if options.seed_dynamic is None:
+    calibrated = calibration.calibrated_dynamic(workdir, step)
+    options = dataclasses.replace(options, seed_dynamic=calibrated if calibrated is not None
+                                  else config.eval.get('seed_dynamic', instances.SEED_DYNAMIC))
+  return options
+
+
 def run(config, workdir, options: Options) -> dict:
   """Predicts every input image; returns {'written': [...], 'skipped': [...], ...}.
 
@@ -357,28 +413,17 @@ def run(config, workdir, options: Options) -> dict:
   """
   workdir = pathlib.Path(workdir)
   options.check()
-  tile = options.tile or config.data.crop_size
   inputs, skipped = find_inputs(options.input)
   if jax.process_count() > 1:  # every process predicts its own share on its own devices
     inputs = inputs[jax.process_index()::jax.process_count()]
   names = output_names(inputs)
   out = pathlib.Path(options.output)
   check_output(out, inputs, names, options)
-  mesh = sharding.make_mesh(jax.local_devices())
-  state, step = inference.load(config, workdir, mesh)
+  predictor, step = load_predictor(config, workdir, options)
   threshold, source = resolve_threshold(config, workdir, step, options)
   created = not out.exists()
   make_output(out, options)
-  n = len(jax.local_devices())
-  predictor = Predictor(
-      inference.prob_fn(state, mesh, options.tta), config, tile, options.overlap,
-      inference.round_up_batch(options.batch_size or config.eval.batch_size, n))
-  if options.min_size is None:
-    options = dataclasses.replace(options, min_size=config.eval.get('min_size', 16))
-  if options.seed_dynamic is None:
-    calibrated = calibration.calibrated_dynamic(workdir, step)
-    options = dataclasses.replace(options, seed_dynamic=calibrated if calibrated is not None
-                                  else config.eval.get('seed_dynamic', instances.SEED_DYNAMIC))
+  options = instance_options(config, workdir, step, options)
   if options.instances and not config.model.get('instance_head'):
     logging.warning('%s has no instance head (config.model.instance_head): instances are '
                     'connected components of the mask, so touching objects stay merged',

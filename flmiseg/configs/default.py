@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   # files that register models, fusion operators, backbones or losses (docs/fusion.md).
   # A run directory never imports it on its own (eval/predict: --trust_imports).
   config.imports = ''
+  # Who made the model and under which licence (an SPDX identifier): written into the
+  # bioimage.io package that --mode=export makes ('' authors: flmiseg's).
+  config.authors = ''
+  config.license = 'MIT'
 
   config.data = data = ml_collections.ConfigDict()
   data.source = 'synthetic'  # 'synthetic' (simulated, embedded default) or 'lists'.

@@ -298,6 +298,22 @@ def read_image_file(path: str | os.PathLike, axes: str | None = None) -> ImageFi
   return ImageFile(data, file_axes, pixel_size, names, ome)
 
 
+def from_array(data: np.ndarray, axes: str, name: str = 'image',
+               pixel_size: float | None = None) -> ImageFile:
+  """An image held in memory (a napari layer, a notebook's array) as `read_image_file` reads
+  a file: `axes` one letter per dimension from 'TZCYX', or 'S' for RGB(A) samples (made one
+  luminance plane); `name` stands for the file in messages. Raises UserError as
+  read_image_file does for bad axes, zero size or NaN/inf values."""
+  data = np.asarray(data)
+  if data.size == 0:
+    raise UserError(f'{name}: image has zero size {data.shape}')
+  data, axes = _map_axes(data, check_axes_flag(axes, data.shape, name), pathlib.Path(name))
+  if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+    raise UserError(f'{name}: image contains NaN or inf values')
+  return ImageFile(data.astype(np.uint8) if data.dtype == np.bool_ else data, axes,
+                   pixel_size)
+
+
 def _channel_list(image: ImageFile, count: int) -> str:
   if image.channel_names:
     return ', '.join(f'{i}: {n}' for i, n in enumerate(image.channel_names))

@@ -132,7 +132,9 @@ def resize_to(x: jax.Array, hw: Sequence[int], method: str = 'bilinear') -> jax.
 
 
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
-  return nn.max_pool(x, (window, window), strides=(window, window))
+  # window_shape by keyword: the nn.max_pool that jax2onnx substitutes during an ONNX export
+  # (flmiseg/export.py) takes it only so.
+  return nn.max_pool(x, window_shape=(window, window), strides=(window, window))
 
 
 def _linear_taps(n_in: int, n_out: int, align_corners: bool):

@@ -85,7 +85,8 @@ class ResNetEncoder(nn.Module):
     s = functools.partial(layers.scaled, self.width, BASE_WIDTH)
     stem = _ConvBN(s(64), 7, self.stem_stride, dtype=self.dtype, relu=False,
                    name='stem')(x, train)
-    y = nn.max_pool(nn.relu(stem), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    y = nn.max_pool(nn.relu(stem), window_shape=(3, 3), strides=(2, 2),
+                    padding=((1, 1), (1, 1)))
     features = [stem]
     for i, (blocks, planes) in enumerate(zip(DEPTHS[name], (64, 128, 256, 512))):
       grid = MULTI_GRID if i == 3 else (1,) * blocks

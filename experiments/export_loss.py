@@ -1,0 +1,69 @@
+"""What a bioimage.io package loses where the spec cannot express flmiseg's preprocessing.
+
+  python -m experiments.export_loss [--models=er,mito,nucleus] [--num_images=8] [--seed=7]
+
+For each model (shipped name or run folder), simulated test images of its kind (default knobs,
+256x256, seed --seed; never seen in training) are segmented twice by the same float32 network
+(`flmiseg.export.forward`), at the model's calibrated threshold: after flmiseg's own
+normalisation (CLAHE for the shipped models) and after the package's closest expressible one
+(`flmiseg.bioimage_package.preprocessing_steps`, computed as bioimage.io computes it). Prints
+the mean IoU of both against the true masks, as JSON.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from flmiseg import bioimage_package
+from flmiseg import calibration
+from flmiseg import export
+from flmiseg import pretrained
+from flmiseg import rundir
+from flmiseg.data import preprocess
+from flmiseg.data import simulate
+
+flags.DEFINE_list('models', ['er', 'mito', 'nucleus'], 'Shipped models or run folders.')
+flags.DEFINE_integer('num_images', 8, 'Simulated test images per model.')
+flags.DEFINE_integer('seed', 7, 'Seed of the simulated images.')
+FLAGS = flags.FLAGS
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+  union = np.logical_or(pred, truth).sum()
+  return 1.0 if union == 0 else float(np.logical_and(pred, truth).sum() / union)
+
+
+def measure(model: str, num_images: int, seed: int) -> dict:
+  """{'flmiseg_iou', 'package_iou', 'normalization', 'package_preprocessing', ...}."""
+  folder = pretrained.resolve_model(model)
+  config = rundir.read_config(folder)
+  probs, step = export.forward(config, folder)
+  threshold = calibration.calibrated_threshold(folder, step) or config.eval.threshold
+  steps, exact = bioimage_package.preprocessing_steps(config)
+  kind = config.data.kind if config.data.kind in simulate.KINDS else 'er'
+  scores = {'flmiseg': [], 'package': []}
+  for i in range(num_images):
+    image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', i))
+    inputs = {'flmiseg': preprocess.normalize(image, config.data.normalization, config.data.kind),
+              'package': bioimage_package.apply_steps(image, steps)}
+    for name, x in inputs.items():
+      prob = np.asarray(probs(x[None, ..., None]))[0, ..., 0]
+      scores[name].append(iou(prob > threshold, mask > 0))
+  return {'model': model, 'normalization': preprocess.resolve(config.data.normalization,
+                                                              config.data.kind),
+          'package_preprocessing': bioimage_package.describe_steps(steps), 'exact': exact,
+          'threshold': threshold, 'num_images': num_images,
+          'flmiseg_iou': float(np.mean(scores['flmiseg'])),
+          'package_iou': float(np.mean(scores['package']))}
+
+
+def main(argv):
+  del argv
+  for model in FLAGS.models:
+    print(json.dumps(measure(model, FLAGS.num_images, FLAGS.seed), sort_keys=True))
+
+
+if __name__ == '__main__':
+  app.run(main)

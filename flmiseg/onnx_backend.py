@@ -1,0 +1,115 @@
+"""ONNX Runtime as the inference backend of predict and eval: `--backend=onnx` (CPU).
+
+The run's model is converted to ONNX once and kept in the run directory
+(flmiseg/export.py: `cached_onnx`; converted again when a newer checkpoint becomes the best);
+everything around the network stays flmiseg's: the normalisation, the tiles and their Gaussian
+blending (flmiseg/inference.py), TTA, thresholds, instances and the metrics. So the masks are
+the JAX backend's up to float rounding (tests/test_export.py: IoU >= 0.99).
+
+`Runner` runs the graph on batches of any size: it pads H and W to the graph's multiple
+(zeros at the bottom and right, as the models pad themselves) or checks the fixed tile, and
+splits a batch for a graph of fixed batch size. Needs the `flmiseg[export]` extra.
+"""
+
+import jax
+import numpy as np
+
+from flmiseg import export
+from flmiseg import inference
+from flmiseg import metrics
+from flmiseg import predict
+from flmiseg import sharding
+from flmiseg.errors import UserError
+
+BACKENDS = ('jax', 'onnx')
+
+
+def available() -> bool:
+  """Whether the ONNX backend can run here (the extra is installed)."""
+  try:
+    export.require('onnx', 'onnxruntime', 'jax2onnx')
+  except UserError:
+    return False
+  return True
+
+
+class Runner:
+  """An ONNX graph (`export.Layout`) as a function: float32 (N, h, w, 1) -> (N, h, w, C)."""
+
+  def __init__(self, path, layout: export.Layout):
+    self.session = export.session(str(path))
+    self.layout = layout
+
+  def __call__(self, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    n, h, w, _ = x.shape
+    layout = self.layout
+    if layout.dynamic:
+      m = layout.multiple
+      x = np.pad(x, ((0, 0), (0, -h % m), (0, -w % m), (0, 0)))
+    elif (h, w) != (layout.tile, layout.tile):
+      raise ValueError(f'the ONNX graph takes {layout.tile}x{layout.tile} tiles, not {h}x{w}')
+    step = layout.batch or n
+    outputs = [self.session.run(None, {'input': x[i:i + step]})[0] for i in range(0, n, step)]
+    return np.concatenate(outputs)[:, :h, :w]
+
+
+def dihedral(x: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
+  """`inference.dihedral` in numpy (NHWC)."""
+  rot, flip = k % 4, k // 4
+  if not inverse:
+    x = np.flip(x, axis=2) if flip else x
+    return np.rot90(x, rot, axes=(1, 2))
+  x = np.rot90(x, -rot, axes=(1, 2))
+  return np.flip(x, axis=2) if flip else x
+
+
+def prob_fn(runner: Runner, tta: bool):
+  """`inference.prob_fn` on ONNX Runtime: tiles (B, t, t, 1) -> outputs (B, t, t, C), with
+  `tta` the mean over the 8 flips/rotations (all 8 views in one run)."""
+  if not tta:
+    return runner
+
+  def averaged(tiles):
+    views = runner(np.concatenate([dihedral(tiles, k) for k in range(8)]))
+    return sum(dihedral(v, k, inverse=True)
+               for k, v in enumerate(np.split(views, 8))) / np.float32(8)
+  return averaged
+
+
+def _load(config, workdir, tile: int) -> tuple[Runner, int]:
+  export.require('jax2onnx', 'onnx', 'onnxruntime', purpose='--backend=onnx')
+  if jax.process_count() > 1:
+    raise UserError('--backend=onnx runs in a single process; use --backend=jax with several')
+  path, layout, step = export.cached_onnx(config, workdir, tile)
+  return Runner(path, layout), step
+
+
+def make_predictor(config, workdir, options) -> tuple['predict.Predictor', int]:
+  """(predict.Predictor on ONNX Runtime, checkpoint step) of the model in `workdir` with
+  predict's `options` (tile, overlap, batch size, TTA)."""
+  tile = options.tile or config.data.crop_size
+  runner, step = _load(config, workdir, tile)
+  return predict.Predictor(prob_fn(runner, options.tta), config, tile, options.overlap,
+                           options.batch_size or config.eval.batch_size), step
+
+
+def predict_step(config, workdir, threshold: float):
+  """A stand-in for the jitted `steps.predict_step` with `threshold` bound, for eval and
+  calibration (flmiseg/evaluate.py): predict(state, batch) -> (outputs (N, H, W, C), counts)
+  of whole images; a graph of fixed tiles runs `inference.sliding_window` over each."""
+  runner, _ = _load(config, workdir, config.data.crop_size)
+  layout = runner.layout
+
+  def run(state, batch):
+    del state  # the weights are in the graph
+    host = sharding.to_host(batch)
+    images = np.asarray(host['image'], np.float32)
+    if layout.dynamic:
+      probs = runner(images)
+    else:
+      probs = np.stack([inference.sliding_window(runner, image[..., 0], layout.tile, 0.25,
+                                                 config.eval.batch_size) for image in images])
+    counts = metrics.confusion_counts(probs[..., :1], host['mask'], threshold, host['valid'])
+    return probs, jax.device_get(counts)
+  return run

@@ -1,0 +1,137 @@
+"""flmiseg.segment: the in-memory API (behind the napari widget) gives what --mode=predict
+writes, for 2-D images, channels first or last, stacks and every option."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from flmiseg import inference
+from flmiseg import predict
+from flmiseg import pretrained
+from flmiseg import rundir
+from flmiseg import segment
+from flmiseg.data import io
+from flmiseg.data import simulate
+from flmiseg.errors import UserError
+
+
+@pytest.fixture(scope='module')
+def nucleus():
+  return segment.load('nucleus')
+
+
+@pytest.fixture(scope='module')
+def cells():
+  """(a simulated 128x128 8-bit nucleus image, its ground-truth mask as bool)."""
+  image, truth = simulate.simulate('nucleus', 128, simulate.image_rng(3, 'test', 0))
+  return image, truth > 0
+
+
+def _iou(a, b) -> float:
+  return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_segmenter_gives_the_files_of_predict(nucleus, cells, tmp_path):
+  image, truth = cells
+  (tmp_path / 'in').mkdir()
+  io.write_tiff(tmp_path / 'in' / 'cells.tif', image)
+  folder = pretrained.resolve_model('nucleus')
+  predict.run(rundir.read_config(folder), folder, predict.Options(
+      input=str(tmp_path / 'in'), output=str(tmp_path / 'out'), instances=True,
+      save_prob=True))
+  fractions = []
+  result = nucleus(image, instances=True, progress=fractions.append)
+  assert result.axes == 'YX' and result.mask.dtype == np.uint8
+  np.testing.assert_array_equal(result.mask, io.read_image(tmp_path / 'out' / 'cells_mask.tif')
+                                // 255)
+  np.testing.assert_array_equal(result.labels,
+                                io.read_image(tmp_path / 'out' / 'cells_instances.tif'))
+  np.testing.assert_array_equal(result.prob, tifffile.imread(tmp_path / 'out' / 'cells_prob.tif'))
+  calibrated = json.loads((folder / 'calibration.json').read_text())['threshold']
+  assert (result.threshold, result.threshold_source) == (calibrated, 'calibrated')
+  assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
+  assert _iou(result.mask > 0, truth) > 0.8
+  # The shipped models have no instance head: the warning says touching nuclei stay merged.
+  assert any('no instance head' in w for w in result.warnings)
+
+
+def test_channels_first_or_last_and_stacks_segment_each_plane(nucleus, cells):
+  image, _ = cells
+  base = nucleus(image).mask
+  noise = np.random.default_rng(0).integers(0, 256, image.shape).astype(np.uint8)
+  for data, kwargs, axes in [(np.stack([noise, image]), {'channel': 1}, 'CYX'),
+                             (np.stack([noise, image], -1), {'channel': 1}, 'YXC'),
+                             (np.stack([image, noise], -1), {'axes': 'YXC', 'channel': 0}, 'YXC')]:
+    assert segment.default_axes(data.shape, kwargs['channel']) == axes
+    result = nucleus(data, **kwargs)
+    assert result.axes == 'YX', axes
+    np.testing.assert_array_equal(result.mask, base, err_msg=axes)
+  other = nucleus(np.stack([noise, image]), channel=0).mask
+  assert _iou(other > 0, base > 0) < 0.5  # the noise channel is not the nuclei
+  stack = nucleus(np.stack([image, image[::-1]]))  # ZYX: plane by plane
+  assert stack.axes == 'ZYX' and stack.mask.shape == (2, *image.shape)
+  np.testing.assert_array_equal(stack.mask[0], base)
+  np.testing.assert_array_equal(stack.mask[1], nucleus(image[::-1]).mask)
+
+
+def test_threshold_and_tta(nucleus, cells):
+  image, truth = cells
+  calibrated = nucleus(image)
+  low, high = nucleus(image, threshold=0.2), nucleus(image, threshold=0.9)
+  assert (low.threshold, low.threshold_source) == (0.2, 'threshold')
+  np.testing.assert_array_equal(high.mask, calibrated.prob > 0.9)
+  np.testing.assert_array_equal(low.mask, calibrated.prob > 0.2)
+  assert high.mask.sum() < calibrated.mask.sum() < low.mask.sum()
+  tta = nucleus(image, tta=True)
+  assert not np.array_equal(tta.prob, calibrated.prob)
+  assert _iou(tta.mask > 0, truth) > 0.8
+
+
+def test_default_axes():
+  assert segment.default_axes((64, 64), None) == 'YX'
+  assert segment.default_axes((64, 64), 0) == 'YX'  # channel 0 of a one-channel image
+  assert segment.default_axes((5, 64, 64), None) == 'ZYX'
+  assert segment.default_axes((2, 5, 64, 64), None) == 'TZYX'
+  assert segment.default_axes((3, 5, 64, 64), 1) == 'CZYX'
+  assert segment.default_axes((5, 64, 64, 2), 1) == 'ZYXC'
+  assert segment.default_axes((64, 64, 3), None, rgb=True) == 'YXS'
+  assert segment.default_axes((64, 64, 3), 2, rgb=True) == 'YXC'
+  with pytest.raises(UserError, match='give them'):
+    segment.default_axes((2, 2, 2, 64, 64), None)
+
+
+def test_bad_input_is_one_user_error(nucleus):
+  image = np.zeros((2, 32, 32), np.uint8)
+  with pytest.raises(UserError, match='2 channels'):
+    nucleus(image, axes='CYX')
+  with pytest.raises(UserError, match='--channel=2'):
+    nucleus(image, channel=2)
+  with pytest.raises(UserError, match='--threshold'):
+    nucleus(image[0], threshold=1.5)
+  with pytest.raises(UserError, match='NaN'):
+    nucleus(np.full((32, 32), np.nan, np.float32))
+  with pytest.raises(UserError, match='axes'):
+    nucleus(image, axes='YX')
+  with pytest.raises(UserError, match='neither a shipped model'):
+    segment.load('nuclei')
+
+
+def test_on_batch_reports_every_tile():
+  calls = []
+  inference.sliding_window(lambda t: t, np.zeros((100, 150), np.float32), tile=64,
+                           overlap=0.25, batch_size=4,
+                           on_batch=lambda done, total: calls.append((done, total)))
+  assert calls == [(4, 6), (6, 6)]
+
+
+def test_core_and_plugin_package_import_without_napari_or_qt():
+  code = ('import sys, flmiseg.main, flmiseg.predict, flmiseg.segment, flmiseg.napari; '
+          "print(sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'magicgui', 'vispy'}))")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.strip() == '[]'
