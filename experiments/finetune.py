@@ -48,7 +48,8 @@ def write_test(kind: str, root: pathlib.Path) -> pathlib.Path:
   return root / 'test.txt'
 
 
-def run_cell(kind, root, train_list, test_list, init_from: str, seed: int, pairs) -> dict:
+def run_cell(kind, root, train_list, test_list, init_from: str, freeze: bool, seed: int,
+             pairs) -> dict:
   """Trains one run; its test IoU is measured as the shipped model's (predict path, the
   run's calibrated threshold)."""
   config = finetune.get_config()
@@ -57,10 +58,9 @@ def run_cell(kind, root, train_list, test_list, init_from: str, seed: int, pairs
   config.train.init_from = init_from
   config.seed = seed
   config.optim.lr = FLAGS.lr or config.optim.lr
-  if FLAGS.freeze_batch_stats is not None:
-    config.train.freeze_batch_stats = FLAGS.freeze_batch_stats
+  config.train.freeze_batch_stats = freeze
   start = time.perf_counter()
-  name = f'{"finetuned" if init_from else "scratch"}_seed{seed}'
+  name = f'{"finetuned" if init_from else "scratch"}{"_frozen_bn" if freeze else ""}_seed{seed}'
   train.train_and_evaluate(config, root / name)
   seconds = time.perf_counter() - start
   return {'iou': train_pretrained.mean_iou(root / name, pairs), 'seconds': seconds}
@@ -79,8 +79,13 @@ def main(argv):
   pairs = train_pretrained.test_pairs(FLAGS.kind, 'shifted', 40)[:20]
   zero_shot = train_pretrained.mean_iou(folder, pairs)
   rows = {'shipped model, no training': [{'iou': zero_shot, 'seconds': 0.0}]}
-  for label, init in (('fine-tuned from it', FLAGS.kind), ('from scratch', '')):
-    rows[label] = [run_cell(FLAGS.kind, root, train_list, test_list, init, s, pairs)
+  recipes = {'finetuned': ('fine-tuned from it', FLAGS.kind, False),
+             'finetuned_frozen_bn': ('fine-tuned, BatchNorm statistics frozen', FLAGS.kind,
+                                     True),
+             'scratch': ('from scratch', '', False)}
+  for recipe in FLAGS.recipes:
+    label, init, freeze = recipes[recipe]
+    rows[label] = [run_cell(FLAGS.kind, root, train_list, test_list, init, freeze, s, pairs)
                    for s in range(FLAGS.seeds)]
   print(f'| {FLAGS.kind}: 12 crops of 128x128 | test IoU (mean ± std over seeds) | '
         'wall s per run |\n|---|---|---|')
@@ -95,6 +100,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', 'runs/finetune', 'Where the runs go.')
   flags.DEFINE_integer('seeds', 3, 'Seeds per recipe.')
   flags.DEFINE_float('lr', 0.0, 'Learning rate (0: configs/finetune.py\'s).')
-  flags.DEFINE_bool('freeze_batch_stats', None, 'config.train.freeze_batch_stats (default: '
-                    'configs/finetune.py\'s).')
+  flags.DEFINE_multi_enum('recipes', ['finetuned', 'finetuned_frozen_bn', 'scratch'],
+                          ['finetuned', 'finetuned_frozen_bn', 'scratch'], 'Rows to train.')
   app.run(main)

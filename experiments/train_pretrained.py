@@ -108,6 +108,18 @@ def cold_predict_seconds(kind: str) -> float:
     return time.perf_counter() - start
 
 
+def machine() -> str:
+  """'<cores>-core <CPU model>' from /proc/cpuinfo (or the platform's processor name)."""
+  import os, platform  # pylint: disable=g-import-not-at-top,multiple-imports
+  name = platform.processor() or 'CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      name = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), name)
+  except OSError:
+    pass
+  return f'{os.cpu_count()}-core {name}'
+
+
 def train_and_pack(kind: str, workdir: pathlib.Path, steps: int) -> dict:
   start = time.perf_counter()
   config = pretrained_config(kind, steps)
@@ -120,7 +132,7 @@ def train_and_pack(kind: str, workdir: pathlib.Path, steps: int) -> dict:
              f'--kinds={kind} --steps={steps}')
   info = pretrained.pack(workdir, staged, 'float16', provenance={
       'command': command, 'train_seconds': round(seconds), 'steps': steps,
-      'machine': '2-core Intel Sapphire Rapids CPU', 'date': time.strftime('%Y-%m-%d'),
+      'machine': machine(), 'date': time.strftime('%Y-%m-%d'),
       'test_iou_wide': result.get('iou')})
   # Swap the finished folder in, so a reader never sees a half-written shipped model.
   old = out.with_name(f'.{kind}.old')

@@ -252,6 +252,19 @@ def test_loader_synthetic_params_names_the_cache_and_is_validated(tmp_path):
                               'default, wide, shifted')
 
 
+def test_loader_remakes_a_cached_instance_dataset_without_label_images(tmp_path):
+  folder = loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'default'), seed=0)
+  mask_file = folder / 'train' / 'masks' / 'nucleus_00000.tif'
+  labels = tifffile.imread(mask_file)
+  image = tifffile.imread(folder / 'train' / 'images' / 'nucleus_00000.tif')
+  assert labels.dtype == np.uint16
+  tifffile.imwrite(mask_file, ((labels > 0) * 255).astype(np.uint8))  # as older versions wrote
+  assert loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'default'), seed=0) == folder
+  np.testing.assert_array_equal(tifffile.imread(mask_file), labels)
+  np.testing.assert_array_equal(tifffile.imread(folder / 'train' / 'images' /
+                                                'nucleus_00000.tif'), image)
+
+
 def test_cli_randomize(tmp_path):
   result = _cli('--kind=er', '--num_train=2', '--num_test=1', '--size=32', '--randomize=wide',
                 f'--out={tmp_path}/er')

@@ -11,6 +11,8 @@ import os
 import pathlib
 
 from absl import logging
+import numpy as np
+import tifffile
 
 from flmiseg.data import dataset
 from flmiseg.data import lists
@@ -32,6 +34,21 @@ def default_cache_root() -> pathlib.Path:
   return pathlib.Path(root)
 
 
+def _without_labels(folder: pathlib.Path, kind: str) -> bool:
+  """Whether a cached dataset of an instance kind (simulate.INSTANCE_KINDS) was simulated
+  before its masks became label images (uint8 0/255 then, uint16 labels now): it is made
+  again (the same images, bit for bit), else the instance head would learn merged objects."""
+  from flmiseg.data import simulate  # pylint: disable=g-import-not-at-top
+  if kind not in simulate.INSTANCE_KINDS:
+    return False
+  for split in ('train', 'test'):
+    fields = (folder / f'{split}.txt').read_text().split()
+    if len(fields) >= 2:
+      with tifffile.TiffFile(folder / fields[1]) as tif:
+        return tif.pages[0].dtype != np.uint16
+  return False
+
+
 def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   """Makes (once) and returns the folder of the simulated dataset `data_cfg` describes.
 
@@ -50,7 +67,8 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
           f'_{data_cfg.synthetic_size}px_seed{seed}' + ('' if knobs == 'default' else
                                                          f'_{knobs}'))
   out = root / name
-  if not ((out / 'train.txt').is_file() and (out / 'test.txt').is_file()):
+  if not ((out / 'train.txt').is_file() and (out / 'test.txt').is_file()) or _without_labels(
+      out, data_cfg.kind):
     if data_cfg.kind not in simulate.KINDS:
       raise ValueError(f'config.data.kind={data_cfg.kind!r} is not a kind; valid: '
                        f'{", ".join(simulate.KINDS)}')
