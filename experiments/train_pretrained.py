@@ -74,25 +74,45 @@ def test_pairs(kind: str, params: str, num: int = 20):
   return lists.load_pairs(test_list)
 
 
-def mean_iou(folder: pathlib.Path, pairs) -> float:
+def scores(folder: pathlib.Path, pairs) -> dict:
   """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
-  through the predict path (whole-image normalisation, blended tiles)."""
+  through the predict path (whole-image normalisation, blended tiles); for a model with an
+  instance head and label-image masks also the pooled instance AP@0.5 of its instances and
+  of the connected components of its mask (flmiseg/matching.py)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flmiseg import calibration, predict  # pylint: disable=g-import-not-at-top
+  from flmiseg import calibration, instances, matching, predict  # pylint: disable=g-import-not-at-top
   config = rundir.read_config(folder)
   mesh = sharding.make_mesh(jax.local_devices())
   state, step = inference.load(config, folder, mesh)
   threshold = calibration.calibrated_threshold(folder, step) or config.eval.threshold
+  dynamic = calibration.calibrated_dynamic(folder, step) or instances.SEED_DYNAMIC
   predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
                                 config.data.crop_size, 0.25,
                                 inference.round_up_batch(8, len(jax.local_devices())))
-  ious = []
+  head = bool(config.model.get('instance_head'))
+  ious, found, merged = [], [], []
   for pair in pairs:
     outputs, _ = predictor.plane(io.read_image(pair.image))
-    pred, truth = outputs[..., 0] > threshold, io.read_mask(pair.mask) > 0
-    union = np.logical_or(pred, truth).sum()
-    ious.append(np.logical_and(pred, truth).sum() / union if union else 1.0)
-  return float(np.mean(ious))
+    truth = tifffile.imread(pair.mask)  # a label image for instance kinds
+    pred = outputs[..., 0] > threshold
+    union = np.logical_or(pred, truth > 0).sum()
+    ious.append(np.logical_and(pred, truth > 0).sum() / union if union else 1.0)
+    if head and len(np.unique(truth)) > 2:
+      min_size = config.eval.get('min_size', 16)
+      found.append(matching.match(truth, instances.from_outputs(
+          outputs, threshold, dynamic, min_size), (0.5,)))
+      merged.append(matching.match(truth, instances.connected_components(pred, min_size),
+                                   (0.5,)))
+  result = {'iou': float(np.mean(ious))}
+  if found:
+    result['ap_0.5'] = matching.combine(found)[0]['ap']
+    result['ap_0.5_connected_components'] = matching.combine(merged)[0]['ap']
+  return result
+
+
+def mean_iou(folder: pathlib.Path, pairs) -> float:
+  """`scores(folder, pairs)['iou']`."""
+  return scores(folder, pairs)['iou']
 
 
 def cold_predict_seconds(kind: str) -> float:
@@ -156,10 +176,10 @@ def main(argv):
       info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps)
       print(f'{kind}: packed, {json.dumps(info)}')
     folder = pretrained.PRETRAINED_DIR / kind
-    row = {'kind': kind,
-           'iou_default': mean_iou(folder, test_pairs(kind, 'default')),
-           'iou_shifted': mean_iou(folder, test_pairs(kind, 'shifted')),
-           'cold_predict_1024_s': cold_predict_seconds(kind)}
+    row = {'kind': kind}
+    for knobs in ('default', 'shifted'):
+      row.update({f'{k}_{knobs}': v for k, v in scores(folder, test_pairs(kind, knobs)).items()})
+    row['cold_predict_1024_s'] = cold_predict_seconds(kind)
     rows.append(row)
     print(json.dumps(row))
   lines = ['| model | IoU, default knobs | IoU, shifted knobs | cold predict 1024x1024 (s) |',
