@@ -4,8 +4,10 @@
 
 The 12 crops are cut from simulated images drawn with the simulator's 'shifted' knobs (a
 microscope unlike the simulator's defaults), the test set is 20 other 'shifted' images of an
-unseen seed. Three rows, same data, same steps (configs/finetune.py): the shipped model as
-it is (no training), fine-tuned from it, and the same recipe from a random initialisation.
+unseen seed. Rows, same data, same steps (configs/finetune.py): the shipped model as it is
+(no training), fine-tuned from it (BatchNorm statistics updated, or frozen with
+config.train.freeze_batch_stats), and the same recipe from a random initialisation
+(--recipes picks the rows).
 """
 
 import pathlib

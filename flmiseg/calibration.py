@@ -27,6 +27,9 @@ from flmiseg import metrics
 from flmiseg import sharding
 
 CALIBRATION_FILE = 'calibration.json'
+# A fine-tuned run with fewer validation images keeps its source model's threshold
+# (train.keep_source_calibration).
+MIN_IMAGES_TO_RECALIBRATE = 10
 
 
 def check_calibrate_metric(name: str) -> None:

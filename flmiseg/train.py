@@ -422,12 +422,33 @@ def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> di
       logging.info('Calibrated the instance seeds\' dynamic %g on the validation split '
                    '(instance AP@0.5 %.4f)', result['seed_dynamic'],
                    result['seed_dynamic_ap_0.5'][f'{result["seed_dynamic"]:g}'])
+  if config.train.init_from:
+    keep_source_calibration(config, result, head)
   if jax.process_index() == 0:
     calibration_lib.write_calibration(workdir, result)
-  logging.info('Calibrated threshold %g on %d validation images: mean %s %.4f (%.4f at %g)',
-               result['threshold'], result['num_val_images'], result['metric'],
-               result['val_score'], result['val_score_at_default'], ev.threshold)
+  if 'swept_threshold' not in result:
+    logging.info('Calibrated threshold %g on %d validation images: mean %s %.4f (%.4f at %g)',
+                 result['threshold'], result['num_val_images'], result['metric'],
+                 result['val_score'], result['val_score_at_default'], ev.threshold)
   return result
+
+
+def keep_source_calibration(config, result: dict, head: bool) -> None:
+  """A fine-tuned run keeps its source model's calibrated threshold when its validation
+  split has fewer than calibration.MIN_IMAGES_TO_RECALIBRATE images (a threshold chosen on
+  three crops follows their noise), and the source's seed dynamic when its validation masks
+  give none; `result` (calibrate_best's) records both values."""
+  folder, _ = _init_source(config)
+  source = calibration_lib.read_calibration(folder) or {}
+  if (source.get('threshold') is not None and
+      result['num_val_images'] < calibration_lib.MIN_IMAGES_TO_RECALIBRATE):
+    logging.info('Keeping the threshold %g of config.train.init_from=%s (%d validation images '
+                 'are too few to recalibrate; the sweep chose %g)', source['threshold'],
+                 config.train.init_from, result['num_val_images'], result['threshold'])
+    result['swept_threshold'], result['threshold'] = result['threshold'], source['threshold']
+    result['threshold_from'] = 'config.train.init_from'
+  if head and result.get('seed_dynamic') is None and source.get('seed_dynamic') is not None:
+    result['seed_dynamic'] = source['seed_dynamic']
 
 
 def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=None) -> dict:

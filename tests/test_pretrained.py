@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from flmiseg import calibration
 from flmiseg import inference
 from flmiseg import pretrained
 from flmiseg import rundir
@@ -137,6 +138,12 @@ def test_fine_tuning_keeps_the_source_when_training_makes_it_worse(packed, tmp_p
   source, _ = _variables(f32)
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, tuned, source)
+  # Two validation images are too few to recalibrate: the source's threshold is kept.
+  calibrated = json.loads((tmp_path / 'tuned' / 'calibration.json').read_text())
+  assert calibrated['num_val_images'] < calibration.MIN_IMAGES_TO_RECALIBRATE
+  assert calibrated['threshold'] == json.loads((f32 / 'calibration.json').read_text())[
+      'threshold'] and calibrated['threshold_from'] == 'config.train.init_from'
+  assert 'swept_threshold' in calibrated
 
 
 def test_fine_tuning_adopts_the_sources_instance_head(packed, tmp_path):
