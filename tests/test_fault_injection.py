@@ -24,15 +24,15 @@ def test_killed_and_resumed_runs_equal_the_uninterrupted_one(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   env.pop('XLA_FLAGS', None)  # the harness sets its own for the runs it starts
   result = subprocess.run(
-      [sys.executable, '-m', 'experiments.fault_injection', '--runs=2', '--steps=4',
+      [sys.executable, '-m', 'experiments.fault_injection', '--runs=1', '--steps=4',
        '--max_kills=1', '--fast_compile', '--seed=1', f'--workdir={tmp_path}'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   output = result.stdout
   assert result.returncode == 0, (output + result.stderr)[-3000:]
   assert 'uninterrupted repeat of the reference: exact;' in output, output
   runs = re.findall(r'^run +\d+: (.*)$', output, re.MULTILINE)
-  assert len(runs) == 2 and all(r.endswith('; exact') for r in runs), output
-  assert re.search(r'^2 runs, 2 exact \(\d+ kills landed during a checkpoint save\)$', output,
+  assert len(runs) == 1 and all(r.endswith('; exact') for r in runs), output
+  assert re.search(r'^1 runs?, 1 exact \(\d+ kills landed during a checkpoint save\)$', output,
                    re.MULTILINE), output
   # Each run was killed once, then resumed from a complete checkpoint (or from scratch).
   assert all(re.match(r'killed at [\d.]+ s( \(during a save\))?; resumed from step [0-4];', r)
