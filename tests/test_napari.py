@@ -47,9 +47,9 @@ def _display(tmp_path_factory):
   if os.environ.get('DISPLAY'):
     yield
     return
-  if shutil.which('Xvfb') is None:
-    pytest.fail('napari is installed but there is no display for its OpenGL canvas: install '
-                f'Xvfb and Mesa (Debian: apt-get install {GL_PACKAGES}), or set $DISPLAY')
+  if shutil.which('Xvfb') is None:  # .ci/run installs it, so CI runs these tests
+    pytest.skip('no display for napari\'s OpenGL canvas: install Xvfb and Mesa (Debian: '
+                f'apt-get install {GL_PACKAGES}), or set $DISPLAY')
   read, write = os.pipe()
   server = subprocess.Popen(
       ['Xvfb', '-displayfd', str(write), '-screen', '0', '1280x1024x24', '-nolisten', 'tcp'],
