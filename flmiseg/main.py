@@ -305,7 +305,8 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
   index, value = _flag_value(argv, 'config')
   if value is not None:
     path, _, arg = value.partition(':')
-    if not pathlib.Path(path).exists() and '/' not in path and not path.endswith('.py'):
+    # A bare name is a stock config unless a file of that name is here (a folder never is).
+    if not pathlib.Path(path).is_file() and '/' not in path and not path.endswith('.py'):
       if path not in stock_configs():
         raise UserError(f'--config={value}: no such file or stock config (stock configs: '
                         f'{", ".join(stock_configs())})')

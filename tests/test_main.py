@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from flmiseg import main
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -67,3 +68,12 @@ def test_bad_settings_give_one_line_errors(data_root, tmp_path, flag, message):
   lines = [l for l in result.stderr.splitlines() if l.startswith('error:')]
   assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+def test_a_stock_config_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'default').mkdir()  # e.g. a run directory called default
+  argv = main.resolve_config_arg(['flmiseg', '--config=default'])
+  assert argv == ['flmiseg', f'--config={main.CONFIGS_DIR / "default.py"}']
+  (tmp_path / 'mine').write_text('')  # a file of that name is the user's config
+  assert main.resolve_config_arg(['flmiseg', '--config=mine']) == ['flmiseg', '--config=mine']
