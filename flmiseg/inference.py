@@ -74,14 +74,15 @@ def round_up_batch(batch_size: int, num_devices: int) -> int:
 
 # ----------------------------------------------------------------------------- probabilities
 
-def dihedral(x, k: int, inverse: bool = False):
-  """One of the 8 symmetries of the square on NHWC arrays (k // 4: flip, k % 4: rot90)."""
+def dihedral(x, k: int, inverse: bool = False, xp=jnp):
+  """One of the 8 symmetries of the square on NHWC arrays (k // 4: flip, k % 4: rot90);
+  `xp` is the array module (jax.numpy, or numpy for host arrays)."""
   rot, flip = k % 4, k // 4
   if not inverse:
-    x = jnp.flip(x, axis=2) if flip else x
-    return jnp.rot90(x, rot, axes=(1, 2))
-  x = jnp.rot90(x, -rot, axes=(1, 2))
-  return jnp.flip(x, axis=2) if flip else x
+    x = xp.flip(x, axis=2) if flip else x
+    return xp.rot90(x, rot, axes=(1, 2))
+  x = xp.rot90(x, -rot, axes=(1, 2))
+  return xp.flip(x, axis=2) if flip else x
 
 
 def prob_fn(state: InferenceState, mesh, tta: bool):

@@ -21,18 +21,6 @@ from flmiseg import predict
 from flmiseg import sharding
 from flmiseg.errors import UserError
 
-BACKENDS = ('jax', 'onnx')
-
-
-def available() -> bool:
-  """Whether the ONNX backend can run here (the extra is installed)."""
-  try:
-    export.require('onnx', 'onnxruntime', 'jax2onnx')
-  except UserError:
-    return False
-  return True
-
-
 class Runner:
   """An ONNX graph (`export.Layout`) as a function: float32 (N, h, w, 1) -> (N, h, w, C)."""
 
@@ -54,16 +42,6 @@ class Runner:
     return np.concatenate(outputs)[:, :h, :w]
 
 
-def dihedral(x: np.ndarray, k: int, inverse: bool = False) -> np.ndarray:
-  """`inference.dihedral` in numpy (NHWC)."""
-  rot, flip = k % 4, k // 4
-  if not inverse:
-    x = np.flip(x, axis=2) if flip else x
-    return np.rot90(x, rot, axes=(1, 2))
-  x = np.rot90(x, -rot, axes=(1, 2))
-  return np.flip(x, axis=2) if flip else x
-
-
 def prob_fn(runner: Runner, tta: bool):
   """`inference.prob_fn` on ONNX Runtime: tiles (B, t, t, 1) -> outputs (B, t, t, C), with
   `tta` the mean over the 8 flips/rotations (all 8 views in one run)."""
@@ -71,8 +49,8 @@ def prob_fn(runner: Runner, tta: bool):
     return runner
 
   def averaged(tiles):
-    views = runner(np.concatenate([dihedral(tiles, k) for k in range(8)]))
-    return sum(dihedral(v, k, inverse=True)
+    views = runner(np.concatenate([inference.dihedral(tiles, k, xp=np) for k in range(8)]))
+    return sum(inference.dihedral(v, k, inverse=True, xp=np)
                for k, v in enumerate(np.split(views, 8))) / np.float32(8)
   return averaged
 

@@ -70,6 +70,7 @@ OUTPUT_KINDS = ('mask', 'overlay', 'prob', 'instances', 'objects')
 # Pixel sizes within this relative difference count as equal (no rescaling).
 RESCALE_TOLERANCE = 0.1
 # The backend when --backend is not given (docs/benchmarks.md times both on a CPU).
+BACKENDS = ('jax', 'onnx')  # --backend: JAX, or ONNX Runtime on the CPU
 DEFAULT_BACKEND = 'jax'
 
 
@@ -111,8 +112,8 @@ class Options:
       io.check_axes_flag(self.axes)
     if self.min_size is not None and self.min_size < 0:
       raise UserError(f'--min_size={self.min_size}: must be >= 0')
-    if self.backend not in ('jax', 'onnx'):
-      raise UserError(f'--backend={self.backend!r}: valid: jax, onnx')
+    if self.backend not in BACKENDS:
+      raise UserError(f'--backend={self.backend!r}: valid: {", ".join(BACKENDS)}')
     if not self.output:
       raise UserError('--output is required with --mode=predict (a folder for the results)')
 
