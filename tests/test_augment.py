@@ -191,10 +191,31 @@ def test_augment_names():
   assert pipeline.parse_augment('') == ()
   assert pipeline.parse_augment('all') == pipeline.AUGMENT_GROUPS
   assert pipeline.parse_augment(' noise, scale ') == ('noise', 'scale')
+  assert pipeline.parse_augment('invert,all') == pipeline.AUGMENT_GROUPS + ('invert',)
   for bad in ('noise,sharpen', 'Noise', 'flip'):
     with pytest.raises(ValueError) as e:
       pipeline.train_dataset(_Blobs(2), crop_size=16, global_batch=2, num_steps=1, seed=0,
                              augment=bad)
     message = str(e.value)
     assert '\n' not in message and 'config.data.augment' in message
-    assert all(name in message for name in pipeline.AUGMENT_GROUPS)
+    assert all(name in message for name in pipeline.AUGMENT_GROUPS + ('invert',))
+
+
+def test_invert_mirrors_the_crop_about_its_range_and_keeps_the_mask():
+  crop = np.array([[0., 1., 4.], [2., 4., 3.]], np.float32)
+  inside = np.ones(crop.shape, bool)
+  seen = set()
+  for seed in range(40):  # INVERT_PROB of the draws invert, the others leave the crop alone
+    out = pipeline.photometric(crop, inside, ('invert',), np.random.default_rng(seed))
+    assert out.dtype == np.float32
+    if np.array_equal(out, crop):
+      seen.add('kept')
+    else:
+      np.testing.assert_array_equal(out, 4. - crop)  # min 0 <-> max 4
+      seen.add('inverted')
+  assert seen == {'kept', 'inverted'}
+  source = _Blobs(5)
+  plain, inverted = _batches(source, 4), _batches(source, 4, augment='invert')
+  for p, a in zip(plain, inverted):
+    np.testing.assert_array_equal(p['mask'], a['mask'])
+  assert any(not np.array_equal(p['image'], a['image']) for p, a in zip(plain, inverted))

@@ -19,8 +19,11 @@ from flmiseg.data import simulate
 MIN_IOU = {'er': 0.75, 'mito': 0.7, 'nucleus': 0.8}
 
 
-@pytest.mark.parametrize('kind', pretrained.SHIPPED)
-def test_shipped_model_segments_simulated_images_out_of_the_box(kind):
+@pytest.mark.parametrize('kind,inverted', [(kind, False) for kind in pretrained.SHIPPED] +
+                         [('nucleus', True)])
+def test_shipped_model_segments_simulated_images_out_of_the_box(kind, inverted):
+  """inverted: dark nuclei on a bright background (brightfield-like), which the nucleus model
+  learned from the 'invert' augmentation."""
   folder = pretrained.resolve_model(kind)
   config = rundir.read_config(folder)
   assert config.data.normalization in ('auto', 'percentile', 'clahe_zscore', 'clahe_unit')
@@ -35,6 +38,8 @@ def test_shipped_model_segments_simulated_images_out_of_the_box(kind):
   for index in range(4):
     image, mask = simulate.simulate(kind, 192, simulate.image_rng(77, 'test', index))
     stored = image.astype(np.uint16) * 16 if image.dtype == np.uint8 else image  # 12 bits
+    if inverted:
+      stored = stored.max() - stored
     outputs, _ = predictor.plane(stored)
     pred, truth = outputs[..., 0] > threshold, mask > 0
     ious.append((pred & truth).sum() / max((pred | truth).sum(), 1))

@@ -55,8 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.pixel_size = 0.0
   data.flips = True  # Augment with the 8 flips/rotations of the square.
   # Robustness augmentation of training crops (simulated -> real microscopes): '' (off) or a
-  # comma list of intensity,noise,blur,scale,illumination, or 'all'. Strengths: the constants
-  # in flmiseg/data/pipeline.py. Validation and test images are never augmented.
+  # comma list of intensity,noise,blur,scale,illumination, or 'all' (those five); 'invert'
+  # (named on its own, e.g. 'all,invert') also shows objects dark on bright, as brightfield.
+  # Strengths: the constants in flmiseg/data/pipeline.py. Validation and test images are
+  # never augmented.
   data.augment = ''
   # A mask value (e.g. 2) whose pixels are excluded from the loss and the metrics (sparse
   # labels: unlabelled pixels); -1: none, every nonzero mask pixel is foreground.

@@ -20,7 +20,11 @@ with its probability below:
   intensity     gamma on the crop's value range, contrast about its mean, an offset;
   illumination  a smooth random multiplicative field (of the signal above the crop minimum);
   blur          Gaussian blur of the image (never the mask);
-  noise         signal-dependent (Poisson-like) and additive Gaussian noise.
+  noise         signal-dependent (Poisson-like) and additive Gaussian noise;
+  invert        (opt-in, not part of 'all') the crop's values mirrored about the middle of
+                its range, first of all, with probability INVERT_PROB: bright objects on a
+                dark background become dark on bright, as nuclei look in brightfield and in
+                the luminance of H&E images, so a model learns both contrasts.
 Amounts are relative to each crop's own statistics (min, max, mean, std of its real pixels),
 so they mean the same under every normalisation. The cached images are normalised already,
 so these emulate what per-image normalisation does not remove. Evaluation never augments.
@@ -41,7 +45,8 @@ import numpy as np
 
 DIHEDRAL_ORDER = 8
 AUGMENT_GROUPS = ('intensity', 'noise', 'blur', 'scale', 'illumination')
-PHOTOMETRIC_GROUPS = ('intensity', 'noise', 'blur', 'illumination')  # the image's values only
+OPT_IN_GROUPS = ('invert',)  # named explicitly; 'all' leaves them out
+PHOTOMETRIC_GROUPS = ('intensity', 'noise', 'blur', 'illumination', 'invert')  # values only
 # Robustness augmentation strengths (see the module docstring). Ranges are sampled uniformly,
 # factors log-uniformly (a zoom by 1/2 is as likely as by 2).
 SCALE_PROB = 0.5
@@ -58,20 +63,24 @@ BLUR_SIGMA = 1.5  # largest Gaussian sigma, pixels
 NOISE_PROB = 0.5  # for each of the two noises
 POISSON_NOISE = 0.3  # largest signal-dependent sigma at the crop mean, in crop stds
 GAUSSIAN_NOISE = 0.3  # largest additive sigma, in crop stds
+INVERT_PROB = 0.3
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
   """The groups of a config.data.augment string ('' = none, 'all', or 'noise,blur', ...),
-  in AUGMENT_GROUPS order. Raises ValueError naming the setting for an unknown name."""
-  valid = f'valid: {", ".join(AUGMENT_GROUPS)} or all, comma-separated (\'\' = off)'
+  in AUGMENT_GROUPS + OPT_IN_GROUPS order ('all': every AUGMENT_GROUPS one). Raises
+  ValueError naming the setting for an unknown name."""
+  valid = (f'valid: {", ".join(AUGMENT_GROUPS + OPT_IN_GROUPS)} or all (all but '
+           f'{", ".join(OPT_IN_GROUPS)}), comma-separated (\'\' = off)')
   if not isinstance(spec, str):
     raise ValueError(f'config.data.augment={spec!r} is not a string; {valid}')
   names = [n.strip() for n in spec.split(',') if n.strip()]
   for name in names:
-    if name not in AUGMENT_GROUPS + ('all',):
+    if name not in AUGMENT_GROUPS + OPT_IN_GROUPS + ('all',):
       raise ValueError(f'config.data.augment={spec!r}: {name!r} is not an augmentation; '
                        f'{valid}')
-  return tuple(g for g in AUGMENT_GROUPS if g in names or 'all' in names)
+  return tuple(g for g in AUGMENT_GROUPS if g in names or 'all' in names) + tuple(
+      g for g in OPT_IN_GROUPS if g in names)
 
 
 def dihedral(x: np.ndarray, k: int) -> np.ndarray:
@@ -193,8 +202,8 @@ def photometric(image: np.ndarray, inside: np.ndarray, groups: tuple[str, ...],
                 rng: np.random.Generator) -> np.ndarray:
   """The intensity-type groups of `groups` on one (S, S) float32 crop.
 
-  In image-formation order: tone response (intensity), the sample's illumination, the
-  optics (blur), the sensor (noise). Statistics come from the crop's real pixels (`inside`,
+  In image-formation order: the contrast (invert), tone response (intensity), the
+  sample's illumination, the optics (blur), the sensor (noise). Statistics come from the crop's real pixels (`inside`,
   (S, S) bool); padding stays 0. Returns float32 (S, S).
   """
   whole = bool(inside.all())  # no padding: skip the copies
@@ -202,6 +211,9 @@ def photometric(image: np.ndarray, inside: np.ndarray, groups: tuple[str, ...],
   if real.size == 0:
     return image
   stats = (float(real.min()), float(real.max()), float(real.mean()), float(real.std()))
+  if 'invert' in groups and rng.random() < INVERT_PROB:
+    image = np.float32(stats[0] + stats[1]) - image  # min <-> max: range and std unchanged
+    stats = (stats[0], stats[1], stats[0] + stats[1] - stats[2], stats[3])
   if 'intensity' in groups:
     image = _intensity(image, stats, rng)
   if 'illumination' in groups and rng.random() < ILLUMINATION_PROB:

@@ -1,0 +1,30 @@
+"""experiments/train_pretrained.py: the shipped models' recipes and the inverted test set."""
+
+import numpy as np
+import tifffile
+
+from experiments import train_pretrained
+from flmiseg.data import lists
+
+
+def test_recipes_learn_both_contrasts_for_nuclei_only():
+  augment = {kind: train_pretrained.pretrained_config(kind, 10).data.augment
+             for kind in ('er', 'mito', 'nucleus')}
+  assert augment == {'er': 'all', 'mito': 'all', 'nucleus': 'all,invert'}
+
+
+def test_inverted_pairs_mirror_each_dtype_and_keep_the_masks(tmp_path):
+  images = {'a.tif': np.array([[0, 10], [65535, 7]], np.uint16),
+            'b.tif': np.array([[0, 255], [3, 9]], np.uint8),
+            'c.tif': np.array([[-1.5, 2.0], [0.5, 1.0]], np.float32)}
+  pairs = []
+  for name, image in images.items():
+    tifffile.imwrite(tmp_path / name, image)
+    pairs.append(lists.Pair(tmp_path / name, tmp_path / f'mask_{name}', 'test'))
+  out = train_pretrained.inverted_pairs(pairs, tmp_path / 'inverted')
+  assert [p.mask for p in out] == [p.mask for p in pairs]
+  got = {p.image.name: tifffile.imread(p.image) for p in out}
+  np.testing.assert_array_equal(got['a.tif'], [[65535, 65525], [0, 65528]])
+  np.testing.assert_array_equal(got['b.tif'], [[255, 0], [252, 246]])
+  np.testing.assert_array_equal(got['c.tif'], [[2.0, -1.5], [0.0, -0.5]])
+  assert got['a.tif'].dtype == np.uint16 and got['c.tif'].dtype == np.float32
