@@ -63,3 +63,62 @@ def test_one_cell_trains_and_a_rerun_skips_it(tmp_path, monkeypatch):
   stamp = (workdir / 'result.json').stat().st_mtime_ns
   assert paper_table.run_cell(workdir, config) == result
   assert (workdir / 'result.json').stat().st_mtime_ns == stamp
+
+
+def test_converged_preset_holds_the_data_fixed_across_model_seeds():
+  configs = [paper_table.cell_config('converged', 'er', 'segnet', 'lowlevel', seed, lr=1e-2)
+             for seed in (0, 2)]
+  assert [c.seed for c in configs] == [0, 2] and {c.data.seed for c in configs} == {0}
+  config = configs[1]
+  assert (config.optim.lr, config.model.width, config.train.num_steps,
+          config.eval.every_steps) == (1e-2, 8, paper_table.CONVERGED_STEPS,
+                                       paper_table.CONVERGED_EVERY)
+  assert paper_table.cell_config('converged', 'er', 'unet', 'original', 1).optim.lr == 2e-3
+
+
+def test_plateau_rule_and_learning_rate_choice_on_validation():
+  flat = [[40, .5], [80, .70], [120, .703], [160, .7048]]
+  assert paper_table.plateaued(flat)
+  assert not paper_table.plateaued(flat[:-1] + [[160, .7051]])  # spread .0051 > .005
+  assert not paper_table.plateaued(flat[-2:])  # fewer validations than the rule needs
+  sweep = {1e-3: {'val_curve': [[40, .6], [80, .71]]},
+           3e-3: {'val_curve': [[40, .73], [80, .72]]},  # best validation anywhere: .73
+           1e-2: {'val_curve': [[40, .73], [80, .1]]}}  # tie on .73: the smaller rate wins
+  assert paper_table.choose_lr(sweep) == 3e-3
+
+
+def test_sweep_table_names_learning_rates_and_plateaued_seeds():
+  flat, rising = [[1, .7], [2, .7], [3, .7]], [[1, .5], [2, .6], [3, .7]]
+  results = {('er', 'fcn', 'original'): [_cell(.5, {'a': .5}) | {'val_curve': rising},
+                                         _cell(.5, {'a': .5}) | {'val_curve': flat}],
+             ('er', 'fcn', 'lowlevel'): [_cell(.7, {'a': .7}) | {'val_curve': flat}] * 2}
+  lrs = {('er', 'fcn', 'original'): 1e-3, ('er', 'fcn', 'lowlevel'): 1e-2}
+  table, rows, _ = paper_table.make_table(results, ['er'], ['fcn'], 2, lrs)
+  assert [(r['lr'], r['plateau']) for r in rows] == [('0.001', '1/2'), ('0.01', '2/2')]
+  assert table.splitlines()[0].endswith('| lr | plateaued seeds |')
+  assert table.splitlines()[3].endswith('| 0.01 | 2/2 |')
+
+
+def test_val_curve_counts_a_step_validated_again_after_a_resume_once(tmp_path):
+  lines = [{'step': 40, 'kind': 'train', 'loss': 1.0}, {'step': 40, 'kind': 'val', 'iou': .5},
+           {'step': 80, 'kind': 'val', 'iou': .6}, {'step': 80, 'kind': 'val', 'iou': .61},
+           {'step': 120, 'kind': 'val', 'iou': .7}]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines))
+  assert paper_table.val_curve(tmp_path) == [[40, .5], [80, .61], [120, .7]]
+  assert paper_table.val_curve(tmp_path / 'missing') == []
+
+
+def test_claims_hold_grow_shrink_or_reverse_against_another_table():
+  before = [{'kind': 'er', 'model': m, 'delta_iou': d} for m, d in
+            (('fcn', '+0.026'), ('segnet', '+0.597'), ('hrnetv2', '+0.300'))] + [
+                {'kind': 'er', 'model': 'unet', 'delta_iou': ''}]
+  rows = [{'kind': 'er', 'model': 'fcn', 'delta_iou': '+0.040', 'p_value': '0.001'},
+          {'kind': 'er', 'model': 'segnet', 'delta_iou': '+0.100', 'p_value': '1e-9'},
+          {'kind': 'er', 'model': 'hrnetv2', 'delta_iou': '-0.020', 'p_value': '0.01'},
+          {'kind': 'er', 'model': 'deeplabv3p', 'delta_iou': '+0.010', 'p_value': '0.2'},
+          {'kind': 'er', 'model': 'unet', 'delta_iou': '', 'p_value': ''}]
+  lines = paper_table.compare_claims(rows, before, '60 steps').splitlines()
+  assert [line.rsplit('|', 2)[1].strip() for line in lines[2:]] == [
+      'holds, grows', 'holds, shrinks', 'reverses', 'not significant']
+  assert lines[2] == '| er | fcn | +0.026 | +0.040 | 0.001 | holds, grows |'
+  assert '| er | deeplabv3p | – |' in lines[5]
