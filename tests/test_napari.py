@@ -142,12 +142,22 @@ def test_widget_segments_the_layer_as_predict_does(make_napari_viewer, qtbot, ce
       (mask.data > 0) | truth).sum() > 0.8
   assert widget._progress.value == 100 and 'calibrated' in widget._status.value
   assert widget._threshold.value == pytest.approx(result.threshold)
+  assert widget._pixel_size.value == 0  # scale 0.5 in pixels (napari's default units): unknown
+  microns = viewer.add_image(image, name='microns', scale=(0.16, 0.16), units=('um', 'um'))
+  widget._image.value = microns
+  assert widget._pixel_size.value == pytest.approx(0.16)
+  nanometres = viewer.add_image(image, name='nm', scale=(65, 65), units=('nm', 'nm'))
+  widget._image.value = nanometres
+  assert widget._pixel_size.value == pytest.approx(0.065)
+  _run(widget, qtbot)  # the shipped model knows no pixel size: the same mask
+  np.testing.assert_array_equal(viewer.layers['nm mask'].data, expected.mask)
+  widget._image.value = layer
 
   # A threshold of one's own: fewer pixels, and exactly the probabilities above it.
   widget._calibrated.value = False
   widget._threshold.value = 0.9
   _run(widget, qtbot)
-  assert len(viewer.layers) == 3  # the Labels layers are replaced, not added again
+  assert len(viewer.layers) == 7  # the Labels layers are replaced, not added again
   np.testing.assert_array_equal(viewer.layers['cells mask'].data, expected.prob > 0.9)
   assert viewer.layers['cells mask'].data.sum() < expected.mask.sum()
 

@@ -16,6 +16,7 @@ import napari
 from napari.qt.threading import thread_worker
 from napari.utils import notifications
 import numpy as np
+import pint
 from qtpy.QtCore import QObject
 from qtpy.QtCore import Signal
 
@@ -73,15 +74,23 @@ class SegmentWidget(widgets.Container):
     self._channel = widgets.ComboBox(label='channel', choices=self._channel_choices)
     self._axes = widgets.LineEdit(label='axes', value='')
     self._instances = widgets.CheckBox(text='instances')
+    self._pixel_size = widgets.FloatSpinBox(label='pixel size (µm)', min=0.0, max=1000.0,
+                                            step=0.001, value=0.0)
     self._button = widgets.PushButton(text='Segment')
     self._progress = widgets.ProgressBar(label='progress', min=0, max=100, value=0)
     self._status = widgets.Label(value='')
     super().__init__(widgets=[
         self._image, self._model, self._folder, self._calibrated, self._threshold,
-        self._tta, self._channel, self._axes, self._instances, self._button,
+        self._tta, self._channel, self._axes, self._pixel_size, self._instances, self._button,
         self._progress, self._status])
     self._channel.tooltip = 'the channel to segment in a multi-channel image (0-based)'
     self._image.changed.connect(lambda _: self._channel.reset_choices())
+    self._image.changed.connect(self._on_image)
+    self._on_image(self._image.value)
+    self._pixel_size.tooltip = (
+        "micrometres per pixel of the image (0: unknown); taken from the layer's scale when "
+        'its units are a length. A model that records its training pixel size resizes an '
+        'image of another pixel size to it')
     self._axes.native.setPlaceholderText('auto')
     self._status.native.setWordWrap(True)
     self._axes.tooltip = ("the layer's axes, one letter per dimension from T, Z, C, Y, X "
@@ -109,6 +118,11 @@ class SegmentWidget(widgets.Container):
     short_last = len(shape) > 2 and shape[-1] <= MAX_LAST_CHANNELS
     lengths = list(shape[:-2]) + ([shape[-1]] if short_last else [])
     return [('none', NO_CHANNEL)] + [(str(c), c) for c in range(max(lengths, default=0))]
+
+  def _on_image(self, layer) -> None:
+    """Fills the pixel size from the layer's scale when its units are a length (napari's
+    default units, pixels, say nothing: 0, unknown)."""
+    self._pixel_size.value = 0.0 if layer is None else layer_pixel_size(layer)
 
   def _on_model(self, value: str) -> None:
     self._folder.visible = value == FOLDER_CHOICE
@@ -138,6 +152,7 @@ class SegmentWidget(widgets.Container):
     options = {'channel': channel, 'tta': bool(self._tta.value),
                'threshold': None if self._calibrated.value else float(self._threshold.value),
                'instances': bool(self._instances.value), 'name': layer.name,
+               'pixel_size': float(self._pixel_size.value) or None,
                'progress': lambda fraction: self._signals.changed.emit(round(100 * fraction))}
     data = layer.data[0] if layer.multiscale else layer.data
     self.worker = _segment(self._segmenters, model, data, layer.rgb,
@@ -199,6 +214,16 @@ class SegmentWidget(widgets.Container):
   def _finished(self) -> None:
     self.worker = None
     self._button.enabled = True
+
+
+def layer_pixel_size(layer) -> float:
+  """Micrometres per pixel of an image layer's last (x) axis, from its scale and units; 0
+  when the units are not a length (napari's default, pixels)."""
+  unit = layer.units[-1]
+  try:
+    return float((layer.scale[-1] * unit).to('micrometer').magnitude)
+  except pint.DimensionalityError:  # not a length: pixel, second, ...
+    return 0.0
 
 
 def _count_objects(labels: np.ndarray) -> int:
