@@ -186,12 +186,16 @@ def imports_to_run(workdir, config: ml_collections.ConfigDict, named: str | None
 
 # ----------------------------------------------------------------------------- input stats
 
-def input_stats(source) -> dict:
+def input_stats(source, mirror: float | None = None) -> dict:
   """`summarize_stats` of a prepared source (flmiseg/data/dataset.py: cached normalised
-  images and masks)."""
+  images and masks). `mirror`: the training also showed each image x as mirror - x (the
+  'invert' augmentation, flmiseg/data/pipeline.py), so those count too."""
   per_image, foreground = [], []
   for image_file, mask_file in source.files:
-    per_image.append(preprocess.image_stats(np.load(image_file, mmap_mode='r')))
+    image = np.load(image_file, mmap_mode='r')
+    per_image.append(preprocess.image_stats(image))
+    if mirror is not None:
+      per_image.append(preprocess.image_stats(mirror - np.asarray(image, np.float64)))
     foreground.append(float(np.load(mask_file, mmap_mode='r').mean()))
   return summarize_stats(per_image, foreground)
 
@@ -205,7 +209,7 @@ def summarize_stats(per_image: list[dict], foreground: list[float]) -> dict:
     return {'mean': float(v.mean()), 'std': float(v.std()), 'min': float(v.min()),
             'max': float(v.max())}
   names = per_image[0].keys()
-  return {'images': len(per_image),
+  return {'images': len(foreground),
           'stats': {k: describe([s[k] for s in per_image]) for k in names},
           'foreground': describe(foreground)}
 

@@ -290,8 +290,13 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
                     'instance_weight=0); give label images to fine-tune it',
                     config.train.init_from)
     config.train.instance_weight = 0.0
+  # The 'invert' augmentation's mirror point: images seen as mirror - x count as training
+  # images for the domain warnings too.
+  mirror = preprocess.mirror_point(config.data.normalization, config.data.kind)
+  inverted = 'invert' in pipeline.parse_augment(config.data.augment)
   if jax.process_index() == 0 and rundir.read_input_stats(workdir) is None:
-    rundir.write_input_stats(workdir, rundir.input_stats(data.train))
+    rundir.write_input_stats(workdir, rundir.input_stats(
+        data.train, mirror=mirror if inverted else None))
   crop = config.data.crop_size
   setup = build(config, (crop, crop), len(data.train))
   mesh, total = setup.mesh, setup.total_steps
@@ -306,7 +311,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         data.train, crop_size=crop, global_batch=config.train.batch_size, num_steps=total,
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.data.num_workers,
-        flips=config.data.flips, augment=config.data.augment))
+        flips=config.data.flips, augment=config.data.augment,
+        mirror=mirror))
     if data_state is not None:
       it.set_state(data_state)
     elif config.train.init_from and data.val is not None:

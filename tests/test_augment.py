@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flmiseg.data import pipeline
+from flmiseg.data import preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +215,15 @@ def test_invert_mirrors_the_crop_about_its_range_and_keeps_the_mask():
       np.testing.assert_array_equal(out, 4. - crop)  # min 0 <-> max 4
       seen.add('inverted')
   assert seen == {'kept', 'inverted'}
+  # With the normalisation's mirror point (1 for percentile): 1 - crop, what the normalised
+  # inverted image is.
+  outs = [pipeline.photometric(crop, inside, ('invert',), np.random.default_rng(s), 1.0)
+          for s in range(40)]
+  assert any(np.array_equal(o, 1. - crop) for o in outs)
+  assert all(np.array_equal(o, crop) or np.array_equal(o, 1. - crop) for o in outs)
+  assert preprocess.mirror_point('percentile', 'nucleus') == 1.0
+  assert preprocess.mirror_point('auto', 'er') == 0.0  # clahe_zscore
+  assert preprocess.mirror_point('zscore', 'nucleus') == 0.0
   source = _Blobs(5)
   plain, inverted = _batches(source, 4), _batches(source, 4, augment='invert')
   for p, a in zip(plain, inverted):

@@ -86,8 +86,8 @@ BAD = {
                          '(micrometres per pixel; 0 = unknown)'),
     'data__flips': (1, 'config.data.flips=1: must be True or False'),
     'data__augment': ('noise,sharpen', "config.data.augment='noise,sharpen': 'sharpen' is not "
-                      'an augmentation; valid: intensity, noise, blur, scale, illumination or '
-                      "all, comma-separated ('' = off)"),
+                      'an augmentation; valid: intensity, noise, blur, scale, illumination, '
+                      "invert or all (all but invert), comma-separated ('' = off)"),
     'data__ignore_value': (0, 'config.data.ignore_value=0: must be -1 (none) or a positive '
                            'integer mask value (e.g. 2) marking unlabelled pixels'),
     'data__num_workers': (-1, 'config.data.num_workers=-1: must be an integer >= 0'),

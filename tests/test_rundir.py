@@ -1,7 +1,9 @@
 """The run directory as the model: config merging, allowed overrides, input statistics."""
 
 import json
+import types
 
+import numpy as np
 import pytest
 
 from flmiseg import rundir
@@ -77,3 +79,19 @@ def test_unusual_stats_and_foreground_notes():
   assert rundir.foreground_note(0.0) == 'the mask is empty (0.00% foreground)'
   assert rundir.foreground_note(0.995) == 'the mask covers 99.50% of the image'
   assert rundir.foreground_note(0.3) is None
+
+
+def test_input_stats_of_a_model_trained_on_both_contrasts_count_the_mirrored_images(tmp_path):
+  image = np.array([[0., 0., 0., 1.], [0., 0., 0.2, 0.8]])  # dark background, bright object
+  np.save(tmp_path / 'image.npy', image)
+  np.save(tmp_path / 'mask.npy', (image > 0.5).astype(np.uint8))
+  source = types.SimpleNamespace(files=[(tmp_path / 'image.npy', tmp_path / 'mask.npy')])
+  plain, both = rundir.input_stats(source), rundir.input_stats(source, mirror=1.0)
+  assert plain['images'] == both['images'] == 1
+  assert plain['stats']['mean']['max'] == pytest.approx(0.25)
+  assert both['stats']['mean']['min'] == pytest.approx(0.25)
+  assert both['stats']['mean']['max'] == pytest.approx(0.75)  # 1 - image: bright background
+  assert both['stats']['p50']['max'] == pytest.approx(1.0)
+  # A bright-background image is unusual for the plain model only.
+  bright = {'p50': 1.0, 'mean': 0.75}
+  assert rundir.unusual_stats(bright, plain) and not rundir.unusual_stats(bright, both)

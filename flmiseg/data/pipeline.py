@@ -21,10 +21,13 @@ with its probability below:
   illumination  a smooth random multiplicative field (of the signal above the crop minimum);
   blur          Gaussian blur of the image (never the mask);
   noise         signal-dependent (Poisson-like) and additive Gaussian noise;
-  invert        (opt-in, not part of 'all') the crop's values mirrored about the middle of
-                its range, first of all, with probability INVERT_PROB: bright objects on a
-                dark background become dark on bright, as nuclei look in brightfield and in
-                the luminance of H&E images, so a model learns both contrasts.
+  invert        (opt-in, not part of 'all') first of all, with probability INVERT_PROB, the
+                crop becomes `mirror - crop`: with the normalisation's mirror point
+                (flmiseg/data/preprocess.py: mirror_point) that is what the normalised
+                inverted image looks like, bright objects on a dark background turned dark
+                on bright, as nuclei look in brightfield and in the luminance of H&E images;
+                so a model learns both contrasts. (No mirror point: about the middle of the
+                crop's range.)
 Amounts are relative to each crop's own statistics (min, max, mean, std of its real pixels),
 so they mean the same under every normalisation. The cached images are normalised already,
 so these emulate what per-image normalisation does not remove. Evaluation never augments.
@@ -199,12 +202,13 @@ def _standard_normal(rng: np.random.Generator, shape: tuple[int, int]) -> np.nda
 
 
 def photometric(image: np.ndarray, inside: np.ndarray, groups: tuple[str, ...],
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator, mirror: float | None = None) -> np.ndarray:
   """The intensity-type groups of `groups` on one (S, S) float32 crop.
 
   In image-formation order: the contrast (invert), tone response (intensity), the
   sample's illumination, the optics (blur), the sensor (noise). Statistics come from the crop's real pixels (`inside`,
-  (S, S) bool); padding stays 0. Returns float32 (S, S).
+  (S, S) bool); padding stays 0. `mirror`: 'invert' gives mirror - image (None: the crop's
+  min + max - image). Returns float32 (S, S).
   """
   whole = bool(inside.all())  # no padding: skip the copies
   real = image if whole else image[inside]
@@ -212,8 +216,9 @@ def photometric(image: np.ndarray, inside: np.ndarray, groups: tuple[str, ...],
     return image
   stats = (float(real.min()), float(real.max()), float(real.mean()), float(real.std()))
   if 'invert' in groups and rng.random() < INVERT_PROB:
-    image = np.float32(stats[0] + stats[1]) - image  # min <-> max: range and std unchanged
-    stats = (stats[0], stats[1], stats[0] + stats[1] - stats[2], stats[3])
+    m = stats[0] + stats[1] if mirror is None else mirror
+    image = np.float32(m) - image  # std unchanged
+    stats = (m - stats[1], m - stats[0], m - stats[2], stats[3])
   if 'intensity' in groups:
     image = _intensity(image, stats, rng)
   if 'illumination' in groups and rng.random() < ILLUMINATION_PROB:
@@ -237,6 +242,7 @@ class Augment(grain.transforms.RandomMap):
   crop_size: int
   flips: bool = True
   groups: tuple[str, ...] = ()
+  mirror: float | None = None  # the 'invert' group's mirror point (photometric)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     """element: 'image' float32 (H, W), 'mask' (H, W) {0, 1}, optional 'ignored' (H, W)
@@ -256,7 +262,7 @@ class Augment(grain.transforms.RandomMap):
     image, mask, valid = arrays[:3]
     extra = dict(zip(extras, arrays[3:]))
     if any(g in PHOTOMETRIC_GROUPS for g in self.groups):
-      image = photometric(image, valid > 0, self.groups, rng)
+      image = photometric(image, valid > 0, self.groups, rng, self.mirror)
     if 'ignored' in extra:  # unlabelled pixels: mask is 0 there already
       valid = valid * (extra['ignored'] == 0)
     out = {'image': image, 'mask': mask, 'valid': valid}
@@ -268,10 +274,12 @@ class Augment(grain.transforms.RandomMap):
 
 def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, seed: int,
                   process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                  flips: bool = True, augment: str = '') -> grain.IterDataset:
+                  flips: bool = True, augment: str = '',
+                  mirror: float | None = None) -> grain.IterDataset:
   """Training batches for `num_steps` steps: seeded shuffle, reshuffled every epoch.
 
-  `augment` is config.data.augment ('' = crop and D4 only; see `parse_augment`).
+  `augment` is config.data.augment ('' = crop and D4 only; see `parse_augment`); `mirror`
+  the 'invert' group's mirror point (preprocess.mirror_point of the normalisation).
 
   The element order, and each element's augmentation, depend only on the seed and the
   position in the global stream, not on the number of processes: process p of P takes the
@@ -283,7 +291,7 @@ def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, 
   local_batch = global_batch // process_count
   epochs = math.ceil(num_steps * global_batch / len(source)) + 1
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)
-  ds = ds.random_map(Augment(crop_size, flips, groups), seed=seed + 1)
+  ds = ds.random_map(Augment(crop_size, flips, groups, mirror), seed=seed + 1)
   # Local batch k of the stream is block k % P of global batch k // P (batching is lazy, so
   # each process only loads and augments its own elements).
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]

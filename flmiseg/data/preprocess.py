@@ -48,6 +48,14 @@ CLAHE_TILE_PIXELS = 32
 _EPS = 1e-6
 
 
+def mirror_point(method: str, kind: str) -> float:
+  """m such that m - x is, about, the normalised image of the inverted raw image (its dtype's
+  maximum minus each value) when x is the normalised image: 1 for the methods with output in
+  [0, 1] (exact for 'percentile' up to the asymmetry of its percentiles), 0 for the z-scored
+  ones (exact for 'zscore'; CLAHE is not symmetric, so only about for the CLAHE methods)."""
+  return 0.0 if resolve(method, kind).endswith('zscore') else 1.0
+
+
 def resolve(method: str, kind: str) -> str:
   """The concrete method for `method` ('auto' picks by dataset kind)."""
   if method not in METHODS:

@@ -55,7 +55,8 @@ def _segment(segmenters: dict, model: str, data, rgb: bool, axes: str, options: 
 
 
 class SegmentWidget(widgets.Container):
-  """The dock widget: image layer, model, threshold, TTA, channel, axes, instances, Segment.
+  """The dock widget: image layer, model, threshold, TTA, channel, axes, pixel size,
+  instances, Segment.
 
   `run()` starts a segmentation and returns its worker (tests wait on it); `busy` says
   whether one is running; `result` is the last Segmentation.
