@@ -37,6 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from experiments import scaling
 from flmiseg.data import simulate
 
 FLAGS = flags.FLAGS
@@ -86,7 +87,7 @@ def command(data: pathlib.Path, workdir: pathlib.Path, steps: int, with_test: bo
 
 
 def environment(root: pathlib.Path, devices: int, fast_compile: bool) -> dict:
-  xla = f'--xla_force_host_platform_device_count={devices}'
+  xla = scaling.cpu_xla_flags(devices)
   if fast_compile:
     xla += ' --xla_backend_optimization_level=0'
   return dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),

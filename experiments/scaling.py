@@ -57,10 +57,19 @@ def define_flags():
   flags.DEFINE_integer('worker', 0, 'Internal: time one point with this global batch.')
 
 
+def cpu_xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a CPU process with `devices` devices: this process's XLA_FLAGS with its
+  device count replaced."""
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
+          if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join([f'--xla_force_host_platform_device_count={devices}', *kept])
+
+
 def _cpu_env(num_devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}')
-  return env
+  """The environment of a CPU process with `num_devices` devices; other XLA flags of this
+  process's environment pass on."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+              XLA_FLAGS=cpu_xla_flags(num_devices))
 
 
 def gpu_count() -> int:

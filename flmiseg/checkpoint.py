@@ -26,9 +26,13 @@ Crash safety (kill -9 at any moment, disk full):
     complete, so the last good one is kept.
     Each save first checks that one checkpoint fits in the free space.
   * `check_disk_space` refuses to start a run whose checkpoints cannot fit.
+
+Replicated arrays (the train state, replicated over the mesh) are written whole by one replica
+(`_write_replicated_arrays_whole`), as orbax already does on GPUs.
 """
 
 import errno
+import functools
 import logging as py_logging
 import math
 import os
@@ -40,6 +44,7 @@ from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from flmiseg.data import io
 from flmiseg.errors import CheckpointWriteError
@@ -74,6 +79,37 @@ def best_key(metrics) -> tuple[float, float]:
   return (-math.inf, -math.inf) if math.isnan(iou) else (iou, -step)
 
 
+@functools.cache
+def _write_replicated_arrays_whole() -> None:
+  """Makes orbax write each replicated jax.Array from one replica, whole.
+
+  Its default on CPUs ('replica-parallel') has each of the R replicas write 1/R of every
+  array, which compiles a slicing program per array shape and device on every save: 80
+  compilations and about 2 s per save of a small U-Net over 8 CPU devices, for arrays of a few
+  MB where parallel writes gain nothing. On GPUs orbax already writes whole arrays. The jax.Array
+  handler is the process's (orbax's global registry), registered once.
+  """
+  quiet = _DropMessages('overriding')  # orbax warns that a handler is replaced
+  logging.get_absl_logger().addFilter(quiet)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()),
+        override=True)
+  finally:
+    logging.get_absl_logger().removeFilter(quiet)
+
+
+class _DropMessages(py_logging.Filter):
+  """Drops log records whose message contains `text`."""
+
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record) -> bool:
+    return self.text not in record.getMessage()
+
+
 class Checkpointer:
   """The checkpoints of one workdir: one orbax CheckpointManager in DIR/checkpoints (and, for a
   run written before, its DIR/checkpoints_best, read only)."""
@@ -83,6 +119,7 @@ class Checkpointer:
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, best_fn=best_key)
     else:
+      _write_replicated_arrays_whole()
       managers = ocp.checkpoint_managers
       options = ocp.CheckpointManagerOptions(
           create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True,

@@ -2,7 +2,8 @@
 
 Compilation dominates the suite's time on a CPU, so the tests (and the subprocesses they start,
 which inherit the environment) compile with XLA's optimisations mostly off
-(jax_disable_most_optimizations: the tiny test models run slower, but compile 2-3x faster)
+(jax_disable_most_optimizations: the tiny test models run slower, but compile 2-3x faster;
+and XLA's older CPU emitter, tests/helpers.py: COMPILE_FAST, another 3x)
 and share a persistent compilation cache, so a program compiled by one test or CLI process is
 loaded, not compiled again, by the next. Set these variables yourself to override either.
 The suite runs in two processes (pytest-xdist, `-n 2`: README's test command), one per core.
@@ -25,8 +26,11 @@ os.environ['FLMISEG_CACHE'] = str(
     pathlib.Path(tempfile.gettempdir()) /
     f'flmiseg-test-cache-{os.getuid()}-{os.environ.get("PYTEST_XDIST_WORKER", "main")}')
 
+from tests import helpers  # noqa: E402  (imports no JAX)
+
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+                           f' --xla_force_host_platform_device_count=8 {helpers.COMPILE_FAST}'
+                           ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402

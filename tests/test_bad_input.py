@@ -45,10 +45,8 @@ AS_USER = (['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner']
 
 def cli(root, *args, workdir, prefix=(), preexec=None, fast=True):
   """Runs `python -m flmiseg.main` on a tiny config (2 devices); returns CompletedProcess."""
-  xla = '--xla_force_host_platform_device_count=2'
-  if fast:  # compile speed, not code speed, is what these tiny runs need
-    xla += ' --xla_backend_optimization_level=0'
-  env = dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  # compile speed, not code speed, is what these tiny runs need
+  env = helpers.cli_env(2, backend_level_0=fast)
   flags = ['--config=configs/default.py', '--config.data.source=lists',
            f'--config.data.train_list={root}/good/train.txt', '--config.data.crop_size=32',
            '--config.model.width=4', '--config.train.num_steps=2',
@@ -432,8 +430,7 @@ def test_a_tampered_checkpoint_is_only_read_as_data(tmp_path):
 
 def _predict_cli(tiny_run, *args):
   config, workdir = tiny_run
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2 '
-             '--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = helpers.cli_env(2, backend_level_0=True)
   del config  # the run directory holds it
   flags = [f'--workdir={workdir}', '--mode=predict']
   return subprocess.run([sys.executable, '-m', 'flmiseg.main', *flags, *args], cwd=REPO,

@@ -191,8 +191,7 @@ def test_onnx_backend_eval_equals_jax_eval(unet_run):
 
 
 def run_main(*args, env_extra=None):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = helpers.cli_env(1)
   env.update(env_extra or {})
   return subprocess.Popen([sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,7 +1,6 @@
 """The command line, end to end through a real subprocess."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,8 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_main(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = helpers.cli_env(2)
   return subprocess.run([sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

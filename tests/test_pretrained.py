@@ -2,7 +2,6 @@
 fine-tuning from one; early stopping."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -84,8 +83,7 @@ def test_predict_with_model_equals_predict_with_the_run(packed, tmp_path):
   run, f32, _ = packed
   image = np.random.default_rng(0).integers(0, 4000, (50, 70)).astype(np.uint16)
   tifffile.imwrite(tmp_path / 'cell.tif', image)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = helpers.cli_env(2)
   for name, source in (('run', f'--workdir={run}'), ('packed', f'--model={f32}')):
     result = subprocess.run(
         [sys.executable, '-m', 'flmiseg.main', '--mode=predict', source, '--save_prob',

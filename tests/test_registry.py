@@ -67,8 +67,7 @@ USER_FILE = '''
 
 
 def run_main(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = helpers.cli_env(2)
   return subprocess.run([sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -9,7 +9,6 @@ one line, exit status 2 and creates nothing. All subprocesses start together in 
 
 import concurrent.futures
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -22,6 +21,7 @@ import pytest
 import tifffile
 
 from flmiseg.data import io
+from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Lines that absl, jax, orbax or XLA would print in their own formats.
@@ -30,8 +30,7 @@ LIBRARY_LINE = re.compile(r'^([IWEF]\d{4} \d\d:\d\d|WARNING:absl|INFO:absl|.*orb
 
 
 def _run(args, cwd=REPO, console_script=False):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=3 '
-             '--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = helpers.cli_env(3, backend_level_0=True)
   command = ['flmiseg'] if console_script else [sys.executable, '-m', 'flmiseg.main']
   return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=300)

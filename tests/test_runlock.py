@@ -80,8 +80,7 @@ def _saved_steps(workdir: pathlib.Path) -> list[int]:
 def test_second_training_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
   data = helpers.write_blob_dataset(tmp_path / 'data', num_train=8, num_test=2)
   workdir = tmp_path / 'run'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = helpers.cli_env(2)
   run = lambda cmd: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                                    timeout=300)
   first = subprocess.Popen(_command(data, workdir, 10 ** 6), cwd=REPO, env=env,
