@@ -292,11 +292,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     config.train.instance_weight = 0.0
   # The 'invert' augmentation's mirror point: images seen as mirror - x count as training
   # images for the domain warnings too.
-  mirror = preprocess.mirror_point(config.data.normalization, config.data.kind)
-  inverted = 'invert' in pipeline.parse_augment(config.data.augment)
+  mirror = (preprocess.mirror_point(config.data.normalization, config.data.kind)
+            if 'invert' in pipeline.parse_augment(config.data.augment) else None)
   if jax.process_index() == 0 and rundir.read_input_stats(workdir) is None:
-    rundir.write_input_stats(workdir, rundir.input_stats(
-        data.train, mirror=mirror if inverted else None))
+    rundir.write_input_stats(workdir, rundir.input_stats(data.train, mirror=mirror))
   crop = config.data.crop_size
   setup = build(config, (crop, crop), len(data.train))
   mesh, total = setup.mesh, setup.total_steps

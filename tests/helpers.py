@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import tifffile
 
+from experiments import scaling
 from flmiseg.configs import default
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -17,9 +18,10 @@ COMPILE_FAST = '--xla_cpu_use_fusion_emitters=false'
 
 
 def cli_env(devices: int, backend_level_0: bool = False) -> dict:
-  """The environment of a `python -m flmiseg.main` process on `devices` fake CPU devices,
-  with COMPILE_FAST (and XLA's backend optimisation level 0 with `backend_level_0`)."""
-  xla = f'--xla_force_host_platform_device_count={devices} {COMPILE_FAST}'
+  """The environment of a `python -m flmiseg.main` process on `devices` fake CPU devices, with
+  the test process's other XLA flags (COMPILE_FAST among them, tests/conftest.py) and, with
+  `backend_level_0`, XLA's backend optimisation level 0."""
+  xla = scaling.cpu_xla_flags(devices)
   if backend_level_0:
     xla += ' --xla_backend_optimization_level=0'
   return dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
