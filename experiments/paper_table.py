@@ -359,7 +359,9 @@ def main(argv):
             by_lr = {lr: run(kind, name, variant, 0, lr) for lr in sweep_lrs}
             chosen[key] = choose_lr(by_lr)
             results[key] = [by_lr[chosen[key]]]
-            (root / kind / f'{name}_{variant}' / 'sweep.json').write_text(json.dumps(
+            sweep_file = root / kind / f'{name}_{variant}' / 'sweep.json'
+            sweep_file.parent.mkdir(parents=True, exist_ok=True)  # cells may all be recorded
+            sweep_file.write_text(json.dumps(
                 {'chosen_lr': chosen[key], 'best_val_iou': {
                     f'{lr:g}': best_val(r) for lr, r in by_lr.items()}}, indent=1) + '\n')
           else:

@@ -2,12 +2,15 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from experiments import paper_table
+from tests import helpers
 
 
 def _cell(iou, per_image):
@@ -122,3 +125,22 @@ def test_claims_hold_grow_shrink_or_reverse_against_another_table():
       'holds, grows', 'holds, shrinks', 'reverses', 'not significant']
   assert lines[2] == '| er | fcn | +0.026 | +0.040 | 0.001 | holds, grows |'
   assert '| er | deeplabv3p | – |' in lines[5]
+
+
+def test_a_new_workdir_finishes_the_table_from_recorded_cells(tmp_path):
+  """Cells finished in an earlier sitting (--results) rebuild the sweep and the table in a
+  fresh workdir without training anything."""
+  cells = tmp_path / 'cells'
+  for lr, best in ((1e-3, .6), (3e-3, .8), (1e-2, .7)):
+    record = cells / 'er' / 'unet_original' / f'lr{lr:g}' / 'seed0' / 'result.json'
+    record.parent.mkdir(parents=True)
+    curve = [[40, best - .2], [80, best], [120, best], [160, best]]
+    record.write_text(json.dumps(_cell(best, {'a': best}) | {'val_curve': curve}))
+  workdir = tmp_path / 'fresh'
+  subprocess.run([sys.executable, '-m', 'experiments.paper_table', '--preset=converged',
+                  '--kinds=er', '--models=unet', '--seeds=1', f'--workdir={workdir}',
+                  f'--results={cells}'], check=True, capture_output=True,
+                 env=helpers.cli_env(1), cwd=helpers.REPO, timeout=120)
+  sweep = json.loads((workdir / 'er' / 'unet_original' / 'sweep.json').read_text())
+  assert sweep['chosen_lr'] == 3e-3 and not (workdir / 'er' / 'unet_original' / 'lr0.003').exists()
+  assert '| er | unet | original | 0.800 ± 0.000 |' in (workdir / 'table.md').read_text()
