@@ -12,7 +12,8 @@ own folder WORKDIR/<kind>/<model>_<variant>/seed<k>, then writes WORKDIR/table.m
 WORKDIR/table.csv: test IoU and F1 (mean +- std over seeds) per model and kind, and for the
 general-purpose models (fcn, segnet, deeplabv3p, hrnetv2) the lowlevel - original difference
 with a paired test: a two-sided Wilcoxon signed-rank test on per-image test IoU, pairing the
-same test image under the same seed (seeds x test images pairs). Cells run seed-major (every
+same test image under the same seed (seeds x test images pairs; preset converged, whose seeds
+share the data: one pair per test image, its IoU averaged over seeds). Cells run seed-major (every
 kind and model for seed 0, then seed 1, ...), so a partial run still gives a complete table
 over fewer seeds. Resumable: a finished cell (its result.json) is never retrained.
 
@@ -166,13 +167,23 @@ def choose_lr(sweep: dict[float, dict]) -> float:
   return max(sorted(sweep), key=lambda lr: (best_val(sweep[lr]), -lr))
 
 
-def paired_test(original: list[dict], lowlevel: list[dict]) -> tuple[float, int]:
-  """Wilcoxon signed-rank p-value on per-image IoU pairs (same seed, same image)."""
+def paired_test(original: list[dict], lowlevel: list[dict],
+                same_data: bool = False) -> tuple[float, int]:
+  """Wilcoxon signed-rank p-value on per-image IoU pairs.
+
+  Each seed simulates its own data by default, so a pair is one image under one seed. With
+  `same_data` (every seed tests the same images, preset converged) a pair is one image, its
+  IoU averaged over seeds: the same image under three seeds is not three independent pairs."""
   a, b = [], []
-  for o, l in zip(original, lowlevel):
-    for name, iou in o['per_image_iou'].items():
-      a.append(iou)
-      b.append(l['per_image_iou'][name])
+  if same_data:
+    for name in original[0]['per_image_iou']:
+      a.append(np.mean([o['per_image_iou'][name] for o in original]))
+      b.append(np.mean([l['per_image_iou'][name] for l in lowlevel]))
+  else:
+    for o, l in zip(original, lowlevel):
+      for name, iou in o['per_image_iou'].items():
+        a.append(iou)
+        b.append(l['per_image_iou'][name])
   diff = np.asarray(b) - np.asarray(a)
   if not np.any(diff):
     return 1.0, len(diff)
@@ -183,12 +194,13 @@ def _mean_std(values: list[float]) -> str:
   return f'{np.mean(values):.3f} ± {np.std(values):.3f}' if values else '–'
 
 
-def make_table(results: dict, kinds, names, num_seeds: int,
-               lrs: dict | None = None) -> tuple[str, list[dict], str]:
+def make_table(results: dict, kinds, names, num_seeds: int, lrs: dict | None = None,
+               same_data: bool = False) -> tuple[str, list[dict], str]:
   """(Markdown table, CSV rows, verdict) from results[(kind, name, variant)] = [per seed].
 
   `lrs[(kind, name, variant)]`: each cell's chosen learning rate (a sweep preset); then the
-  table also gives it and how many seeds plateaued (PLATEAU_RULE)."""
+  table also gives it and how many seeds plateaued (PLATEAU_RULE). `same_data`: every seed
+  tested the same images (see `paired_test`)."""
   rows = []
   for kind in kinds:
     for name in names:
@@ -210,7 +222,7 @@ def make_table(results: dict, kinds, names, num_seeds: int,
           orig = results.get((kind, name, 'original'), [])
           n = min(len(orig), len(cells))
           if n:
-            p, pairs = paired_test(orig[:n], cells[:n])
+            p, pairs = paired_test(orig[:n], cells[:n], same_data)
             delta = np.mean(ious[:n]) - np.mean([c['iou'] for c in orig[:n]])
             row.update(delta_iou=f'{delta:+.3f}', p_value=f'{p:.2g}', pairs=pairs)
         rows.append(row)
@@ -367,7 +379,8 @@ def main(argv):
           else:
             results[key].append(run(kind, name, variant, seed, chosen[key]))
   table, rows, verdict = make_table(results, FLAGS.kinds, FLAGS.models, num_seeds,
-                                    chosen if sweep else None)
+                                    chosen if sweep else None,
+                                    same_data=FLAGS.preset == 'converged')
   header = (f'Preset `{FLAGS.preset}`, {num_seeds} seed(s); mean ± std over seeds of the '
             'test-set mean per-image IoU / F1.' +
             (f' Learning rate chosen among {", ".join(f"{lr:g}" for lr in sweep_lrs)} on '

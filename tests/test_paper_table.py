@@ -26,6 +26,14 @@ def test_paired_test_pairs_same_image_and_seed():
   assert paper_table.paired_test(orig, orig) == (1.0, 6)
 
 
+def test_paired_test_on_shared_data_pairs_each_image_once_averaged_over_seeds():
+  orig = [_cell(.5, {'a': .4, 'b': .5, 'c': .6}), _cell(.6, {'a': .5, 'b': .6, 'c': .7})]
+  low = [_cell(.7, {'a': .6, 'b': .75, 'c': .65}), _cell(.7, {'a': .7, 'b': .9, 'c': .72})]
+  p, pairs = paper_table.paired_test(orig, low, same_data=True)
+  expected = stats.wilcoxon([.65, .825, .685], [.45, .55, .65]).pvalue
+  assert pairs == 3 and p == pytest.approx(expected)
+
+
 def test_make_table_means_deltas_and_verdict():
   images = {'a': .5, 'b': .5}
   results = {('er', 'fcn', 'original'): [_cell(.5, images), _cell(.7, images)],
