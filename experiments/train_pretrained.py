@@ -139,14 +139,16 @@ def mean_iou(folder: pathlib.Path, pairs) -> float:
   return scores(folder, pairs)['iou']
 
 
-def cold_predict_seconds(kind: str) -> float:
-  """Wall time of `flmiseg --mode=predict --model=KIND` on one 1024x1024 uint16 image."""
+def cold_predict_seconds(kind: str, model: str = '') -> float:
+  """Wall time of `flmiseg --mode=predict --model=MODEL` (default: the shipped KIND) on one
+  1024x1024 uint16 image of that kind."""
+  model = model or kind
   pair = test_pairs(kind, 'default', 20)[0]
   tile = np.tile(io.read_image(pair.image).astype(np.uint16), (4, 4))[:1024, :1024]
   with tempfile.TemporaryDirectory() as tmp:
     tifffile.imwrite(f'{tmp}/big.tif', tile)
     start = time.perf_counter()
-    subprocess.run([sys.executable, '-m', 'flmiseg.main', '--mode=predict', f'--model={kind}',
+    subprocess.run([sys.executable, '-m', 'flmiseg.main', '--mode=predict', f'--model={model}',
                     f'--input={tmp}/big.tif', f'--output={tmp}/out'], check=True,
                    capture_output=True)
     return time.perf_counter() - start
@@ -166,9 +168,14 @@ def machine() -> str:
 
 def train_and_pack(kind: str, workdir: pathlib.Path, steps: int) -> dict:
   start = time.perf_counter()
-  config = pretrained_config(kind, steps)
-  result = train.train_and_evaluate(config, workdir)
-  seconds = time.perf_counter() - start
+  result = train.train_and_evaluate(pretrained_config(kind, steps), workdir)
+  return pack_shipped(kind, workdir, steps, time.perf_counter() - start, result.get('iou'))
+
+
+def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
+                 test_iou_wide: float | None) -> dict:
+  """Packs the finished run `workdir` (the recipe of `pretrained_config(kind, steps)`) as the
+  shipped model `kind`, replacing the folder in the package in one rename."""
   out = pretrained.PRETRAINED_DIR / kind
   staged = out.with_name(f'.{kind}.new')
   shutil.rmtree(staged, ignore_errors=True)
@@ -177,7 +184,7 @@ def train_and_pack(kind: str, workdir: pathlib.Path, steps: int) -> dict:
   info = pretrained.pack(workdir, staged, 'float16', provenance={
       'command': command, 'train_seconds': round(seconds), 'steps': steps,
       'machine': machine(), 'date': time.strftime('%Y-%m-%d'),
-      'test_iou_wide': result.get('iou')})
+      'test_iou_wide': test_iou_wide})
   # Swap the finished folder in, so a reader never sees a half-written shipped model.
   old = out.with_name(f'.{kind}.old')
   shutil.rmtree(old, ignore_errors=True)

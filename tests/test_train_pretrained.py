@@ -1,8 +1,12 @@
-"""experiments/train_pretrained.py: the shipped models' recipes and the inverted test set."""
+"""experiments/train_pretrained.py and pretrained_recipe.py: the shipped models' recipes, the
+inverted test set, the recipe variants' names."""
 
+from absl import app
 import numpy as np
+import pytest
 import tifffile
 
+from experiments import pretrained_recipe
 from experiments import train_pretrained
 from flmiseg.data import lists
 
@@ -28,3 +32,10 @@ def test_inverted_pairs_mirror_each_dtype_and_keep_the_masks(tmp_path):
   np.testing.assert_array_equal(got['b.tif'], [[255, 0], [252, 246]])
   np.testing.assert_array_equal(got['c.tif'], [[2.0, -1.5], [0.0, -0.5]])
   assert got['a.tif'].dtype == np.uint16 and got['c.tif'].dtype == np.float32
+
+
+def test_recipe_variants_parse_and_a_malformed_one_is_a_usage_error():
+  assert pretrained_recipe.parse_variant('w16_lr0.002_s1500') == (16, 0.002, 1500)
+  assert pretrained_recipe.parse_variant('w8_lr1e-2_s3000') == (8, 0.01, 3000)
+  with pytest.raises(app.UsageError, match="'w16_lr0.002' is not w<width>_lr<rate>_s<steps>"):
+    pretrained_recipe.parse_variant('w16_lr0.002')
