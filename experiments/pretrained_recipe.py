@@ -55,9 +55,10 @@ def run_variant(kind: str, variant: str, root: pathlib.Path) -> dict:
 def main(argv):
   del argv
   console.setup()
-  variants = [v for v in FLAGS.variants if parse_variant(v)]
+  for variant in FLAGS.variants:  # every name checked before the first run trains
+    parse_variant(variant)
   rows = []
-  for variant in variants:
+  for variant in FLAGS.variants:
     rows.append(run_variant(FLAGS.kind, variant, pathlib.Path(FLAGS.workdir)))
     print(json.dumps(rows[-1]))
   lines = ['| width | lr | steps | val IoU (wide) | test IoU, default knobs | '
