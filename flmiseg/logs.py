@@ -7,11 +7,6 @@ import json
 import os
 import pathlib
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-import tensorboardX  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _drop_torn_tail(path: pathlib.Path) -> None:
@@ -32,8 +27,12 @@ class MetricsLogger:
     self.enabled = enabled
     if enabled:
       _drop_torn_tail(self.workdir / 'metrics.jsonl')
-    self._writer = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard')) if enabled \
-        else None
+    self._writer = None
+    if enabled:
+      # Imported here, like matplotlib in plot(): a process that only predicts or evaluates
+      # never pays the second it takes to import them.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._writer = tensorboardX.SummaryWriter(str(self.workdir / 'tensorboard'))
 
   def write(self, step: int, kind: str, scalars: dict) -> None:
     """Logs `scalars` at `step`; kind is 'train' or 'val' (the TensorBoard prefix)."""
@@ -59,7 +58,9 @@ class MetricsLogger:
     records = self.read()
     train = [r for r in records if r['kind'] == 'train' and 'loss' in r]
     val = [r for r in records if r['kind'] == 'val' and 'iou' in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
+    fig = figure.Figure(figsize=(7, 4))  # no pyplot: no global state, no GUI backend
+    ax = fig.add_subplot()
     ax.plot([r['step'] for r in train], [r['loss'] for r in train], color='tab:blue')
     ax.set_xlabel('step')
     ax.set_ylabel('training loss', color='tab:blue')
@@ -73,7 +74,6 @@ class MetricsLogger:
     path = self.workdir / 'training_curve.png'
     tmp = path.with_name(f'.{path.name}.tmp')  # renamed when whole: never seen half-drawn
     fig.savefig(tmp, dpi=100, format='png')
-    plt.close(fig)
     os.replace(tmp, path)
 
   def close(self) -> None:

@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
-from scipy import stats
 from skimage import morphology
 
 COUNT_NAMES = ('tp', 'fp', 'fn', 'tn')
@@ -131,6 +130,7 @@ def auc(prob: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None) -
   num_neg = positive.size - num_pos
   if num_pos == 0 or num_neg == 0:
     return float('nan')
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (slow to import: only here)
   ranks = stats.rankdata(scores)  # Average ranks: a tie counts as half a correct pair.
   u_statistic = ranks[positive].sum() - num_pos * (num_pos + 1) / 2
   return float(u_statistic / (num_pos * num_neg))

@@ -16,8 +16,6 @@ import io
 import math
 import pathlib
 
-from matplotlib import figure
-from matplotlib import patches
 import numpy as np
 
 from flmiseg import files
@@ -168,6 +166,9 @@ def write_worst_best(source, selection, threshold: float, path) -> int:
   Reads each shown image from `source`'s cache; the prediction and truth come with the
   selection.
   """
+  # matplotlib is imported here: only a report draws, and predict never does.
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from matplotlib import patches  # pylint: disable=g-import-not-at-top
   rows = max(len(selection), 1)
   height = ROW_INCHES * rows + HEADER_INCHES
   fig = figure.Figure(figsize=(8, height), dpi=FIGURE_DPI)

@@ -31,7 +31,6 @@ import shutil
 import cv2
 import numpy as np
 import scipy.ndimage as ndi
-import scipy.signal
 import scipy.special
 import scipy.spatial
 from skimage import segmentation
@@ -265,7 +264,10 @@ def _psf_blur(x: np.ndarray, p: Params) -> np.ndarray:
   yy, xx = np.mgrid[-r_max:r_max + 1, -r_max:r_max + 1]
   v = np.hypot(yy, xx) * 3.8317 / (2.355 * p.psf_sigma * 1.22 / 1.029) + 1e-9
   kernel = (2 * scipy.special.j1(v) / v) ** 2
-  return scipy.signal.fftconvolve(x, kernel / kernel.sum(), mode='same')
+  # Imported here: scipy.signal takes most of a second to import, and every command imports
+  # this module (config checks) while only simulating needs it.
+  from scipy import signal  # pylint: disable=g-import-not-at-top
+  return signal.fftconvolve(x, kernel / kernel.sum(), mode='same')
 
 
 def _wide_blur(x: np.ndarray, sigma: float) -> np.ndarray:
