@@ -1,12 +1,17 @@
 """Training logs: DIR/metrics.jsonl (one JSON line per logged step and per evaluation),
 TensorBoard event files in DIR/tensorboard, and DIR/training_curve.png (loss and validation
-IoU), redrawn at each evaluation.
+IoU), redrawn at an evaluation when the last drawing is at least PLOT_EVERY_SECONDS old, and
+when the logger closes.
 """
 
 import json
 import os
 import pathlib
+import time
 
+# Drawing the curve takes most of a second: runs that evaluate often (tiny or test runs) would
+# spend more time drawing than training.
+PLOT_EVERY_SECONDS = 30.0
 
 
 def _drop_torn_tail(path: pathlib.Path) -> None:
@@ -28,6 +33,8 @@ class MetricsLogger:
     if enabled:
       _drop_torn_tail(self.workdir / 'metrics.jsonl')
     self._writer = None
+    self._drawn_at = None  # time.monotonic() of the last drawing; None: none yet
+    self._stale = False  # records were written since the last drawing
     if enabled:
       # Imported here, like matplotlib in plot(): a process that only predicts or evaluates
       # never pays the second it takes to import them.
@@ -41,6 +48,7 @@ class MetricsLogger:
     record = {'step': int(step), 'kind': kind, **{k: float(v) for k, v in scalars.items()}}
     with open(self.workdir / 'metrics.jsonl', 'a') as f:
       f.write(json.dumps(record) + '\n')
+    self._stale = True
     for name, value in scalars.items():
       self._writer.add_scalar(f'{kind}/{name}', float(value), int(step))
     self._writer.flush()
@@ -51,10 +59,13 @@ class MetricsLogger:
       return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-  def plot(self) -> None:
-    """Redraws DIR/training_curve.png from metrics.jsonl."""
-    if not self.enabled:
+  def plot(self, force: bool = False) -> None:
+    """Redraws DIR/training_curve.png from metrics.jsonl: the first time, when `force`, or
+    when the last drawing is PLOT_EVERY_SECONDS old."""
+    if not self.enabled or not (force or self._drawn_at is None or
+                                time.monotonic() - self._drawn_at >= PLOT_EVERY_SECONDS):
       return
+    self._drawn_at, self._stale = time.monotonic(), False
     records = self.read()
     train = [r for r in records if r['kind'] == 'train' and 'loss' in r]
     val = [r for r in records if r['kind'] == 'val' and 'iou' in r]
@@ -77,5 +88,8 @@ class MetricsLogger:
     os.replace(tmp, path)
 
   def close(self) -> None:
+    """Draws the curve if records came since its last drawing; closes TensorBoard's file."""
+    if self._stale and self._drawn_at is not None:
+      self.plot(force=True)
     if self._writer is not None:
       self._writer.close()

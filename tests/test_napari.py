@@ -81,6 +81,21 @@ def _end_with_parent():
   ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+@pytest.fixture
+def make_napari_viewer(qtbot):
+  """Makes hidden napari viewers, closed after the test. (napari's own pytest plugin has one,
+  but pyproject.toml keeps that plugin off: it imports napari into every pytest process.)"""
+  del qtbot  # its QApplication is the viewers'
+  viewers = []
+
+  def make():
+    viewers.append(napari.Viewer(show=False))
+    return viewers[-1]
+  yield make
+  for viewer in viewers:
+    viewer.close()
+
+
 @pytest.fixture(scope='module')
 def cells():
   """(a simulated 128x128 nucleus image, its ground-truth mask as bool)."""
