@@ -8,7 +8,7 @@ Each variant `w<width>_lr<learning rate>_s<steps>` trains the shipped recipe
 augmentation) with that U-Net width and learning rate in WORKDIR/<kind>_<variant> (resumable:
 a finished run is only measured), then reports its calibrated validation IoU (the 60
 validation images of the wide distribution: what the choice rests on), the test IoU on the
-kind's default and 'shifted' test knobs (train_pretrained.scores), and the wall time of a cold
+kind's default and 'shifted' test knobs (train_pretrained.test_scores), and the wall time of a cold
 1024x1024 prediction. Nothing is packed; `train_pretrained` ships the chosen recipe.
 """
 
@@ -44,10 +44,8 @@ def run_variant(kind: str, variant: str, root: pathlib.Path) -> dict:
     config.model.width, config.optim.lr = width, lr
     train.train_and_evaluate(config, workdir)
   row = {'kind': kind, 'width': width, 'lr': lr, 'steps': steps,
-         'val_iou': calibration.read_calibration(workdir)['val_score']}
-  for knobs in ('default', 'shifted'):
-    row[f'iou_{knobs}'] = train_pretrained.scores(
-        workdir, train_pretrained.test_pairs(kind, knobs))['iou']
+         'val_iou': calibration.read_calibration(workdir)['val_score'],
+         **train_pretrained.test_scores(workdir, kind)}
   row['cold_predict_1024_s'] = train_pretrained.cold_predict_seconds(kind, str(workdir))
   return row
 

@@ -134,6 +134,12 @@ def scores(folder: pathlib.Path, pairs) -> dict:
   return result
 
 
+def test_scores(folder: pathlib.Path, kind: str) -> dict:
+  """`scores` on the kind's default-knob and 'shifted' test sets: keys '<score>_<knobs>'."""
+  return {f'{name}_{knobs}': value for knobs in ('default', 'shifted')
+          for name, value in scores(folder, test_pairs(kind, knobs)).items()}
+
+
 def mean_iou(folder: pathlib.Path, pairs) -> float:
   """`scores(folder, pairs)['iou']`."""
   return scores(folder, pairs)['iou']
@@ -207,9 +213,7 @@ def main(argv):
       info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps)
       print(f'{kind}: packed, {json.dumps(info)}')
     folder = pretrained.PRETRAINED_DIR / kind
-    row = {'kind': kind}
-    for knobs in ('default', 'shifted'):
-      row.update({f'{k}_{knobs}': v for k, v in scores(folder, test_pairs(kind, knobs)).items()})
+    row = {'kind': kind, **test_scores(folder, kind)}
     if 'invert' in pretrained_config(kind, 1).data.augment:
       with tempfile.TemporaryDirectory() as tmp:
         pairs = inverted_pairs(test_pairs(kind, 'default'), pathlib.Path(tmp))

@@ -62,8 +62,8 @@ class MetricsLogger:
   def plot(self, force: bool = False) -> None:
     """Redraws DIR/training_curve.png from metrics.jsonl: the first time, when `force`, or
     when the last drawing is PLOT_EVERY_SECONDS old."""
-    if not self.enabled or not (force or self._drawn_at is None or
-                                time.monotonic() - self._drawn_at >= PLOT_EVERY_SECONDS):
+    due = self._drawn_at is None or time.monotonic() - self._drawn_at >= PLOT_EVERY_SECONDS
+    if not self.enabled or not (force or due):
       return
     self._drawn_at, self._stale = time.monotonic(), False
     records = self.read()
