@@ -94,7 +94,7 @@ def run(workdir: pathlib.Path, imports: str | None = None, trust_imports: bool =
   crop = config.data.crop_size
   setup = train.build(config, (crop, crop), 1)
   model, schedule, mesh, state = setup.model, setup.schedule, setup.mesh, setup.state
-  state, step = train.restore_best(config, workdir, state)
+  state, step = train.restore_best(workdir, state)
   loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   _, predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh, shardings)

@@ -1,7 +1,7 @@
 """Training logs: DIR/metrics.jsonl (one JSON line per logged step and per evaluation),
 TensorBoard event files in DIR/tensorboard, and DIR/training_curve.png (loss and validation
-IoU), redrawn at an evaluation when the last drawing is at least PLOT_EVERY_SECONDS old, and
-when the logger closes.
+IoU), drawn at an evaluation when the last drawing (or the logger's start) is at least
+PLOT_EVERY_SECONDS old, and when the logger closes.
 """
 
 import json
@@ -33,7 +33,9 @@ class MetricsLogger:
     if enabled:
       _drop_torn_tail(self.workdir / 'metrics.jsonl')
     self._writer = None
-    self._drawn_at = None  # time.monotonic() of the last drawing; None: none yet
+    # time.monotonic() of the last drawing, or of the start: a run shorter than a period draws
+    # its curve once, when the logger closes.
+    self._drawn_at = time.monotonic()
     self._stale = False  # records were written since the last drawing
     if enabled:
       # Imported here, like matplotlib in plot(): a process that only predicts or evaluates
@@ -60,9 +62,9 @@ class MetricsLogger:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
   def plot(self, force: bool = False) -> None:
-    """Redraws DIR/training_curve.png from metrics.jsonl: the first time, when `force`, or
-    when the last drawing is PLOT_EVERY_SECONDS old."""
-    due = self._drawn_at is None or time.monotonic() - self._drawn_at >= PLOT_EVERY_SECONDS
+    """Redraws DIR/training_curve.png from metrics.jsonl when `force`, or when the last
+    drawing (or the logger's start) is PLOT_EVERY_SECONDS old."""
+    due = time.monotonic() - self._drawn_at >= PLOT_EVERY_SECONDS
     if not self.enabled or not (force or due):
       return
     self._drawn_at, self._stale = time.monotonic(), False
@@ -89,7 +91,7 @@ class MetricsLogger:
 
   def close(self) -> None:
     """Draws the curve if records came since its last drawing; closes TensorBoard's file."""
-    if self._stale and self._drawn_at is not None:
+    if self._stale:
       self.plot(force=True)
     if self._writer is not None:
       self._writer.close()

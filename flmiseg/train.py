@@ -325,7 +325,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   trainer.ckpt.close()
   trainer.logger.close()
   if data.test is None:
-    state, step = restore_best(config, workdir, trainer.state)
+    state, step = restore_best(workdir, trainer.state)
     calibrate_best(config, workdir, data, mesh, state, trainer.predict, step)
     return {}
   return evaluate_best(config, workdir, data=data, mesh=mesh, state=trainer.state,
@@ -376,17 +376,20 @@ def initialize_from(config, state, mesh):
   return state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
 
 
-def restore_best(config, workdir, state):
-  """(state of the best checkpoint of `workdir`, its step); `state` gives the structure."""
-  ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints, read_only=True)
-  try:
-    restored = ckpt.restore_best(checkpoint.abstract(state))
-  finally:
-    ckpt.close()
+def restore_best(workdir, state):
+  """(`state` with the params and batch_stats of the best checkpoint of `workdir`, its step).
+
+  Evaluation needs the weights only: the optimizer state (twice the parameters for Adam) is
+  not read, and `state` keeps its own."""
+  weights = {'params': state.params}
+  if state.batch_stats:
+    weights['batch_stats'] = state.batch_stats
+  target = checkpoint.abstract(weights)
+  restored = checkpoint.restore_best_variables(workdir, target)
   if restored is None:
     raise UserError(f'{workdir}: no trained checkpoint (train first with --mode=train)')
-  state, _, record = restored
-  return state, record['step']
+  variables, step = restored
+  return state.replace(**variables), step
 
 
 def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> dict | None:
@@ -472,7 +475,7 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
     mesh = sharding.make_mesh()
     state, step = inference.load(config, workdir, mesh)
   else:
-    state, step = restore_best(config, workdir, state)
+    state, step = restore_best(workdir, state)
   predict = predict or steps_lib.jit_predict(config.eval.threshold)
   calibration = calibrate_best(config, workdir, data, mesh, state, predict, step)
   return evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
