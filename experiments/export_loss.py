@@ -5,7 +5,8 @@
 For each model (shipped name or run folder), simulated test images of its kind (default knobs,
 256x256, seed --seed; never seen in training) are segmented twice by the same float32 network
 (`flmiseg.export.forward`), at the model's calibrated threshold: after flmiseg's own
-normalisation (CLAHE for the shipped models) and after the package's closest expressible one
+normalisation (percentile scaling for the shipped models, CLAHE for the paper's recipe) and
+after the package's closest expressible one
 (`flmiseg.bioimage_package.preprocessing_steps`, computed as bioimage.io computes it). Prints
 the mean IoU of both against the true masks, as JSON.
 """
@@ -18,6 +19,7 @@ import numpy as np
 
 from flmiseg import bioimage_package
 from flmiseg import calibration
+from flmiseg import console
 from flmiseg import export
 from flmiseg import pretrained
 from flmiseg import rundir
@@ -61,6 +63,7 @@ def measure(model: str, num_images: int, seed: int) -> dict:
 
 def main(argv):
   del argv
+  console.setup()  # progress and results only; no library log lines
   for model in FLAGS.models:
     print(json.dumps(measure(model, FLAGS.num_images, FLAGS.seed), sort_keys=True))
 
