@@ -196,16 +196,6 @@ class Checkpointer:
         record=ocp.args.JsonRestore()))
     return restored.state, restored.data, restored.record
 
-  def restore_best(self, abstract_state):
-    """(state, None, record) of the best checkpoint, or None if there is none."""
-    best = self.best()
-    if best is None:
-      return None
-    manager, step = best
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
-    return restored.state, None, restored.record
-
   def close(self) -> None:
     self.manager.close()
     if self.legacy is not None:

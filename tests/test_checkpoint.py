@@ -21,6 +21,12 @@ def _state(value):
   return {'w': np.full((8,), value, np.float32)}
 
 
+def _target():
+  """The restore target of `_state`: its shape and dtype, on the first device."""
+  return {'w': jax.ShapeDtypeStruct((8,), np.float32, sharding=jax.sharding.
+                                    SingleDeviceSharding(jax.devices()[0]))}
+
+
 def _steps(folder: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
@@ -43,8 +49,8 @@ def test_one_manager_keeps_the_latest_and_the_best(tmp_path):
     assert _steps(tmp_path / 'checkpoints') == kept[step], step
     assert ckpt.best_step() == (1 if step == 1 else 2)
   assert ckpt.latest_step() == 8
-  state, data_state, record = ckpt.restore_best(checkpoint.abstract(_state(0)))
-  assert np.all(state['w'] == 2) and data_state is None and record['val_iou'] == 0.7
+  variables, step = checkpoint.restore_best_variables(tmp_path, _target())
+  assert step == 2 and np.all(np.asarray(variables['w']) == 2)
   state, data_state, record = ckpt.restore_last(checkpoint.abstract(_state(0)))
   assert np.all(state['w'] == 8) and data_state == {'position': 8} and record['step'] == 8
   ckpt.close()
@@ -56,8 +62,7 @@ def test_one_manager_keeps_the_latest_and_the_best(tmp_path):
   _save(ckpt, 10, 0.8)
   assert _steps(tmp_path / 'checkpoints') == [9, 10] and ckpt.best_step() == 10
   ckpt.close()
-  variables, step = checkpoint.restore_best_variables(tmp_path, {'w': jax.ShapeDtypeStruct(
-      (8,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))})
+  variables, step = checkpoint.restore_best_variables(tmp_path, _target())
   assert step == 10 and np.all(np.asarray(variables['w']) == 10)
 
 
@@ -126,8 +131,7 @@ def test_a_run_in_the_old_layout_loads_and_resumes(tmp_path):
   rundir.check_trained(tmp_path)
   assert checkpoint.check_disk_space(tmp_path, _state(0), 2) == (
       checkpoint.estimate_disk_bytes(*checkpoint.tree_bytes(_state(0)), 2, existing=2))
-  target = {'w': jax.ShapeDtypeStruct((8,), np.float32, sharding=jax.sharding.
-                                      SingleDeviceSharding(jax.devices()[0]))}
+  target = _target()
   variables, step = checkpoint.restore_best_variables(tmp_path, target)
   assert step == 4 and np.all(np.asarray(variables['w']) == 4)
   ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=2)
@@ -136,7 +140,7 @@ def test_a_run_in_the_old_layout_loads_and_resumes(tmp_path):
   assert ckpt.best_step() == 4
   _save(ckpt, 7, 0.8)  # a tie: the earlier step stays the best
   assert ckpt.best_step() == 4
-  assert ckpt.restore_best(checkpoint.abstract(_state(0)))[2]['step'] == 4
+  assert checkpoint.restore_best_variables(tmp_path, target)[1] == 4
   _save(ckpt, 8, 0.9)
   assert ckpt.best_step() == 8 and _steps(tmp_path / 'checkpoints') == [7, 8]
   ckpt.close()
