@@ -3,6 +3,7 @@ into flmiseg/pretrained/<kind>/, and measured.
 
   python -m experiments.train_pretrained --workdir=runs/pretrained            # train + pack
   python -m experiments.train_pretrained --workdir=runs/pretrained --measure  # figures only
+  python -m experiments.train_pretrained --measure --tta  # the same figures with --tta
 
 Each kind trains `pretrained_config(kind)` (below: default U-Net recipe, simulated images
 whose microscope knobs are drawn per image from the simulator's 'wide' distribution, and the
@@ -98,9 +99,10 @@ def inverted_pairs(pairs, folder: pathlib.Path):
   return out
 
 
-def scores(folder: pathlib.Path, pairs) -> dict:
+def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
-  through the predict path (whole-image normalisation, blended tiles); for a model with an
+  through the predict path (whole-image normalisation, blended tiles; with `tta` averaged over
+  the 8 flips/rotations, as --tta does); for a model with an
   instance head and label-image masks also the pooled instance AP@0.5 of its instances and
   of the connected components of its mask (flmiseg/matching.py)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -110,7 +112,7 @@ def scores(folder: pathlib.Path, pairs) -> dict:
   state, step = inference.load(config, folder, mesh)
   threshold = calibration.calibrated_threshold(folder, step) or config.eval.threshold
   dynamic = calibration.calibrated_dynamic(folder, step) or instances.SEED_DYNAMIC
-  predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
+  predictor = predict.Predictor(inference.prob_fn(state, mesh, tta), config,
                                 config.data.crop_size, 0.25,
                                 inference.round_up_batch(8, len(jax.local_devices())))
   head = bool(config.model.get('instance_head'))
@@ -134,10 +136,10 @@ def scores(folder: pathlib.Path, pairs) -> dict:
   return result
 
 
-def test_scores(folder: pathlib.Path, kind: str) -> dict:
+def test_scores(folder: pathlib.Path, kind: str, tta: bool = False) -> dict:
   """`scores` on the kind's default-knob and 'shifted' test sets: keys '<score>_<knobs>'."""
   return {f'{name}_{knobs}': value for knobs in ('default', 'shifted')
-          for name, value in scores(folder, test_pairs(kind, knobs)).items()}
+          for name, value in scores(folder, test_pairs(kind, knobs), tta).items()}
 
 
 def mean_iou(folder: pathlib.Path, pairs) -> float:
@@ -145,9 +147,9 @@ def mean_iou(folder: pathlib.Path, pairs) -> float:
   return scores(folder, pairs)['iou']
 
 
-def cold_predict_seconds(kind: str, model: str = '') -> float:
-  """Wall time of `flmiseg --mode=predict --model=MODEL` (default: the shipped KIND) on one
-  1024x1024 uint16 image of that kind."""
+def cold_predict_seconds(kind: str, model: str = '', tta: bool = False) -> float:
+  """Wall time of `flmiseg --mode=predict --model=MODEL [--tta]` (default: the shipped KIND)
+  on one 1024x1024 uint16 image of that kind."""
   model = model or kind
   pair = test_pairs(kind, 'default', 20)[0]
   tile = np.tile(io.read_image(pair.image).astype(np.uint16), (4, 4))[:1024, :1024]
@@ -155,7 +157,8 @@ def cold_predict_seconds(kind: str, model: str = '') -> float:
     tifffile.imwrite(f'{tmp}/big.tif', tile)
     start = time.perf_counter()
     subprocess.run([sys.executable, '-m', 'flmiseg.main', '--mode=predict', f'--model={model}',
-                    f'--input={tmp}/big.tif', f'--output={tmp}/out'], check=True,
+                    f'--input={tmp}/big.tif', f'--output={tmp}/out'] + ['--tta'] * tta,
+                   check=True,
                    capture_output=True)
     return time.perf_counter() - start
 
@@ -213,12 +216,12 @@ def main(argv):
       info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps)
       print(f'{kind}: packed, {json.dumps(info)}')
     folder = pretrained.PRETRAINED_DIR / kind
-    row = {'kind': kind, **test_scores(folder, kind)}
+    row = {'kind': kind, 'tta': FLAGS.tta, **test_scores(folder, kind, FLAGS.tta)}
     if 'invert' in pretrained_config(kind, 1).data.augment:
       with tempfile.TemporaryDirectory() as tmp:
         pairs = inverted_pairs(test_pairs(kind, 'default'), pathlib.Path(tmp))
-        row.update({f'{k}_inverted': v for k, v in scores(folder, pairs).items()})
-    row['cold_predict_1024_s'] = cold_predict_seconds(kind)
+        row.update({f'{k}_inverted': v for k, v in scores(folder, pairs, FLAGS.tta).items()})
+    row['cold_predict_1024_s'] = cold_predict_seconds(kind, tta=FLAGS.tta)
     rows.append(row)
     print(json.dumps(row))
   lines = ['| model | IoU, default knobs | IoU, shifted knobs | cold predict 1024x1024 (s) |',
@@ -233,4 +236,5 @@ if __name__ == '__main__':
   flags.DEFINE_list('kinds', list(KINDS), 'Which models.')
   flags.DEFINE_integer('steps', 1500, 'Training steps per model.')
   flags.DEFINE_bool('measure', False, 'Only measure the shipped models.')
+  flags.DEFINE_bool('tta', False, 'Measure with --tta (the 8 flips/rotations averaged).')
   app.run(main)

@@ -1,14 +1,18 @@
-"""experiments/train_pretrained.py and pretrained_recipe.py: the shipped models' recipes, the
-inverted test set, the recipe variants' names."""
+"""experiments/train_pretrained.py, pretrained_recipe.py and pretrained_scale.py: the shipped
+models' recipes, the inverted test set, the recipe variants' names, the test sets at another
+object scale."""
 
 from absl import app
 import numpy as np
 import pytest
+from scipy import ndimage
 import tifffile
 
 from experiments import pretrained_recipe
+from experiments import pretrained_scale
 from experiments import train_pretrained
 from flmiseg.data import lists
+from flmiseg.data import simulate
 
 
 def test_recipes_learn_both_contrasts_for_nuclei_only():
@@ -39,3 +43,18 @@ def test_recipe_variants_parse_and_a_malformed_one_is_a_usage_error():
   assert pretrained_recipe.parse_variant('w8_lr1e-2_s3000') == (8, 0.01, 3000)
   with pytest.raises(app.UsageError, match="'w16_lr0.002' is not w<width>_lr<rate>_s<steps>"):
     pretrained_recipe.parse_variant('w16_lr0.002')
+
+
+def test_scale_pairs_are_the_simulators_images_at_that_object_scale(tmp_path):
+  area = {}
+  for scale in (1.0, 2.0):
+    pairs = pretrained_scale.scale_pairs('nucleus', scale, 2, tmp_path / str(scale))
+    assert len(pairs) == 2
+    for i, pair in enumerate(pairs):
+      image, mask = simulate.simulate('nucleus', 256, simulate.image_rng(
+          train_pretrained.TEST_SEED, 'test', i), simulate.Params(scale=scale))
+      np.testing.assert_array_equal(tifffile.imread(pair.image), image)
+      np.testing.assert_array_equal(tifffile.imread(pair.mask), mask)
+    masks = [tifffile.imread(p.mask) > 0 for p in pairs]
+    area[scale] = sum(m.sum() for m in masks) / sum(ndimage.label(m)[1] for m in masks)
+  assert area[2.0] > 2 * area[1.0]  # twice the radii: about 4x the area per nucleus
