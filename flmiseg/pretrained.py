@@ -1,7 +1,8 @@
 """Packed models: a trained run reduced to what inference needs, and the shipped models.
 
 A packed model is a folder that reads like a run directory (flmiseg/rundir.py):
-  config.json        the training config (architecture, preprocessing, pixel size);
+  config.json        the training config (architecture, preprocessing, pixel size), with
+                     train.init_from cleared (the source is recorded in weights.json);
   calibration.json   the calibrated threshold of the packed checkpoint;
   input_stats.json   statistics of the normalised training images (domain warnings);
   weights.msgpack    `params` and `batch_stats` (flax msgpack: plain arrays, no code, never
@@ -112,8 +113,15 @@ def pack(workdir, out, dtype: str = 'float16', provenance: dict | None = None) -
   for name in (rundir.CONFIG_FILE, 'calibration.json', rundir.STATS_FILE):
     if (workdir / name).is_file():
       shutil.copyfile(workdir / name, out / name)
+  saved = json.loads((out / rundir.CONFIG_FILE).read_text())
+  init_from = saved.get('train', {}).get('init_from', '')
+  if init_from:
+    # A packed model is self-contained: the run it started from (a folder on the machine that
+    # trained it) is recorded in weights.json, not left in the config for code to follow.
+    saved['train']['init_from'] = ''
+    (out / rundir.CONFIG_FILE).write_text(json.dumps(saved, indent=2, sort_keys=True) + '\n')
   info = {'sha256': sha256(out / WEIGHTS_FILE), 'dtype': dtype, 'step': step,
           'params': int(sum(np.size(a) for a in jax.tree.leaves(host['params']))),
-          **(provenance or {})}
+          **({'init_from': init_from} if init_from else {}), **(provenance or {})}
   (out / WEIGHTS_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + '\n')
   return info

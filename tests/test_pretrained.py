@@ -113,6 +113,15 @@ def test_fine_tuning_starts_from_the_source_weights(packed, tmp_path):
   # source's, not a fresh initialisation.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                tuned['params'], source['params'])
+  # Packed, the fine-tuned model names its source in weights.json only: its config starts
+  # nothing from a folder that exists on this machine alone.
+  info = pretrained.pack(tmp_path / 'tuned', tmp_path / 'tuned_packed', 'float32')
+  assert info['init_from'] == str(f32)
+  run_config = json.loads((tmp_path / 'tuned' / 'config.json').read_text())
+  packed_config = json.loads((tmp_path / 'tuned_packed' / 'config.json').read_text())
+  assert run_config['train']['init_from'] == str(f32)
+  run_config['train']['init_from'] = ''
+  assert packed_config == run_config
   config.model.width = 8
   config.train.init_from = str(f32)
   with pytest.raises(UserError, match=r"^config.train.init_from=.*: its config.model.width=4, "
