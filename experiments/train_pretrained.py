@@ -4,6 +4,8 @@ into flmiseg/pretrained/<kind>/, and measured.
   python -m experiments.train_pretrained --workdir=runs/pretrained            # train + pack
   python -m experiments.train_pretrained --workdir=runs/pretrained --measure  # figures only
   python -m experiments.train_pretrained --measure --tta  # the same figures with --tta
+  python -m experiments.train_pretrained --workdir=runs/pretrained_cycle2 --kinds=er \
+      --steps=3000 --init_from=runs/pretrained/er --lr=5e-4  # a second cycle from a run
 
 Each kind trains `pretrained_config(kind)` (below: default U-Net recipe, simulated images
 whose microscope knobs are drawn per image from the simulator's 'wide' distribution, and the
@@ -45,8 +47,9 @@ KINDS = pretrained.SHIPPED
 TEST_SEED = 1000  # the simulated test sets: a seed no shipped model was trained on
 
 
-def pretrained_config(kind: str, steps: int):
-  """The recipe of a shipped model."""
+def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.0):
+  """The recipe of a shipped model; with `init_from` (a run folder or shipped model) a further
+  training cycle that starts from its weights, at learning rate `lr` (0: the recipe's)."""
   config = default.get_config()
   config.data.kind = kind
   config.data.synthetic_params = 'wide'
@@ -67,6 +70,8 @@ def pretrained_config(kind: str, steps: int):
     config.model.instance_head = 'distance'
     config.train.instance_weight = 8.0
   config.train.num_steps = steps
+  config.train.init_from = init_from
+  config.optim.lr = lr or config.optim.lr
   config.optim.warmup_steps = 50
   config.eval.every_steps = max(50, steps // 10)
   return config
@@ -175,21 +180,25 @@ def machine() -> str:
   return f'{os.cpu_count()}-core {name}'
 
 
-def train_and_pack(kind: str, workdir: pathlib.Path, steps: int) -> dict:
+def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str = '',
+                   lr: float = 0.0) -> dict:
   start = time.perf_counter()
-  result = train.train_and_evaluate(pretrained_config(kind, steps), workdir)
-  return pack_shipped(kind, workdir, steps, time.perf_counter() - start, result.get('iou'))
+  result = train.train_and_evaluate(pretrained_config(kind, steps, init_from, lr), workdir)
+  return pack_shipped(kind, workdir, steps, time.perf_counter() - start, result.get('iou'),
+                      init_from, lr)
 
 
 def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
-                 test_iou_wide: float | None) -> dict:
-  """Packs the finished run `workdir` (the recipe of `pretrained_config(kind, steps)`) as the
-  shipped model `kind`, replacing the folder in the package in one rename."""
+                 test_iou_wide: float | None, init_from: str = '', lr: float = 0.0) -> dict:
+  """Packs the finished run `workdir` (the recipe of `pretrained_config(kind, steps,
+  init_from, lr)`) as the shipped model `kind`, replacing the folder in the package in one
+  rename."""
   out = pretrained.PRETRAINED_DIR / kind
   staged = out.with_name(f'.{kind}.new')
   shutil.rmtree(staged, ignore_errors=True)
   command = (f'python -m experiments.train_pretrained --workdir={workdir.parent} '
-             f'--kinds={kind} --steps={steps}')
+             f'--kinds={kind} --steps={steps}' + (f' --init_from={init_from}' if init_from
+                                                  else '') + (f' --lr={lr:g}' if lr else ''))
   info = pretrained.pack(workdir, staged, 'float16', provenance={
       'command': command, 'train_seconds': round(seconds), 'steps': steps,
       'machine': machine(), 'date': time.strftime('%Y-%m-%d'),
@@ -213,7 +222,8 @@ def main(argv):
   rows = []
   for kind in FLAGS.kinds:
     if not FLAGS.measure:
-      info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps)
+      info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps,
+                            FLAGS.init_from, FLAGS.lr)
       print(f'{kind}: packed, {json.dumps(info)}')
     folder = pretrained.PRETRAINED_DIR / kind
     row = {'kind': kind, 'tta': FLAGS.tta, **test_scores(folder, kind, FLAGS.tta)}
@@ -236,5 +246,8 @@ if __name__ == '__main__':
   flags.DEFINE_list('kinds', list(KINDS), 'Which models.')
   flags.DEFINE_integer('steps', 1500, 'Training steps per model.')
   flags.DEFINE_bool('measure', False, 'Only measure the shipped models.')
+  flags.DEFINE_string('init_from', '', 'A further training cycle from this run folder or '
+                      'shipped model (one kind at a time).')
+  flags.DEFINE_float('lr', 0.0, 'Peak learning rate (0: the recipe\'s, 2e-3).')
   flags.DEFINE_bool('tta', False, 'Measure with --tta (the 8 flips/rotations averaged).')
   app.run(main)

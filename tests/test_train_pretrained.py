@@ -21,6 +21,15 @@ def test_recipes_learn_both_contrasts_for_nuclei_only():
   assert augment == {'er': 'all', 'mito': 'all', 'nucleus': 'all,invert'}
 
 
+def test_a_further_cycle_starts_from_the_source_at_its_own_learning_rate():
+  fresh = train_pretrained.pretrained_config('er', 3000)
+  cycle = train_pretrained.pretrained_config('er', 3000, 'runs/pretrained/er', 5e-4)
+  assert (fresh.train.init_from, fresh.optim.lr) == ('', 2e-3)
+  assert (cycle.train.init_from, cycle.optim.lr) == ('runs/pretrained/er', 5e-4)
+  cycle.train.init_from, cycle.optim.lr = '', 2e-3
+  assert cycle.to_dict() == fresh.to_dict()  # nothing else differs
+
+
 def test_inverted_pairs_mirror_each_dtype_and_keep_the_masks(tmp_path):
   images = {'a.tif': np.array([[0, 10], [65535, 7]], np.uint16),
             'b.tif': np.array([[0, 255], [3, 9]], np.uint8),
