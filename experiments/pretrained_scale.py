@@ -26,10 +26,6 @@ from flmiseg import pretrained
 from flmiseg.data import lists
 from flmiseg.data import simulate
 
-flags.DEFINE_list('kinds', list(pretrained.SHIPPED), 'Shipped models.')
-flags.DEFINE_list('scales', ['0.35', '0.5', '0.7', '1', '1.5', '2', '2.5'], 'Object scales.')
-flags.DEFINE_integer('num_images', 10, 'Simulated test images per kind and scale.')
-flags.DEFINE_bool('tta', False, 'Average over the 8 flips/rotations.')
 FLAGS = flags.FLAGS
 
 
@@ -68,4 +64,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: tests import this module beside others that define --tta.
+  flags.DEFINE_list('kinds', list(pretrained.SHIPPED), 'Shipped models.')
+  flags.DEFINE_list('scales', ['0.35', '0.5', '0.7', '1', '1.5', '2', '2.5'], 'Object scales.')
+  flags.DEFINE_integer('num_images', 10, 'Simulated test images per kind and scale.')
+  flags.DEFINE_bool('tta', False, 'Average over the 8 flips/rotations.')
   app.run(main)
