@@ -163,8 +163,7 @@ def cold_predict_seconds(kind: str, model: str = '', tta: bool = False) -> float
     start = time.perf_counter()
     subprocess.run([sys.executable, '-m', 'flmiseg.main', '--mode=predict', f'--model={model}',
                     f'--input={tmp}/big.tif', f'--output={tmp}/out'] + ['--tta'] * tta,
-                   check=True,
-                   capture_output=True)
+                   check=True, capture_output=True)
     return time.perf_counter() - start
 
 
