@@ -23,6 +23,7 @@ from flax import serialization
 import jax
 import numpy as np
 
+from flmiseg import files
 from flmiseg import rundir
 from flmiseg.errors import UserError
 
@@ -113,13 +114,13 @@ def pack(workdir, out, dtype: str = 'float16', provenance: dict | None = None) -
   for name in (rundir.CONFIG_FILE, 'calibration.json', rundir.STATS_FILE):
     if (workdir / name).is_file():
       shutil.copyfile(workdir / name, out / name)
-  saved = json.loads((out / rundir.CONFIG_FILE).read_text())
-  init_from = saved.get('train', {}).get('init_from', '')
+  init_from = config.train.init_from
   if init_from:
     # A packed model is self-contained: the run it started from (a folder on the machine that
     # trained it) is recorded in weights.json, not left in the config for code to follow.
+    saved = json.loads((workdir / rundir.CONFIG_FILE).read_text())
     saved['train']['init_from'] = ''
-    (out / rundir.CONFIG_FILE).write_text(json.dumps(saved, indent=2, sort_keys=True) + '\n')
+    files.write_json_atomic(out / rundir.CONFIG_FILE, saved)
   info = {'sha256': sha256(out / WEIGHTS_FILE), 'dtype': dtype, 'step': step,
           'params': int(sum(np.size(a) for a in jax.tree.leaves(host['params']))),
           **({'init_from': init_from} if init_from else {}), **(provenance or {})}
