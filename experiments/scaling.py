@@ -73,7 +73,11 @@ def _cpu_env(num_devices: int) -> dict:
 
 
 def gpu_count() -> int:
-  """GPUs visible to JAX, asked in a subprocess (this process must not pick a backend)."""
+  """GPUs visible to JAX, asked in a subprocess (this process must not pick a backend); 0
+  without asking when JAX_PLATFORMS names platforms and no GPU among them."""
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if platforms and not {'cuda', 'gpu', 'rocm'} & set(platforms.lower().split(',')):
+    return 0
   out = subprocess.run(
       [sys.executable, '-c', 'import jax; print(len(jax.devices("gpu")))'],
       capture_output=True, text=True, check=False)
@@ -124,11 +128,14 @@ def scaling(counts: list[int], per_device_batch: int, global_batch: int, **kw) -
   if bad:
     raise app.UsageError(f'--global_batch={global_batch} is not divisible by {bad}')
   report = {'platform': 'gpu' if gpus else 'cpu', 'note': '' if gpus else CPU_NOTE}
+  measured = {}  # (devices, global batch) -> row: a point both modes share is timed once
   for mode in ('weak', 'strong'):
     rows = []
     for n in counts:
       batch = per_device_batch * n if mode == 'weak' else global_batch
-      rows.append(point(n, batch, gpus, **kw))
+      if (n, batch) not in measured:
+        measured[n, batch] = point(n, batch, gpus, **kw)
+      rows.append(dict(measured[n, batch]))
     base = rows[0]['images_per_s']
     for row in rows:
       row['efficiency'] = row['images_per_s'] / (row['num_devices'] * base)

@@ -130,8 +130,10 @@ def auc(prob: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None) -
   num_neg = positive.size - num_pos
   if num_pos == 0 or num_neg == 0:
     return float('nan')
-  from scipy import stats  # pylint: disable=g-import-not-at-top  (slow to import: only here)
-  ranks = stats.rankdata(scores)  # Average ranks: a tie counts as half a correct pair.
+  # Average ranks (scipy.stats.rankdata's default; scipy.stats takes 0.3 s to import, in every
+  # process that evaluates): a tie counts as half a correct pair.
+  _, group, sizes = np.unique(scores, return_inverse=True, return_counts=True)
+  ranks = (np.cumsum(sizes) - (sizes - 1) / 2)[group]
   u_statistic = ranks[positive].sum() - num_pos * (num_pos + 1) / 2
   return float(u_statistic / (num_pos * num_neg))
 

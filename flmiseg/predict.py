@@ -336,7 +336,8 @@ def image_warning(path, stats: list[dict], mask: np.ndarray, training: dict | No
 def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathlib.Path,
                  options: Options, threshold: float, training: dict | None) -> list[str]:
   """Predicts one file and writes its outputs; returns its warning lines."""
-  image = io.read_image_file(path, options.axes or None)
+  image = io.read_image_file(path, options.axes or None,
+                             rgb_as_channels=options.channel is not None)
   planes, out_axes, out_shape = io.select_planes(image, options.channel, path)
   pixel_size = options.pixel_size or image.pixel_size
   factor = rescale_factor(pixel_size, predictor.config.data.pixel_size or None,

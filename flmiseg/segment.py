@@ -74,7 +74,7 @@ def default_axes(shape: tuple[int, ...], channel: int | None, rgb: bool = False)
   them planes (Z, then T before Z), predicted one by one. With a channel chosen, the channel
   axis is the last when it is short (at most MAX_LAST_CHANNELS, shorter than Y and X: YXC),
   else the first (CYX, CZYX). `rgb`: the last axis holds RGB(A) samples (napari's RGB
-  layers), made luminance ('S'), or one of them segmented when a channel is chosen ('C').
+  layers), made one plane ('S', imagefile's rule), or one of them segmented when a channel is chosen ('C').
   Raises UserError when more than two plane axes would remain.
   """
   ndim = len(shape)
@@ -129,7 +129,7 @@ class Segmenter:
 
     Args:
       image: the pixels, any dtype (8/16-bit, float), 2-D or more.
-      axes: one letter per dimension from 'TZCYX' ('S': RGB(A) samples, made luminance),
+      axes: one letter per dimension from 'TZCYX' ('S': RGB(A) samples, made one plane),
         e.g. 'YX', 'CYX', 'YXC', 'ZYX'; None or '': `default_axes`.
       channel: the channel to segment when `axes` has a C axis longer than 1.
       threshold: the probability threshold; None: calibrated, else config.eval.threshold.

@@ -92,10 +92,16 @@ def test_read_8_16_bit_tiff_and_png(tmp_path):
 
 def test_rgb_becomes_one_channel(tmp_path):
   rgb = np.zeros((8, 8, 3), np.uint8)
-  rgb[..., 1] = 100  # pure green in RGB order
+  rgb[..., 1] = 100  # pure green in RGB order: its green channel, unscaled
+  rgb[..., 0] = 7  # ... and with red: the luminance
+  rgb[0, 0, 0] = 0
   cv2.imwrite(str(tmp_path / 'rgb.png'), rgb[..., ::-1])  # OpenCV writes BGR
   got = io.read_image(tmp_path / 'rgb.png')
-  assert got.shape == (8, 8) and np.all(got == round(0.587 * 100))
+  assert got.shape == (8, 8) and got[0, 0] == round(0.587 * 100)
+  assert np.all(got.ravel()[1:] == round(0.299 * 7 + 0.587 * 100))
+  rgb[..., 0] = 0
+  cv2.imwrite(str(tmp_path / 'green.png'), rgb[..., ::-1])
+  assert np.all(io.read_image(tmp_path / 'green.png') == 100)
 
 
 def test_mask_rules(tmp_path):

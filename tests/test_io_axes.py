@@ -91,15 +91,39 @@ def test_plain_stack_is_z_and_rgb_is_luminance(tmp_path):
     assert image.axes == 'ZYX' and np.array_equal(image.data, stack), name
   rgb = np.zeros((6, 7, 3), np.uint8)
   rgb[..., 0] = 200
+  rgb[2, 3] = (10, 250, 30)
   tifffile.imwrite(tmp_path / 'rgb.tif', rgb, photometric='rgb')
   image = io.read_image_file(tmp_path / 'rgb.tif')
   assert image.axes == 'YX' and image.data.dtype == np.uint8
-  assert np.all(image.data == round(0.299 * 200))
+  expected = np.round(rgb.astype(np.float32) @ np.float32([0.299, 0.587, 0.114]))
+  np.testing.assert_array_equal(image.data, expected.astype(np.uint8))
   cv2.imwrite(str(tmp_path / 'rgb.png'), rgb[..., ::-1])  # OpenCV writes BGR
   image = io.read_image_file(tmp_path / 'rgb.png')
   assert image.axes == 'YX' and image.pixel_size is None
-  assert np.all(image.data == round(0.299 * 200))
+  np.testing.assert_array_equal(image.data, expected.astype(np.uint8))
   assert io.read_image_file(tmp_path / 'rgb.png', axes='YXC').axes == 'YXC'
+
+
+def test_grey_and_single_colour_rgb_keep_their_values_and_a_channel_picks_a_colour(tmp_path):
+  grey = _ramp((6, 7)).astype(np.uint16)
+  zero = np.zeros_like(grey)
+  files = {'grey': np.stack([grey] * 3, -1), 'blue': np.stack([zero, zero, grey], -1),
+           'magenta': np.stack([grey, zero, grey, np.full_like(grey, 9)], -1)}  # + alpha
+  for name, rgb in files.items():
+    tifffile.imwrite(tmp_path / f'{name}.tif', rgb, photometric='rgb',
+                     extrasamples=['unassalpha'] if rgb.shape[-1] == 4 else None)
+    image = io.read_image_file(tmp_path / f'{name}.tif')
+    assert image.axes == 'YX' and image.data.dtype == np.uint16, name
+    np.testing.assert_array_equal(image.data, grey, err_msg=name)  # no luminance scaling
+  composite = np.stack([grey, grey[::-1], zero], -1).astype(np.uint8)  # two stains
+  cv2.imwrite(str(tmp_path / 'composite.png'), composite[..., ::-1])
+  image = io.read_image_file(tmp_path / 'composite.png', rgb_as_channels=True)
+  assert image.axes == 'YXC' and image.channel_names == ('red', 'green', 'blue')
+  planes, axes, _ = io.select_planes(image, 1, tmp_path / 'composite.png')
+  assert axes == 'YX'
+  np.testing.assert_array_equal(planes[0], composite[..., 1])
+  with pytest.raises(UserError, match=r'--channel=3: .*composite.png has 3 channel'):
+    io.select_planes(image, 3, tmp_path / 'composite.png')
 
 
 def test_unknown_axis_letter_asks_for_axes_flag(tmp_path):

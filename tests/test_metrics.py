@@ -91,6 +91,15 @@ def test_auc_known_rankings():
   assert metrics.auc(np.array([[0.5, 0.5, 0.2, 0.9]]), np.array([[1, 0, 0, 1]])) == 0.875
 
 
+def test_auc_equals_the_share_of_correctly_ordered_pairs_with_many_ties():
+  rng = np.random.default_rng(0)
+  prob = rng.integers(0, 6, (9, 11)) / 5  # six levels: ties everywhere
+  target = rng.integers(0, 2, (9, 11))
+  pos, neg = prob[target == 1], prob[target == 0]
+  pairs = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+  assert metrics.auc(prob, target) == pytest.approx(pairs.mean(), abs=1e-12)
+
+
 def test_auc_one_class_is_nan_and_valid_excludes_pixels():
   assert math.isnan(metrics.auc(np.array([[0.1, 0.9]]), np.array([[1, 1]])))
   prob = np.array([[0.1, 0.2, 0.7, 0.9, 0.95]])

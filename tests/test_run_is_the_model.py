@@ -66,6 +66,9 @@ def _write_inputs(root: pathlib.Path) -> dict:
   tifffile.imwrite(root / 'axes' / 'cells.ome.tif', hyper[0, 0], ome=True,
                    metadata={'axes': 'CYX', 'PhysicalSizeX': 0.25, 'PhysicalSizeY': 0.25,
                              'PhysicalSizeXUnit': 'µm', 'Channel': {'Name': ['DAPI', 'GFP']}})
+  # A colour composite: the plane below in green, other cells in red (--channel=1: green).
+  composite = np.stack([hyper[0, 1, 0], hyper[0, 0, 1], np.zeros_like(hyper[0, 0, 1])], -1)
+  cv2.imwrite(str(root / 'axes' / 'composite.png'), composite.astype(np.uint8)[..., ::-1])
   (root / 'plane').mkdir()  # channel 1 of the hyperstack's first T and Z, on its own
   tifffile.imwrite(root / 'plane' / 'plane.tif', hyper[0, 0, 1].astype(np.uint16) * 16)
   (root / 'noaxes').mkdir()
@@ -223,6 +226,9 @@ def test_axes_channels_and_pixel_size_are_read_and_written_back(cli):
   alone = tifffile.imread(root / 'o_plane' / 'plane_prob.tif')
   np.testing.assert_allclose(tifffile.imread(root / 'o_axes' / 'hyper_prob.tif')[0, 0],
                              alone, atol=1e-6)
+  # --channel=1 of an RGB image is its green: the same plane, in 8 bits.
+  np.testing.assert_allclose(tifffile.imread(root / 'o_axes' / 'composite_prob.tif'), alone,
+                             atol=1e-6)
   # A file without metadata: --axes=CYX --channel=1 picks the same plane (its 8-bit copy).
   _ok(results['noaxes'])
   assert tifffile.imread(root / 'o_noaxes' / 'raw_mask.tif').shape == (48, 64)

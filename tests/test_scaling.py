@@ -27,6 +27,8 @@ def test_scaling_harness_over_one_and_two_fake_devices():
   assert report['platform'] == 'cpu' and 'not a speed measurement' in report['note']
   assert [(r['num_devices'], r['global_batch']) for r in report['weak']] == [(1, 2), (2, 4)]
   assert [(r['num_devices'], r['global_batch']) for r in report['strong']] == [(1, 4), (2, 4)]
+  # 2 devices x batch 4 is a point of both: timed once.
+  assert report['weak'][1]['images_per_s'] == report['strong'][1]['images_per_s']
   for mode in ('weak', 'strong'):
     rows = report[mode]
     assert rows[0]['efficiency'] == pytest.approx(1.0)

@@ -7,9 +7,14 @@ of shape (N, Y, X) for a 2-D model; `restore_axes` puts per-plane outputs back i
 image's layout.
 
 Axis rules (tifffile's letters -> ours):
-  * 'S' (samples): 3 or 4 samples are RGB(A) and become one luminance plane (0.299 R +
-    0.587 G + 0.114 B, alpha ignored) with a one-time warning; 1 sample is dropped; any
-    other count (2, 5+) is treated as channels 'C' when the file has no 'C' axis.
+  * 'S' (samples): 3 or 4 samples are RGB(A) (alpha ignored) and become one plane: grey
+    stored as RGB (equal channels) gives that grey, and a single-colour image (the channels
+    with signal are equal, the others zero: a blue DAPI, a green GFP, a magenta LUT) gives
+    its colour channel, both exactly; any other RGB image (a colour composite, a stain)
+    gives its luminance (0.299 R + 0.587 G + 0.114 B) with a one-time warning. When the
+    caller picks a channel (predict's --channel=N), the samples are channels 'C' instead
+    (0 red, 1 green, 2 blue). 1 sample is dropped; any other count (2, 5+) is treated as
+    channels 'C' when the file has no 'C' axis.
   * 'I' and 'Q' (image sequence / generic planes, e.g. a plain 3-D TIFF without metadata):
     exactly one such axis in a file without 'Z' becomes 'Z', since stacks are predicted
     plane by plane anyway.
@@ -67,7 +72,8 @@ class ImageFile:
     axes: uppercase letters from 'TZCYX', no repeats, always containing Y and X (not
       necessarily last when the user's --axes= put them elsewhere).
     pixel_size: micrometres per pixel along X; None when unknown.
-    channel_names: OME channel names, one per entry of the C axis; () when absent.
+    channel_names: one name per entry of the C axis (OME's; red, green, blue for RGB
+      samples read as channels); () when absent.
     ome: whether the file was an OME-TIFF.
   """
   data: np.ndarray
@@ -81,12 +87,21 @@ def _one_line(error: Exception) -> str:
   return ' '.join(str(error).split())
 
 
-def _luminance(array: np.ndarray, axis: int, path: pathlib.Path) -> np.ndarray:
-  """RGB(A) samples along `axis` (3 or 4 long) -> one luminance value; the axis is removed."""
+def _rgb_to_one_channel(array: np.ndarray, axis: int, path: pathlib.Path) -> np.ndarray:
+  """RGB(A) samples along `axis` (3 or 4 long) -> one plane (module doc); the axis is removed.
+
+  Grey stored as RGB and single-colour images give their one channel unchanged; other RGB
+  images give their luminance, with a one-time warning.
+  """
   global _warned_rgb
+  channels = np.moveaxis(array, axis, 0)[:3]
+  lit = [c for c in channels if c.any()]  # the channels that carry signal
+  if not lit or all(np.array_equal(c, lit[0]) for c in lit[1:]):
+    return np.ascontiguousarray(lit[0] if lit else channels[0])
   if not _warned_rgb:
-    logging.warning('%s: RGB image converted to one channel (luminance); later RGB '
-                    'images are converted silently.', path)
+    logging.warning('%s: RGB image converted to one channel (luminance); later RGB images '
+                    'are converted silently. To segment one colour instead, predict with '
+                    '--channel=N (0 red, 1 green, 2 blue).', path)
     _warned_rgb = True
   rgb = np.moveaxis(array, axis, -1)[..., :3].astype(np.float32)
   gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
@@ -139,12 +154,17 @@ def check_axes_flag(axes: str, shape: tuple[int, ...] | None = None,
                   'T, Z, C, Y, X')
 
 
-def _map_axes(data: np.ndarray, axes: str, path: pathlib.Path) -> tuple[np.ndarray, str]:
-  """Turns tifffile's (or the user's) axis letters into letters from 'TZCYX' (module doc)."""
+def _map_axes(data: np.ndarray, axes: str, path: pathlib.Path,
+              rgb_as_channels: bool = False) -> tuple[np.ndarray, str]:
+  """Turns tifffile's (or the user's) axis letters into letters from 'TZCYX' (module doc);
+  with `rgb_as_channels` RGB(A) samples become channels 'C' (red, green, blue; alpha
+  dropped) when the file has no 'C' axis."""
   if 'S' in axes:
     i, samples = axes.index('S'), data.shape[axes.index('S')]
-    if samples in (3, 4):
-      data, axes = _luminance(data, i, path), axes[:i] + axes[i + 1:]
+    if samples in (3, 4) and rgb_as_channels and 'C' not in axes:
+      data, axes = np.take(data, [0, 1, 2], axis=i), axes.replace('S', 'C')
+    elif samples in (3, 4):
+      data, axes = _rgb_to_one_channel(data, i, path), axes[:i] + axes[i + 1:]
     elif samples == 1:
       data, axes = np.squeeze(data, i), axes[:i] + axes[i + 1:]
     elif 'C' not in axes:
@@ -259,12 +279,15 @@ def _read_opencv(path: pathlib.Path) -> tuple[np.ndarray, str]:
   return np.ascontiguousarray(array), 'YXS' if array.ndim == 3 else 'YX'
 
 
-def read_image_file(path: str | os.PathLike, axes: str | None = None) -> ImageFile:
+def read_image_file(path: str | os.PathLike, axes: str | None = None,
+                    rgb_as_channels: bool = False) -> ImageFile:
   """Reads an image with its axes, pixel size and channel names (rules in the module doc).
 
   Args:
     path: a TIFF (tifffile's first series) or a PNG/JPEG/BMP file.
     axes: the user's --axes= value, replacing the file's axes; None keeps the file's.
+    rgb_as_channels: RGB(A) samples become channels named red, green and blue (when the
+      caller will pick one), not one plane.
   Returns:
     An ImageFile; data keeps its native dtype except bool, which becomes uint8.
   Raises:
@@ -288,12 +311,15 @@ def read_image_file(path: str | os.PathLike, axes: str | None = None) -> ImageFi
   elif len(file_axes) != data.ndim:  # tifffile never does this; guard the reshape below.
     raise UserError(f'{path}: cannot interpret the axes {file_axes} of shape {data.shape}; '
                     'give one letter per dimension with --axes= (from T, Z, C, Y, X)')
-  data, file_axes = _map_axes(data, file_axes, path)
+  rgb = 'S' in file_axes and 'C' not in file_axes and rgb_as_channels
+  data, file_axes = _map_axes(data, file_axes, path, rgb_as_channels)
   if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
     raise UserError(f'{path}: image contains NaN or inf values')
   if data.dtype == np.bool_:
     data = data.astype(np.uint8)
   channels = data.shape[file_axes.index('C')] if 'C' in file_axes else 0
+  if rgb and channels == 3:
+    names = ('red', 'green', 'blue')
   names = tuple(names) if len(names) == channels else ()
   return ImageFile(data, file_axes, pixel_size, names, ome)
 
