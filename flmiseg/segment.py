@@ -74,7 +74,8 @@ def default_axes(shape: tuple[int, ...], channel: int | None, rgb: bool = False)
   them planes (Z, then T before Z), predicted one by one. With a channel chosen, the channel
   axis is the last when it is short (at most MAX_LAST_CHANNELS, shorter than Y and X: YXC),
   else the first (CYX, CZYX). `rgb`: the last axis holds RGB(A) samples (napari's RGB
-  layers), made one plane ('S', imagefile's rule), or one of them segmented when a channel is chosen ('C').
+  layers), made one plane ('S', imagefile's rule), or one of them segmented when a channel
+  is chosen ('C').
   Raises UserError when more than two plane axes would remain.
   """
   ndim = len(shape)
