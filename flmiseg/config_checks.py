@@ -167,6 +167,7 @@ RULES: dict[str, Rule] = {
     'data.flips': boolean,
     'data.augment': augment,
     'data.ignore_value': ignore_value,
+    'data.channel': integer(-1, note=' (a channel number; -1: single-channel images)'),
     'data.num_workers': integer(0),
     'model.name': text,  # resolved with the variant, fusion and backbone in create_model
     'model.variant': text,

@@ -39,8 +39,8 @@ STATS_FILE = 'input_stats.json'
 # authors and license only describe the model (its exported package), so export may set them.
 INFERENCE_FIELDS = ('eval.', 'data.test_list', 'data.source', 'data.synthetic_dir',
                     'data.synthetic_params', 'data.num_synthetic_test', 'data.ignore_value',
-                    'data.num_workers', 'train.log_every_steps', 'train.resume_mismatch',
-                    'authors', 'license')
+                    'data.channel', 'data.num_workers', 'train.log_every_steps',
+                    'train.resume_mismatch', 'authors', 'license')
 # Fields (prefixes) that define the network and what it sees.
 MODEL_FIELDS = ('model.', 'data.kind', 'data.normalization', 'data.pixel_size',
                 'data.crop_size', 'train.dtype')

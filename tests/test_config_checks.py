@@ -91,6 +91,8 @@ BAD = {
     'data__ignore_value': (0, 'config.data.ignore_value=0: must be -1 (none) or a positive '
                            'integer mask value (e.g. 2) marking unlabelled pixels'),
     'data__num_workers': (-1, 'config.data.num_workers=-1: must be an integer >= 0'),
+    'data__channel': (-2, 'config.data.channel=-2: must be an integer >= -1 (a channel '
+                      'number; -1: single-channel images)'),
     'model__width': (0, 'config.model.width=0: must be an integer >= 1'),
     'model__num_classes': (2, 'config.model.num_classes=2: must be 1 (one foreground logit)'),
     'model__fusion_kwargs': (8, 'config.model.fusion_kwargs=8: must be a section of fields '

@@ -11,9 +11,11 @@ import tifffile
 from flmiseg.data import dataset
 from flmiseg.data import io
 from flmiseg.data import lists
+from flmiseg.data import loader
 from flmiseg.data import pipeline
 from flmiseg.data import preprocess
 from flmiseg.errors import UserError
+from tests import helpers
 
 
 def _write_pair(folder, name, image, mask, suffix='.tif'):
@@ -183,6 +185,35 @@ def test_prepare_caches_and_checks(pair_dir, tmp_path):
   cached = sorted((tmp_path / 'cache').iterdir())
   again = dataset.prepare(pairs, 'auto', 'er', tmp_path / 'cache')
   assert again.files == source.files and sorted((tmp_path / 'cache').iterdir()) == cached
+
+
+def test_prepare_reads_the_configured_channel_and_caches_each_apart(tmp_path):
+  rng = np.random.default_rng(0)
+  two = rng.integers(0, 4000, (2, 16, 16)).astype(np.uint16)  # CYX: two different stains
+  mask = (two[1] > 2000).astype(np.uint8) * 255
+  folder = tmp_path / 'd'
+  image_path, _ = _write_pair(folder, 'x', two[0], mask)
+  io.write_tiff(image_path, two, axes='CYX')
+  (folder / 'l.txt').write_text('images/x.tif masks/x.tif\n')
+  pairs = lists.read_list(folder / 'l.txt')
+  with pytest.raises(UserError, match=r'x.tif: 2 channels .*--config.data.channel=N'):
+    dataset.prepare(pairs, 'percentile', 'er', tmp_path / 'c')
+  for channel in (1, 0):
+    source = dataset.prepare(pairs, 'percentile', 'er', tmp_path / 'c', channel=channel)
+    np.testing.assert_array_equal(source[0]['image'],
+                                  preprocess.normalize(two[channel], 'percentile', 'er'))
+  assert len({p.name.split('_')[0] for p in (tmp_path / 'c').iterdir()}) == 2
+  # Through the config: training, validation and test sets read config.data.channel.
+  image_path, _ = _write_pair(folder, 'y', two[0], mask)
+  io.write_tiff(image_path, two, axes='CYX')
+  for name in ('train', 'test'):
+    (folder / f'{name}.txt').write_text('images/x.tif masks/x.tif\nimages/y.tif masks/y.tif\n')
+  config = helpers.tiny_config(folder, **{'data.channel': 0, 'data.crop_size': 16,
+                                          'data.normalization': 'percentile'})
+  data = loader.load(config, tmp_path / 'c')
+  for source in (data.train, data.val, data.test):
+    np.testing.assert_array_equal(source[0]['image'], preprocess.normalize(two[0],
+                                                                           'percentile', 'er'))
 
 
 def test_prepare_shape_mismatch_and_empty_foreground(tmp_path):

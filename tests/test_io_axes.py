@@ -220,7 +220,19 @@ def test_read_image_keeps_its_contract(tmp_path):
   _raises(lambda: io.read_image(tmp_path / 'tz.tif'), 'tz.tif: expected a 2-D image')
   io.write_tiff(tmp_path / 'x.tif', _ramp((2, 8, 8)), axes='CYX')
   _raises(lambda: io.read_image(tmp_path / 'x.tif'),
-          'x.tif: 2 channels (CYX, shape (2, 8, 8)); training takes single-channel images')
+          'x.tif: 2 channels (CYX, shape (2, 8, 8)); choose one for training with '
+          '--config.data.channel=N')
+  np.testing.assert_array_equal(io.read_image(tmp_path / 'x.tif', channel=1),
+                                _ramp((2, 8, 8))[1])
+  _raises(lambda: io.read_image(tmp_path / 'x.tif', channel=2),
+          'x.tif: 2 channel(s); config.data.channel=2 needs at least 3')
+  assert np.array_equal(io.read_image(tmp_path / 'one.tif', channel=0),
+                        io.read_image(tmp_path / 'one.tif'))
+  _raises(lambda: io.read_image(tmp_path / 'one.tif', channel=1),
+          'one.tif: 1 channel(s); config.data.channel=1 needs at least 2')
+  rgb = np.stack([_ramp((8, 8)), _ramp((8, 8)).T, np.zeros((8, 8), np.uint16)], -1)
+  tifffile.imwrite(tmp_path / 'rgb.tif', rgb, photometric='rgb')
+  np.testing.assert_array_equal(io.read_image(tmp_path / 'rgb.tif', channel=1), rgb[..., 1])
   _raises(lambda: io.read_mask(tmp_path / 'x.tif'), 'x.tif: 2 channels')
   tifffile.imwrite(tmp_path / 'b.tif', np.eye(4, dtype=bool))
   got = io.read_image(tmp_path / 'b.tif')

@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A mask value (e.g. 2) whose pixels are excluded from the loss and the metrics (sparse
   # labels: unlabelled pixels); -1: none, every nonzero mask pixel is foreground.
   data.ignore_value = -1
+  # The channel (0-based) that training, validation and test images are read from when they
+  # have several (multi-channel TIFFs; RGB images: 0 red, 1 green, 2 blue); -1: images must
+  # have one channel (RGB ones become one, flmiseg/data/imagefile.py). Masks have one.
+  data.channel = -1
   data.num_workers = 0  # grain worker processes for the training pipeline (0: in-process).
 
   config.model = model = ml_collections.ConfigDict()

@@ -112,8 +112,9 @@ class PreparedSource:
                           pick(self.ignored), pick(self.labels), pick(self.distance))
 
 
-def _cache_key(pair: lists.Pair, method: str, ignore_value: int) -> str:
-  parts = [str(CACHE_VERSION), method, str(ignore_value)]
+def _cache_key(pair: lists.Pair, method: str, ignore_value: int, channel: int) -> str:
+  parts = [str(CACHE_VERSION), method, str(ignore_value)] + (
+      [f'channel {channel}'] if channel >= 0 else [])  # keys of older caches stay valid
   for path in (pair.image, pair.mask):
     stat = path.stat()
     parts += [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
@@ -121,11 +122,11 @@ def _cache_key(pair: lists.Pair, method: str, ignore_value: int) -> str:
 
 
 def _cache_files(pair: lists.Pair, method: str, cache_dir: pathlib.Path,
-                 ignore_value: int) -> tuple[pathlib.Path, ...]:
+                 ignore_value: int, channel: int = -1) -> tuple[pathlib.Path, ...]:
   """The cache files (image, mask, ignored map, labels, distance target) of a pair: named by
   a hash, always directly in cache_dir. The ignored map exists only for masks with ignored
   pixels, the labels only for label images, the distance only once asked for."""
-  key = _cache_key(pair, method, ignore_value)
+  key = _cache_key(pair, method, ignore_value, channel)
   return tuple(cache_dir / f'{key}_{part}.npy'
                for part in ('image', 'mask', 'ignored', 'labels', 'distance'))
 
@@ -162,21 +163,21 @@ def _present(path: pathlib.Path) -> str:
 
 
 def _prepare_one(pair: lists.Pair, method: str, kind: str, cache_dir: pathlib.Path,
-                 ignore_value: int, instance_targets: bool) -> tuple:
+                 ignore_value: int, instance_targets: bool, channel: int) -> tuple:
   """Reads, checks, normalises and caches one pair.
 
   Returns (image file, mask file, shape, foreground pixel count, ignored-map file or '',
   labels file or '', distance file or '').
   """
   image_file, mask_file, ignored_file, labels_file, distance_file = _cache_files(
-      pair, method, cache_dir, ignore_value)
+      pair, method, cache_dir, ignore_value, channel)
   if image_file.exists() and mask_file.exists():
     with _HEADER_LOCK:
       mask = np.load(mask_file, mmap_mode='r')
     shape, count = mask.shape, int(mask.sum())
   else:
     try:
-      image = io.read_image(pair.image)
+      image = io.read_image(pair.image, channel=channel if channel >= 0 else None)
       raw = io.read_image(pair.mask)
       mask = io.binarize_mask(raw, ignore_value)
     except UserError as e:
@@ -203,13 +204,16 @@ def _prepare_one(pair: lists.Pair, method: str, kind: str, cache_dir: pathlib.Pa
 
 def prepare(pairs: list[lists.Pair], normalization: str, kind: str,
             cache_dir, require_foreground: bool = True,
-            ignore_value: int = -1, instance_targets: bool = False) -> PreparedSource:
+            ignore_value: int = -1, instance_targets: bool = False,
+            channel: int = -1) -> PreparedSource:
   """Validates, normalises and caches `pairs`; returns a PreparedSource over them.
 
   ignore_value: a mask value whose pixels are unlabelled (excluded from losses and metrics;
   see the module docstring); -1: none, every nonzero pixel is foreground.
   instance_targets: also cache the instance head's distance targets (training sets of a
   model with config.model.instance_head).
+  channel: the channel of multi-channel images to read (config.data.channel); -1: images
+  must have one.
   """
   method = preprocess.resolve(normalization, kind)
   ignore_value = check_ignore_value(ignore_value)
@@ -219,7 +223,7 @@ def prepare(pairs: list[lists.Pair], normalization: str, kind: str,
   except OSError as e:
     raise UserError(f'{cache_dir}: cannot create the preprocessing cache ({e.strerror})') from e
   missing = [p for p in pairs if not all(
-      f.exists() for f in _cache_files(p, method, cache_dir, ignore_value)[:2])]
+      f.exists() for f in _cache_files(p, method, cache_dir, ignore_value, channel)[:2])]
   # With an ignore value, a mask may add a uint8 ignored map: one more byte per pixel.
   # Instance targets add a float32 distance map, and most likely int32 labels.
   per_pixel_extra = (1 if ignore_value >= 0 else 0) + (8 if instance_targets else 0)
@@ -229,7 +233,7 @@ def prepare(pairs: list[lists.Pair], normalization: str, kind: str,
   workers = min(8, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     results = list(pool.map(lambda p: _prepare_one(p, method, kind, cache_dir, ignore_value,
-                                                   instance_targets), pairs))
+                                                   instance_targets, channel), pairs))
   # The cached masks are 0 on ignored pixels: only real foreground counts.
   if require_foreground and sum(r[3] for r in results) == 0:
     origin = pairs[0].origin.rsplit(' line ', 1)[0]

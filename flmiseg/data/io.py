@@ -37,21 +37,35 @@ _OME_DTYPES = frozenset(np.dtype(t) for t in (
     'bool', 'int8', 'uint8', 'int16', 'uint16', 'int32', 'uint32', 'float32', 'float64'))
 
 
-def read_image(path: str | os.PathLike, allow_stack: bool = False) -> np.ndarray:
+def read_image(path: str | os.PathLike, allow_stack: bool = False,
+               channel: int | None = None) -> np.ndarray:
   """Reads a single-channel image, (H, W) in its native dtype (bool becomes uint8).
 
   Axes of size 1 other than Y and X are dropped. With allow_stack=True an image with more
   planes (Z, T, ...) is returned as (planes, H, W), its non-YX axes flattened in C order.
+  With `channel` (config.data.channel) that channel of a multi-channel image is read (an
+  RGB image's channels are red, green, blue); an image with one channel is read whole for
+  channel 0.
   Raises UserError naming the file when it is missing, unreadable, empty, has several
-  channels, is a stack without allow_stack, or holds NaN/inf values.
+  channels (without `channel`) or fewer than `channel` + 1, is a stack without allow_stack,
+  or holds NaN/inf values.
   """
   path = pathlib.Path(path)
-  image = read_image_file(path)
+  image = read_image_file(path, rgb_as_channels=channel is not None)
+  if channel is not None:
+    count = image.data.shape[image.axes.index('C')] if 'C' in image.axes else 1
+    if channel >= count:
+      raise UserError(f'{path}: {count} channel(s); config.data.channel={channel} needs at '
+                      f'least {channel + 1}')
+    if 'C' in image.axes:
+      image = ImageFile(np.take(image.data, channel, axis=image.axes.index('C')),
+                        image.axes.replace('C', ''), image.pixel_size)
   keep = [i for i, a in enumerate(image.axes) if a in 'YX' or image.data.shape[i] > 1]
   shape = tuple(image.data.shape[i] for i in keep)
   axes = ''.join(image.axes[i] for i in keep)
   if 'C' in axes:
-    what = 'stacks take --channel=N' if allow_stack else 'training takes single-channel images'
+    what = ('stacks take --channel=N' if allow_stack else
+            'choose one for training with --config.data.channel=N')
     raise UserError(f'{path}: {shape[axes.index("C")]} channels ({axes}, shape {shape}); '
                     f'{what}')
   if len(axes) > 2 and not allow_stack:

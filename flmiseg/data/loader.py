@@ -114,7 +114,8 @@ def load(config, cache_dir, need_train: bool = True) -> Datasets:
   prep = lambda spec, train: dataset.prepare(  # pylint: disable=g-long-lambda
       lists.load_pairs(spec), data_cfg.normalization, data_cfg.kind, cache_dir,
       require_foreground=train, ignore_value=data_cfg.ignore_value,
-      instance_targets=train and bool(config.model.get('instance_head')))
+      instance_targets=train and bool(config.model.get('instance_head')),
+      channel=data_cfg.channel)
   train = val = None
   if need_train:
     train, val = dataset.split_validation(prep(train_spec, True), data_cfg.val_fraction,
