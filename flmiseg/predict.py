@@ -7,7 +7,8 @@ RUN is a trained run directory: its config.json decides the model and the prepro
 PATH is an image file, a folder (its image files, not recursive) or a glob ('data/*.tif') of
 8/16-bit or float TIFF (plain, ImageJ hyperstack or OME-TIFF) or PNG images of any size.
 Axes come from the file's OME/ImageJ metadata (`--axes` for files without); a multi-channel
-image needs `--channel`; Z and T planes are predicted plane by plane and written back with the
+image needs `--channel`, unless the model was trained on one channel of such images
+(config.data.channel: the default); Z and T planes are predicted plane by plane and written back with the
 same axes. For each input `<name>.<ext>` (`<name>.ome.tif` too) OUT receives:
   <name>_mask.tif      uint8 0/255, the input's shape without its channel axis;
   <name>_overlay.png   the image (1-99.8 percentile display range; the middle plane of a
@@ -336,9 +337,17 @@ def image_warning(path, stats: list[dict], mask: np.ndarray, training: dict | No
 def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathlib.Path,
                  options: Options, threshold: float, training: dict | None) -> list[str]:
   """Predicts one file and writes its outputs; returns its warning lines."""
-  image = io.read_image_file(path, options.axes or None,
-                             rgb_as_channels=options.channel is not None)
-  planes, out_axes, out_shape = io.select_planes(image, options.channel, path)
+  trained_channel = predictor.config.data.channel  # -1: trained on single-channel images
+  image = io.read_image_file(path, options.axes or None, rgb_as_channels=(
+      options.channel is not None or trained_channel >= 0))
+  channel = options.channel
+  if channel is None and trained_channel >= 0 and 'C' in image.axes:
+    count = image.data.shape[image.axes.index('C')]
+    if trained_channel >= count:
+      raise UserError(f'{path}: {count} channel(s), but the model was trained on channel '
+                      f'{trained_channel} (config.data.channel); choose one with --channel=N')
+    channel = trained_channel
+  planes, out_axes, out_shape = io.select_planes(image, channel, path)
   pixel_size = options.pixel_size or image.pixel_size
   factor = rescale_factor(pixel_size, predictor.config.data.pixel_size or None,
                           options.rescale)

@@ -10,6 +10,7 @@ import tifffile
 from flmiseg import inference
 from flmiseg import instances
 from flmiseg import predict
+from flmiseg.data import io
 from flmiseg.errors import UserError
 
 
@@ -100,6 +101,33 @@ def test_connected_components_min_size():
 
 def _options(tmp_path, **kw):
   return predict.Options(input=str(kw.pop('input')), output=str(kw.pop('output')), **kw)
+
+
+def test_a_model_trained_on_one_channel_predicts_that_channel_by_default(trained, tmp_path):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.data.channel = 1  # as if trained with --config.data.channel=1
+  rng = np.random.default_rng(3)
+  two = rng.integers(0, 60, size=(2, 40, 50)).astype(np.uint8)
+  two[1, 10:20, 10:30] = 220
+  src = tmp_path / 'in'
+  src.mkdir()
+  io.write_tiff(src / 'two.tif', two, axes='CYX')
+  tifffile.imwrite(src / 'plane.tif', two[1])  # one channel: predicted as it is
+  predict.run(config, workdir, _options(tmp_path, input=src, output=tmp_path / 'out',
+                                        save_prob=True))
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / 'out' / 'two_prob.tif'),
+                                tifffile.imread(tmp_path / 'out' / 'plane_prob.tif'))
+  predict.run(config, workdir, _options(tmp_path, input=src / 'two.tif', channel=0,
+                                        output=tmp_path / 'out0', save_prob=True))
+  assert not np.array_equal(tifffile.imread(tmp_path / 'out0' / 'two_prob.tif'),
+                            tifffile.imread(tmp_path / 'out' / 'two_prob.tif'))
+  config.data.channel = 2
+  with pytest.raises(UserError, match=r'two.tif: 2 channel\(s\), but the model was trained on '
+                     r'channel 2 \(config.data.channel\); choose one with --channel=N$'):
+    predict.run(config, workdir, _options(tmp_path, input=src / 'two.tif',
+                                          output=tmp_path / 'out2'))
+  assert not (tmp_path / 'out2').exists()
 
 
 def test_predict_any_size_and_stacks(trained, tmp_path):
