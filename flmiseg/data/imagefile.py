@@ -100,8 +100,8 @@ def _rgb_to_one_channel(array: np.ndarray, axis: int, path: pathlib.Path) -> np.
     return np.ascontiguousarray(lit[0] if lit else channels[0])
   if not _warned_rgb:
     logging.warning('%s: RGB image converted to one channel (luminance); later RGB images '
-                    'are converted silently. To segment one colour instead, predict with '
-                    '--channel=N (0 red, 1 green, 2 blue).', path)
+                    'are converted silently. To use one colour instead: --channel=N (predict) '
+                    'or --config.data.channel=N (training), 0 red, 1 green, 2 blue.', path)
     _warned_rgb = True
   rgb = np.moveaxis(array, axis, -1)[..., :3].astype(np.float32)
   gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
