@@ -12,9 +12,9 @@ Axis rules (tifffile's letters -> ours):
     with signal are equal, the others zero: a blue DAPI, a green GFP, a magenta LUT) gives
     its colour channel, both exactly; any other RGB image (a colour composite, a stain)
     gives its luminance (0.299 R + 0.587 G + 0.114 B) with a one-time warning. When the
-    caller picks a channel (predict's --channel=N), the samples are channels 'C' instead
-    (0 red, 1 green, 2 blue). 1 sample is dropped; any other count (2, 5+) is treated as
-    channels 'C' when the file has no 'C' axis.
+    caller picks a channel (--channel=N, config.data.channel), the samples are channels 'C'
+    instead (0 red, 1 green, 2 blue). 1 sample is dropped; any other count (2, 5+) is
+    treated as channels 'C' when the file has no 'C' axis.
   * 'I' and 'Q' (image sequence / generic planes, e.g. a plain 3-D TIFF without metadata):
     exactly one such axis in a file without 'Z' becomes 'Z', since stacks are predicted
     plane by plane anyway.
