@@ -123,13 +123,18 @@ def gaussian_weight(tile: int) -> np.ndarray:
 
 def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch_size: int,
                    progress: bool = False,
-                   on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+                   on_batch: Callable[[int, int], None] | None = None,
+                   batch_multiple: int = 0) -> np.ndarray:
   """Outputs (H, W, C) of a normalised (H, W) image by blended overlapping tiles.
 
   probs_of maps a (batch_size, tile, tile, 1) float32 array to outputs (batch_size, tile,
   tile, C) (C = 1: the foreground probability; 2 with an instance head). Images smaller than
   a tile are zero-padded, as in training. `progress` shows a console bar of the tiles;
   `on_batch(tiles done, tiles in all)` is called after each batch (a GUI's progress bar).
+  With `batch_multiple` (the devices' count), a last batch that padding to batch_size would
+  leave more than a quarter of the image's computation empty (a 256x256 image: 9 tiles of
+  128 in batches of 8) holds only its tiles, rounded up to a multiple of it: probs_of then
+  sees that smaller batch too (a jitted one compiles it once).
   """
   h, w = image.shape
   ph, pw = max(h, tile), max(w, tile)
@@ -142,9 +147,14 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
   norm = np.zeros((ph, pw), np.float32)
   bar = tqdm.tqdm(total=len(corners), desc='tiles', unit='tile', leave=False,
                   disable=not progress or len(corners) <= batch_size)
+  computed = math.ceil(len(corners) / batch_size) * batch_size
   for start in range(0, len(corners), batch_size):
     chunk = corners[start:start + batch_size]
-    tiles = np.zeros((batch_size, tile, tile, 1), np.float32)
+    size = batch_size
+    if batch_multiple and len(chunk) < batch_size:
+      trimmed = math.ceil(len(chunk) / batch_multiple) * batch_multiple
+      size = trimmed if 4 * (batch_size - trimmed) > computed else batch_size
+    tiles = np.zeros((size, tile, tile, 1), np.float32)
     for j, (y, x) in enumerate(chunk):
       tiles[j, ..., 0] = padded[y:y + tile, x:x + tile]
     probs = np.asarray(probs_of(tiles))

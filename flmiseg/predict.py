@@ -272,6 +272,7 @@ class Predictor:
   tile: int
   overlap: float
   batch_size: int
+  batch_multiple: int = 0  # a short last batch of tiles, rounded to this (sliding_window)
 
   def plane(self, raw: np.ndarray, factor: float = 1.0,
             on_batch=None) -> tuple[np.ndarray, dict]:
@@ -285,7 +286,8 @@ class Predictor:
     data = self.config.data
     normalised = preprocess.normalize(scaled, data.normalization, data.kind)
     prob = inference.sliding_window(self.probs_of, normalised, self.tile, self.overlap,
-                                    self.batch_size, progress=True, on_batch=on_batch)
+                                    self.batch_size, progress=True, on_batch=on_batch,
+                                    batch_multiple=self.batch_multiple)
     if factor != 1.0:
       prob = np.stack([np.clip(resize(c, (h, w)), 0.0, 1.0) for c in np.moveaxis(prob, -1, 0)],
                       axis=-1)
@@ -390,7 +392,8 @@ def make_predictor(config, state, mesh, options: Options) -> Predictor:
   return Predictor(
       inference.prob_fn(state, mesh, options.tta), config,
       options.tile or config.data.crop_size, options.overlap,
-      inference.round_up_batch(options.batch_size or config.eval.batch_size, mesh.size))
+      inference.round_up_batch(options.batch_size or config.eval.batch_size, mesh.size),
+      batch_multiple=mesh.size)
 
 
 def load_predictor(config, workdir, options: Options) -> tuple[Predictor, int]:

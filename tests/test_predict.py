@@ -54,6 +54,22 @@ def test_sliding_window_equals_whole_image_for_pointwise_model():
   np.testing.assert_allclose(tiled[..., 0], _sigmoid(image), rtol=0, atol=1e-6)
 
 
+def test_a_short_last_batch_holds_only_its_tiles_when_padding_would_waste_much():
+  seen = []
+  def probs_of(tiles):
+    seen.append(len(tiles))
+    return _sigmoid(tiles)
+  rng = np.random.default_rng(2)
+  for side, expected in ((256, [8, 2]), (1024, [8] * 16)):  # 9 tiles; 121 tiles
+    image = rng.normal(size=(side, side)).astype(np.float32)
+    padded = inference.sliding_window(probs_of, image, tile=128, overlap=0.25, batch_size=8)
+    seen.clear()
+    trimmed = inference.sliding_window(probs_of, image, tile=128, overlap=0.25, batch_size=8,
+                                       batch_multiple=2)
+    assert seen == expected, side
+    np.testing.assert_array_equal(trimmed, padded)
+
+
 def test_sliding_window_exact_away_from_tile_seams():
   """A 3x3 mean filter (zero padding) tiled equals the whole-image filter except within one
   pixel of a tile's inner edge, and there it differs only by the blending's tiny weight."""
