@@ -8,8 +8,9 @@ PATH is an image file, a folder (its image files, not recursive) or a glob ('dat
 8/16-bit or float TIFF (plain, ImageJ hyperstack or OME-TIFF) or PNG images of any size.
 Axes come from the file's OME/ImageJ metadata (`--axes` for files without); a multi-channel
 image needs `--channel`, unless the model was trained on one channel of such images
-(config.data.channel: the default); Z and T planes are predicted plane by plane and written back with the
-same axes. For each input `<name>.<ext>` (`<name>.ome.tif` too) OUT receives:
+(config.data.channel, then the default; RGB images take a colour only from `--channel`); Z
+and T planes are predicted plane by plane and written back with the same axes. For each
+input `<name>.<ext>` (`<name>.ome.tif` too) OUT receives:
   <name>_mask.tif      uint8 0/255, the input's shape without its channel axis;
   <name>_overlay.png   the image (1-99.8 percentile display range; the middle plane of a
                        stack) with the mask's contour in yellow;
@@ -339,9 +340,9 @@ def image_warning(path, stats: list[dict], mask: np.ndarray, training: dict | No
 def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathlib.Path,
                  options: Options, threshold: float, training: dict | None) -> list[str]:
   """Predicts one file and writes its outputs; returns its warning lines."""
+  image = io.read_image_file(path, options.axes or None,
+                             rgb_as_channels=options.channel is not None)
   trained_channel = predictor.config.data.channel  # -1: trained on single-channel images
-  image = io.read_image_file(path, options.axes or None, rgb_as_channels=(
-      options.channel is not None or trained_channel >= 0))
   channel = options.channel
   if channel is None and trained_channel >= 0 and 'C' in image.axes:
     count = image.data.shape[image.axes.index('C')]
