@@ -106,6 +106,24 @@ def test_rgb_becomes_one_channel(tmp_path):
   assert np.all(io.read_image(tmp_path / 'green.png') == 100)
 
 
+def test_a_colour_coded_mask_keeps_every_object_apart(tmp_path):
+  rgb = np.zeros((12, 12, 3), np.uint8)
+  rgb[1:4, 1:4] = (255, 0, 0)
+  rgb[1:4, 6:9] = (0, 255, 0)
+  rgb[6:9, 1:4] = (0, 0, 2)  # nearly black: its luminance rounds to 0
+  rgb[6:9, 6:9] = (76, 0, 0)  # dark red
+  cv2.imwrite(str(tmp_path / 'colours.png'), rgb[..., ::-1])  # OpenCV writes BGR
+  values = io.read_mask_values(tmp_path / 'colours.png')
+  assert values.dtype == np.uint16 and sorted(np.unique(values)) == [0, 1, 2, 3, 4]
+  for box in ((1, 1), (1, 6), (6, 1), (6, 6)):  # one label per object, one object per label
+    label = values[box]
+    assert label > 0 and np.array_equal(values == label, np.all(rgb == rgb[box], axis=-1))
+  np.testing.assert_array_equal(io.read_mask(tmp_path / 'colours.png'), rgb.any(axis=-1))
+  grey = np.stack([rgb[..., 0]] * 3, -1)  # grey as RGB: its values, as read_image gives them
+  cv2.imwrite(str(tmp_path / 'grey.png'), grey)
+  np.testing.assert_array_equal(io.read_mask_values(tmp_path / 'grey.png'), rgb[..., 0])
+
+
 def test_mask_rules(tmp_path):
   labels = np.array([[0, 255, 1], [7, 0, 65535]], np.uint16)
   tifffile.imwrite(tmp_path / 'm.tif', labels)

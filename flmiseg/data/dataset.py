@@ -178,7 +178,7 @@ def _prepare_one(pair: lists.Pair, method: str, kind: str, cache_dir: pathlib.Pa
   else:
     try:
       image = io.read_image(pair.image, channel=channel if channel >= 0 else None)
-      raw = io.read_image(pair.mask)
+      raw = io.read_mask_values(pair.mask)
       mask = io.binarize_mask(raw, ignore_value)
     except UserError as e:
       raise UserError(f'{pair.origin}: {e}') from e

@@ -83,7 +83,26 @@ def read_mask(path: str | os.PathLike, ignore_value: int = -1) -> np.ndarray:
   ignore_value: those are unlabelled (sparse annotations) and read as 255. With the default
   ignore_value=-1 the result is in {0, 1}.
   """
-  return binarize_mask(read_image(path), ignore_value)
+  return binarize_mask(read_mask_values(path), ignore_value)
+
+
+def read_mask_values(path: str | os.PathLike) -> np.ndarray:
+  """A mask file's values, (H, W), as `read_image` reads them, except a colour-coded RGB
+  mask (an annotation tool's colour per object or class): each colour becomes its own label,
+  numbered in the order of its (R, G, B) value, black 0 (uint16). Its foreground is then
+  exactly its non-black pixels, and its objects stay apart as in a label image."""
+  image = read_image_file(path, rgb_as_channels=True)
+  if image.channel_names == ('red', 'green', 'blue') and image.data.ndim == 3:
+    rgb = np.moveaxis(image.data, image.axes.index('C'), -1)
+    if not np.array_equal(rgb[..., 0], rgb[..., 1]) or not np.array_equal(rgb[..., 0],
+                                                                          rgb[..., 2]):
+      colours, labels = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+      labels = labels.reshape(rgb.shape[:2]) + (0 if not colours[0].any() else 1)
+      if labels.max() > np.iinfo(np.uint16).max:
+        raise UserError(f'{path}: {len(colours)} colours; a colour-coded mask may have at most '
+                        '65535')
+      return labels.astype(np.uint16)
+  return read_image(path)
 
 
 def binarize_mask(mask: np.ndarray, ignore_value: int = -1) -> np.ndarray:
