@@ -119,9 +119,13 @@ def test_a_colour_coded_mask_keeps_every_object_apart(tmp_path):
     label = values[box]
     assert label > 0 and np.array_equal(values == label, np.all(rgb == rgb[box], axis=-1))
   np.testing.assert_array_equal(io.read_mask(tmp_path / 'colours.png'), rgb.any(axis=-1))
-  grey = np.stack([rgb[..., 0]] * 3, -1)  # grey as RGB: its values, as read_image gives them
-  cv2.imwrite(str(tmp_path / 'grey.png'), grey)
-  np.testing.assert_array_equal(io.read_mask_values(tmp_path / 'grey.png'), rgb[..., 0])
+  # Grey and single-colour masks keep their values (an ignore value among them).
+  values = np.array([[0, 255, 2], [2, 0, 255]], np.uint8)
+  for name, colours in (('grey', [values] * 3), ('red', [values, 0 * values, 0 * values])):
+    cv2.imwrite(str(tmp_path / f'{name}.png'), np.stack(colours[::-1], -1))
+    np.testing.assert_array_equal(io.read_mask_values(tmp_path / f'{name}.png'), values)
+    np.testing.assert_array_equal(io.read_mask(tmp_path / f'{name}.png', ignore_value=2),
+                                  [[0, 1, 255], [255, 0, 1]])
 
 
 def test_mask_rules(tmp_path):

@@ -87,15 +87,16 @@ def read_mask(path: str | os.PathLike, ignore_value: int = -1) -> np.ndarray:
 
 
 def read_mask_values(path: str | os.PathLike) -> np.ndarray:
-  """A mask file's values, (H, W), as `read_image` reads them, except a colour-coded RGB
-  mask (an annotation tool's colour per object or class): each colour becomes its own label,
-  numbered in the order of its (R, G, B) value, black 0 (uint16). Its foreground is then
-  exactly its non-black pixels, and its objects stay apart as in a label image."""
+  """A mask file's values, (H, W), as `read_image` reads them (grey and single-colour RGB
+  masks keep their values), except a multi-colour RGB mask (an annotation tool's colour per
+  object or class): each colour becomes its own label, numbered in the order of its (R, G,
+  B) value, black 0 (uint16). Its foreground is then exactly its non-black pixels, and its
+  objects stay apart as in a label image."""
   image = read_image_file(path, rgb_as_channels=True)
   if image.channel_names == ('red', 'green', 'blue') and image.data.ndim == 3:
     rgb = np.moveaxis(image.data, image.axes.index('C'), -1)
-    if not np.array_equal(rgb[..., 0], rgb[..., 1]) or not np.array_equal(rgb[..., 0],
-                                                                          rgb[..., 2]):
+    lit = [rgb[..., c] for c in range(3) if rgb[..., c].any()]
+    if any(not np.array_equal(c, lit[0]) for c in lit[1:]):
       colours, labels = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
       labels = labels.reshape(rgb.shape[:2]) + (0 if not colours[0].any() else 1)
       if labels.max() > np.iinfo(np.uint16).max:
