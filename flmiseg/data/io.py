@@ -51,7 +51,14 @@ def read_image(path: str | os.PathLike, allow_stack: bool = False,
   or holds NaN/inf values.
   """
   path = pathlib.Path(path)
-  image = read_image_file(path, rgb_as_channels=channel is not None)
+  return _one_channel(read_image_file(path, rgb_as_channels=channel is not None), path,
+                      allow_stack, channel)
+
+
+def _one_channel(image: ImageFile, path: pathlib.Path, allow_stack: bool,
+                 channel: int | None) -> np.ndarray:
+  """`read_image`'s result from the ImageFile of `path` (read with rgb_as_channels when
+  `channel` is given)."""
   if channel is not None:
     count = image.data.shape[image.axes.index('C')] if 'C' in image.axes else 1
     if channel >= count:
@@ -92,8 +99,11 @@ def read_mask_values(path: str | os.PathLike) -> np.ndarray:
   object or class): each colour becomes its own label, numbered in the order of its (R, G,
   B) value, black 0 (uint16). Its foreground is then exactly its non-black pixels, and its
   objects stay apart as in a label image."""
+  path = pathlib.Path(path)
   image = read_image_file(path, rgb_as_channels=True)
-  if image.channel_names == ('red', 'green', 'blue') and image.data.ndim == 3:
+  if image.channel_names != ('red', 'green', 'blue'):  # not RGB: read as any image
+    return _one_channel(image, path, False, None)
+  if image.data.ndim == 3:
     rgb = np.moveaxis(image.data, image.axes.index('C'), -1)
     lit = [rgb[..., c] for c in range(3) if rgb[..., c].any()]
     if any(not np.array_equal(c, lit[0]) for c in lit[1:]):
@@ -103,7 +113,7 @@ def read_mask_values(path: str | os.PathLike) -> np.ndarray:
         raise UserError(f'{path}: {len(colours)} colours; a colour-coded mask may have at most '
                         '65535')
       return labels.astype(np.uint16)
-  return read_image(path)
+  return read_image(path)  # grey or single-colour RGB: its one channel
 
 
 def binarize_mask(mask: np.ndarray, ignore_value: int = -1) -> np.ndarray:
