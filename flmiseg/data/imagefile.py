@@ -87,6 +87,16 @@ def _one_line(error: Exception) -> str:
   return ' '.join(str(error).split())
 
 
+def rgb_single_channel(channels: np.ndarray) -> np.ndarray | None:
+  """The one channel that RGB `channels` (3, ...) hold, or None: grey stored as RGB (all
+  equal) and single-colour images (the channels with signal equal, the others zero) hold
+  one; colour composites and stains do not."""
+  lit = [c for c in channels if c.any()]  # the channels that carry signal
+  if not lit:
+    return channels[0]
+  return lit[0] if all(np.array_equal(c, lit[0]) for c in lit[1:]) else None
+
+
 def _rgb_to_one_channel(array: np.ndarray, axis: int, path: pathlib.Path) -> np.ndarray:
   """RGB(A) samples along `axis` (3 or 4 long) -> one plane (module doc); the axis is removed.
 
@@ -94,10 +104,9 @@ def _rgb_to_one_channel(array: np.ndarray, axis: int, path: pathlib.Path) -> np.
   images give their luminance, with a one-time warning.
   """
   global _warned_rgb
-  channels = np.moveaxis(array, axis, 0)[:3]
-  lit = [c for c in channels if c.any()]  # the channels that carry signal
-  if not lit or all(np.array_equal(c, lit[0]) for c in lit[1:]):
-    return np.ascontiguousarray(lit[0] if lit else channels[0])
+  single = rgb_single_channel(np.moveaxis(array, axis, 0)[:3])
+  if single is not None:
+    return np.ascontiguousarray(single)
   if not _warned_rgb:
     logging.warning('%s: RGB image converted to one channel (luminance); later RGB images '
                     'are converted silently. To use one colour instead: --channel=N (predict) '

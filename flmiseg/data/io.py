@@ -103,17 +103,18 @@ def read_mask_values(path: str | os.PathLike) -> np.ndarray:
   image = read_image_file(path, rgb_as_channels=True)
   if image.channel_names != ('red', 'green', 'blue'):  # not RGB: read as any image
     return _one_channel(image, path, False, None)
-  if image.data.ndim == 3:
-    rgb = np.moveaxis(image.data, image.axes.index('C'), -1)
-    lit = [rgb[..., c] for c in range(3) if rgb[..., c].any()]
-    if any(not np.array_equal(c, lit[0]) for c in lit[1:]):
-      colours, labels = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
-      labels = labels.reshape(rgb.shape[:2]) + (0 if not colours[0].any() else 1)
-      if labels.max() > np.iinfo(np.uint16).max:
-        raise UserError(f'{path}: {len(colours)} colours; a colour-coded mask may have at most '
-                        '65535')
-      return labels.astype(np.uint16)
-  return read_image(path)  # grey or single-colour RGB: its one channel
+  if image.data.ndim != 3:  # an RGB stack: read_image refuses it with its one line
+    return read_image(path)
+  channels = np.moveaxis(image.data, image.axes.index('C'), 0)
+  single = imagefile.rgb_single_channel(channels)
+  if single is not None:  # grey or single-colour: its values
+    return np.ascontiguousarray(single)
+  colours, labels = np.unique(channels.reshape(3, -1).T, axis=0, return_inverse=True)
+  labels = labels.reshape(channels.shape[1:]) + (0 if not colours[0].any() else 1)
+  if labels.max() > np.iinfo(np.uint16).max:
+    raise UserError(f'{path}: {len(colours)} colours; a colour-coded mask may have at most '
+                    '65535')
+  return labels.astype(np.uint16)
 
 
 def binarize_mask(mask: np.ndarray, ignore_value: int = -1) -> np.ndarray:
