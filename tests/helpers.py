@@ -3,6 +3,8 @@ CLI processes that tests start."""
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import tifffile
@@ -25,6 +27,22 @@ def cli_env(devices: int, backend_level_0: bool = False) -> dict:
   if backend_level_0:
     xla += ' --xla_backend_optimization_level=0'
   return dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+
+
+def run_cli(args, *, devices: int = 2, backend_level_0: bool = False, cwd=REPO,
+            env: dict | None = None, timeout: float = 300, module: str = 'flmiseg.main',
+            fresh: bool = False) -> subprocess.CompletedProcess:
+  """`python -m <module> <args>` in `cwd` with `cli_env(devices, backend_level_0)` (updated
+  with `env`), its output captured as text. The process is forked from a server that has
+  imported the libraries (tests/cli_server.py); `fresh`: a new interpreter instead, for what
+  only one shows (chatter while libraries import)."""
+  full_env = dict(cli_env(devices, backend_level_0), **(env or {}))
+  args = [str(a) for a in args]
+  if fresh:
+    return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+  from tests import cli_server  # pylint: disable=g-import-not-at-top
+  return cli_server.run(args, env=full_env, cwd=cwd, timeout=timeout, module=module)
 
 
 def write_blob_dataset(root, num_train=12, num_test=4, size=32, seed=0,

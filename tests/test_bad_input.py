@@ -52,9 +52,13 @@ def cli(root, *args, workdir, prefix=(), preexec=None, fast=True):
            '--config.model.width=4', '--config.train.num_steps=2',
            '--config.train.batch_size=2', '--config.eval.batch_size=2',
            '--config.eval.every_steps=2', '--config.data.val_fraction=0']
-  return subprocess.run([*prefix, sys.executable, '-m', 'flmiseg.main', *flags, *args,
-                         f'--workdir={workdir}'], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300, preexec_fn=preexec)
+  args = [*flags, *args, f'--workdir={workdir}']
+  if not prefix and preexec is None:
+    return helpers.run_cli(args, backend_level_0=fast)
+  # Another user, or limits on the process: a process of its own.
+  return subprocess.run([*prefix, sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300,
+                        preexec_fn=preexec)
 
 
 def write_list(root, name, lines) -> str:
@@ -429,12 +433,9 @@ def test_a_tampered_checkpoint_is_only_read_as_data(tmp_path):
 # Predict: the output folder equal to the input folder, and a file that is not an image.
 
 def _predict_cli(tiny_run, *args):
-  config, workdir = tiny_run
-  env = helpers.cli_env(2, backend_level_0=True)
-  del config  # the run directory holds it
-  flags = [f'--workdir={workdir}', '--mode=predict']
-  return subprocess.run([sys.executable, '-m', 'flmiseg.main', *flags, *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  _, workdir = tiny_run  # the run directory holds the config
+  return helpers.run_cli([f'--workdir={workdir}', '--mode=predict', *args],
+                         backend_level_0=True)
 
 
 def test_predict_cli_output_folder_equal_to_input_and_non_image_files(tiny_run, tmp_path):

@@ -1,22 +1,15 @@
-"""The command line, end to end through a real subprocess."""
+"""The command line, end to end in a process of its own (tests/helpers.py: run_cli)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from flmiseg import main
 from tests import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 def run_main(*args, timeout=600):
-  env = helpers.cli_env(2)
-  return subprocess.run([sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return helpers.run_cli(args, timeout=timeout)
 
 
 @pytest.fixture(scope='module')

@@ -2,9 +2,6 @@
 fine-tuning from one; early stopping."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,8 +16,6 @@ from flmiseg import sharding
 from flmiseg import train
 from flmiseg.errors import UserError
 from tests import helpers
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -83,12 +78,9 @@ def test_predict_with_model_equals_predict_with_the_run(packed, tmp_path):
   run, f32, _ = packed
   image = np.random.default_rng(0).integers(0, 4000, (50, 70)).astype(np.uint16)
   tifffile.imwrite(tmp_path / 'cell.tif', image)
-  env = helpers.cli_env(2)
   for name, source in (('run', f'--workdir={run}'), ('packed', f'--model={f32}')):
-    result = subprocess.run(
-        [sys.executable, '-m', 'flmiseg.main', '--mode=predict', source, '--save_prob',
-         f'--input={tmp_path / "cell.tif"}', f'--output={tmp_path / name}'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = helpers.run_cli(['--mode=predict', source, '--save_prob',
+                              f'--input={tmp_path / "cell.tif"}', f'--output={tmp_path / name}'])
     assert result.returncode == 0, result.stderr[-2000:]
   np.testing.assert_array_equal(tifffile.imread(tmp_path / 'packed' / 'cell_prob.tif'),
                                 tifffile.imread(tmp_path / 'run' / 'cell_prob.tif'))

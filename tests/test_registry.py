@@ -7,8 +7,6 @@ never imports that file on its own.
 
 import json
 import os
-import pathlib
-import subprocess
 import sys
 import textwrap
 
@@ -30,7 +28,6 @@ from flmiseg.models import fusion
 from flmiseg.models import lowlevel
 from tests import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 BUILTIN_FUSIONS = ['add', 'attention_gate', 'concat', 'se_concat', 'weighted_sum']
 
 # A user's file: a fusion operator with a hyper-parameter that sets its parameters' shapes,
@@ -67,9 +64,7 @@ USER_FILE = '''
 
 
 def run_main(*args, timeout=600):
-  env = helpers.cli_env(2)
-  return subprocess.run([sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return helpers.run_cli(args, timeout=timeout)
 
 
 def _error_lines(result) -> list[str]:

@@ -13,7 +13,6 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -29,11 +28,14 @@ LIBRARY_LINE = re.compile(r'^([IWEF]\d{4} \d\d:\d\d|WARNING:absl|INFO:absl|.*orb
                           r"'\w+'|.*TPU)", re.MULTILINE)
 
 
-def _run(args, cwd=REPO, console_script=False):
-  env = helpers.cli_env(3, backend_level_0=True)
-  command = ['flmiseg'] if console_script else [sys.executable, '-m', 'flmiseg.main']
-  return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=300)
+def _run(args, cwd=REPO, console_script=False, fresh=False):
+  """The command in a process forked from the test CLI server; `console_script`: the
+  installed `flmiseg` command, and `fresh`: a new interpreter (a quiet console from the
+  first import on)."""
+  if not console_script:
+    return helpers.run_cli(args, devices=3, backend_level_0=True, cwd=cwd, fresh=fresh)
+  return subprocess.run(['flmiseg', *map(str, args)], cwd=cwd, capture_output=True,
+                        env=helpers.cli_env(3, backend_level_0=True), text=True, timeout=300)
 
 
 def _cells(rng, shape=(48, 64)) -> np.ndarray:
@@ -159,8 +161,9 @@ def cli(tiny_run, tmp_path_factory):
   tifffile.imwrite(root / 'domain' / 'noise.tif', dark)
   commands = _commands(root, run)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    results = dict(zip(commands, pool.map(lambda c: _run(c[0], c[1], c[2]),
-                                          commands.values())))
+    # 'dtypes' checks the quiet console: a new interpreter, whose imports print nothing.
+    results = dict(zip(commands, pool.map(
+        lambda item: _run(*item[1], fresh=item[0] == 'dtypes'), commands.items())))
   return root, run, inputs, results
 
 
