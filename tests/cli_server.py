@@ -151,8 +151,12 @@ class _Server:
           out.read_text(errors='replace'), err.read_text(errors='replace'))
 
   def close(self) -> None:
+    """Ends the server once its running commands end (a minute at most)."""
     self.process.stdin.close()
-    self.process.wait()
+    try:
+      self.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
 
 
 _servers: dict = {}

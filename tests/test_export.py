@@ -4,12 +4,11 @@ ONNX Runtime backend of predict and eval.
 Needs the optional extra (pip install "flmiseg[export]"); skipped where it is missing.
 """
 
+import concurrent.futures
 import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 from flax import serialization
 import jax
@@ -190,13 +189,6 @@ def test_onnx_backend_eval_equals_jax_eval(unet_run):
   assert onnx_summary['iou'] == pytest.approx(jax_summary['iou'], abs=0.01)
 
 
-def run_main(*args, env_extra=None):
-  env = helpers.cli_env(1)
-  env.update(env_extra or {})
-  return subprocess.Popen([sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_backend_benchmark_times_both_backends(unet_run):
   _, workdir = unet_run
   result = benchmark.backend_times(str(workdir), size=48, repeats=1)
@@ -228,17 +220,20 @@ def test_cli_export_errors_and_onnx_predict(unet_run, tmp_path):
        {'PYTHONPATH': f'{tmp_path / "fake"}{os.pathsep}{REPO}'}, 'pip install "flmiseg[export]"'),
   ]
   inputs = pathlib.Path(config.data.test_list).parent / 'test' / 'images'
-  predicting = run_main('--mode=predict', f'--workdir={workdir}', f'--input={inputs}',
-                        f'--output={tmp_path}/masks', '--backend=onnx')
-  processes = [run_main(*args, env_extra=env) for args, env, _ in cases]
-  _, stderr = predicting.communicate(timeout=300)
-  assert predicting.returncode == 0, stderr[-2000:]
+  predict = ['--mode=predict', f'--workdir={workdir}', f'--input={inputs}',
+             f'--output={tmp_path}/masks', '--backend=onnx']
+  # The case with its own PYTHONPATH gets a new interpreter: imports must fail there.
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    predicting, *results = pool.map(
+        lambda case: helpers.run_cli(case[0], devices=1, env=case[1], fresh=bool(case[1])),
+        [(predict, None, None), *cases])
+  assert predicting.returncode == 0, predicting.stderr[-2000:]
   assert len(list((tmp_path / 'masks').glob('*_mask.tif'))) == len(os.listdir(inputs))
-  for process, (_, _, message) in zip(processes, cases):
-    stdout, stderr = process.communicate(timeout=300)
-    lines = [l for l in stderr.splitlines() if l.strip()]
-    assert process.returncode == 2, stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], stderr
-    assert 'Traceback' not in stderr + stdout
+  for result, (_, _, message) in zip(results, cases):
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], (
+        result.stderr)
+    assert 'Traceback' not in result.stderr + result.stdout
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
   assert os.listdir(full) == ['notes.txt']

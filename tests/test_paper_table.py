@@ -2,8 +2,6 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -145,10 +143,10 @@ def test_a_new_workdir_finishes_the_table_from_recorded_cells(tmp_path):
     curve = [[40, best - .2], [80, best], [120, best], [160, best]]
     record.write_text(json.dumps(_cell(best, {'a': best}) | {'val_curve': curve}))
   workdir = tmp_path / 'fresh'
-  subprocess.run([sys.executable, '-m', 'experiments.paper_table', '--preset=converged',
-                  '--kinds=er', '--models=unet', '--seeds=1', f'--workdir={workdir}',
-                  f'--results={cells}'], check=True, capture_output=True,
-                 env=helpers.cli_env(1), cwd=helpers.REPO, timeout=120)
+  result = helpers.run_cli(['--preset=converged', '--kinds=er', '--models=unet', '--seeds=1',
+                            f'--workdir={workdir}', f'--results={cells}'],
+                           module='experiments.paper_table', devices=1, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
   sweep = json.loads((workdir / 'er' / 'unet_original' / 'sweep.json').read_text())
   assert sweep['chosen_lr'] == 3e-3 and not (workdir / 'er' / 'unet_original' / 'lr0.003').exists()
   assert '| er | unet | original | 0.800 ± 0.000 |' in (workdir / 'table.md').read_text()
