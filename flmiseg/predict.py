@@ -306,13 +306,41 @@ class Predictor:
     return np.stack([r[0] for r in results]), [r[1] for r in results]
 
 
+def fill_missing(planes: np.ndarray, name) -> tuple[np.ndarray, np.ndarray | None]:
+  """(planes, where they have no data): NaN/inf pixels (ImageJ writes NaN where a 32-bit
+  image has no data) take the lowest finite value of their plane, the background of a
+  fluorescence image; None when every pixel is finite. A plane without a finite pixel is a
+  UserError naming `name`."""
+  if not np.issubdtype(planes.dtype, np.floating):
+    return planes, None
+  missing = ~np.isfinite(planes)
+  if not missing.any():
+    return planes, None
+  if missing.all(axis=(1, 2)).any():
+    raise UserError(f'{name}: no pixel of the image (or of one of its planes) is a finite '
+                    'number (all NaN or inf)')
+  lowest = np.where(missing, np.inf, planes).min(axis=(1, 2), keepdims=True)
+  return np.where(missing, lowest, planes), missing
+
+
+def missing_note(name, missing: np.ndarray | None) -> list[str]:
+  """The warning line for the pixels without data that `fill_missing` found, else []."""
+  count = 0 if missing is None else int(np.count_nonzero(missing))
+  return [f'{name}: {count:,} NaN or inf pixel(s) read as no data: background in the mask'
+          ] if count else []
+
+
 def segment_planes(predictor: Predictor, planes: np.ndarray, factor: float, threshold: float,
-                   options: Options, progress=None):
+                   options: Options, progress=None, missing: np.ndarray | None = None):
   """(outputs (N, H, W, C), per-plane stats, mask (N, H, W) bool, instance labels (N, H, W)
-  uint16 or None) of raw planes (N, H, W): the probabilities thresholded at `threshold`, and
-  with options.instances the instances (`instances.from_outputs`, with options.seed_dynamic
-  and options.min_size filled in by `instance_options`)."""
+  uint16 or None) of planes (N, H, W) (raw, or filled by `fill_missing`, whose map of pixels
+  without data, `missing`, then gets outputs 0: background, in no instance): the
+  probabilities thresholded at `threshold`, and with options.instances the instances
+  (`instances.from_outputs`, with options.seed_dynamic and options.min_size filled in by
+  `instance_options`)."""
   outputs, stats = predictor.planes(planes, factor, progress)
+  if missing is not None:
+    outputs[missing] = 0.0
   mask = outputs[..., 0] > threshold
   labels = np.stack([instances.from_outputs(o, threshold, options.seed_dynamic,
                                             options.min_size)
@@ -341,7 +369,7 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
                  options: Options, threshold: float, training: dict | None) -> list[str]:
   """Predicts one file and writes its outputs; returns its warning lines."""
   image = io.read_image_file(path, options.axes or None,
-                             rgb_as_channels=options.channel is not None)
+                             rgb_as_channels=options.channel is not None, missing_ok=True)
   trained_channel = predictor.config.data.channel  # -1: trained on single-channel images
   channel = options.channel
   if channel is None and trained_channel >= 0 and 'C' in image.axes:
@@ -351,10 +379,12 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
                       f'{trained_channel} (config.data.channel); choose one with --channel=N')
     channel = trained_channel
   planes, out_axes, out_shape = io.select_planes(image, channel, path)
+  planes, missing = fill_missing(planes, path)
   pixel_size = options.pixel_size or image.pixel_size
   factor = rescale_factor(pixel_size, predictor.config.data.pixel_size or None,
                           options.rescale)
-  outputs, stats, mask, labels = segment_planes(predictor, planes, factor, threshold, options)
+  outputs, stats, mask, labels = segment_planes(predictor, planes, factor, threshold, options,
+                                                missing=missing)
   prob = outputs[..., 0]
   write = lambda kind, array: io.write_tiff(  # pylint: disable=g-long-lambda
       output_path(out, name, kind, image.ome), io.restore_axes(array, out_axes, out_shape),
@@ -368,9 +398,10 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   if options.instances:
     write('instances', labels)
     write_objects(output_path(out, name, 'objects', image.ome), labels, planes, pixel_size)
-  notes = [f'{path}: resized x{factor:.3g} to the model\'s pixel size '
-           f'({predictor.config.data.pixel_size:g} um; the image\'s is {pixel_size:g} um)'
-           ] if factor != 1.0 else []
+  notes = missing_note(path, missing) + ([
+      f'{path}: resized x{factor:.3g} to the model\'s pixel size '
+      f'({predictor.config.data.pixel_size:g} um; the image\'s is {pixel_size:g} um)'
+  ] if factor != 1.0 else [])
   warning = image_warning(path, stats, mask, training)
   return notes + ([warning] if warning else [])
 

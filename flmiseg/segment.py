@@ -152,16 +152,18 @@ class Segmenter:
         instances=instances, min_size=min_size, channel=channel, pixel_size=pixel_size)
     options.check()
     image = imagefile.from_array(image, axes or default_axes(np.shape(image), channel), name,
-                                 pixel_size)
+                                 pixel_size, missing_ok=True)
     planes, out_axes, out_shape = imagefile.select_planes(image, channel, name)
+    planes, missing = predict.fill_missing(planes, name)
     with self._lock:
       predictor = self._predictor(options)
       options = predict.instance_options(self.config, self.folder, self.step, options)
       value, source = self.threshold(threshold)
       factor = predict.rescale_factor(pixel_size, self.config.data.pixel_size or None)
       outputs, stats, mask, labels = predict.segment_planes(predictor, planes, factor, value,
-                                                            options, progress)
-    warnings = [predict.image_warning(name, stats, mask, self.training)]
+                                                            options, progress, missing)
+    warnings = [*predict.missing_note(name, missing),
+                predict.image_warning(name, stats, mask, self.training)]
     if factor != 1.0:
       warnings.insert(0, f'{name}: resized x{factor:.3g} to the model\'s pixel size '
                       f'({self.config.data.pixel_size:g} um; the image\'s is '

@@ -206,6 +206,39 @@ def test_predict_tta_is_the_mean_over_the_8_flips_and_rotations(trained, tmp_pat
   assert not np.allclose(tta, undone[0], atol=1e-3)  # a random-ish net is not symmetric
 
 
+def test_nan_and_inf_pixels_are_no_data_and_background_in_the_mask(trained, tmp_path,
+                                                                    caplog):
+  """A 32-bit image with NaN where it has no data (as ImageJ writes it): those pixels take
+  the lowest finite value for the network and are 0 in every output; the rest is exactly
+  the prediction of the filled image."""
+  config, workdir = trained
+  image = np.random.default_rng(5).normal(1000, 300, (40, 52)).astype(np.float32)
+  image[10:20, 10:30] += 20000  # an object
+  holes = image.copy()
+  holes[25:35, 5:45] = np.nan
+  holes[0, 0], holes[1, :3] = np.inf, -np.inf
+  missing = ~np.isfinite(holes)
+  src = tmp_path / 'in'
+  src.mkdir()
+  tifffile.imwrite(src / 'holes.tif', holes)
+  tifffile.imwrite(src / 'filled.tif', np.where(missing, image[~missing].min(), image))
+  out = tmp_path / 'out'
+  predict.run(config, workdir, _options(tmp_path, input=src, output=out, save_prob=True,
+                                        instances=True))
+  assert '404 NaN or inf pixel(s) read as no data: background in the mask' in caplog.text
+  prob = {n: tifffile.imread(out / f'{n}_prob.tif') for n in ('holes', 'filled')}
+  np.testing.assert_array_equal(prob['holes'][~missing], prob['filled'][~missing])
+  assert np.all(prob['holes'][missing] == 0) and prob['filled'][missing].max() > 0
+  for kind in ('mask', 'instances'):
+    assert not tifffile.imread(out / f'holes_{kind}.tif')[missing].any()
+  tifffile.imwrite(tmp_path / 'void.tif', np.full((8, 9), np.nan, np.float32))
+  with pytest.raises(UserError, match=r'void.tif: no pixel of the image \(or of one of its '
+                     r'planes\) is a finite number \(all NaN or inf\)$'):
+    predict.run(config, workdir, _options(tmp_path, input=tmp_path / 'void.tif',
+                                          output=tmp_path / 'o2'))
+  assert not (tmp_path / 'o2').exists()
+
+
 def test_predict_refuses_to_overwrite_and_mix_with_inputs(trained, tmp_path):
   config, workdir = trained
   src = tmp_path / 'in'

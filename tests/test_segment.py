@@ -92,6 +92,19 @@ def test_threshold_and_tta(nucleus, cells):
   assert _iou(tta.mask > 0, truth) > 0.8
 
 
+def test_pixels_without_data_are_background_with_a_warning(nucleus, cells):
+  image, _ = cells
+  holes = image.astype(np.float32)
+  holes[:40] = np.nan
+  result = nucleus(holes)
+  filled = nucleus(np.where(np.isnan(holes), holes[40:].min(), holes))
+  assert result.prob[:40].max() == 0 and not result.mask[:40].any()
+  assert filled.prob[:40].max() > 0
+  np.testing.assert_array_equal(result.prob[40:], filled.prob[40:])
+  assert result.warnings[0] == ('image: 5,120 NaN or inf pixel(s) read as no data: '
+                                'background in the mask')
+
+
 def test_default_axes():
   assert segment.default_axes((64, 64), None) == 'YX'
   assert segment.default_axes((64, 64), 0) == 'YX'  # channel 0 of a one-channel image

@@ -289,7 +289,7 @@ def _read_opencv(path: pathlib.Path) -> tuple[np.ndarray, str]:
 
 
 def read_image_file(path: str | os.PathLike, axes: str | None = None,
-                    rgb_as_channels: bool = False) -> ImageFile:
+                    rgb_as_channels: bool = False, missing_ok: bool = False) -> ImageFile:
   """Reads an image with its axes, pixel size and channel names (rules in the module doc).
 
   Args:
@@ -297,11 +297,13 @@ def read_image_file(path: str | os.PathLike, axes: str | None = None,
     axes: the user's --axes= value, replacing the file's axes; None keeps the file's.
     rgb_as_channels: RGB(A) samples become channels named red, green and blue (when the
       caller will pick one), not one plane.
+    missing_ok: keep NaN/inf pixels (prediction reads them as no data), else refuse them.
   Returns:
     An ImageFile; data keeps its native dtype except bool, which becomes uint8.
   Raises:
     UserError: one line naming the file when it is missing, empty, unreadable, of zero
-      size, holds NaN/inf, or has axes that cannot be interpreted (or --axes= mismatches).
+      size, holds NaN/inf (unless missing_ok), or has axes that cannot be interpreted (or
+      --axes= mismatches).
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -322,7 +324,8 @@ def read_image_file(path: str | os.PathLike, axes: str | None = None,
                     'give one letter per dimension with --axes= (from T, Z, C, Y, X)')
   rgb = 'S' in file_axes and 'C' not in file_axes and rgb_as_channels
   data, file_axes = _map_axes(data, file_axes, path, rgb_as_channels)
-  if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+  if not missing_ok and np.issubdtype(data.dtype, np.floating) and not np.all(
+      np.isfinite(data)):
     raise UserError(f'{path}: image contains NaN or inf values')
   if data.dtype == np.bool_:
     data = data.astype(np.uint8)
@@ -334,16 +337,17 @@ def read_image_file(path: str | os.PathLike, axes: str | None = None,
 
 
 def from_array(data: np.ndarray, axes: str, name: str = 'image',
-               pixel_size: float | None = None) -> ImageFile:
+               pixel_size: float | None = None, missing_ok: bool = False) -> ImageFile:
   """An image held in memory (a napari layer, a notebook's array) as `read_image_file` reads
   a file: `axes` one letter per dimension from 'TZCYX', or 'S' for RGB(A) samples (made one
   luminance plane); `name` stands for the file in messages. Raises UserError as
-  read_image_file does for bad axes, zero size or NaN/inf values."""
+  read_image_file does for bad axes, zero size or NaN/inf values (unless missing_ok)."""
   data = np.asarray(data)
   if data.size == 0:
     raise UserError(f'{name}: image has zero size {data.shape}')
   data, axes = _map_axes(data, check_axes_flag(axes, data.shape, name), pathlib.Path(name))
-  if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+  if not missing_ok and np.issubdtype(data.dtype, np.floating) and not np.all(
+      np.isfinite(data)):
     raise UserError(f'{name}: image contains NaN or inf values')
   return ImageFile(data.astype(np.uint8) if data.dtype == np.bool_ else data, axes,
                    pixel_size)
