@@ -61,8 +61,9 @@ def test_training_on_a_locked_run_directory_stops_before_writing(tmp_path):
 
 
 def _command(data, workdir, num_steps: int, *extra) -> list[str]:
-  """A tiny CLI training with a checkpoint every 2 steps and no validation split."""
-  return [sys.executable, '-m', 'flmiseg.main', '--config=configs/default.py',
+  """The arguments of a tiny CLI training with a checkpoint every 2 steps and no validation
+  split."""
+  return ['--config=configs/default.py',
           '--config.data.source=lists', f'--config.data.train_list={data}/train.txt',
           f'--config.data.test_list={data}/test.txt', '--config.data.crop_size=32',
           '--config.data.val_fraction=0', '--config.model.width=4',
@@ -80,11 +81,11 @@ def _saved_steps(workdir: pathlib.Path) -> list[int]:
 def test_second_training_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
   data = helpers.write_blob_dataset(tmp_path / 'data', num_train=8, num_test=2)
   workdir = tmp_path / 'run'
-  env = helpers.cli_env(2)
-  run = lambda cmd: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                                   timeout=300)
-  first = subprocess.Popen(_command(data, workdir, 10 ** 6), cwd=REPO, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  run = lambda args: helpers.run_cli(args, devices=2)
+  first = subprocess.Popen([sys.executable, '-m', 'flmiseg.main',
+                            *_command(data, workdir, 10 ** 6)], cwd=REPO,
+                           env=helpers.cli_env(2), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
   try:
     deadline = time.monotonic() + 300
     while not _saved_steps(workdir):  # the first run is training
