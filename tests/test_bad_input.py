@@ -153,9 +153,6 @@ CASES = {
         "--config.train.batchsize: no such setting 'batchsize' (did you mean \"batch_size\"",)),
     'missing_config_file': Case(lambda r: ['--config=configs/nope.py'], (
         '--config=configs/nope.py: cannot load it', 'No such file')),
-    'crop_larger_than_every_image': Case(lambda r: ['--config.data.crop_size=64'], (
-        'config.data.crop_size=64 is larger than every training image (largest side 32); '
-        'set it to at most 32',)),
     'batch_not_divisible_by_devices': Case(lambda r: ['--config.train.batch_size=3'], (
         'config.train.batch_size=3 is not divisible by the 2 devices; set it to a multiple '
         'of 2, e.g. config.train.batch_size=2',)),
@@ -258,8 +255,10 @@ def odd_run(tmp_path_factory):
       f'{readonly}/images/train_003.tif {readonly}/masks/train_003.tif\n')
   workdir = root / 'work'
   before = _snapshot(root, workdir)
+  # A crop larger than every image: trained on crops of the largest side (32), with a warning.
   result = cli(root, f'--config.data.train_list={lists}/train.txt',
-               f'--config.data.test_list={lists}/test.txt', workdir=workdir)
+               f'--config.data.test_list={lists}/test.txt', '--config.data.crop_size=48',
+               workdir=workdir)
   return {'root': root, 'workdir': workdir, 'result': result, 'labels': labels,
           'before': before, 'after': _snapshot(root, workdir)}
 
@@ -269,6 +268,8 @@ def test_paths_with_spaces_quotes_tabs_relative_and_absolute(odd_run):
   assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
   assert 'Test set (2 images' in result.stdout
   assert len(list((odd_run['workdir'] / 'cache').glob('*_image.npy'))) == 4 + 2
+  assert ('warning: config.data.crop_size=48 is larger than every training image (largest '
+          'side 32): training on crops of 32\n') in result.stderr
 
 
 def test_constant_image_trains_and_predicts(odd_run):

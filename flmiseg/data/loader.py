@@ -120,9 +120,5 @@ def load(config, cache_dir, need_train: bool = True) -> Datasets:
   if need_train:
     train, val = dataset.split_validation(prep(train_spec, True), data_cfg.val_fraction,
                                           config.seed)
-    largest = max(max(s) for s in train.shapes)
-    if data_cfg.crop_size > largest:
-      raise UserError(f'config.data.crop_size={data_cfg.crop_size} is larger than every '
-                      f'training image (largest side {largest}); set it to at most {largest}')
   test = prep(test_spec, False) if test_spec is not None else None
   return Datasets(train, val, test)
