@@ -128,8 +128,10 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
   """Outputs (H, W, C) of a normalised (H, W) image by blended overlapping tiles.
 
   probs_of maps a (batch_size, tile, tile, 1) float32 array to outputs (batch_size, tile,
-  tile, C) (C = 1: the foreground probability; 2 with an instance head). Images smaller than
-  a tile are zero-padded, as in training. `progress` shows a console bar of the tiles;
+  tile, C) (C = 1: the foreground probability; 2 with an instance head). An image smaller
+  than a tile is padded to it by reflection (mirror images of its border): zeros there cost
+  the shipped mito model 0.1-0.45 IoU on 100x100 crops, by reflection they keep the IoU the
+  same region gets inside a larger image. `progress` shows a console bar of the tiles;
   `on_batch(tiles done, tiles in all)` is called after each batch (a GUI's progress bar).
   With `batch_multiple` (the devices' count), a last batch that padding to batch_size would
   leave more than a quarter of the image's computation empty (a 256x256 image: 9 tiles of
@@ -138,8 +140,7 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
   """
   h, w = image.shape
   ph, pw = max(h, tile), max(w, tile)
-  padded = np.zeros((ph, pw), np.float32)
-  padded[:h, :w] = image
+  padded = np.pad(np.asarray(image, np.float32), ((0, ph - h), (0, pw - w)), mode='reflect')
   corners = [(y, x) for y in tile_starts(ph, tile, overlap)
              for x in tile_starts(pw, tile, overlap)]
   weight = gaussian_weight(tile)

@@ -284,12 +284,13 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   largest = max(max(shape) for shape in data.train.shapes)
   if config.data.crop_size > largest:
     # Every crop would be mostly padding (a user's small annotated crops under a recipe made
-    # for larger images): train on crops of the largest side. The network takes any size,
-    # so predict's default tile (the configured crop) still works.
+    # for larger images): train on crops that fit, a multiple of 32 (every network's stride,
+    # so none pads them inside). The networks take any size, so predict's default tile (the
+    # configured crop) still works.
+    crop = largest if largest < 32 else largest // 32 * 32
     logging.warning('config.data.crop_size=%d is larger than every training image (largest '
-                    'side %d): training on crops of %d', config.data.crop_size, largest,
-                    largest)
-    config.data.crop_size = largest
+                    'side %d): training on crops of %d', config.data.crop_size, largest, crop)
+    config.data.crop_size = crop
   if (config.train.init_from and config.model.get('instance_head') and
       config.train.instance_weight and not data.train.has_labels):
     # Binary masks give touching objects one distance peak: training the head on them would

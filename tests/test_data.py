@@ -315,10 +315,20 @@ def test_eval_padding_counts_each_image_once():
   source = _Source(5)
   seen = []
   for batch in pipeline.eval_batches(source, global_batch=4):
-    assert batch['image'].shape == (4, 8, 8, 1)
+    # 8x8 images padded to 32x32 (EVAL_MULTIPLE): the image by reflection, the rest 0.
+    assert batch['image'].shape == (4, 32, 32, 1)
+    for k, index in enumerate(batch['index']):
+      if batch['present'][k]:
+        image = source[int(index)]['image']
+        np.testing.assert_array_equal(batch['image'][k, ..., 0],
+                                      np.pad(image, ((0, 24), (0, 24)), mode='reflect'))
+        np.testing.assert_array_equal(batch['image'][k, 8:10, 0, 0], image[6:4:-1, 0])
+        assert batch['valid'][k, :8, :8].all() and batch['valid'][k].sum() == 64
+        assert not batch['mask'][k, 8:].any() and not batch['mask'][k, :, 8:].any()
     seen += [int(i) for i, p in zip(batch['index'], batch['present']) if p]
     assert np.all(batch['image'][batch['present'] == 0] == 0)
   assert seen == [0, 1, 2, 3, 4]
+  assert pipeline.eval_shape(_Source(2, (64, 33))) == (64, 64)
 
 
 def test_iterator_state_restores_the_same_batches():

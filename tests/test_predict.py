@@ -70,6 +70,21 @@ def test_a_short_last_batch_holds_only_its_tiles_when_padding_would_waste_much()
     np.testing.assert_array_equal(trimmed, padded)
 
 
+def test_an_image_smaller_than_a_tile_is_padded_by_reflection():
+  image = np.random.default_rng(1).normal(size=(20, 30)).astype(np.float32)
+  seen = []
+  def probs_of(tiles):
+    seen.append(tiles.copy())
+    return _sigmoid(tiles)
+  out = inference.sliding_window(probs_of, image, tile=32, overlap=0.25, batch_size=1)
+  assert len(seen) == 1 and seen[0].shape == (1, 32, 32, 1)
+  tile = seen[0][0, ..., 0]
+  np.testing.assert_array_equal(tile[:20, :30], image)
+  np.testing.assert_array_equal(tile[20:, :30], image[18:6:-1])  # mirrored, edge row once
+  np.testing.assert_array_equal(tile[:20, 30:], image[:, 28:26:-1])
+  np.testing.assert_allclose(out[..., 0], _sigmoid(image), rtol=0, atol=1e-6)
+
+
 def test_sliding_window_exact_away_from_tile_seams():
   """A 3x3 mean filter (zero padding) tiled equals the whole-image filter except within one
   pixel of a tile's inner edge, and there it differs only by the blending's tiny weight."""

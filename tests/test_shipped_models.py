@@ -44,3 +44,26 @@ def test_shipped_model_segments_simulated_images_out_of_the_box(kind, inverted):
     pred, truth = outputs[..., 0] > threshold, mask > 0
     ious.append((pred & truth).sum() / max((pred | truth).sum(), 1))
   assert np.mean(ious) >= MIN_IOU[kind], ious
+
+
+def test_an_image_smaller_than_a_tile_segments_as_well_as_inside_a_larger_image():
+  """100x100 crops under the 128-px tile: padded by reflection, the shipped mito model keeps
+  the IoU it reaches on the same pixels inside the whole image (padded with zeros it lost
+  0.1-0.45 IoU, docs/inference.md)."""
+  folder = pretrained.resolve_model('mito')
+  config = rundir.read_config(folder)
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  state, step = inference.load(config, folder, mesh)
+  threshold = calibration_lib.calibrated_threshold(folder, step)
+  predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
+                                config.data.crop_size, 0.25, 1)
+  iou = lambda a, b: (a & b).sum() / max((a | b).sum(), 1)  # noqa: E731
+  crop_ious, whole_ious = [], []
+  for index in range(3):
+    image, mask = simulate.simulate('mito', 192, simulate.image_rng(78, 'test', index))
+    truth = mask[:100, :100] > 0
+    whole = predictor.plane(image)[0][:100, :100, 0] > threshold
+    crop = predictor.plane(image[:100, :100])[0][..., 0] > threshold
+    whole_ious.append(iou(whole, truth))
+    crop_ious.append(iou(crop, truth))
+  assert np.mean(crop_ious) >= np.mean(whole_ious) - 0.03, (crop_ious, whole_ious)
