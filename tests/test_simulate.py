@@ -3,6 +3,10 @@ domain randomisation (new knobs, random_params presets, randomized datasets)."""
 
 import hashlib
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +19,8 @@ from flmiseg.data import loader
 from flmiseg.data import simulate
 from flmiseg.data import simulate_random
 from flmiseg.errors import UserError
-from tests import helpers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize('kind, dtype', [('er', np.uint16), ('mito', np.uint16),
@@ -73,7 +78,9 @@ def test_write_dataset_layout_lists_and_refusal(tmp_path):
 
 
 def _cli(*args):
-  return helpers.run_cli(args, module='flmiseg.simulate')
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'flmiseg.simulate', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
 
 
 def test_cli_writes_all_kinds_and_rejects_bad_kind(tmp_path):
