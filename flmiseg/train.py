@@ -284,10 +284,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   largest = max(max(shape) for shape in data.train.shapes)
   if config.data.crop_size > largest:
     # Every crop would be mostly padding (a user's small annotated crops under a recipe made
-    # for larger images): train on crops that fit, a multiple of 32 (every network's stride,
-    # so none pads them inside). The networks take any size, so predict's default tile (the
-    # configured crop) still works.
-    crop = largest if largest < 32 else largest // 32 * 32
+    # for larger images): train on crops that fit, a multiple of pipeline.SIZE_MULTIPLE (so
+    # no stock network pads them inside). The networks take any size, so predict's default
+    # tile (the configured crop) still works.
+    multiple = pipeline.SIZE_MULTIPLE
+    crop = largest if largest < multiple else largest // multiple * multiple
     logging.warning('config.data.crop_size=%d is larger than every training image (largest '
                     'side %d): training on crops of %d', config.data.crop_size, largest, crop)
     config.data.crop_size = crop

@@ -45,20 +45,19 @@ AS_USER = (['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner']
 
 def cli(root, *args, workdir, prefix=(), preexec=None, fast=True):
   """Runs `python -m flmiseg.main` on a tiny config (2 devices); returns CompletedProcess."""
-  # compile speed, not code speed, is what these tiny runs need
-  env = helpers.cli_env(2, backend_level_0=fast)
   flags = ['--config=configs/default.py', '--config.data.source=lists',
            f'--config.data.train_list={root}/good/train.txt', '--config.data.crop_size=32',
            '--config.model.width=4', '--config.train.num_steps=2',
            '--config.train.batch_size=2', '--config.eval.batch_size=2',
            '--config.eval.every_steps=2', '--config.data.val_fraction=0']
   args = [*flags, *args, f'--workdir={workdir}']
+  # compile speed, not code speed, is what these tiny runs need (backend_level_0)
   if not prefix and preexec is None:
     return helpers.run_cli(args, backend_level_0=fast)
   # Another user, or limits on the process: a process of its own.
   return subprocess.run([*prefix, sys.executable, '-m', 'flmiseg.main', *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300,
-                        preexec_fn=preexec)
+                        env=helpers.cli_env(2, backend_level_0=fast), capture_output=True,
+                        text=True, timeout=300, preexec_fn=preexec)
 
 
 def write_list(root, name, lines) -> str:

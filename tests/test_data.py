@@ -315,7 +315,7 @@ def test_eval_padding_counts_each_image_once():
   source = _Source(5)
   seen = []
   for batch in pipeline.eval_batches(source, global_batch=4):
-    # 8x8 images padded to 32x32 (EVAL_MULTIPLE): the image by reflection, the rest 0.
+    # 8x8 images padded to 32x32 (SIZE_MULTIPLE): the image by reflection, the rest 0.
     assert batch['image'].shape == (4, 32, 32, 1)
     for k, index in enumerate(batch['index']):
       if batch['present'][k]:

@@ -19,21 +19,29 @@ from flmiseg.data import simulate
 MIN_IOU = {'er': 0.75, 'mito': 0.7, 'nucleus': 0.8}
 
 
+def _shipped_predictor(kind: str) -> tuple[predict.Predictor, float, int]:
+  """(a one-device Predictor of the shipped `kind` model at its training crop, its calibrated
+  threshold, its checkpoint step); loading checks the weights' SHA-256."""
+  folder = pretrained.resolve_model(kind)
+  config = rundir.read_config(folder)
+  mesh = sharding.make_mesh(jax.local_devices()[:1])
+  state, step = inference.load(config, folder, mesh)
+  predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
+                                config.data.crop_size, 0.25, 1)
+  return predictor, calibration_lib.calibrated_threshold(folder, step), step
+
+
 @pytest.mark.parametrize('kind,inverted', [(kind, False) for kind in pretrained.SHIPPED] +
                          [('nucleus', True)])
 def test_shipped_model_segments_simulated_images_out_of_the_box(kind, inverted):
   """inverted: dark nuclei on a bright background (brightfield-like), which the nucleus model
   learned from the 'invert' augmentation."""
+  predictor, threshold, step = _shipped_predictor(kind)
   folder = pretrained.resolve_model(kind)
-  config = rundir.read_config(folder)
-  assert config.data.normalization in ('auto', 'percentile', 'clahe_zscore', 'clahe_unit')
-  mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state, step = inference.load(config, folder, mesh)  # checks the SHA-256
-  threshold = calibration_lib.calibrated_threshold(folder, step)
+  assert predictor.config.data.normalization in ('auto', 'percentile', 'clahe_zscore',
+                                                 'clahe_unit')
   calibration = json.loads((folder / 'calibration.json').read_text())
   assert (threshold, step) == (calibration['threshold'], calibration['checkpoint_step'])
-  predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
-                                config.data.crop_size, 0.25, 1)
   ious = []
   for index in range(4):
     image, mask = simulate.simulate(kind, 192, simulate.image_rng(77, 'test', index))
@@ -50,13 +58,7 @@ def test_an_image_smaller_than_a_tile_segments_as_well_as_inside_a_larger_image(
   """100x100 crops under the 128-px tile: padded by reflection, the shipped mito model keeps
   the IoU it reaches on the same pixels inside the whole image (padded with zeros it lost
   0.1-0.45 IoU, docs/inference.md)."""
-  folder = pretrained.resolve_model('mito')
-  config = rundir.read_config(folder)
-  mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state, step = inference.load(config, folder, mesh)
-  threshold = calibration_lib.calibrated_threshold(folder, step)
-  predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
-                                config.data.crop_size, 0.25, 1)
+  predictor, threshold, _ = _shipped_predictor('mito')
   iou = lambda a, b: (a & b).sum() / max((a | b).sum(), 1)  # noqa: E731
   crop_ious, whole_ious = [], []
   for index in range(3):

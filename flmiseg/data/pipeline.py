@@ -302,8 +302,9 @@ def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, 
 
 
 # The input stride of the stock networks (layers.pad_to_multiple: 8 to 32; a user's backbone
-# may need more, and pads itself): evaluation pads images to a multiple of it.
-EVAL_MULTIPLE = 32
+# may need more, and pads itself): evaluation pads images to a multiple of it, and crops
+# adapted to small training images are one (flmiseg/train.py).
+SIZE_MULTIPLE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,8 +331,8 @@ class _PadTo(grain.transforms.Map):
 
 def eval_shape(source) -> tuple[int, int]:
   """The (H, W) every eval image is padded to: the largest in the set, rounded up to a
-  multiple of EVAL_MULTIPLE, so that no network pads it again inside (with zeros)."""
-  return tuple(-(-max(s[i] for s in source.shapes) // EVAL_MULTIPLE) * EVAL_MULTIPLE
+  multiple of SIZE_MULTIPLE, so that no network pads it again inside (with zeros)."""
+  return tuple(-(-max(s[i] for s in source.shapes) // SIZE_MULTIPLE) * SIZE_MULTIPLE
                for i in (0, 1))
 
 
