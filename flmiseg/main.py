@@ -77,7 +77,8 @@ flags.DEFINE_integer('min_size', None, 'predict --instances: smallest object kep
                      '(default: the run\'s config.eval.min_size).')
 flags.DEFINE_float('threshold', None,
                    'predict: probability threshold (default: calibrated, else config).')
-flags.DEFINE_integer('tile', 0, 'predict: tile side in pixels; export: the fixed tile of a '
+flags.DEFINE_integer('tile', 0, 'predict: tile side in pixels, rounded up to a multiple of '
+                     '32; export: the fixed tile of a '
                      'model whose ONNX graph cannot take any size (0: config.data.crop_size).')
 flags.DEFINE_enum('backend', None, ('jax', 'onnx'), 'predict, eval: run the network on JAX or '
                   'on ONNX Runtime (CPU; needs flmiseg[export]). Default: jax.')

@@ -140,7 +140,8 @@ class Segmenter:
         (None: config.eval.min_size).
       pixel_size: micrometres per pixel of the image; when the model's is known and differs
         by more than 10 %, the image is resized to it and the results back.
-      tile, overlap: the tiling (0: the training crop size), as predict's --tile, --overlap.
+      tile, overlap: the tiling (0: the training crop size; rounded up to a multiple of 32),
+        as predict's --tile, --overlap.
       name: the image's name in messages and warnings.
       progress: called with the fraction done (0..1) after each batch of tiles.
     Returns:
@@ -162,7 +163,8 @@ class Segmenter:
       factor = predict.rescale_factor(pixel_size, self.config.data.pixel_size or None)
       outputs, stats, mask, labels = predict.segment_planes(predictor, planes, factor, value,
                                                             options, progress, missing)
-    warnings = [*predict.missing_note(name, missing),
+    warnings = [predict.tile_note(options.tile, self.config),
+                *predict.missing_note(name, missing),
                 predict.image_warning(name, stats, mask, self.training)]
     if factor != 1.0:
       warnings.insert(0, f'{name}: resized x{factor:.3g} to the model\'s pixel size '

@@ -92,6 +92,17 @@ def test_threshold_and_tta(nucleus, cells):
   assert _iou(tta.mask > 0, truth) > 0.8
 
 
+def test_a_tile_off_the_networks_stride_is_rounded_up_with_a_warning(nucleus, cells):
+  # The networks pad a tile of 100 with zeros inside to 112 or 128; a rounded tile sees only
+  # image pixels (or their reflection), and gives what the default tile (128) gives exactly.
+  image, _ = cells
+  default, off = nucleus(image), nucleus(image, tile=100)
+  np.testing.assert_array_equal(off.prob, default.prob)
+  assert off.warnings[0] == ('--tile=100 rounded up to 128, a multiple of 32: the networks '
+                             'pad other sizes with zeros, which costs accuracy')
+  assert not default.warnings and not nucleus(image, tile=128).warnings
+
+
 def test_pixels_without_data_are_background_with_a_warning(nucleus, cells):
   image, _ = cells
   holes = image.astype(np.float32)
