@@ -106,8 +106,8 @@ def inverted_pairs(pairs, folder: pathlib.Path):
 
 def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
-  through the predict path (whole-image normalisation, blended tiles; with `tta` averaged over
-  the 8 flips/rotations, as --tta does); for a model with an
+  through the predict path (`predict.repair`, whole-image normalisation, blended tiles; with
+  `tta` averaged over the 8 flips/rotations, as --tta does); for a model with an
   instance head and label-image masks also the pooled instance AP@0.5 of its instances and
   of the connected components of its mask (flmiseg/matching.py)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -123,7 +123,10 @@ def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   head = bool(config.model.get('instance_head'))
   ious, found, merged = [], [], []
   for pair in pairs:
-    outputs, _ = predictor.plane(io.read_image(pair.image))
+    planes, missing, _ = predict.repair(io.read_image(pair.image)[None], pair.image)
+    outputs, _ = predictor.plane(planes[0])
+    if missing is not None:
+      outputs[missing[0]] = 0.0
     truth = tifffile.imread(pair.mask)  # a label image for instance kinds
     pred = outputs[..., 0] > threshold
     union = np.logical_or(pred, truth > 0).sum()

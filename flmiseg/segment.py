@@ -155,7 +155,7 @@ class Segmenter:
     image = imagefile.from_array(image, axes or default_axes(np.shape(image), channel), name,
                                  pixel_size, missing_ok=True)
     planes, out_axes, out_shape = imagefile.select_planes(image, channel, name)
-    planes, missing = predict.fill_missing(planes, name)
+    planes, missing, notes = predict.repair(planes, name)
     with self._lock:
       predictor = self._predictor(options)
       options = predict.instance_options(self.config, self.folder, self.step, options)
@@ -164,7 +164,7 @@ class Segmenter:
       outputs, stats, mask, labels = predict.segment_planes(predictor, planes, factor, value,
                                                             options, progress, missing)
     warnings = [predict.tile_note(options.tile, self.config),
-                *predict.missing_note(name, missing),
+                *notes,
                 predict.image_warning(name, stats, mask, self.training)]
     if factor != 1.0:
       warnings.insert(0, f'{name}: resized x{factor:.3g} to the model\'s pixel size '

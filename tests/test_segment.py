@@ -108,12 +108,30 @@ def test_pixels_without_data_are_background_with_a_warning(nucleus, cells):
   holes = image.astype(np.float32)
   holes[:40] = np.nan
   result = nucleus(holes)
-  filled = nucleus(np.where(np.isnan(holes), holes[40:].min(), holes))
+  filled = nucleus(np.where(np.isnan(holes), np.percentile(holes[40:], 1.0),
+                            holes).astype(np.float32))
   assert result.prob[:40].max() == 0 and not result.mask[:40].any()
   assert filled.prob[:40].max() > 0
   np.testing.assert_array_equal(result.prob[40:], filled.prob[40:])
   assert result.warnings[0] == ('image: 5,120 NaN or inf pixel(s) read as no data: '
                                 'background in the mask')
+
+
+def test_hot_pixels_and_a_stitching_border_leave_the_mask_as_it_was(nucleus, cells):
+  # Measured with the code before: the 40 saturated hot pixels emptied this mask (IoU 0.0
+  # with the clean image's), and the black frame got 3,124 mask pixels.
+  image, _ = cells
+  camera = (image.astype(np.uint16) * 12 + 100)  # a 16-bit camera: offset 100
+  clean = nucleus(camera).mask > 0
+  rng = np.random.default_rng(1)
+  hot = camera.copy()
+  hot[rng.integers(0, 128, 40), rng.integers(0, 128, 40)] = 65535
+  assert _iou(nucleus(hot).mask > 0, clean) > 0.97
+  framed = np.zeros((128, 160), np.uint16)  # the image inside a black stitching frame
+  framed[:, 32:] = camera + 1500  # a hazy background
+  result = nucleus(framed)
+  assert not result.mask[:, :32].any() and 'read as no data' in result.warnings[0]
+  assert _iou(result.mask[:, 32:] > 0, nucleus(camera + 1500).mask > 0) > 0.97
 
 
 def test_default_axes():
