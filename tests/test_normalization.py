@@ -144,3 +144,26 @@ def test_training_prepares_the_same_input_from_any_container(tmp_path):
     images = [source[i]['image'] for i in range(len(source))]
     for name, image in zip(source.names[1:], images[1:]):
       np.testing.assert_allclose(image, images[0], atol=1e-5, err_msg=f'{kind} {name}')
+
+
+def test_a_sparse_fields_brightest_structures_map_to_at_most_the_bound():
+  rng = np.random.default_rng(0)
+  background = rng.normal(100.0, 5.0, (200, 200)).astype(np.float32)
+  plain = lambda x: ((x.astype(np.float64) - preprocess.robust_range(x)[0]) /  # noqa: E731
+                     np.subtract(*preprocess.robust_range(x)[::-1])).astype(np.float32)
+  # A dense image (structures over ~10 % of it) and one hot pixel: the plain stretch.
+  dense = background.copy()
+  dense[::20, :] += 60.0
+  dense[::20, ::20] += 20.0
+  dense[7, 9] = 1e5  # a hot pixel, which the 3x3 median does not see
+  np.testing.assert_array_equal(preprocess.normalize(dense, 'percentile'), plain(dense))
+  # One 6x6 object in 40,000 pixels (0.09 %): the 99.8th percentile lies in the noise, so the
+  # object (the 99.99th percentile of the median) maps to the bound, the noise far below 1.
+  sparse = background.copy()
+  sparse[50:56, 70:76] = 1000.0
+  out = preprocess.normalize(sparse, 'percentile')
+  lo = preprocess.robust_range(sparse)[0]
+  np.testing.assert_allclose(out[50:56, 70:76], preprocess.SPARSE_TOP_RATIO, rtol=1e-6)
+  np.testing.assert_allclose(out[0, :5], (sparse[0, :5] - lo) / ((1000.0 - lo) / 2.5),
+                             rtol=1e-5)
+  assert np.percentile(out, 99.8) < 0.1 < np.percentile(plain(sparse), 99.8)

@@ -6,7 +6,8 @@ Methods (`config.data.normalization`):
                   (the reference's choices, made bit-depth invariant).
   'clahe_zscore'  robust stretch, CLAHE, then per-image z-score.
   'clahe_unit'    robust stretch, CLAHE, output in [0, 1].
-  'percentile'    map the 1st..99.8th percentiles to 0..1 (not clipped), as CSBDeep/StarDist.
+  'percentile'    map the 1st..99.8th percentiles to 0..1 (not clipped), as CSBDeep/StarDist,
+                  the brightest structures to at most 2.5 (SPARSE_TOP_RATIO: a sparse field).
   'zscore'        per-image z-score only.
   'reference_clahe_zscore', 'reference_clahe_unit'
                   the reference code exactly: CLAHE on the raw integer image, divided by the
@@ -127,11 +128,26 @@ def zscore(x: np.ndarray) -> np.ndarray:
   return ((x - mean) / max(std, _EPS)).astype(np.float32)
 
 
+# A sparse field, a few objects in a large image (under ~0.2 % of its pixels), puts the 99.8th
+# percentile into the background, whose noise the stretch then spreads over 0..1, and the
+# objects far above it: the shipped nucleus model found 0.63 IoU on a simulated 1024x1024
+# field with 0.12 % nuclei (0.97 with this bound). So the brightest structures (the 99.99th
+# percentile of the 3x3 median, which no hot pixel moves) map to at most SPARSE_TOP_RATIO;
+# in the shipped models' training images they lie at a median 1.2, 99 % below 2.3 (er, mito,
+# nucleus), so the bound hardly ever applies there.
+SPARSE_TOP_RATIO = 2.5
+
+
 def percentile_normalize(x: np.ndarray, low: float = LOW_PERCENTILE,
                          high: float = HIGH_PERCENTILE) -> np.ndarray:
-  """float32: the `low`..`high` percentiles mapped to 0..1 (not clipped)."""
+  """float32: the `low`..`high` percentiles mapped to 0..1 (not clipped); in a 2-D image the
+  brightest structures to at most SPARSE_TOP_RATIO (a sparse field)."""
   lo, hi = robust_range(x, low, high)
-  return ((np.asarray(x, np.float64) - lo) / max(hi - lo, _EPS)).astype(np.float32)
+  x = np.asarray(x, np.float64)
+  if x.ndim == 2:
+    top = float(np.percentile(cv2.medianBlur(x.astype(np.float32), 3), 99.99))
+    hi = max(hi, lo + (top - lo) / SPARSE_TOP_RATIO)
+  return ((x - lo) / max(hi - lo, _EPS)).astype(np.float32)
 
 
 def normalize(image: np.ndarray, method: str, kind: str = 'er') -> np.ndarray:

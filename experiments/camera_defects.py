@@ -1,0 +1,108 @@
+"""What real camera images do to the shipped models: hot pixels, a stitching border,
+saturation, and sparse fields.
+
+  python -m experiments.camera_defects [--before]
+
+Camera images: for each shipped model (er, mito, nucleus), the 512x512 simulated image of
+the end-to-end check (`simulate.simulate(kind, 512, default_rng(77))`) as a 16-bit camera
+writes it (offset 100, about 3,100 counts at the brightest pixel), then: with 300 hot pixels
+at 65535; with its left 180 columns 0 (what stitching or registration leaves); with its
+brightest 3 % saturated. Mean mask IoU against the simulator's mask on the columns right of
+the border, through `flmiseg.segment` (the predict path).
+
+Sparse fields: 1024x1024 simulated nucleus fields with the simulator's density knob below its
+range (0.15 and 0.5 nuclei per 256x256; 14 is the default), seeds 60 and 61, the shipped
+nucleus model, IoU against the simulator's mask.
+
+`--before` runs the code as it was before 2026-12-06: no `predict.repair` beyond NaN, and no
+bound on a sparse field's brightest structures (`preprocess.SPARSE_TOP_RATIO`). The figures
+are in docs/inference.md.
+"""
+
+import math
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from flmiseg import console
+from flmiseg import predict
+from flmiseg import segment
+from flmiseg.data import preprocess
+from flmiseg.data import simulate
+
+BORDER = 180  # columns of zeros in the 'border' variant; IoU is taken right of them
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+  return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def camera_variants(kind: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """({variant: uint16 image}, bool truth) of the kind's end-to-end image."""
+  image, mask = simulate.simulate(kind, 512, np.random.default_rng(77))
+  image = image.astype(np.float64)
+  clean = np.round(100 + image / image.max() * 3000).astype(np.uint16)
+  hot = clean.copy()
+  ys, xs = np.random.default_rng(3).integers(0, 512, (2, 300))
+  hot[ys, xs] = 65535
+  border = clean.copy()
+  border[:, :BORDER] = 0
+  saturated = np.minimum(clean, np.percentile(clean, 97)).astype(np.uint16)
+  return ({'clean': clean, '300 hot pixels': hot, f'left {BORDER} columns 0': border,
+           'brightest 3 % saturated': saturated}, mask > 0)
+
+
+def sparse_fields() -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """[(name, image, bool truth)] of 1024x1024 nucleus fields of a few nuclei."""
+  low, high = simulate.RANGES['density']
+  simulate.RANGES['density'] = (0.01, high)  # below the knob's range, for this experiment
+  try:
+    fields = []
+    for density in (0.15, 0.5, 14.0):
+      for seed in (60, 61):
+        image, mask = simulate.simulate('nucleus', 1024, np.random.default_rng(seed),
+                                        simulate.Params(density=density))
+        fields.append((f'density {density:g}, seed {seed}, nuclei '
+                       f'{100 * (mask > 0).mean():.2f} %', image, mask > 0))
+    return fields
+  finally:
+    simulate.RANGES['density'] = (low, high)
+
+
+def _without_repair(planes, name):
+  """predict.repair as it was: NaN/inf only, filled with the plane's lowest finite value."""
+  planes = np.asarray(planes)
+  if not np.issubdtype(planes.dtype, np.floating) or np.isfinite(planes).all():
+    return planes, None, []
+  missing = ~np.isfinite(planes)
+  lowest = np.where(missing, np.inf, planes).min(axis=(1, 2), keepdims=True)
+  return np.where(missing, lowest, planes), missing, []
+
+
+def main(argv):
+  del argv
+  console.setup()
+  if FLAGS.before:
+    predict.repair = _without_repair
+    preprocess.SPARSE_TOP_RATIO = math.inf
+  print('| image | model | IoU |')
+  print('|---|---|---|')
+  for kind in ('er', 'mito', 'nucleus'):
+    model = segment.load(kind)
+    variants, truth = camera_variants(kind)
+    for name, image in variants.items():
+      mask = model(image).mask[:, BORDER:] > 0
+      print(f'| {name} | {kind} | {_iou(mask, truth[:, BORDER:]):.3f} |', flush=True)
+  model = segment.load('nucleus')
+  for name, image, truth in sparse_fields():
+    print(f'| sparse field: {name} | nucleus | {_iou(model(image).mask > 0, truth):.3f} |',
+          flush=True)
+  print('code before 2026-12-06' if FLAGS.before else 'current code')
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == '__main__':
+  flags.DEFINE_bool('before', False, 'Run without the repairs and the sparse-field bound.')
+  app.run(main)
