@@ -157,6 +157,11 @@ def test_a_sparse_fields_brightest_structures_map_to_at_most_the_bound():
   dense[::20, ::20] += 20.0
   dense[7, 9] = 1e5  # a hot pixel, which the 3x3 median does not see
   np.testing.assert_array_equal(preprocess.normalize(dense, 'percentile'), plain(dense))
+  # Bright debris over the dense structure: its 99.8th percentile lies far above the noise,
+  # so the debris does not compress the structure either.
+  dense[100:106, 100:106] = 1000.0
+  assert preprocess.noise_sigma(dense) == pytest.approx(5.0, rel=0.05)
+  np.testing.assert_array_equal(preprocess.normalize(dense, 'percentile'), plain(dense))
   # One 6x6 object in 40,000 pixels (0.09 %): the 99.8th percentile lies in the noise, so the
   # object (the 99.99th percentile of the median) maps to the bound, the noise far below 1.
   sparse = background.copy()
@@ -167,3 +172,17 @@ def test_a_sparse_fields_brightest_structures_map_to_at_most_the_bound():
   np.testing.assert_allclose(out[0, :5], (sparse[0, :5] - lo) / ((1000.0 - lo) / 2.5),
                              rtol=1e-5)
   assert np.percentile(out, 99.8) < 0.1 < np.percentile(plain(sparse), 99.8)
+
+
+def test_bright_debris_over_a_dense_structure_is_capped():
+  # Lines over 5 % of the image, then a 14x14 block of debris (0.49 %): the 99.8th percentile
+  # lies in the debris, 10x the lines, so the stretch is 3x the 99th percentile's instead.
+  rng = np.random.default_rng(0)
+  image = rng.normal(100.0, 5.0, (200, 200)).astype(np.float32)
+  image[::20, :] += 60.0
+  image[100:114, 100:114] = 1000.0
+  lo, p99, p998 = np.percentile(image.astype(np.float64), (1.0, 99.0, 99.8))
+  assert p998 == 1000.0 and 150 < p99 < 180
+  out = preprocess.normalize(image, 'percentile')
+  np.testing.assert_allclose(out, (image - lo) / (preprocess.DEBRIS_RATIO * (p99 - lo)),
+                             rtol=1e-5, atol=1e-6)
