@@ -135,8 +135,8 @@ def zscore(x: np.ndarray) -> np.ndarray:
 # within SPARSE_NOISE_SIGMAS noise standard deviations (`noise_sigma`) of the median, the
 # brightest structures (the 99.99th percentile of the 3x3 median, which no hot pixel moves)
 # map to at most SPARSE_TOP_RATIO. A dense structure puts the 99.8th percentile far above the
-# noise (22-56 sigma in the simulated end-to-end images; that sparse field 6.4, sparser ones
-# 18 and more), so bright debris over a dense structure never compresses it. In the shipped
+# noise (22-56 sigma in the simulated end-to-end images; that sparse field 6.4, the fields
+# with more nuclei 18 and more), so debris over a dense structure never triggers it. In the shipped
 # models' training images the brightest structures lie at a median 1.2 of the stretch and
 # below 2.3 in 99 % of them.
 SPARSE_NOISE_SIGMAS = 10.0
@@ -146,7 +146,7 @@ SPARSE_TOP_RATIO = 2.5
 # 10x the structure took the shipped er model to 0.06 IoU, mito and nucleus to 0.45. So when
 # the 99th percentile is a dense structure (SPARSE_NOISE_SIGMAS above the median), the
 # 99.8th's stretch is at most DEBRIS_RATIO times the 99th's; in the shipped models' training
-# images it is at a median 1.3 and at most 2.3.
+# images with a dense structure it is at a median 1.3 and at most 2.3.
 DEBRIS_RATIO = 3.0
 
 
