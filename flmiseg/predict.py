@@ -317,7 +317,8 @@ class Predictor:
 # above them: a camera's offset and background are then far above the fill value. Zeros that
 # are the background itself (a confocal's clipped offset, a background-subtracted image) and
 # clipped dark pixels (the saturated cores of dark nuclei on a bright background) have
-# neighbours just above them and stay data.
+# neighbours just above them and stay data, and so does the flat background of an image
+# without noise (sharp rendered objects on black; `preprocess.noise_sigma` of the rest 0).
 NO_DATA_FRACTION = 0.005
 NO_DATA_MIN_PIXELS = 64  # and at least this many pixels
 NO_DATA_GAP = 0.2
@@ -335,8 +336,8 @@ def _no_data(plane: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
     return None
   ring = valid & ~at_min & cv2.dilate(at_min.astype(np.uint8), np.ones((3, 3), np.uint8)
                                       ).astype(bool)
-  if not ring.any():
-    return None
+  if not ring.any() or preprocess.noise_sigma(plane, valid & ~at_min) <= 0:
+    return None  # (no noise in the other pixels: a clean, rendered image, not a camera's)
   high = np.percentile(plane[valid], 99.8)
   gap = np.median(plane[ring]) - fill
   return at_min if high > fill and gap >= NO_DATA_GAP * (high - fill) else None

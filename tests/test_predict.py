@@ -348,6 +348,15 @@ def test_a_fill_value_border_is_no_data_but_a_dark_background_is_not():
   planes, missing, notes = predict.repair(subtracted[None], 's.tif')
   assert missing is None and notes == []
   np.testing.assert_array_equal(planes[0], subtracted)
+  # Nor is the flat black background of an image without noise (sharp rendered discs): the
+  # rule is for cameras, whose pixels other than the fill are noisy. (Read as no data, that
+  # background took the other pixels' value and the shipped nucleus model found nothing.)
+  discs = np.zeros((96, 120), np.uint8)
+  for y, x in [(20, 20), (30, 80), (70, 50)]:
+    cv2.circle(discs, (x, y), 12, 200, -1)
+  planes, missing, notes = predict.repair(discs[None], 'r.tif')
+  assert missing is None and notes == []
+  np.testing.assert_array_equal(planes[0], discs)
   # Nor are dark objects on a bright background whose cores clip at 0 (a simulated nucleus
   # image, inverted; its brightest nuclei were saturated): the pixels around the clipped ones
   # are dark too. (A test of the whole plane, not of those neighbours, read 503 pixels here

@@ -36,8 +36,9 @@ from flmiseg import instances
 from flmiseg import matching
 from flmiseg.errors import UserError
 
-# 5: label images; 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
-CACHE_VERSION = 5
+# 6: 'percentile' bounds for sparse fields and debris; 5: label images; 4: CLAHE tiles of
+# 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
+CACHE_VERSION = 6
 IGNORED = 255  # io.read_mask's value for pixels equal to the ignore value
 
 

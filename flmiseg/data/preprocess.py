@@ -150,11 +150,15 @@ SPARSE_TOP_RATIO = 2.5
 DEBRIS_RATIO = 3.0
 
 
-def noise_sigma(x: np.ndarray) -> float:
+def noise_sigma(x: np.ndarray, where: np.ndarray | None = None) -> float:
   """The standard deviation of a 2-D image's pixel noise: the median absolute deviation of
-  the differences of horizontal neighbours, which structures larger than a pixel hardly
-  move, scaled to a Gaussian's sigma."""
+  the differences of horizontal neighbours (both in `where`, when given), which structures
+  larger than a pixel hardly move, scaled to a Gaussian's sigma; 0 without such pairs."""
   d = np.diff(np.asarray(x, np.float64), axis=1)
+  if where is not None:
+    d = d[where[:, 1:] & where[:, :-1]]
+  if d.size == 0:
+    return 0.0
   return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 
