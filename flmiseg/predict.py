@@ -60,6 +60,7 @@ from absl import logging
 import cv2
 import jax
 import numpy as np
+from scipy import ndimage
 import tqdm
 
 from flmiseg import calibration
@@ -343,6 +344,20 @@ def _no_data(plane: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
   return at_min if high > fill and gap >= NO_DATA_GAP * (high - fill) else None
 
 
+def _mirror_fill(plane: np.ndarray, gone: np.ndarray) -> np.ndarray:
+  """The plane with its `gone` pixels filled by the image mirrored at the nearest pixel with
+  data (that pixel itself where the mirror point has none), as a straight border is
+  reflected. A flat fill made an edge: the shipped er model lost 0.13 IoU on the 32 columns
+  beside a stitching border filled with the background's level (docs/inference.md)."""
+  near = ndimage.distance_transform_edt(gone, return_distances=False, return_indices=True)
+  h, w = plane.shape
+  ys, xs = np.indices(plane.shape)
+  my = np.clip(2 * near[0] - ys, 0, h - 1)
+  mx = np.clip(2 * near[1] - xs, 0, w - 1)
+  mirrored = np.where(gone[my, mx], plane[near[0], near[1]], plane[my, mx])
+  return np.where(gone, mirrored, plane).astype(plane.dtype)
+
+
 def _hot_pixels(plane: np.ndarray) -> np.ndarray:
   """The plane with its hot pixels replaced by the median of their 3x3 neighbourhood."""
   median = cv2.medianBlur(plane.astype(np.float32), 3)
@@ -357,8 +372,8 @@ def repair(planes: np.ndarray, name) -> tuple[np.ndarray, np.ndarray | None, lis
 
   * NaN/inf pixels (ImageJ writes NaN where a 32-bit image has no data) and a block of fill
     values at a plane's minimum far below its other pixels (`_no_data`: the black border of
-    a stitched or registered image) are no data: they take the 1st percentile of their
-    plane's other pixels, its background, and get the outputs 0 (`segment_planes`);
+    a stitched or registered image) are no data: they take the image mirrored at the
+    nearest pixel with data (`_mirror_fill`) and get the outputs 0 (`segment_planes`);
   * hot pixels (`_hot_pixels`) take the median of their 3x3 neighbourhood.
 
   Both were measured to wreck the shipped models' masks (docs/inference.md). `missing` is
@@ -382,7 +397,7 @@ def repair(planes: np.ndarray, name) -> tuple[np.ndarray, np.ndarray | None, lis
       gone |= block
       borders += int(np.count_nonzero(block))
     if gone.any():
-      plane = np.where(gone, np.percentile(plane[~gone], 1.0), plane).astype(plane.dtype)
+      plane = _mirror_fill(plane, gone)
     out.append(_hot_pixels(plane))
     missing.append(gone)
   notes = []

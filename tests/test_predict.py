@@ -225,8 +225,8 @@ def test_predict_tta_is_the_mean_over_the_8_flips_and_rotations(trained, tmp_pat
 def test_nan_and_inf_pixels_are_no_data_and_background_in_the_mask(trained, tmp_path,
                                                                     caplog):
   """A 32-bit image with NaN where it has no data (as ImageJ writes it): those pixels take
-  the 1st percentile of the other pixels for the network and are 0 in every output; the rest
-  is exactly the prediction of the filled image."""
+  the image mirrored at the nearest pixel with data for the network and are 0 in every
+  output; the rest is exactly the prediction of the filled image."""
   config, workdir = trained
   image = np.random.default_rng(5).normal(1000, 300, (40, 52)).astype(np.float32)
   image[10:20, 10:30] += 20000  # an object
@@ -237,8 +237,13 @@ def test_nan_and_inf_pixels_are_no_data_and_background_in_the_mask(trained, tmp_
   src = tmp_path / 'in'
   src.mkdir()
   tifffile.imwrite(src / 'holes.tif', holes)
-  tifffile.imwrite(src / 'filled.tif', np.where(missing, np.percentile(image[~missing], 1.0),
-                                               image).astype(np.float32))
+  repaired, found, _ = predict.repair(holes[None], 'holes.tif')
+  np.testing.assert_array_equal(found[0], missing)
+  np.testing.assert_array_equal(repaired[0][~missing], image[~missing])
+  # Row 25 lies next to row 24, row 34 next to row 35: mirrored, they take rows 23 and 36.
+  np.testing.assert_array_equal(repaired[0, 25, 10:30], image[23, 10:30])
+  np.testing.assert_array_equal(repaired[0, 34, 10:30], image[36, 10:30])
+  tifffile.imwrite(src / 'filled.tif', repaired[0])
   out = tmp_path / 'out'
   predict.run(config, workdir, _options(tmp_path, input=src, output=out, save_prob=True,
                                         instances=True))
@@ -335,8 +340,8 @@ def test_a_fill_value_border_is_no_data_but_a_dark_background_is_not():
   expected = np.zeros(border.shape, bool)
   expected[:, :30] = True
   np.testing.assert_array_equal(missing[0], expected)
-  fill = np.percentile(image[:, 30:], 1.0)
-  assert np.all(planes[0, :, :30] == np.uint16(fill))
+  # Filled with the image mirrored at column 30: column 29 takes column 31, column 0 column 60.
+  np.testing.assert_array_equal(planes[0, :, :30], image[:, 60:30:-1])
   np.testing.assert_array_equal(planes[0, :, 30:], image[:, 30:])
   assert notes == ['b.tif: 2,880 pixel(s) at the image\'s lowest value, far below its other '
                    'pixels, read as no data (a stitching or registration border?): background '
