@@ -15,7 +15,7 @@ Sparse fields: 1024x1024 simulated nucleus fields with the simulator's density k
 range (0.15 and 0.5 nuclei per 256x256; 14 is the default), seeds 60 and 61, the shipped
 nucleus model, IoU against the simulator's mask.
 
-`--before` runs the code as it was before 2026-12-06: no `predict.repair` beyond NaN, and no
+`--before` runs the code as it was before 2026-12-06: no `preprocess.repair` beyond NaN, and no
 bound on a sparse field's brightest structures (`preprocess.SPARSE_TOP_RATIO`). The figures
 are in docs/inference.md.
 """
@@ -28,7 +28,6 @@ import cv2
 import numpy as np
 
 from flmiseg import console
-from flmiseg import predict
 from flmiseg import segment
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
@@ -98,7 +97,7 @@ def sparse_fields() -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 def _without_repair(planes, name):
-  """predict.repair as it was: NaN/inf only, filled with the plane's lowest finite value."""
+  """preprocess.repair as it was: NaN/inf only, filled with the plane's lowest finite value."""
   planes = np.asarray(planes)
   if not np.issubdtype(planes.dtype, np.floating) or np.isfinite(planes).all():
     return planes, None, []
@@ -111,7 +110,7 @@ def main(argv):
   del argv
   console.setup()
   if FLAGS.before:
-    predict.repair = _without_repair
+    preprocess.repair = _without_repair
     preprocess.SPARSE_TOP_RATIO = math.inf
   print('| image | model | IoU |')
   print('|---|---|---|')

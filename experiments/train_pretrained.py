@@ -42,6 +42,7 @@ from flmiseg.configs import default
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import loader
+from flmiseg.data import preprocess
 
 KINDS = pretrained.SHIPPED
 TEST_SEED = 1000  # the simulated test sets: a seed no shipped model was trained on
@@ -106,7 +107,7 @@ def inverted_pairs(pairs, folder: pathlib.Path):
 
 def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
-  through the predict path (`predict.repair`, whole-image normalisation, blended tiles; with
+  through the predict path (`preprocess.repair`, whole-image normalisation, blended tiles; with
   `tta` averaged over the 8 flips/rotations, as --tta does); for a model with an
   instance head and label-image masks also the pooled instance AP@0.5 of its instances and
   of the connected components of its mask (flmiseg/matching.py)."""
@@ -123,7 +124,7 @@ def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   head = bool(config.model.get('instance_head'))
   ious, found, merged = [], [], []
   for pair in pairs:
-    planes, missing, _ = predict.repair(io.read_image(pair.image)[None], pair.image)
+    planes, missing, _ = preprocess.repair(io.read_image(pair.image)[None], pair.image)
     outputs, _ = predictor.plane(planes[0])
     if missing is not None:
       outputs[missing[0]] = 0.0

@@ -27,9 +27,9 @@ pixel size (ImageJ resolution and unit, or OME PhysicalSize). When two inputs sh
 (a.tif, a.png), the extension joins it (a_tif_mask.tif).
 
 How an image is predicted:
-  * repaired (`repair`): NaN/inf pixels and a stitching border of fill values are no data
-    (background, 0 in every output, one warning line), hot pixels take their neighbours'
-    median;
+  * repaired (`preprocess.repair`): NaN/inf pixels and a stitching border of fill values are
+    no data (background, 0 in every output, one warning line), hot pixels take their
+    neighbours' median;
   * when both the image's pixel size (metadata or --pixel_size) and the model's
     (config.data.pixel_size) are known and differ by more than 10 %, the image is resized
     to the model's pixel size and the probabilities back (--no_rescale: never);
@@ -60,7 +60,6 @@ from absl import logging
 import cv2
 import jax
 import numpy as np
-from scipy import ndimage
 import tqdm
 
 from flmiseg import calibration
@@ -312,110 +311,10 @@ class Predictor:
     return np.stack([r[0] for r in results]), [r[1] for r in results]
 
 
-# Pixels at a plane's minimum are read as no data (a stitching, registration or masking
-# border) when they are at least this fraction of the plane and the median of the pixels
-# that touch them lies at least NO_DATA_GAP of the plane's range (to its 99.8th percentile)
-# above them: a camera's offset and background are then far above the fill value. Zeros that
-# are the background itself (a confocal's clipped offset, a background-subtracted image) and
-# clipped dark pixels (the saturated cores of dark nuclei on a bright background) have
-# neighbours just above them and stay data, and so does the flat background of an image
-# without noise (sharp rendered objects on black; `preprocess.noise_sigma` of the rest 0).
-NO_DATA_FRACTION = 0.005
-NO_DATA_MIN_PIXELS = 64  # and at least this many pixels
-NO_DATA_GAP = 0.2
-# A hot pixel (or a cosmic-ray hit) lies above the plane's 99.8th percentile and more than
-# HOT_PIXEL_STEP times the plane's 1st-99.8th percentile range above the median of its 3x3
-# neighbourhood, which replaces it. A structure the PSF spreads over its neighbours never is.
-HOT_PIXEL_STEP = 1.0
-
-
-def _no_data(plane: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
-  """The `valid` pixels of a plane that form a no-data block at its minimum, else None."""
-  fill = plane[valid].min()
-  at_min = valid & (plane == fill)
-  if np.count_nonzero(at_min) < max(NO_DATA_FRACTION * plane.size, NO_DATA_MIN_PIXELS):
-    return None
-  ring = valid & ~at_min & cv2.dilate(at_min.astype(np.uint8), np.ones((3, 3), np.uint8)
-                                      ).astype(bool)
-  if not ring.any() or preprocess.noise_sigma(plane, valid & ~at_min) <= 0:
-    return None  # (no noise in the other pixels: a clean, rendered image, not a camera's)
-  high = np.percentile(plane[valid], 99.8)
-  gap = np.median(plane[ring]) - fill
-  return at_min if high > fill and gap >= NO_DATA_GAP * (high - fill) else None
-
-
-def _mirror_fill(plane: np.ndarray, gone: np.ndarray) -> np.ndarray:
-  """The plane with its `gone` pixels filled by the image mirrored at the nearest pixel with
-  data (that pixel itself where the mirror point has none), as a straight border is
-  reflected. A flat fill made an edge: the shipped er model lost 0.13 IoU on the 32 columns
-  beside a stitching border filled with the background's level (docs/inference.md)."""
-  near = ndimage.distance_transform_edt(gone, return_distances=False, return_indices=True)
-  h, w = plane.shape
-  ys, xs = np.indices(plane.shape)
-  my = np.clip(2 * near[0] - ys, 0, h - 1)
-  mx = np.clip(2 * near[1] - xs, 0, w - 1)
-  mirrored = np.where(gone[my, mx], plane[near[0], near[1]], plane[my, mx])
-  return np.where(gone, mirrored, plane).astype(plane.dtype)
-
-
-def _hot_pixels(plane: np.ndarray) -> np.ndarray:
-  """The plane with its hot pixels replaced by the median of their 3x3 neighbourhood."""
-  median = cv2.medianBlur(plane.astype(np.float32), 3)
-  lo, hi = np.percentile(median, (1.0, 99.8))  # not moved by the hot pixels, however many
-  hot = (plane > hi) & (plane - median > HOT_PIXEL_STEP * (hi - lo))
-  return np.where(hot, median, plane).astype(plane.dtype) if hot.any() else plane
-
-
-def repair(planes: np.ndarray, name) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-  """(planes, where they have no data, warning lines) of raw planes (N, H, W) before the
-  network, so that a camera's defects and a file's empty areas do not reach it:
-
-  * NaN/inf pixels (ImageJ writes NaN where a 32-bit image has no data) and a block of fill
-    values at a plane's minimum far below its other pixels (`_no_data`: the black border of
-    a stitched or registered image) are no data: they take the image mirrored at the
-    nearest pixel with data (`_mirror_fill`) and get the outputs 0 (`segment_planes`);
-  * hot pixels (`_hot_pixels`) take the median of their 3x3 neighbourhood.
-
-  Both were measured to wreck the shipped models' masks (docs/inference.md). `missing` is
-  None when every pixel has data. A plane without a finite pixel is a UserError naming
-  `name`."""
-  planes = np.asarray(planes)
-  if planes.dtype == bool:  # a binary image: neither fill values nor hot pixels
-    return planes, None, []
-  nan = None
-  if np.issubdtype(planes.dtype, np.floating):
-    nan = ~np.isfinite(planes)
-    if nan.all(axis=(1, 2)).any():
-      raise UserError(f'{name}: no pixel of the image (or of one of its planes) is a finite '
-                      'number (all NaN or inf)')
-    nan = nan if nan.any() else None
-  out, missing, borders = [], [], 0
-  for i, plane in enumerate(planes):
-    gone = np.zeros(plane.shape, bool) if nan is None else nan[i].copy()
-    block = _no_data(plane, ~gone)
-    if block is not None:
-      gone |= block
-      borders += int(np.count_nonzero(block))
-    if gone.any():
-      plane = _mirror_fill(plane, gone)
-    out.append(_hot_pixels(plane))
-    missing.append(gone)
-  notes = []
-  if nan is not None:
-    notes.append(f'{name}: {int(np.count_nonzero(nan)):,} NaN or inf pixel(s) read as no data: '
-                 'background in the mask')
-  if borders:
-    notes.append(f'{name}: {borders:,} pixel(s) at the image\'s lowest value, far below its '
-                 'other pixels, read as no data (a stitching or registration border?): '
-                 'background in the mask')
-  missing = np.stack(missing)
-  return np.stack(out), (missing if missing.any() else None), notes
-
-
 def segment_planes(predictor: Predictor, planes: np.ndarray, factor: float, threshold: float,
                    options: Options, progress=None, missing: np.ndarray | None = None):
   """(outputs (N, H, W, C), per-plane stats, mask (N, H, W) bool, instance labels (N, H, W)
-  uint16 or None) of planes (N, H, W) (raw, or repaired by `repair`, whose map of pixels
+  uint16 or None) of planes (N, H, W) (raw, or repaired by `preprocess.repair`, whose map of pixels
   without data, `missing`, then gets outputs 0: background, in no instance): the
   probabilities thresholded at `threshold`, and with options.instances the instances
   (`instances.from_outputs`, with options.seed_dynamic and options.min_size filled in by
@@ -461,7 +360,7 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
                       f'{trained_channel} (config.data.channel); choose one with --channel=N')
     channel = trained_channel
   planes, out_axes, out_shape = io.select_planes(image, channel, path)
-  planes, missing, notes = repair(planes, path)
+  planes, missing, notes = preprocess.repair(planes, path)
   pixel_size = options.pixel_size or image.pixel_size
   factor = rescale_factor(pixel_size, predictor.config.data.pixel_size or None,
                           options.rescale)

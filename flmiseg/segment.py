@@ -34,6 +34,7 @@ from flmiseg import registry
 from flmiseg import rundir
 from flmiseg import sharding
 from flmiseg.data import imagefile
+from flmiseg.data import preprocess
 from flmiseg.errors import UserError
 
 # An array's last axis is taken for its channels (YXC) when it is at most this long and
@@ -155,7 +156,7 @@ class Segmenter:
     image = imagefile.from_array(image, axes or default_axes(np.shape(image), channel), name,
                                  pixel_size, missing_ok=True)
     planes, out_axes, out_shape = imagefile.select_planes(image, channel, name)
-    planes, missing, notes = predict.repair(planes, name)
+    planes, missing, notes = preprocess.repair(planes, name)
     with self._lock:
       predictor = self._predictor(options)
       options = predict.instance_options(self.config, self.folder, self.step, options)

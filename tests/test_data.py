@@ -209,6 +209,28 @@ def test_prepare_caches_and_checks(pair_dir, tmp_path):
   assert again.files == source.files and sorted((tmp_path / 'cache').iterdir()) == cached
 
 
+def test_training_images_are_repaired_as_predict_repairs_them(tmp_path):
+  # A camera image (offset 100, noisy haze) with a hot pixel and a stitching border of zeros:
+  # the cached image is the repaired one, and the border is left out of loss and metrics.
+  rng = np.random.default_rng(0)
+  image = (rng.poisson(1500, (32, 40)) + 100).astype(np.uint16)
+  image[8:14, 20:30] += 3000  # an object
+  image[20, 30] = 65535
+  image[:, :8] = 0
+  mask = np.zeros((32, 40), np.uint8)
+  mask[8:14, 20:30] = 255
+  folder = tmp_path / 'd'
+  _write_pair(folder, 'x', image, mask)
+  (folder / 'l.txt').write_text('images/x.tif masks/x.tif\n')
+  source = dataset.prepare(lists.read_list(folder / 'l.txt'), 'percentile', 'er',
+                           tmp_path / 'c')
+  planes, no_data, _ = preprocess.repair(image[None], 'x.tif')
+  assert planes[0, 20, 30] < 2000 and no_data[0, :, :8].all() and not no_data[0, :, 8:].any()
+  element = source[0]
+  np.testing.assert_array_equal(element['image'], preprocess.normalize(planes[0], 'percentile'))
+  np.testing.assert_array_equal(element['ignored'], no_data[0].astype(np.uint8))
+
+
 def test_prepare_reads_the_configured_channel_and_caches_each_apart(tmp_path):
   rng = np.random.default_rng(0)
   two = rng.integers(0, 4000, (2, 16, 16)).astype(np.uint16)  # CYX: two different stains

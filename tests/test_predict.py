@@ -11,6 +11,7 @@ from flmiseg import inference
 from flmiseg import instances
 from flmiseg import predict
 from flmiseg.data import io
+from flmiseg.data import preprocess
 from flmiseg.data import simulate
 from flmiseg.errors import UserError
 
@@ -237,7 +238,7 @@ def test_nan_and_inf_pixels_are_no_data_and_background_in_the_mask(trained, tmp_
   src = tmp_path / 'in'
   src.mkdir()
   tifffile.imwrite(src / 'holes.tif', holes)
-  repaired, found, _ = predict.repair(holes[None], 'holes.tif')
+  repaired, found, _ = preprocess.repair(holes[None], 'holes.tif')
   np.testing.assert_array_equal(found[0], missing)
   np.testing.assert_array_equal(repaired[0][~missing], image[~missing])
   # Row 25 lies next to row 24, row 34 next to row 35: mirrored, they take rows 23 and 36.
@@ -321,7 +322,7 @@ def test_hot_pixels_take_their_neighbourhoods_median_and_nothing_else_changes():
   spots = [(5, 7), (40, 61), (41, 61), (90, 3), (0, 119)]  # one pair: a cosmic-ray hit
   for y, x in spots:
     hot[y, x] = 65535
-  planes, missing, notes = predict.repair(hot[None], 'hot.tif')
+  planes, missing, notes = preprocess.repair(hot[None], 'hot.tif')
   assert missing is None and notes == [] and planes.dtype == np.uint16
   median = cv2.medianBlur(hot.astype(np.float32), 3)
   changed = np.argwhere(planes[0] != hot)
@@ -329,14 +330,14 @@ def test_hot_pixels_take_their_neighbourhoods_median_and_nothing_else_changes():
   for y, x in spots:
     assert planes[0, y, x] == median[y, x] < 6000
   # The clean image, bright structures included, is left as it is, bit for bit.
-  np.testing.assert_array_equal(predict.repair(image[None], 'clean.tif')[0][0], image)
+  np.testing.assert_array_equal(preprocess.repair(image[None], 'clean.tif')[0][0], image)
 
 
 def test_a_fill_value_border_is_no_data_but_a_dark_background_is_not():
   image = _camera_image()
   border = image.copy()
   border[:, :30] = 0  # what stitching or registration leaves
-  planes, missing, notes = predict.repair(border[None], 'b.tif')
+  planes, missing, notes = preprocess.repair(border[None], 'b.tif')
   expected = np.zeros(border.shape, bool)
   expected[:, :30] = True
   np.testing.assert_array_equal(missing[0], expected)
@@ -350,7 +351,7 @@ def test_a_fill_value_border_is_no_data_but_a_dark_background_is_not():
   # image) have other pixels just above them: data.
   subtracted = np.clip(image.astype(np.int32) - 1550, 0, None).astype(np.uint16)
   assert (subtracted == 0).mean() > 0.3
-  planes, missing, notes = predict.repair(subtracted[None], 's.tif')
+  planes, missing, notes = preprocess.repair(subtracted[None], 's.tif')
   assert missing is None and notes == []
   np.testing.assert_array_equal(planes[0], subtracted)
   # Nor is the flat black background of an image without noise (sharp rendered discs): the
@@ -359,7 +360,7 @@ def test_a_fill_value_border_is_no_data_but_a_dark_background_is_not():
   discs = np.zeros((96, 120), np.uint8)
   for y, x in [(20, 20), (30, 80), (70, 50)]:
     cv2.circle(discs, (x, y), 12, 200, -1)
-  planes, missing, notes = predict.repair(discs[None], 'r.tif')
+  planes, missing, notes = preprocess.repair(discs[None], 'r.tif')
   assert missing is None and notes == []
   np.testing.assert_array_equal(planes[0], discs)
   # Nor are dark objects on a bright background whose cores clip at 0 (a simulated nucleus
@@ -369,5 +370,5 @@ def test_a_fill_value_border_is_no_data_but_a_dark_background_is_not():
   image, _ = simulate.simulate('nucleus', 256, simulate.image_rng(1000, 'test', 0))
   dark = 255 - image
   assert (dark == 0).sum() == 503
-  planes, missing, notes = predict.repair(dark[None], 'd.tif')
+  planes, missing, notes = preprocess.repair(dark[None], 'd.tif')
   assert missing is None and notes == []

@@ -36,8 +36,8 @@ from flmiseg import instances
 from flmiseg import matching
 from flmiseg.errors import UserError
 
-# 6: 'percentile' bounds for sparse fields and debris; 5: label images; 4: CLAHE tiles of
-# 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
+# 6: 'percentile' bounds for sparse fields and debris, preprocess.repair; 5: label images;
+# 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE
 CACHE_VERSION = 6
 IGNORED = 255  # io.read_mask's value for pixels equal to the ignore value
 
@@ -186,7 +186,11 @@ def _prepare_one(pair: lists.Pair, method: str, kind: str, cache_dir: pathlib.Pa
     if image.shape != mask.shape:
       raise UserError(f'{pair.origin}: image {pair.image.name} has shape {image.shape} but '
                       f'mask {pair.mask.name} has shape {mask.shape}')
-    ignored = mask == IGNORED
+    # Camera defects are repaired as predict repairs them; a stitching border is left out of
+    # the loss and the metrics, as unlabelled pixels are.
+    planes, no_data, _ = preprocess.repair(image[None], pair.image)
+    image = planes[0]
+    ignored = (mask == IGNORED) | (False if no_data is None else no_data[0])
     _save_atomic(image_file, preprocess.normalize(image, method, kind))
     # The ignored map and the labels go before the mask file, which marks the entry complete.
     if ignored.any():

@@ -31,10 +31,16 @@ camera counts give exactly the same input, and a different exposure nearly the s
 
 All statistics are taken over the whole image, once (never per tile). A constant image maps to
 zeros. Output: float32 (H, W).
+
+Before normalisation, `repair` mends what is not the specimen (training, evaluation and
+predict alike): hot pixels, and pixels without data (NaN, a stitching border of fill values).
 """
 
 import cv2
 import numpy as np
+from scipy import ndimage
+
+from flmiseg.errors import UserError
 
 
 METHODS = ('auto', 'clahe_zscore', 'clahe_unit', 'percentile', 'zscore',
@@ -196,6 +202,110 @@ def normalize(image: np.ndarray, method: str, kind: str = 'er') -> np.ndarray:
     return percentile_normalize(image)
   return zscore(image)
 
+
+# ----------------------------------------------------------------------------- repair
+
+# Pixels at a plane's minimum are read as no data (a stitching, registration or masking
+# border) when they are at least this fraction of the plane and the median of the pixels
+# that touch them lies at least NO_DATA_GAP of the plane's range (to its 99.8th percentile)
+# above them: a camera's offset and background are then far above the fill value. Zeros that
+# are the background itself (a confocal's clipped offset, a background-subtracted image) and
+# clipped dark pixels (the saturated cores of dark nuclei on a bright background) have
+# neighbours just above them and stay data, and so does the flat background of an image
+# without noise (sharp rendered objects on black; `noise_sigma` of the rest 0).
+NO_DATA_FRACTION = 0.005
+NO_DATA_MIN_PIXELS = 64  # and at least this many pixels
+NO_DATA_GAP = 0.2
+# A hot pixel (or a cosmic-ray hit) lies above the plane's 99.8th percentile and more than
+# HOT_PIXEL_STEP times the plane's 1st-99.8th percentile range above the median of its 3x3
+# neighbourhood, which replaces it. A structure the PSF spreads over its neighbours never is.
+HOT_PIXEL_STEP = 1.0
+
+
+def _no_data(plane: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+  """The `valid` pixels of a plane that form a no-data block at its minimum, else None."""
+  fill = plane[valid].min()
+  at_min = valid & (plane == fill)
+  if np.count_nonzero(at_min) < max(NO_DATA_FRACTION * plane.size, NO_DATA_MIN_PIXELS):
+    return None
+  ring = valid & ~at_min & cv2.dilate(at_min.astype(np.uint8), np.ones((3, 3), np.uint8)
+                                      ).astype(bool)
+  if not ring.any() or noise_sigma(plane, valid & ~at_min) <= 0:
+    return None  # (no noise in the other pixels: a clean, rendered image, not a camera's)
+  high = np.percentile(plane[valid], 99.8)
+  gap = np.median(plane[ring]) - fill
+  return at_min if high > fill and gap >= NO_DATA_GAP * (high - fill) else None
+
+
+def _mirror_fill(plane: np.ndarray, gone: np.ndarray) -> np.ndarray:
+  """The plane with its `gone` pixels filled by the image mirrored at the nearest pixel with
+  data (that pixel itself where the mirror point has none), as a straight border is
+  reflected. A flat fill made an edge: the shipped er model lost 0.13 IoU on the 32 columns
+  beside a stitching border filled with the background's level (docs/inference.md)."""
+  near = ndimage.distance_transform_edt(gone, return_distances=False, return_indices=True)
+  h, w = plane.shape
+  ys, xs = np.indices(plane.shape)
+  my = np.clip(2 * near[0] - ys, 0, h - 1)
+  mx = np.clip(2 * near[1] - xs, 0, w - 1)
+  mirrored = np.where(gone[my, mx], plane[near[0], near[1]], plane[my, mx])
+  return np.where(gone, mirrored, plane).astype(plane.dtype)
+
+
+def _hot_pixels(plane: np.ndarray) -> np.ndarray:
+  """The plane with its hot pixels replaced by the median of their 3x3 neighbourhood."""
+  median = cv2.medianBlur(plane.astype(np.float32), 3)
+  lo, hi = np.percentile(median, (1.0, 99.8))  # not moved by the hot pixels, however many
+  hot = (plane > hi) & (plane - median > HOT_PIXEL_STEP * (hi - lo))
+  return np.where(hot, median, plane).astype(plane.dtype) if hot.any() else plane
+
+
+def repair(planes: np.ndarray, name) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+  """(planes, where they have no data, warning lines) of raw planes (N, H, W) before the
+  network, so that a camera's defects and a file's empty areas do not reach it:
+
+  * NaN/inf pixels (ImageJ writes NaN where a 32-bit image has no data) and a block of fill
+    values at a plane's minimum far below its other pixels (`_no_data`: the black border of
+    a stitched or registered image) are no data: they take the image mirrored at the
+    nearest pixel with data (`_mirror_fill`) and get the outputs 0 (`predict.segment_planes`);
+  * hot pixels (`_hot_pixels`) take the median of their 3x3 neighbourhood.
+
+  Both were measured to wreck the shipped models' masks (docs/inference.md). `missing` is
+  None when every pixel has data. A plane without a finite pixel is a UserError naming
+  `name`."""
+  planes = np.asarray(planes)
+  if planes.dtype == bool:  # a binary image: neither fill values nor hot pixels
+    return planes, None, []
+  nan = None
+  if np.issubdtype(planes.dtype, np.floating):
+    nan = ~np.isfinite(planes)
+    if nan.all(axis=(1, 2)).any():
+      raise UserError(f'{name}: no pixel of the image (or of one of its planes) is a finite '
+                      'number (all NaN or inf)')
+    nan = nan if nan.any() else None
+  out, missing, borders = [], [], 0
+  for i, plane in enumerate(planes):
+    gone = np.zeros(plane.shape, bool) if nan is None else nan[i].copy()
+    block = _no_data(plane, ~gone)
+    if block is not None:
+      gone |= block
+      borders += int(np.count_nonzero(block))
+    if gone.any():
+      plane = _mirror_fill(plane, gone)
+    out.append(_hot_pixels(plane))
+    missing.append(gone)
+  notes = []
+  if nan is not None:
+    notes.append(f'{name}: {int(np.count_nonzero(nan)):,} NaN or inf pixel(s) read as no data: '
+                 'background in the mask')
+  if borders:
+    notes.append(f'{name}: {borders:,} pixel(s) at the image\'s lowest value, far below its '
+                 'other pixels, read as no data (a stitching or registration border?): '
+                 'background in the mask')
+  missing = np.stack(missing)
+  return np.stack(out), (missing if missing.any() else None), notes
+
+
+# ----------------------------------------------------------------------------- statistics
 
 # Per-image statistics of a normalised image, summarised over the training images and
 # compared at predict time to warn about images unlike those the model was trained on.
