@@ -15,9 +15,9 @@ Sparse fields: 1024x1024 simulated nucleus fields with the simulator's density k
 range (0.15 and 0.5 nuclei per 256x256; 14 is the default), seeds 60 and 61, the shipped
 nucleus model, IoU against the simulator's mask.
 
-`--before` runs the code as it was before 2026-12-06: no `preprocess.repair` beyond NaN, and no
-bound on a sparse field's brightest structures (`preprocess.SPARSE_TOP_RATIO`). The figures
-are in docs/inference.md.
+`--before` runs the code as it was before 2026-12-06: no `preprocess.repair` beyond NaN, and
+no bounds for sparse fields and debris (`preprocess.SPARSE_TOP_RATIO`, `DEBRIS_RATIO`). The
+figures are in docs/inference.md.
 """
 
 import math
@@ -112,6 +112,7 @@ def main(argv):
   if FLAGS.before:
     preprocess.repair = _without_repair
     preprocess.SPARSE_TOP_RATIO = math.inf
+    preprocess.DEBRIS_RATIO = math.inf
   print('| image | model | IoU |')
   print('|---|---|---|')
   for kind in ('er', 'mito', 'nucleus'):
@@ -132,5 +133,5 @@ def main(argv):
 FLAGS = flags.FLAGS
 
 if __name__ == '__main__':
-  flags.DEFINE_bool('before', False, 'Run without the repairs and the sparse-field bound.')
+  flags.DEFINE_bool('before', False, 'Run without the repairs and the normalisation bounds.')
   app.run(main)
