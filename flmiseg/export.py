@@ -44,7 +44,6 @@ from flmiseg import checkpoint
 from flmiseg import files
 from flmiseg import inference
 from flmiseg import models
-from flmiseg import predict
 from flmiseg import pretrained
 from flmiseg import sharding
 from flmiseg.errors import UserError
@@ -318,7 +317,7 @@ class Options:
   """What --mode=export was asked to do."""
   output: str
   tile: int = 0  # 0: config.data.crop_size (for models whose graph takes fixed tiles),
-  # rounded up to a multiple of 32 (predict.network_tile)
+  # rounded up to a multiple of 32 (inference.network_tile)
 
   def check(self) -> pathlib.Path:
     """The output folder; raises UserError unless it is new or empty."""
@@ -342,9 +341,9 @@ def run(config, workdir, options: Options) -> dict:
   require('jax2onnx', 'onnx', 'onnxruntime', 'bioimageio.spec')
   from flmiseg import bioimage_package  # pylint: disable=g-import-not-at-top
   bioimage_package.check_metadata(config)
-  if note := predict.tile_note(options.tile, config):
+  if note := inference.tile_note(options.tile, config):
     logging.warning('%s', note)
   probs, step = forward(config, workdir)
   model_bytes, layout = convert_checked(probs, config, workdir,
-                                        predict.network_tile(options.tile, config))
+                                        inference.network_tile(options.tile, config))
   return bioimage_package.write(config, workdir, out, probs, model_bytes, layout, step)

@@ -66,7 +66,7 @@ def _load(config, workdir, tile: int) -> tuple[Runner, int]:
 def make_predictor(config, workdir, options) -> tuple['predict.Predictor', int]:
   """(predict.Predictor on ONNX Runtime, checkpoint step) of the model in `workdir` with
   predict's `options` (tile, overlap, batch size, TTA)."""
-  tile = predict.network_tile(options.tile, config)
+  tile = inference.network_tile(options.tile, config)
   runner, step = _load(config, workdir, tile)
   return predict.Predictor(prob_fn(runner, options.tta), config, tile, options.overlap,
                            options.batch_size or config.eval.batch_size), step

@@ -68,7 +68,6 @@ from flmiseg import instances
 from flmiseg import rundir
 from flmiseg import sharding
 from flmiseg.data import io
-from flmiseg.data import pipeline
 from flmiseg.data import preprocess
 from flmiseg.errors import UserError
 
@@ -399,32 +398,12 @@ def resolve_threshold(config, workdir, step: int, options: Options) -> tuple[flo
   return config.eval.threshold, 'config.eval.threshold'
 
 
-def network_tile(tile: int, config) -> int:
-  """The side of the tiles the network sees: `tile` (--tile; 0: the training crop size)
-  rounded up to a multiple of pipeline.SIZE_MULTIPLE, the stock networks' stride. A network
-  pads any other size itself, with zeros: a black border inside every tile, which took the
-  shipped mito model from IoU 0.928 to 0.606 on 100x100 crops at --tile=100
-  (docs/inference.md)."""
-  tile = tile or config.data.crop_size
-  return -(-tile // pipeline.SIZE_MULTIPLE) * pipeline.SIZE_MULTIPLE
-
-
-def tile_note(tile: int, config) -> str | None:
-  """The warning line for a --tile that `network_tile` rounds up, else None."""
-  rounded = network_tile(tile, config)
-  if tile and rounded != tile:
-    return (f'--tile={tile} rounded up to {rounded}, a multiple of '
-            f'{pipeline.SIZE_MULTIPLE}: the networks pad other sizes with zeros, which costs '
-            'accuracy')
-  return None
-
-
 def make_predictor(config, state, mesh, options: Options) -> Predictor:
   """The Predictor of loaded weights (`inference.load`) with `options`' tile
-  (`network_tile`), overlap, batch size (0: config.eval.batch_size) and TTA."""
+  (`inference.network_tile`), overlap, batch size (0: config.eval.batch_size) and TTA."""
   return Predictor(
       inference.prob_fn(state, mesh, options.tta), config,
-      network_tile(options.tile, config), options.overlap,
+      inference.network_tile(options.tile, config), options.overlap,
       inference.round_up_batch(options.batch_size or config.eval.batch_size, mesh.size),
       batch_multiple=mesh.size)
 
@@ -468,7 +447,7 @@ def run(config, workdir, options: Options) -> dict:
   check_output(out, inputs, names, options)
   predictor, step = load_predictor(config, workdir, options)
   threshold, source = resolve_threshold(config, workdir, step, options)
-  if note := tile_note(options.tile, config):
+  if note := inference.tile_note(options.tile, config):
     logging.warning('%s', note)
   created = not out.exists()
   make_output(out, options)

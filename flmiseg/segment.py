@@ -164,7 +164,7 @@ class Segmenter:
       factor = predict.rescale_factor(pixel_size, self.config.data.pixel_size or None)
       outputs, stats, mask, labels = predict.segment_planes(predictor, planes, factor, value,
                                                             options, progress, missing)
-    warnings = [predict.tile_note(options.tile, self.config),
+    warnings = [inference.tile_note(options.tile, self.config),
                 *notes,
                 predict.image_warning(name, stats, mask, self.training)]
     if factor != 1.0:

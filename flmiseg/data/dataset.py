@@ -190,7 +190,9 @@ def _prepare_one(pair: lists.Pair, method: str, kind: str, cache_dir: pathlib.Pa
     # the loss and the metrics, as unlabelled pixels are.
     planes, no_data, _ = preprocess.repair(image[None], pair.image)
     image = planes[0]
-    ignored = (mask == IGNORED) | (False if no_data is None else no_data[0])
+    ignored = mask == IGNORED
+    if no_data is not None:
+      ignored |= no_data[0]
     _save_atomic(image_file, preprocess.normalize(image, method, kind))
     # The ignored map and the labels go before the mask file, which marks the entry complete.
     if ignored.any():

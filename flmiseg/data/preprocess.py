@@ -142,9 +142,9 @@ def zscore(x: np.ndarray) -> np.ndarray:
 # brightest structures (the 99.99th percentile of the 3x3 median, which no hot pixel moves)
 # map to at most SPARSE_TOP_RATIO. A dense structure puts the 99.8th percentile far above the
 # noise (22-56 sigma in the simulated end-to-end images; that sparse field 6.4, the fields
-# with more nuclei 18 and more), so debris over a dense structure never triggers it. In the shipped
-# models' training images the brightest structures lie at a median 1.2 of the stretch and
-# below 2.3 in 99 % of them.
+# with more nuclei 18 and more), so debris over a dense structure never triggers it. In the
+# shipped models' training images the brightest structures lie at a median 1.2 of the
+# stretch and below 2.3 in 99 % of them.
 SPARSE_NOISE_SIGMAS = 10.0
 SPARSE_TOP_RATIO = 2.5
 # Bright debris (dead cells, aggregates) over more than 0.2 % of an image puts the 99.8th
@@ -216,9 +216,9 @@ def normalize(image: np.ndarray, method: str, kind: str = 'er') -> np.ndarray:
 NO_DATA_FRACTION = 0.005
 NO_DATA_MIN_PIXELS = 64  # and at least this many pixels
 NO_DATA_GAP = 0.2
-# A hot pixel (or a cosmic-ray hit) lies above the plane's 99.8th percentile and more than
-# HOT_PIXEL_STEP times the plane's 1st-99.8th percentile range above the median of its 3x3
-# neighbourhood, which replaces it. A structure the PSF spreads over its neighbours never is.
+# A hot pixel (or a cosmic-ray hit) lies above the 99.8th percentile of the plane's 3x3
+# median and more than HOT_PIXEL_STEP times that median's 1st-99.8th percentile range above
+# its own median, which replaces it. A structure the PSF spreads over its neighbours never is.
 HOT_PIXEL_STEP = 1.0
 
 
