@@ -105,14 +105,13 @@ def inverted_pairs(pairs, folder: pathlib.Path):
   return out
 
 
-def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
-  """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
-  through the predict path (`preprocess.repair`, whole-image normalisation, blended tiles; with
-  `tta` averaged over the 8 flips/rotations, as --tta does); for a model with an
-  instance head and label-image masks also the pooled instance AP@0.5 of its instances and
-  of the connected components of its mask (flmiseg/matching.py)."""
+def outputs(folder: pathlib.Path, pairs, tta: bool = False):
+  """(config, threshold, seed dynamic, iterator of each pair's outputs (H, W, C)) of the
+  packed/run model in `folder` at its calibrated threshold, through the predict path
+  (`preprocess.repair`, whole-image normalisation, blended tiles; with `tta` averaged over the
+  8 flips/rotations, as --tta does); no-data pixels output 0."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flmiseg import calibration, instances, matching, predict  # pylint: disable=g-import-not-at-top
+  from flmiseg import calibration, instances, predict  # pylint: disable=g-import-not-at-top
   config = rundir.read_config(folder)
   mesh = sharding.make_mesh(jax.local_devices())
   state, step = inference.load(config, folder, mesh)
@@ -121,21 +120,42 @@ def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   predictor = predict.Predictor(inference.prob_fn(state, mesh, tta), config,
                                 config.data.crop_size, 0.25,
                                 inference.round_up_batch(8, len(jax.local_devices())))
+
+  def each():
+    for pair in pairs:
+      planes, missing, _ = preprocess.repair(io.read_image(pair.image)[None], pair.image)
+      out, _ = predictor.plane(planes[0])
+      if missing is not None:
+        out[missing[0]] = 0.0
+      yield out
+
+  return config, threshold, dynamic, each()
+
+
+def predictions(folder: pathlib.Path, pairs, tta: bool = False):
+  """Each pair's mask (bool (H, W)) as predict draws it with the model in `folder`."""
+  _, threshold, _, each = outputs(folder, pairs, tta)
+  return (out[..., 0] > threshold for out in each)
+
+
+def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
+  """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
+  through the predict path (`outputs`); for a model with an instance head and label-image
+  masks also the pooled instance AP@0.5 of its instances and of the connected components of
+  its mask (flmiseg/matching.py)."""
+  from flmiseg import instances, matching  # pylint: disable=g-import-not-at-top
+  config, threshold, dynamic, each = outputs(folder, pairs, tta)
   head = bool(config.model.get('instance_head'))
   ious, found, merged = [], [], []
-  for pair in pairs:
-    planes, missing, _ = preprocess.repair(io.read_image(pair.image)[None], pair.image)
-    outputs, _ = predictor.plane(planes[0])
-    if missing is not None:
-      outputs[missing[0]] = 0.0
+  for pair, out in zip(pairs, each):
     truth = tifffile.imread(pair.mask)  # a label image for instance kinds
-    pred = outputs[..., 0] > threshold
+    pred = out[..., 0] > threshold
     union = np.logical_or(pred, truth > 0).sum()
     ious.append(np.logical_and(pred, truth > 0).sum() / union if union else 1.0)
     if head and len(np.unique(truth)) > 2:
       min_size = config.eval.get('min_size', 16)
       found.append(matching.match(truth, instances.from_outputs(
-          outputs, threshold, dynamic, min_size), (0.5,)))
+          out, threshold, dynamic, min_size), (0.5,)))
       merged.append(matching.match(truth, instances.connected_components(pred, min_size),
                                    (0.5,)))
   result = {'iou': float(np.mean(ious))}

@@ -1,6 +1,7 @@
 """The FLMI simulator: reproducibility, value types, ground truth, dataset layout, CLI, and
 domain randomisation (new knobs, random_params presets, randomized datasets)."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -138,6 +139,11 @@ def test_random_params_deterministic_valid_and_cover_their_ranges():
   # Documented rates, 50 % and 60 %: 200 draws land within 0.1 (about 3 standard deviations).
   assert np.mean([p.out_of_focus > 0 for p in wide]) == pytest.approx(0.5, abs=0.1)
   assert np.mean([p.debris > 0 for p in wide]) == pytest.approx(0.6, abs=0.1)
+  # The cell edge: 40 % of er (and mito) images, never a nucleus image.
+  assert np.mean([p.outside > 0 for p in wide]) == pytest.approx(0.4, abs=0.1)
+  assert all(p.outside == 0 or 0.1 <= p.outside <= 0.6 for p in wide)
+  assert all(simulate_random.random_params('nucleus', np.random.default_rng(s)).outside == 0
+             for s in range(50))
   with pytest.raises(UserError, match="randomize='narrow' is not a preset; valid: wide"):
     draw(0, 'narrow')
 
@@ -157,6 +163,23 @@ def test_shifted_lies_inside_wide_and_away_from_the_defaults():
       p = simulate_random.random_params(kind, np.random.default_rng(seed), 'shifted')
       assert p.bit_depth != default.bit_depth and p.scale >= 1.25
       assert p.psf_sigma > 1.5 * default.psf_sigma and p.photons < default.photons
+
+
+@pytest.mark.parametrize('kind', ['er', 'mito'])
+def test_a_cell_edge_leaves_only_the_camera_background_outside(kind):
+  params = simulate.Params(outside=0.4, haze=0.8, autofluorescence=0.3, out_of_focus=1.0,
+                           photons=2000.0, read_noise=0.0, offset=100.0)
+  image, mask = simulate.simulate(kind, 128, np.random.default_rng(3), params)
+  whole, _ = simulate.simulate(kind, 128, np.random.default_rng(3), dataclasses.replace(
+      params, outside=0.0))
+  background = image == 100  # no photon at all: nothing but the camera's offset
+  # A fraction `outside` of the field, less its soft edge, holds not one photon, and no mask.
+  assert 0.3 < background.mean() < 0.41
+  assert not mask[ndi.binary_erosion(background, iterations=2)].any()
+  assert (whole > 100).mean() > 0.99  # without the edge, haze fills the field
+  assert mask.any() and image[mask > 0].mean() > 1000
+  with pytest.raises(UserError, match='outside applies to er and mito'):
+    simulate.simulate('nucleus', 64, np.random.default_rng(0), simulate.Params(outside=0.3))
 
 
 @pytest.mark.parametrize('bit_depth, dtype, top', [('uint8', np.uint8, 255),
@@ -246,6 +269,10 @@ def test_loader_synthetic_params_names_the_cache_and_is_validated(tmp_path):
   assert not (default / 'train_params.jsonl').exists()
   wide = loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0)
   assert wide.name == 'nucleus_2+1_32px_seed0_wide' and (wide / 'train_params.jsonl').is_file()
+  # er's wide images carry cell edges: a folder of their own, never one drawn without them.
+  er = _data_cfg(tmp_path, 'wide')
+  er.kind = 'er'
+  assert loader.synthetic_dataset_dir(er, seed=0).name == 'er_2+1_32px_seed0_wide-cells'
   with pytest.raises(ValueError) as error:
     loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'broad'), seed=0)
   assert str(error.value) == ("config.data.synthetic_params='broad' is not valid; valid: "

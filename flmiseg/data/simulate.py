@@ -10,11 +10,13 @@ Kinds:
   'nucleus'  irregular ellipses (perturbed radius) of varied size and brightness with
              textured interiors (chromatin), touching and overlapping, a few small bright
              mitotic ones.
-Image formation (all kinds): structure -> fluorophore density varying along the structure
-(+ debris) -> blur by a point spread function (Gaussian or Airy) (+ an out-of-focus layer of
-the same kind blurred 3-6x wider, + autofluorescence) -> background (haze, uneven illumination,
-vignetting) -> Poisson shot noise x camera gain + offset + read noise (+ hot pixels) ->
-uint16 (er, mito), uint8 (nucleus) or `bit_depth`, clipped at its maximum (saturation).
+Image formation (all kinds): structure (er, mito: optionally ending at a cell's edge, beyond
+which no light but debris reaches the camera: `outside`) -> fluorophore density varying along
+the structure (+ debris) -> blur by a point spread function (Gaussian or Airy) (+ an
+out-of-focus layer of the same kind blurred 3-6x wider, + autofluorescence) -> background
+(haze, uneven illumination, vignetting) -> Poisson shot noise x camera gain + offset + read
+noise (+ hot pixels) -> uint16 (er, mito), uint8 (nucleus) or `bit_depth`, clipped at its
+maximum (saturation).
 The mask is the in-focus structure's geometry on the pixel grid before blur (uint8, 0/255),
 never the out-of-focus layer or debris; write_dataset writes nucleus and mito masks as uint16
 label images (one value per object, INSTANCE_KINDS), which every reader still takes as
@@ -72,6 +74,10 @@ class Params:
   autofluorescence: float = 0.0  # mottled background texture, fraction of the peak signal
   vignetting: float = 0.0  # radial illumination drop at the corners (0: flat)
   hot_pixels: float = 0.0  # hot camera pixels per 256x256
+  # Fraction of the field outside the cell (er, mito): beyond a curved cell edge there is no
+  # structure, haze, out-of-focus light or autofluorescence, only the camera's background
+  # (and debris). 0: the cell fills the field.
+  outside: float = 0.0
   gain: float = 1.0  # camera counts per photon
   # 'uint8', 'uint12' (0-4095 in a uint16 container) or 'uint16'; None: uint16 (er, mito) or
   # uint8 (nucleus). Counts are clipped at the container's maximum.
@@ -94,6 +100,7 @@ RANGES = {
     'scale': (0.25, 4.0), 'heterogeneity': (0.0, 1.5), 'out_of_focus': (0.0, 5.0),
     'defocus': (1.5, 10.0), 'debris': (0.0, 200.0), 'autofluorescence': (0.0, 5.0),
     'vignetting': (0.0, 0.9), 'hot_pixels': (0.0, 1000.0), 'gain': (0.001, 1000.0),
+    'outside': (0.0, 0.9),
 }
 # bit_depth -> (container dtype, largest count).
 BIT_DEPTHS = {'uint8': (np.uint8, 255), 'uint12': (np.uint16, 4095),
@@ -113,6 +120,9 @@ def resolve(kind: str, params: Params | None) -> Params:
   if filled['min_width'] > filled['max_width']:
     raise UserError(f'simulator knob min_width={filled["min_width"]} exceeds '
                     f'max_width={filled["max_width"]}')
+  if filled['outside'] > 0 and kind == 'nucleus':
+    raise UserError('simulator knob outside applies to er and mito (a cell edge); nuclei '
+                    'have no cell around them here')
   if filled['psf'] not in ('gaussian', 'airy'):
     raise UserError(f'simulator knob psf={filled["psf"]!r}; valid: gaussian, airy')
   if filled['bit_depth'] not in BIT_DEPTHS:
@@ -256,6 +266,21 @@ def _nucleus(rng, h, w, p: Params):
 _GEOMETRY = {'er': _er, 'mito': _mito, 'nucleus': _nucleus}
 
 
+def _cell_region(rng, h, w, p: Params) -> np.ndarray:
+  """Where the cell is (H, W) float32 in [0, 1], exactly a fraction `p.outside` of the field
+  outside it: a wavy edge around a centre drawn off the field or near its border, soft over
+  about two pixels (the blur of the membrane's edge)."""
+  angle = rng.uniform(0, 2 * np.pi)
+  # Centre beyond the opposite border for a large cell part, so the edge is a gentle curve.
+  reach = rng.uniform(0.2, 1.2) * max(h, w)
+  centre = np.array([w / 2, h / 2]) + reach * np.array([np.cos(angle), np.sin(angle)])
+  ys, xs = np.mgrid[:h, :w].astype(np.float32)
+  distance = np.hypot(xs - centre[0], ys - centre[1])
+  distance += 0.06 * max(h, w) * _smooth_noise(rng, (h, w), 16.0 * p.scale)
+  edge = np.quantile(distance, 1.0 - p.outside)
+  return ndi.gaussian_filter((distance <= edge).astype(np.float32), 1.5)
+
+
 def _psf_blur(x: np.ndarray, p: Params) -> np.ndarray:
   if p.psf == 'gaussian':
     return ndi.gaussian_filter(x, p.psf_sigma)
@@ -375,6 +400,9 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
   # The geometry comes first, so knobs that add light (debris, out of focus) leave the mask
   # of a given rng unchanged; those knobs draw nothing when off (Params() is the original).
   objects, brightness = _GEOMETRY[kind](rng, h, w, p)
+  cell = _cell_region(rng, h, w, p) if p.outside > 0 else None
+  if cell is not None:
+    objects = objects * (cell > 0.5)
   structure = (objects > 0).astype(np.float32)
   density = structure * brightness
   sharp, diffuse = _debris(rng, h, w, p) if p.debris > 0 else (None, None)
@@ -387,6 +415,9 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
   haze = ndi.gaussian_filter(density, 12.0 * p.scale) * 3.0 + 0.3 * (1 + 0.5 * _smooth_noise(
       rng, (h, w), 24.0)).clip(0, None)
   illumination = _illumination(rng, h, w, p)
+  if cell is not None:  # the cytoplasm's haze and unfocused light end at the cell's edge
+    haze = haze * cell
+    unfocused = None if unfocused is None else unfocused * cell
   light = blurred if unfocused is None else blurred + unfocused
   total = light + p.haze * haze if peak == 1.0 else (light + p.haze * haze) / peak
   expected = p.photons * illumination * total
