@@ -45,7 +45,7 @@ def annotate(mask: np.ndarray, annotation: str) -> np.ndarray:
   return mask
 
 
-def test_pairs(kind: str, knobs: str, annotation: str, root: pathlib.Path):
+def annotated_test_pairs(kind: str, knobs: str, annotation: str, root: pathlib.Path):
   """The 20 test (image, mask) pairs; masks redrawn with `annotation` (into root/test_masks)."""
   pairs = train_pretrained.test_pairs(kind, knobs, 40)[:20]
   if annotation == 'simulator':
@@ -112,7 +112,7 @@ def main(argv):
   if FLAGS.knobs != 'shifted' or FLAGS.annotation != 'simulator':
     root = root.with_name(f'{FLAGS.kind}_{FLAGS.knobs}_{FLAGS.annotation}')
   train_list = write_crops(FLAGS.kind, root, knobs=FLAGS.knobs, annotation=FLAGS.annotation)
-  pairs = test_pairs(FLAGS.kind, FLAGS.knobs, FLAGS.annotation, root)
+  pairs = annotated_test_pairs(FLAGS.kind, FLAGS.knobs, FLAGS.annotation, root)
   test_list = write_test(pairs, root)
   folder = train_pretrained.pretrained.PRETRAINED_DIR / FLAGS.kind
   zero_shot = train_pretrained.mean_iou(folder, pairs)

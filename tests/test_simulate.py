@@ -139,11 +139,6 @@ def test_random_params_deterministic_valid_and_cover_their_ranges():
   # Documented rates, 50 % and 60 %: 200 draws land within 0.1 (about 3 standard deviations).
   assert np.mean([p.out_of_focus > 0 for p in wide]) == pytest.approx(0.5, abs=0.1)
   assert np.mean([p.debris > 0 for p in wide]) == pytest.approx(0.6, abs=0.1)
-  # The cell edge: 40 % of er (and mito) images, never a nucleus image.
-  assert np.mean([p.outside > 0 for p in wide]) == pytest.approx(0.4, abs=0.1)
-  assert all(p.outside == 0 or 0.1 <= p.outside <= 0.6 for p in wide)
-  assert all(simulate_random.random_params('nucleus', np.random.default_rng(s)).outside == 0
-             for s in range(50))
   with pytest.raises(UserError, match="randomize='narrow' is not a preset; valid: wide"):
     draw(0, 'narrow')
 
@@ -269,10 +264,6 @@ def test_loader_synthetic_params_names_the_cache_and_is_validated(tmp_path):
   assert not (default / 'train_params.jsonl').exists()
   wide = loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0)
   assert wide.name == 'nucleus_2+1_32px_seed0_wide' and (wide / 'train_params.jsonl').is_file()
-  # er's wide images carry cell edges: a folder of their own, never one drawn without them.
-  er = _data_cfg(tmp_path, 'wide')
-  er.kind = 'er'
-  assert loader.synthetic_dataset_dir(er, seed=0).name == 'er_2+1_32px_seed0_wide-cells'
   with pytest.raises(ValueError) as error:
     loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'broad'), seed=0)
   assert str(error.value) == ("config.data.synthetic_params='broad' is not valid; valid: "

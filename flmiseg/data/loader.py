@@ -55,20 +55,17 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   Raises ValueError for an invalid config.data.synthetic_params or kind.
   """
   # Imported here: the simulator is only needed on this path.
-  from flmiseg.data import simulate, simulate_random  # pylint: disable=g-import-not-at-top
+  from flmiseg.data import simulate  # pylint: disable=g-import-not-at-top
   knobs = data_cfg.get('synthetic_params', 'default')  # absent from configs made before it
   if knobs not in ('default',) + simulate.RANDOMIZE:
     raise ValueError(f'config.data.synthetic_params={knobs!r} is not valid; valid: default, '
                      f'{", ".join(simulate.RANDOMIZE)}')
   root = pathlib.Path(data_cfg.synthetic_dir) if data_cfg.synthetic_dir else (
       default_cache_root() / 'synthetic')
-  # 'default' keeps the original folder names, so existing cached datasets are reused; a
-  # preset's images with cell edges (simulate_random.OUTSIDE_KINDS) get a folder of their own,
-  # so images drawn before that knob existed are never taken for them.
-  cells = knobs == 'wide' and data_cfg.kind in simulate_random.OUTSIDE_KINDS
+  # 'default' keeps the original folder names, so existing cached datasets are reused.
   name = (f'{data_cfg.kind}_{data_cfg.num_synthetic_train}+{data_cfg.num_synthetic_test}'
           f'_{data_cfg.synthetic_size}px_seed{seed}' + ('' if knobs == 'default' else
-                                                         f'_{knobs}') + ('-cells' * cells))
+                                                         f'_{knobs}'))
   out = root / name
   if not ((out / 'train.txt').is_file() and (out / 'test.txt').is_file()) or _without_labels(
       out, data_cfg.kind):

@@ -268,10 +268,10 @@ _GEOMETRY = {'er': _er, 'mito': _mito, 'nucleus': _nucleus}
 
 def _cell_region(rng, h, w, p: Params) -> np.ndarray:
   """Where the cell is (H, W) float32 in [0, 1], exactly a fraction `p.outside` of the field
-  outside it: a wavy edge around a centre drawn off the field or near its border, soft over
-  about two pixels (the blur of the membrane's edge)."""
+  outside it: a wavy edge around a centre 0.2-1.2 field sides from the field's centre (the
+  farther, the straighter the edge), soft over about two pixels (the blur of the membrane's
+  edge)."""
   angle = rng.uniform(0, 2 * np.pi)
-  # Centre beyond the opposite border for a large cell part, so the edge is a gentle curve.
   reach = rng.uniform(0.2, 1.2) * max(h, w)
   centre = np.array([w / 2, h / 2]) + reach * np.array([np.cos(angle), np.sin(angle)])
   ys, xs = np.mgrid[:h, :w].astype(np.float32)

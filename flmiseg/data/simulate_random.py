@@ -28,8 +28,6 @@ images meets many microscopes (noise, PSF, pixel size, background, camera) rathe
                      fill log-uniform 0.06-0.9         fill log-uniform 0.15-0.6
                      (~5% of images saturate > 0.1% of their pixels)
   read_noise         gain x log-uniform 0.5-5 e-       gain x log-uniform 2-4 e-
-  outside            40%: uniform 0.1-0.6, else 0      0 (the cell fills the field)
-                     (a cell edge; er and mito only)
   (min_width, max_width: the kind's defaults; scale sizes them.)
 
 Every 'shifted' range lies inside the 'wide' one (tests check it), so 'shifted' measures
@@ -71,9 +69,6 @@ PRESETS = {
         'offset_fraction': ('uniform', 0.0, 0.03),
         'fill': ('loguniform', 0.06, 0.9),
         'read_electrons': ('loguniform', 0.5, 5.0),
-        # Drawn last, so every other knob of an image keeps the value it had before this one
-        # existed; the simulator draws nothing more when it is 0.
-        'outside': ('maybe', 0.4, 0.1, 0.6),
     },
     'shifted': {
         'photons': ('loguniform', 30.0, 80.0),
@@ -94,11 +89,8 @@ PRESETS = {
         'offset_fraction': ('uniform', 0.01, 0.03),
         'fill': ('loguniform', 0.15, 0.6),
         'read_electrons': ('loguniform', 2.0, 4.0),
-        'outside': ('maybe', 0.0, 0.1, 0.6),  # never on: the test images of before
     },
 }
-# The kinds a preset's cell edge ('outside') applies to: nuclei have no cell around them here.
-OUTSIDE_KINDS = ('er', 'mito')
 GAIN_RANGE = (0.005, 50.0)  # counts per photon that random_params allows
 PSF_SIGMA_RANGE = (0.6, 3.5)  # pixels, that random_params allows
 
@@ -146,8 +138,6 @@ def random_params(kind: str, rng: np.random.Generator, preset: str = 'wide') -> 
     # of field), so an out-of-focus nucleus missing from the mask would teach the model to
     # miss real ones. Drawn above all the same, so the other knobs keep their stream.
     draws['out_of_focus'] = 0.0
-  if kind not in OUTSIDE_KINDS:
-    draws['outside'] = 0.0  # drawn above all the same (the stream stays the kind's)
   top = simulate.BIT_DEPTHS[draws['bit_depth']][1]
   offset = draws.pop('offset_fraction') * top
   gain = float(np.clip(draws.pop('fill') * (top - offset) / draws['photons'], *GAIN_RANGE))
