@@ -5,7 +5,7 @@
 Real ER and mitochondria images often show a cell's edge, with dark glass beyond it; the
 simulator's default images are cytoplasm from border to border. Test images: the 20 default-
 knob test images of each kind (`train_pretrained.test_pairs`, seed 1000), each pasted into a
-cell (an irregular blob, seeded, 30-70 % of the field outside it, its edge softened over about
+cell (an irregular blob, seeded, 33-61 % of the field outside it, its edge softened over about
 two pixels) whose outside holds the camera alone: the kind's offset, read noise and a Poisson
 background of 2 photons. The mask is the original one inside the cell. Reported: mean IoU of
 the original images and of the cell-edge images on the pixels more than 4 px from the edge
