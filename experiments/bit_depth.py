@@ -21,6 +21,7 @@ import numpy as np
 import tifffile
 
 from flmiseg import console
+from flmiseg import metrics
 from flmiseg import predict
 from flmiseg import rundir
 from flmiseg.data import io
@@ -44,11 +45,6 @@ def variants(image: np.ndarray) -> dict[str, np.ndarray]:
   return out
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-  union = np.logical_or(a, b).sum()
-  return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
 def measure(workdir: pathlib.Path, max_images: int) -> dict:
   """{variant: (mean IoU vs the as-simulated masks, mean IoU vs truth)} for one run."""
   config = rundir.read_config(workdir)
@@ -67,8 +63,8 @@ def measure(workdir: pathlib.Path, max_images: int) -> dict:
                     for i in range(len(pairs))] for k, name in enumerate(names)}
   truth = [io.read_mask(p.mask) > 0 for p in pairs]
   base = masks['as simulated']
-  return {name: (float(np.mean([iou(a, b) for a, b in zip(m, base)])),
-                 float(np.mean([iou(a, t) for a, t in zip(m, truth)])))
+  return {name: (float(np.mean([metrics.mask_iou(a, b) for a, b in zip(m, base)])),
+                 float(np.mean([metrics.mask_iou(a, t) for a, t in zip(m, truth)])))
           for name, m in masks.items()}
 
 

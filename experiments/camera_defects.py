@@ -28,15 +28,12 @@ import cv2
 import numpy as np
 
 from flmiseg import console
+from flmiseg import metrics
 from flmiseg import segment
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
 
 BORDER = 180  # columns of zeros in the 'border' variant; IoU is taken right of them
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-  return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def camera_variants(kind: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -120,13 +117,12 @@ def main(argv):
     variants, truth = camera_variants(kind)
     for name, image in variants.items():
       keep = debris_free(name)[:, BORDER:]
-      mask = model(image).mask[:, BORDER:] > 0
-      print(f'| {name} | {kind} | {_iou(mask & keep, truth[:, BORDER:] & keep):.3f} |',
-            flush=True)
+      iou = metrics.mask_iou((model(image).mask[:, BORDER:] > 0) & keep, truth[:, BORDER:] & keep)
+      print(f'| {name} | {kind} | {iou:.3f} |', flush=True)
   model = segment.load('nucleus')
   for name, image, truth in sparse_fields():
-    print(f'| sparse field: {name} | nucleus | {_iou(model(image).mask > 0, truth):.3f} |',
-          flush=True)
+    iou = metrics.mask_iou(model(image).mask, truth)
+    print(f'| sparse field: {name} | nucleus | {iou:.3f} |', flush=True)
   print('code before 2026-12-06' if FLAGS.before else 'current code')
 
 

@@ -26,6 +26,7 @@ from scipy import ndimage
 import tifffile
 
 from flmiseg import console
+from flmiseg import metrics
 from flmiseg import pretrained
 from flmiseg.data import simulate
 from experiments import train_pretrained
@@ -68,7 +69,7 @@ def _scores(folder, pairs, cells) -> tuple[float, float]:
     truth = tifffile.imread(pair.mask) > 0
     far = ~(ndimage.binary_dilation(cell, iterations=4) & ~ndimage.binary_erosion(
         cell, iterations=4))
-    ious.append((pred & truth & far).sum() / max(((pred | truth) & far).sum(), 1))
+    ious.append(metrics.mask_iou(pred & far, truth & far))
     outside.append((pred & ~cell).sum())
   return float(np.mean(ious)), float(np.mean(outside))
 

@@ -21,6 +21,7 @@ from flmiseg import bioimage_package
 from flmiseg import calibration
 from flmiseg import console
 from flmiseg import export
+from flmiseg import metrics
 from flmiseg import pretrained
 from flmiseg import rundir
 from flmiseg.data import preprocess
@@ -30,11 +31,6 @@ flags.DEFINE_list('models', ['er', 'mito', 'nucleus'], 'Shipped models or run fo
 flags.DEFINE_integer('num_images', 8, 'Simulated test images per model.')
 flags.DEFINE_integer('seed', 7, 'Seed of the simulated images.')
 FLAGS = flags.FLAGS
-
-
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-  union = np.logical_or(pred, truth).sum()
-  return 1.0 if union == 0 else float(np.logical_and(pred, truth).sum() / union)
 
 
 def measure(model: str, num_images: int, seed: int) -> dict:
@@ -52,7 +48,7 @@ def measure(model: str, num_images: int, seed: int) -> dict:
               'package': bioimage_package.apply_steps(image, steps)}
     for name, x in inputs.items():
       prob = np.asarray(probs(x[None, ..., None]))[0, ..., 0]
-      scores[name].append(iou(prob > threshold, mask > 0))
+      scores[name].append(metrics.mask_iou(prob > threshold, mask > 0))
   return {'model': model, 'normalization': preprocess.resolve(config.data.normalization,
                                                               config.data.kind),
           'package_preprocessing': bioimage_package.describe_steps(steps), 'exact': exact,

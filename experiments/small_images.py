@@ -14,13 +14,10 @@ from absl import flags
 import numpy as np
 
 from flmiseg import console
+from flmiseg import metrics
 from flmiseg import pretrained
 from flmiseg import segment
 from flmiseg.data import simulate
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-  return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def measure(kind: str, size: int, images: int, seed: int) -> dict:
@@ -30,8 +27,8 @@ def measure(kind: str, size: int, images: int, seed: int) -> dict:
   for index in range(images):
     image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', index))
     truth = mask[:size, :size] > 0
-    whole.append(_iou(model(image).mask[:size, :size] > 0, truth))
-    crop.append(_iou(model(image[:size, :size]).mask > 0, truth))
+    whole.append(metrics.mask_iou(model(image).mask[:size, :size] > 0, truth))
+    crop.append(metrics.mask_iou(model(image[:size, :size]).mask > 0, truth))
   return {'crop': crop, 'whole': whole}
 
 

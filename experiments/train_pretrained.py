@@ -143,15 +143,14 @@ def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   through the predict path (`outputs`); for a model with an instance head and label-image
   masks also the pooled instance AP@0.5 of its instances and of the connected components of
   its mask (flmiseg/matching.py)."""
-  from flmiseg import instances, matching  # pylint: disable=g-import-not-at-top
+  from flmiseg import instances, matching, metrics  # pylint: disable=g-import-not-at-top
   config, threshold, dynamic, each = outputs(folder, pairs, tta)
   head = bool(config.model.get('instance_head'))
   ious, found, merged = [], [], []
   for pair, out in zip(pairs, each):
     truth = tifffile.imread(pair.mask)  # a label image for instance kinds
     pred = out[..., 0] > threshold
-    union = np.logical_or(pred, truth > 0).sum()
-    ious.append(np.logical_and(pred, truth > 0).sum() / union if union else 1.0)
+    ious.append(metrics.mask_iou(pred, truth))
     if head and len(np.unique(truth)) > 2:
       min_size = config.eval.get('min_size', 16)
       found.append(matching.match(truth, instances.from_outputs(

@@ -188,6 +188,14 @@ def betti_errors(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
   return abs(pred_b0 - target_b0), abs(pred_b1 - target_b1)
 
 
+def mask_iou(pred: np.ndarray, target: np.ndarray) -> float:
+  """Intersection over union of two binary masks (nonzero: foreground); 1.0 when both are
+  empty."""
+  pred, target = np.asarray(pred) != 0, np.asarray(target) != 0
+  union = np.count_nonzero(pred | target)
+  return float(np.count_nonzero(pred & target) / union) if union else 1.0
+
+
 def cldice(pred: np.ndarray, target: np.ndarray) -> float:
   """Centreline Dice of two (H, W) binary masks (skimage skeletons); see module docstring."""
   pred, target = np.asarray(pred) != 0, np.asarray(target) != 0

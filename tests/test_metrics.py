@@ -423,3 +423,14 @@ def test_image_metrics_distances_treat_invalid_pixels_as_background():
     hd, hd95 = _reference_distances((prob > 0.5) & keep, (target > 0) & keep)
     assert (row['hd'], row['hd95']) == (pytest.approx(hd, abs=1e-12),
                                         pytest.approx(hd95, abs=1e-12)), seed
+
+
+def test_mask_iou_counts_pixels_and_takes_nonzero_for_foreground():
+  pred = np.zeros((4, 4), np.uint8)
+  pred[:2, :2] = 255  # 4 pixels
+  target = np.zeros((4, 4), np.uint16)
+  target[1:3, 1:3] = 7  # a label; 4 pixels, 1 shared with pred
+  assert metrics.mask_iou(pred, target) == 1 / 7
+  assert metrics.mask_iou(pred, pred > 0) == 1.0
+  assert metrics.mask_iou(np.zeros((3, 3)), np.zeros((3, 3), bool)) == 1.0
+  assert metrics.mask_iou(pred, np.zeros((4, 4))) == 0.0
