@@ -54,7 +54,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   console.setup()
-  tests = {p: train_pretrained.test_pairs(FLAGS.kind, p) for p in ('default', 'shifted')}
+  tests = {p: train_pretrained.test_pairs(FLAGS.kind, p, masks='geometry')
+           for p in ('default', 'shifted')}
   print(f'| {FLAGS.kind}, {FLAGS.steps} steps | IoU, default knobs | IoU, shifted knobs | '
         'wall s |\n|---|---|---|---|')
   for name in FLAGS.rows:

@@ -85,21 +85,23 @@ def write_test(pairs, root: pathlib.Path) -> pathlib.Path:
 
 
 def run_cell(kind, root, train_list, test_list, init_from: str, freeze: bool, seed: int,
-             pairs) -> dict:
-  """Trains one run; its test IoU is measured as the shipped model's (predict path, the
-  run's calibrated threshold)."""
+             pairs, lr: float = 0.0) -> dict:
+  """Trains one run (configs/finetune.py; `lr` 0: its learning rate); its test scores
+  (`train_pretrained.scores`: IoU, and instance AP@0.5 where the run has the head and the
+  masks are label images) are measured as the shipped model's (predict path, the run's
+  calibrated threshold), with the wall seconds of the training."""
   config = finetune.get_config()
   config.data.kind = kind
   config.data.train_list, config.data.test_list = str(train_list), str(test_list)
   config.train.init_from = init_from
   config.seed = seed
-  config.optim.lr = FLAGS.lr or config.optim.lr
+  config.optim.lr = lr or config.optim.lr
   config.train.freeze_batch_stats = freeze
   start = time.perf_counter()
   name = f'{"finetuned" if init_from else "scratch"}{"_frozen_bn" if freeze else ""}_seed{seed}'
   train.train_and_evaluate(config, root / name)
   seconds = time.perf_counter() - start
-  return {'iou': train_pretrained.mean_iou(root / name, pairs), 'seconds': seconds}
+  return {**train_pretrained.scores(root / name, pairs), 'seconds': seconds}
 
 
 FLAGS = flags.FLAGS
@@ -123,8 +125,8 @@ def main(argv):
              'scratch': ('from scratch', '', False)}
   for recipe in FLAGS.recipes:
     label, init, freeze = recipes[recipe]
-    rows[label] = [run_cell(FLAGS.kind, root, train_list, test_list, init, freeze, s, pairs)
-                   for s in range(FLAGS.seeds)]
+    rows[label] = [run_cell(FLAGS.kind, root, train_list, test_list, init, freeze, s, pairs,
+                            FLAGS.lr) for s in range(FLAGS.seeds)]
   print(f'| {FLAGS.kind}: 12 crops of 128x128, {FLAGS.knobs} knobs, {FLAGS.annotation} masks '
         '| test IoU (mean ± std over seeds) | wall s per run |\n|---|---|---|')
   for label, cells in rows.items():

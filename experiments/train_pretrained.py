@@ -65,6 +65,10 @@ def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.
   # without loss; it matched CLAHE in the ablation once uneven illumination and gamma are in
   # the training data (docs/models.md).
   config.data.normalization = 'percentile'
+  if kind in ('er', 'mito'):
+    # Masks as people annotate: a tubule narrower than the PSF as wide as it looks (out to the
+    # half maximum of its blur), not its sub-resolution geometry (docs/models.md).
+    config.data.synthetic_masks = 'visible'
   if kind == 'nucleus':
     # Counting nuclei needs touching ones apart: the distance head of configs/
     # nucleus_instances.py (its weight), trained on the simulator's label images.
@@ -78,10 +82,12 @@ def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.
   return config
 
 
-def test_pairs(kind: str, params: str, num: int = 20):
-  """(image, mask) paths of `num` simulated test images of an unseen seed."""
+def test_pairs(kind: str, params: str, num: int = 20, masks: str = ''):
+  """(image, mask) paths of `num` simulated test images of an unseen seed, masks drawn as
+  `masks` says ('': as the shipped kind's recipe draws them, `pretrained_config`)."""
   config = default.get_config()
   config.data.kind, config.data.synthetic_params = kind, params
+  config.data.synthetic_masks = masks or pretrained_config(kind, 1).data.synthetic_masks
   config.data.num_synthetic_train, config.data.num_synthetic_test = 0, num
   config.data.seed = TEST_SEED
   _, test_list = loader.list_paths(config)
@@ -148,7 +154,7 @@ def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   head = bool(config.model.get('instance_head'))
   ious, found, merged = [], [], []
   for pair, out in zip(pairs, each):
-    truth = tifffile.imread(pair.mask)  # a label image for instance kinds
+    truth = io.read_mask_values(pair.mask)  # a label image for instance kinds
     pred = out[..., 0] > threshold
     ious.append(metrics.mask_iou(pred, truth))
     if head and len(np.unique(truth)) > 2:
@@ -165,9 +171,11 @@ def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
 
 
 def test_scores(folder: pathlib.Path, kind: str, tta: bool = False) -> dict:
-  """`scores` on the kind's default-knob and 'shifted' test sets: keys '<score>_<knobs>'."""
+  """`scores` on the kind's default-knob and 'shifted' test sets, masks drawn as the model in
+  `folder` learned them (config.data.synthetic_masks): keys '<score>_<knobs>'."""
+  masks = rundir.read_config(folder).data.get('synthetic_masks', 'geometry')
   return {f'{name}_{knobs}': value for knobs in ('default', 'shifted')
-          for name, value in scores(folder, test_pairs(kind, knobs), tta).items()}
+          for name, value in scores(folder, test_pairs(kind, knobs, masks=masks), tta).items()}
 
 
 def mean_iou(folder: pathlib.Path, pairs) -> float:

@@ -298,7 +298,8 @@ def _training_text(config) -> str:
   if data.source == 'synthetic':
     where = (f'{data.num_synthetic_train} simulated {data.kind} images of '
              f'{data.synthetic_size}x{data.synthetic_size} (flmiseg\'s simulator, microscope '
-             f'knobs `{data.get("synthetic_params", "default")}`)')
+             f'knobs `{data.get("synthetic_params", "default")}`, masks drawn '
+             f'`{data.get("synthetic_masks", "geometry")}`)')
   else:
     where = 'the user\'s own annotated images (a list of image/mask pairs)'
   steps = f'{train.num_steps} steps' if train.num_steps else f'{train.num_epochs} epochs'

@@ -160,6 +160,7 @@ RULES: dict[str, Rule] = {
     'data.num_synthetic_test': integer(1),
     'data.synthetic_size': integer(MIN_SYNTHETIC_SIZE, note=' (pixels)'),
     'data.synthetic_params': choice(('default',) + simulate.RANDOMIZE),
+    'data.synthetic_masks': choice(simulate.MASKS),
     'data.crop_size': integer(1, note=' (pixels)'),
     'data.val_fraction': number(0, 1, high_open=True),
     'data.normalization': choice(preprocess.METHODS, 'a method'),

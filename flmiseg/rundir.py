@@ -38,8 +38,9 @@ STATS_FILE = 'input_stats.json'
 # Config fields (prefixes) that an inference mode may take from the command line.
 # authors and license only describe the model (its exported package), so export may set them.
 INFERENCE_FIELDS = ('eval.', 'data.test_list', 'data.source', 'data.synthetic_dir',
-                    'data.synthetic_params', 'data.num_synthetic_test', 'data.ignore_value',
-                    'data.channel', 'data.num_workers', 'train.log_every_steps',
+                    'data.synthetic_params', 'data.synthetic_masks', 'data.num_synthetic_test',
+                    'data.ignore_value', 'data.channel', 'data.num_workers',
+                    'train.log_every_steps',
                     'train.resume_mismatch', 'authors', 'license')
 # Fields (prefixes) that define the network and what it sees.
 MODEL_FIELDS = ('model.', 'data.kind', 'data.normalization', 'data.pixel_size',

@@ -177,6 +177,43 @@ def test_a_cell_edge_leaves_only_the_camera_background_outside(kind):
     simulate.simulate('nucleus', 64, np.random.default_rng(0), simulate.Params(outside=0.3))
 
 
+@pytest.mark.parametrize('psf_sigma, width', [(1.2, 3), (2.5, 5)])
+def test_visible_masks_draw_a_thin_line_to_its_half_maximum_and_keep_a_large_edge(psf_sigma,
+                                                                                  width):
+  # A 1-px line blurred by a Gaussian of sigma s falls to exp(-k^2 / 2s^2) at k px: above half
+  # its ridge out to k=1 (0.71) for s=1.2, to k=2 (0.73; k=3: 0.49) for s=2.5. Its ends are
+  # where its blur is half the ridge's, so it gets no longer. A 30x30 square's edge is where
+  # its blur is half its interior's: on the edge, so the square stays as it is.
+  objects = np.zeros((64, 96), np.float32)
+  objects[8:56, 20] = 1
+  objects[17:47, 50:80] = 2
+  seen = simulate._visible(objects, simulate.Params(psf_sigma=psf_sigma))
+  half = width // 2
+  np.testing.assert_array_equal(seen[12:52, 20 - half:21 + half], 1)  # labelled as the line
+  assert not seen[12:52, :20 - half].any() and not seen[12:52, 21 + half:40].any()
+  assert not seen[:8].any() and not seen[56:, :40].any()
+  np.testing.assert_array_equal(seen[:, 40:], objects[:, 40:])
+
+
+@pytest.mark.parametrize('kind', ['er', 'mito', 'nucleus'])
+def test_visible_masks_leave_the_image_and_grow_thin_structures_only(kind):
+  params = simulate.Params(psf_sigma=2.5)
+  image, geometry = simulate.simulate(kind, 96, np.random.default_rng(5), params)
+  same, visible = simulate.simulate(kind, 96, np.random.default_rng(5), params,
+                                    masks='visible')
+  _, labels = simulate.simulate(kind, 96, np.random.default_rng(5), params, labels=True,
+                                masks='visible')
+  np.testing.assert_array_equal(image, same)
+  np.testing.assert_array_equal(labels > 0, visible > 0)
+  assert (visible[geometry > 0] > 0).all()
+  grown = (visible > 0).sum() / (geometry > 0).sum()
+  # ER's 1-3 px tubules get about as wide as the PSF; 3-7 px mitochondria and nuclei barely.
+  assert {'er': 1.6 < grown < 2.6, 'mito': 1.05 < grown < 1.4, 'nucleus': grown < 1.03}[kind]
+  with pytest.raises(UserError, match="masks='drawn' is not a way to draw masks; valid: "
+                     'geometry, visible'):
+    simulate.simulate(kind, 32, np.random.default_rng(0), masks='drawn')
+
+
 @pytest.mark.parametrize('bit_depth, dtype, top', [('uint8', np.uint8, 255),
                                                    ('uint12', np.uint16, 4095),
                                                    ('uint16', np.uint16, 65535)])
@@ -264,6 +301,13 @@ def test_loader_synthetic_params_names_the_cache_and_is_validated(tmp_path):
   assert not (default / 'train_params.jsonl').exists()
   wide = loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0)
   assert wide.name == 'nucleus_2+1_32px_seed0_wide' and (wide / 'train_params.jsonl').is_file()
+  data = _data_cfg(tmp_path, 'wide')
+  data.synthetic_masks = 'visible'
+  assert loader.synthetic_dataset_dir(data, seed=0).name == 'nucleus_2+1_32px_seed0_wide_visible'
+  data.synthetic_masks = 'traced'
+  with pytest.raises(ValueError, match="config.data.synthetic_masks='traced' is not valid; "
+                     'valid: geometry, visible'):
+    loader.synthetic_dataset_dir(data, seed=0)
   with pytest.raises(ValueError) as error:
     loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'broad'), seed=0)
   assert str(error.value) == ("config.data.synthetic_params='broad' is not valid; valid: "

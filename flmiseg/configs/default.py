@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
   # train for real images); 'shifted': a held-out other microscope (flmiseg/data/
   # simulate_random.py). Not 'default' adds _<value> to the cached dataset's folder name.
   data.synthetic_params = 'default'
+  # 'geometry' | 'visible': how the simulated masks are drawn (flmiseg/data/simulate.py MASKS):
+  # the structure itself, or out to the half maximum of its blur, as a person annotates what
+  # they see. 'visible' adds _visible to the cached dataset's folder name.
+  data.synthetic_masks = 'geometry'
   data.crop_size = 128  # Training crop side; larger images are cropped, smaller padded.
   data.val_fraction = 0.1  # Fraction of the training list held out for model selection.
   # auto|clahe_zscore|clahe_unit|percentile|zscore (bit-depth invariant), or the reference's

@@ -60,12 +60,17 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   if knobs not in ('default',) + simulate.RANDOMIZE:
     raise ValueError(f'config.data.synthetic_params={knobs!r} is not valid; valid: default, '
                      f'{", ".join(simulate.RANDOMIZE)}')
+  masks = data_cfg.get('synthetic_masks', 'geometry')  # absent from configs made before it
+  if masks not in simulate.MASKS:
+    raise ValueError(f'config.data.synthetic_masks={masks!r} is not valid; valid: '
+                     f'{", ".join(simulate.MASKS)}')
   root = pathlib.Path(data_cfg.synthetic_dir) if data_cfg.synthetic_dir else (
       default_cache_root() / 'synthetic')
   # 'default' keeps the original folder names, so existing cached datasets are reused.
   name = (f'{data_cfg.kind}_{data_cfg.num_synthetic_train}+{data_cfg.num_synthetic_test}'
           f'_{data_cfg.synthetic_size}px_seed{seed}' + ('' if knobs == 'default' else
-                                                         f'_{knobs}'))
+                                                         f'_{knobs}')
+          + ('' if masks == 'geometry' else f'_{masks}'))
   out = root / name
   if not ((out / 'train.txt').is_file() and (out / 'test.txt').is_file()) or _without_labels(
       out, data_cfg.kind):
@@ -76,7 +81,7 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
     simulate.write_dataset(data_cfg.kind, out, num_train=data_cfg.num_synthetic_train,
                            num_test=data_cfg.num_synthetic_test,
                            size=data_cfg.synthetic_size, seed=seed, overwrite=True,
-                           randomize='' if knobs == 'default' else knobs)
+                           randomize='' if knobs == 'default' else knobs, masks=masks)
   return out
 
 

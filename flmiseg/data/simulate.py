@@ -18,7 +18,8 @@ out-of-focus layer of the same kind blurred 3-6x wider, + autofluorescence) -> b
 noise (+ hot pixels) -> uint16 (er, mito), uint8 (nucleus) or `bit_depth`, clipped at its
 maximum (saturation).
 The mask is the in-focus structure's geometry on the pixel grid before blur (uint8, 0/255),
-never the out-of-focus layer or debris; write_dataset writes nucleus and mito masks as uint16
+or with masks='visible' that structure as an annotator draws it, out to where its blurred image
+falls to half its local peak (MASKS); never the out-of-focus layer or debris; write_dataset writes nucleus and mito masks as uint16
 label images (one value per object, INSTANCE_KINDS), which every reader still takes as
 foreground wherever nonzero. Everything is reproducible from a seed; `Params()`
 reproduces the original simulator exactly; simulate_random.py draws the knobs per image.
@@ -41,6 +42,12 @@ import tifffile
 from flmiseg.errors import UserError
 
 KINDS = ('er', 'mito', 'nucleus')
+# How masks are drawn. 'geometry': the structure itself on the pixel grid, before blur (1-3 px
+# wide ER tubules stay 1-3 px however wide the PSF). 'visible': as a person annotates an image,
+# the structure out to the half maximum of its blurred, noise-free image (`_visible`): a tubule
+# narrower than the PSF is drawn as wide as it looks, about its width and the PSF's FWHM
+# (2.355 psf_sigma) combined; an edge of a large object stays where it is.
+MASKS = ('geometry', 'visible')
 INSTANCE_KINDS = ('mito', 'nucleus')  # write_dataset writes their masks as label images
 
 
@@ -295,6 +302,25 @@ def _psf_blur(x: np.ndarray, p: Params) -> np.ndarray:
   return signal.fftconvolve(x, kernel / kernel.sum(), mode='same')
 
 
+def _visible(objects: np.ndarray, p: Params) -> np.ndarray:
+  """`objects` (H, W) (0 background, else an object number) as they look: also every pixel
+  within 2 psf_sigma + 1 px of an object where the PSF-blurred structure (indicator, noise-free,
+  uniform brightness) is at least half of the nearest object pixel's local peak (the largest
+  blurred value on object pixels within psf_sigma of it), numbered as that object. A thin
+  tubule's peak is its ridge, so it grows to its half maximum; a large object's is its
+  interior, so its edge stays."""
+  outside = objects == 0
+  if outside.all() or not outside.any():
+    return objects
+  structure = (~outside).astype(np.float32)
+  blurred = _psf_blur(structure, p)
+  near = int(np.ceil(p.psf_sigma))
+  ridge = ndi.maximum_filter(np.where(outside, 0.0, blurred), size=2 * near + 1)
+  distance, (iy, ix) = ndi.distance_transform_edt(outside, return_indices=True)
+  seen = outside & (distance <= 2 * p.psf_sigma + 1) & (blurred >= 0.5 * ridge[iy, ix])
+  return np.where(seen, objects[iy, ix], objects).astype(objects.dtype)
+
+
 def _wide_blur(x: np.ndarray, sigma: float) -> np.ndarray:
   """Gaussian blur (H, W) float32 for wide sigmas (out-of-focus light); on a coarser grid when
   very wide, since the result is smooth anyway (and cv2 is much faster than ndimage here)."""
@@ -379,7 +405,7 @@ def _camera(rng, expected: np.ndarray, p: Params) -> np.ndarray:
 
 
 def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = None,
-             labels: bool = False):
+             labels: bool = False, masks: str = 'geometry'):
   """One image and its mask.
 
   Args:
@@ -388,6 +414,7 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
     rng: the random generator (all randomness comes from it).
     params: knobs (None: the kind's defaults).
     labels: return the mask as a label image (see Returns); the image is the same.
+    masks: how the mask is drawn (MASKS); the image is the same.
   Returns:
     (image (H, W): uint16 for er/mito, uint8 for nucleus, or as params.bit_depth says (uint12:
     uint16 holding 0-4095), mask (H, W): the in-focus structure only, uint8 in {0, 255}, or
@@ -396,6 +423,8 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
     drawing order without gaps).
   """
   p = resolve(kind, params)
+  if masks not in MASKS:
+    raise UserError(f'masks={masks!r} is not a way to draw masks; valid: {", ".join(MASKS)}')
   h, w = (size, size) if np.isscalar(size) else tuple(size)
   # The geometry comes first, so knobs that add light (debris, out of focus) leave the mask
   # of a given rng unchanged; those knobs draw nothing when off (Params() is the original).
@@ -422,9 +451,11 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
   total = light + p.haze * haze if peak == 1.0 else (light + p.haze * haze) / peak
   expected = p.photons * illumination * total
   image = _camera(rng, expected, p)
+  if masks == 'visible':  # after the camera: no draw from rng, so the image is unchanged
+    objects = _visible(objects, p)
   if labels:
     return image, segmentation.relabel_sequential(objects.astype(np.int64))[0].astype(np.uint16)
-  return image, (structure > 0).astype(np.uint8) * 255
+  return image, (objects > 0).astype(np.uint8) * 255
 
 
 _SPLITS = {'train': 0, 'test': 1}
@@ -443,13 +474,16 @@ def params_rng(seed: int, split: str, index: int) -> np.random.Generator:
       np.random.SeedSequence([seed, _SPLITS[split], index]).spawn(1)[0])
 
 
-def _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params, randomize):
+def _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params, randomize,
+                        masks='geometry'):
   resolve(kind, params)
   if randomize and params is not None:
     raise UserError(f'randomize={randomize!r} draws the knobs; pass it or params, not both')
   if randomize not in ('',) + RANDOMIZE:
     raise UserError(f'randomize={randomize!r} is not a preset; valid: {", ".join(RANDOMIZE)} '
                     "or '' (the kind's defaults)")
+  if masks not in MASKS:
+    raise UserError(f'masks={masks!r} is not a way to draw masks; valid: {", ".join(MASKS)}')
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
     raise UserError(f'{out} is not empty; choose another folder or pass --overwrite')
   if min(num_train, num_test) < 0 or num_train + num_test == 0 or size < 16:
@@ -459,20 +493,21 @@ def _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params,
 
 def write_dataset(kind: str, out_dir, num_train: int, num_test: int, size: int = 256,
                   seed: int = 0, overwrite: bool = False, params: Params | None = None,
-                  randomize: str = '') -> pathlib.Path:
+                  randomize: str = '', masks: str = 'geometry') -> pathlib.Path:
   """Simulates a dataset in the reference's list format.
 
   Writes out_dir/{train,test}/{images,masks}/<kind>_<index>.tif and out_dir/train.txt,
   out_dir/test.txt (one `image mask` pair per line, relative to out_dir). randomize='wide' or
   'shifted' draws each image's knobs with random_params from params_rng(seed, split, index)
   and records them in out_dir/{train,test}_params.jsonl (one JSON object per image, in list
-  order). The folder is built next to out_dir and renamed at the end, so an interrupted run
+  order). `masks` says how masks are drawn (MASKS). The folder is built next to out_dir and renamed at the end, so an interrupted run
   never leaves a half-written dataset behind. Refuses a non-empty out_dir unless overwrite.
   """
   # Imported here: simulate_random builds on this module.
   from flmiseg.data import simulate_random  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(out_dir)
-  _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params, randomize)
+  _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params, randomize,
+                      masks)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f'.{out.name}.partial-{os.getpid()}')
   shutil.rmtree(tmp, ignore_errors=True)
@@ -484,7 +519,7 @@ def write_dataset(kind: str, out_dir, num_train: int, num_test: int, size: int =
       p = (simulate_random.random_params(kind, params_rng(seed, split, i), randomize)
            if randomize else params)
       image, mask = simulate(kind, size, image_rng(seed, split, i), p,
-                             labels=kind in INSTANCE_KINDS)
+                             labels=kind in INSTANCE_KINDS, masks=masks)
       name = f'{kind}_{i:05d}.tif'
       tifffile.imwrite(tmp / split / 'images' / name, image, compression='zlib')
       tifffile.imwrite(tmp / split / 'masks' / name, mask, compression='zlib')
