@@ -329,9 +329,19 @@ def test_loader_remakes_a_cached_instance_dataset_without_label_images(tmp_path)
 
 def test_cli_randomize(tmp_path):
   result = _cli('--kind=er', '--num_train=2', '--num_test=1', '--size=32', '--randomize=wide',
-                f'--out={tmp_path}/er')
+                '--masks=visible', f'--out={tmp_path}/er')
   assert result.returncode == 0, result.stderr[-1000:]
   assert len((tmp_path / 'er' / 'train_params.jsonl').read_text().splitlines()) == 2
+  knobs = json.loads((tmp_path / 'er' / 'test_params.jsonl').read_text())
+  _, visible = simulate.simulate('er', 32, simulate.image_rng(0, 'test', 0), simulate.Params(
+      **{k: v for k, v in knobs.items() if k != 'image'}), masks='visible')
+  np.testing.assert_array_equal(tifffile.imread(tmp_path / 'er' / knobs['image'].replace(
+      'images', 'masks')), visible)
+  bad = _cli('--masks=traced', f'--out={tmp_path}/bad')
+  assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == ("error: masks='traced' is not a way to draw "
+                                                 'masks; valid: geometry, visible')
+  assert not (tmp_path / 'bad').exists()
   bad = _cli('--randomize=wild', f'--out={tmp_path}/bad')
   assert bad.returncode == 2 and 'Traceback' not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --randomize='wild' is not a")
