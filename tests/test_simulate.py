@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -145,7 +146,7 @@ def test_random_params_deterministic_valid_and_cover_their_ranges():
 
 def test_shifted_lies_inside_wide_and_away_from_the_defaults():
   wide, shifted = simulate_random.PRESETS['wide'], simulate_random.PRESETS['shifted']
-  assert wide.keys() == shifted.keys()
+  assert wide.keys() - {'thickness'} == shifted.keys()  # shifted: flat nuclei, as before
   for name, spec in shifted.items():
     if spec[0] in ('choice', 'other_than_default'):
       assert set(spec[1]) <= set(wide[name][1]), name
@@ -212,6 +213,33 @@ def test_visible_masks_leave_the_image_and_grow_thin_structures_only(kind):
   with pytest.raises(UserError, match="masks='drawn' is not a way to draw masks; valid: "
                      'geometry, visible'):
     simulate.simulate(kind, 32, np.random.default_rng(0), masks='drawn')
+
+
+def test_thickness_dims_a_nucleus_towards_its_edge_as_an_ellipsoid():
+  blob = np.zeros((40, 40), np.uint8)
+  cv2.circle(blob, (20, 20), 12, 1, -1)
+  profile = simulate._thickness(blob, 0.6)
+  depth = cv2.distanceTransform(np.pad(blob, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+  t = depth / depth.max()
+  np.testing.assert_allclose(profile[blob > 0], (0.4 + 0.6 * np.sqrt(t * (2 - t)))[blob > 0],
+                             rtol=1e-6)
+  assert profile[20, 20] == pytest.approx(1.0) and not profile[blob == 0].any()
+  flat_params = simulate.Params(density=30.0, photons=5000.0, read_noise=0.0,
+                                bit_depth='uint16')
+  flat, mask = simulate.simulate('nucleus', 128, np.random.default_rng(4), flat_params)
+  dome, same = simulate.simulate('nucleus', 128, np.random.default_rng(4), dataclasses.replace(
+      flat_params, thickness=0.8))
+  np.testing.assert_array_equal(mask, same)  # the geometry is the same
+  edge = (mask > 0) & ~ndi.binary_erosion(mask > 0, iterations=2)
+  inner = ndi.binary_erosion(mask > 0, iterations=5)
+  ratio = lambda image: image[edge].mean() / image[inner].mean()
+  assert ratio(dome) < ratio(flat) - 0.1
+  nuclei = [simulate_random.random_params('nucleus', np.random.default_rng(s)) for s in range(100)]
+  assert np.mean([p.thickness > 0 for p in nuclei]) == pytest.approx(0.6, abs=0.15)
+  assert all(p.thickness == 0 for p in (simulate_random.random_params(
+      'er', np.random.default_rng(s)) for s in range(20)))
+  with pytest.raises(UserError, match='thickness applies to nucleus'):
+    simulate.simulate('mito', 32, np.random.default_rng(0), simulate.Params(thickness=0.5))
 
 
 @pytest.mark.parametrize('bit_depth, dtype, top', [('uint8', np.uint8, 255),
