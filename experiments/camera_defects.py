@@ -36,9 +36,11 @@ from flmiseg.data import simulate
 BORDER = 180  # columns of zeros in the 'border' variant; IoU is taken right of them
 
 
-def camera_variants(kind: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """({variant: uint16 image}, bool truth) of the kind's end-to-end image."""
-  image, mask = simulate.simulate(kind, 512, np.random.default_rng(77))
+def camera_variants(kind: str, masks: str = 'geometry') -> tuple[dict[str, np.ndarray],
+                                                                  np.ndarray]:
+  """({variant: uint16 image}, bool truth) of the kind's end-to-end image, its mask drawn
+  as `masks` says (simulate.MASKS)."""
+  image, mask = simulate.simulate(kind, 512, np.random.default_rng(77), masks=masks)
   image = image.astype(np.float64)
   clean = np.round(100 + image / image.max() * 3000).astype(np.uint16)
   hot = clean.copy()
@@ -114,7 +116,8 @@ def main(argv):
   print('|---|---|---|')
   for kind in ('er', 'mito', 'nucleus'):
     model = segment.load(kind)
-    variants, truth = camera_variants(kind)
+    variants, truth = camera_variants(kind, model.config.data.get('synthetic_masks',
+                                                                  'geometry'))
     for name, image in variants.items():
       keep = debris_free(name)[:, BORDER:]
       iou = metrics.mask_iou((model(image).mask[:, BORDER:] > 0) & keep, truth[:, BORDER:] & keep)

@@ -43,7 +43,8 @@ def measure(model: str, num_images: int, seed: int) -> dict:
   kind = config.data.kind if config.data.kind in simulate.KINDS else 'er'
   scores = {'flmiseg': [], 'package': []}
   for i in range(num_images):
-    image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', i))
+    image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', i),
+                                    masks=config.data.get('synthetic_masks', 'geometry'))
     inputs = {'flmiseg': preprocess.normalize(image, config.data.normalization, config.data.kind),
               'package': bioimage_package.apply_steps(image, steps)}
     for name, x in inputs.items():

@@ -23,20 +23,23 @@ import tifffile
 from experiments import train_pretrained
 from flmiseg import console
 from flmiseg import pretrained
+from flmiseg import rundir
 from flmiseg.data import lists
 from flmiseg.data import simulate
 
 FLAGS = flags.FLAGS
 
 
-def scale_pairs(kind: str, scale: float, num: int, folder: pathlib.Path) -> list:
-  """`num` simulated (image, mask) files of `kind` at object scale `scale` in `folder`."""
+def scale_pairs(kind: str, scale: float, num: int, folder: pathlib.Path,
+                masks: str = 'geometry') -> list:
+  """`num` simulated (image, mask) files of `kind` at object scale `scale` in `folder`, masks
+  drawn as `masks` says (simulate.MASKS)."""
   folder.mkdir(parents=True, exist_ok=True)
   pairs = []
   for i in range(num):
     image, mask = simulate.simulate(
         kind, 256, simulate.image_rng(train_pretrained.TEST_SEED, 'test', i),
-        simulate.Params(scale=scale))
+        simulate.Params(scale=scale), masks=masks)
     paths = folder / f'{i:03d}.tif', folder / f'{i:03d}_mask.tif'
     tifffile.imwrite(paths[0], image)
     tifffile.imwrite(paths[1], mask)
@@ -52,8 +55,9 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     for kind in FLAGS.kinds:
       folder = pretrained.PRETRAINED_DIR / kind
+      masks = rundir.read_config(folder).data.get('synthetic_masks', 'geometry')
       ious = [train_pretrained.scores(folder, scale_pairs(
-          kind, s, FLAGS.num_images, pathlib.Path(tmp) / f'{kind}_{s}'), FLAGS.tta)['iou']
+          kind, s, FLAGS.num_images, pathlib.Path(tmp) / f'{kind}_{s}', masks), FLAGS.tta)['iou']
               for s in scales]
       rows.append(f'| {kind} | ' + ' | '.join(f'{v:.3f}' for v in ious) + ' |')
   print('| model | ' + ' | '.join(f'scale {s:g}' for s in scales) + ' |')

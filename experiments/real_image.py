@@ -1,27 +1,34 @@
-"""A shipped model on one real, annotated image: no training, fine-tuned on crops of its top
-half, and trained from scratch on the same crops, all measured on its bottom half.
+"""A shipped model on real, annotated images: no training, and for one image also
+fine-tuned on crops of its top half and trained from scratch on them, measured on its bottom
+half.
 
   python -m experiments.real_image --image=img2d.tif --labels=mask2d.tif --kind=nucleus \
       --workdir=runs/real_nuclei [--seeds=2] [--recipes=finetuned,scratch] [--model=DIR]
+  python -m experiments.real_image --image=a.png,b.png --labels=a_mask.png,b_mask.png \
+      --kind=er --seeds=0 [--model=DIR]     # several images, the model without training
 
-The image is split in two at its middle row: 12 seeded 128x128 crops (image and mask) of the
-top half are the annotated data (configs/finetune.py holds a quarter of them out for
-validation), the bottom half is the test image no run sees. The labels may be a binary mask
-or a label image (0 background, one value per object, as StarDist and Cellpose write them);
-with a label image and a model with the instance head the table also gives instance AP@0.5,
-and AP@0.5 of the connected components of the same mask. The shipped model is also measured
-on the whole image. Every figure goes through the predict path (`train_pretrained.scores`).
+Without training, each image: IoU; IoU away from saturation (pixels at the image's largest
+value, with 10 px around them, left out: annotators often leave a saturated blob unlabelled);
+instance AP@0.5 where the labels are a label image and the model has the instance head; and
+the predicted over the annotated pixels. With one image and --seeds > 0: it is split in two at
+its middle row, 12 seeded 128x128 crops (image and mask) of the top half are the annotated data
+(configs/finetune.py holds a quarter of them out for validation), the bottom half is the test
+image no run sees; the table also gives AP@0.5 of the connected components of the same mask.
+The labels may be a binary mask or a label image (0 background, one value per object, as
+StarDist and Cellpose write them). Every figure goes through the predict path
+(`train_pretrained.scores`).
 """
 
-import dataclasses
 import pathlib
 
 from absl import app
 from absl import flags
 import numpy as np
+from scipy import ndimage
 import tifffile
 
 from flmiseg import console
+from flmiseg import metrics
 from flmiseg import pretrained
 from flmiseg.data import io
 from flmiseg.data import lists
@@ -58,34 +65,72 @@ def split(image: np.ndarray, labels: np.ndarray, root: pathlib.Path, num: int = 
 
 
 FLAGS = flags.FLAGS
+SATURATION_MARGIN = 10  # pixels around saturated ones left out of 'IoU away from saturation'
+
+
+def unsaturated(image: np.ndarray) -> np.ndarray:
+  """bool (H, W): pixels more than SATURATION_MARGIN px from any pixel at the image's largest
+  value, when that value is its integer type's maximum (a saturated camera); else all."""
+  if not np.issubdtype(image.dtype, np.integer) or image.max() < np.iinfo(image.dtype).max:
+    return np.ones(image.shape[:2], bool)
+  return ~ndimage.binary_dilation(image == image.max(), iterations=SATURATION_MARGIN)
+
+
+def zero_shot(model: pathlib.Path, pairs) -> list[dict]:
+  """Per pair: the scores of `train_pretrained.scores`, 'iou_unsaturated' and 'area_ratio'."""
+  out = []
+  for pair, pred in zip(pairs, train_pretrained.predictions(model, pairs)):
+    truth = io.read_mask_values(pair.mask) > 0
+    keep = unsaturated(io.read_image(pair.image))
+    out.append({**train_pretrained.scores(model, [pair]),
+                'iou_unsaturated': metrics.mask_iou(pred & keep, truth & keep),
+                'area_ratio': pred.sum() / max(truth.sum(), 1)})
+  return out
 
 
 def main(argv):
   del argv
   console.setup()
+  if len(FLAGS.image) != len(FLAGS.labels):
+    raise app.UsageError(f'--image names {len(FLAGS.image)} file(s), --labels '
+                         f'{len(FLAGS.labels)}: one mask per image')
+  if len(FLAGS.image) > 1 and FLAGS.seeds:
+    raise app.UsageError('--seeds: fine-tuning splits one image; give one --image, or '
+                         '--seeds=0 to measure the model without training')
   root = pathlib.Path(FLAGS.workdir).resolve()
-  image = io.read_image(FLAGS.image)
-  labels = io.read_mask_values(FLAGS.labels)
-  if labels.shape != image.shape[:2]:
-    raise app.UsageError(f'--labels: {FLAGS.labels} is {labels.shape}, the image '
-                         f'{image.shape[:2]}')
-  train_list, test_list, pairs = split(image, labels, root)
-  whole = [dataclasses.replace(pairs[0], image=pathlib.Path(FLAGS.image).resolve(),
-                               mask=pathlib.Path(FLAGS.labels).resolve())]
   model = pathlib.Path(FLAGS.model) if FLAGS.model else pretrained.PRETRAINED_DIR / FLAGS.kind
   name = FLAGS.model or f'shipped {FLAGS.kind}'
-  rows = {f'{name}, no training, whole image':
-          [{**train_pretrained.scores(model, whole), 'seconds': 0.0}],
-          f'{name}, no training': [{**train_pretrained.scores(model, pairs), 'seconds': 0.0}]}
+  whole = []
+  for image_path, labels_path in zip(FLAGS.image, FLAGS.labels):
+    image, labels = io.read_image(image_path), io.read_mask_values(labels_path)
+    if labels.shape != image.shape[:2]:
+      raise app.UsageError(f'--labels: {labels_path} is {labels.shape}, its image '
+                           f'{image.shape[:2]}')
+    whole.append(lists.Pair(pathlib.Path(image_path).resolve(),
+                            pathlib.Path(labels_path).resolve(), origin='--image'))
+  shots = zero_shot(model, whole)
+  print(f'| {name}, no training | IoU | IoU away from saturation | instance AP@0.5 | '
+        'predicted / annotated pixels |\n|---|---|---|---|---|')
+  for pair, shot in list(zip(whole, shots)) + ([('mean', {
+      k: np.mean([s[k] for s in shots]) for k in shots[0]})] if len(shots) > 1 else []):
+    ap = f'{shot["ap_0.5"]:.3f}' if 'ap_0.5' in shot else '-'
+    print(f'| {pair if isinstance(pair, str) else pathlib.Path(pair.image).name} | '
+          f'{shot["iou"]:.3f} | {shot["iou_unsaturated"]:.3f} | {ap} | '
+          f'{shot["area_ratio"]:.2f} |')
+  if not FLAGS.seeds:
+    return
+  image, labels = io.read_image(FLAGS.image[0]), io.read_mask_values(FLAGS.labels[0])
+  train_list, test_list, pairs = split(image, labels, root)
+  rows = {f'{name}, no training': [{**train_pretrained.scores(model, pairs), 'seconds': 0.0}]}
   recipes = {'finetuned': ('fine-tuned from it', str(model)),
              'scratch': ('from scratch', '')}
-  for recipe in FLAGS.recipes if FLAGS.seeds else ():
+  for recipe in FLAGS.recipes:
     label, init = recipes[recipe]
     rows[label] = [finetune.run_cell(FLAGS.kind, root, train_list, test_list, init, False, s,
                                      pairs, FLAGS.lr) for s in range(FLAGS.seeds)]
-  print(f'| {pathlib.Path(FLAGS.image).name}, bottom half; 12 crops of {CROP}x{CROP} of the '
-        'top half | IoU | instance AP@0.5 | AP@0.5, connected components | wall s per run |\n'
-        '|---|---|---|---|---|')
+  print(f'\n| {pathlib.Path(FLAGS.image[0]).name}, bottom half; 12 crops of {CROP}x{CROP} of '
+        'the top half | IoU | instance AP@0.5 | AP@0.5, connected components | wall s per '
+        'run |\n|---|---|---|---|---|')
 
   def cell(cells, key):
     values = [c[key] for c in cells if key in c]
@@ -98,9 +143,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('image', None, 'The real image (TIFF/PNG, one channel).', required=True)
-  flags.DEFINE_string('labels', None, 'Its annotation: a mask or a label image.',
-                      required=True)
+  flags.DEFINE_list('image', None, 'Real images (TIFF/PNG, one channel), comma-separated.',
+                    required=True)
+  flags.DEFINE_list('labels', None, 'Their annotations: masks or label images, in the same '
+                    'order.', required=True)
   flags.DEFINE_enum('kind', 'nucleus', list(pretrained.SHIPPED), 'The shipped model.')
   flags.DEFINE_string('workdir', 'runs/real_image', 'Where the crops and runs go.')
   flags.DEFINE_string('model', '', 'A run or packed folder to measure and fine-tune instead '

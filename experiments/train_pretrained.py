@@ -6,6 +6,8 @@ into flmiseg/pretrained/<kind>/, and measured.
   python -m experiments.train_pretrained --measure --tta  # the same figures with --tta
   python -m experiments.train_pretrained --workdir=runs/pretrained_cycle2 --kinds=er \
       --steps=3000 --init_from=runs/pretrained/er --lr=5e-4  # a second cycle from a run
+  python -m experiments.train_pretrained --kinds=er --steps=6000 --masks=geometry  # the
+      # first cycle of the shipped er and mito models (docs/models.md)
 
 Each kind trains `pretrained_config(kind)` (below: default U-Net recipe, simulated images
 whose microscope knobs are drawn per image from the simulator's 'wide' distribution, and the
@@ -48,9 +50,11 @@ KINDS = pretrained.SHIPPED
 TEST_SEED = 1000  # the simulated test sets: a seed no shipped model was trained on
 
 
-def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.0):
+def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.0,
+                      masks: str = ''):
   """The recipe of a shipped model; with `init_from` (a run folder or shipped model) a further
-  training cycle that starts from its weights, at learning rate `lr` (0: the recipe's)."""
+  training cycle that starts from its weights, at learning rate `lr` (0: the recipe's); with
+  `masks` ('geometry' or 'visible') its masks drawn so instead of the recipe's way."""
   config = default.get_config()
   config.data.kind = kind
   config.data.synthetic_params = 'wide'
@@ -69,6 +73,7 @@ def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.
     # Masks as people annotate: a tubule narrower than the PSF as wide as it looks (out to the
     # half maximum of its blur), not its sub-resolution geometry (docs/models.md).
     config.data.synthetic_masks = 'visible'
+  config.data.synthetic_masks = masks or config.data.synthetic_masks
   if kind == 'nucleus':
     # Counting nuclei needs touching ones apart: the distance head of configs/
     # nucleus_instances.py (its weight), trained on the simulator's label images.
@@ -211,24 +216,27 @@ def machine() -> str:
 
 
 def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str = '',
-                   lr: float = 0.0) -> dict:
+                   lr: float = 0.0, masks: str = '') -> dict:
   start = time.perf_counter()
-  result = train.train_and_evaluate(pretrained_config(kind, steps, init_from, lr), workdir)
+  result = train.train_and_evaluate(pretrained_config(kind, steps, init_from, lr, masks),
+                                    workdir)
   return pack_shipped(kind, workdir, steps, time.perf_counter() - start, result.get('iou'),
-                      init_from, lr)
+                      init_from, lr, masks)
 
 
 def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
-                 test_iou_wide: float | None, init_from: str = '', lr: float = 0.0) -> dict:
+                 test_iou_wide: float | None, init_from: str = '', lr: float = 0.0,
+                 masks: str = '') -> dict:
   """Packs the finished run `workdir` (the recipe of `pretrained_config(kind, steps,
-  init_from, lr)`) as the shipped model `kind`, replacing the folder in the package in one
-  rename."""
+  init_from, lr, masks)`) as the shipped model `kind`, replacing the folder in the package in
+  one rename."""
   out = pretrained.PRETRAINED_DIR / kind
   staged = out.with_name(f'.{kind}.new')
   shutil.rmtree(staged, ignore_errors=True)
   command = (f'python -m experiments.train_pretrained --workdir={workdir.parent} '
              f'--kinds={kind} --steps={steps}' + (f' --init_from={init_from}' if init_from
-                                                  else '') + (f' --lr={lr:g}' if lr else ''))
+                                                  else '') + (f' --lr={lr:g}' if lr else '')
+             + (f' --masks={masks}' if masks else ''))
   info = pretrained.pack(workdir, staged, 'float16', provenance={
       'command': command, 'train_seconds': round(seconds), 'steps': steps,
       'machine': machine(), 'date': time.strftime('%Y-%m-%d'),
@@ -253,7 +261,7 @@ def main(argv):
   for kind in FLAGS.kinds:
     if not FLAGS.measure:
       info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps,
-                            FLAGS.init_from, FLAGS.lr)
+                            FLAGS.init_from, FLAGS.lr, FLAGS.masks)
       print(f'{kind}: packed, {json.dumps(info)}')
     folder = pretrained.PRETRAINED_DIR / kind
     row = {'kind': kind, 'tta': FLAGS.tta, **test_scores(folder, kind, FLAGS.tta)}
@@ -279,5 +287,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('init_from', '', 'A further training cycle from this run folder or '
                       'shipped model (one kind at a time).')
   flags.DEFINE_float('lr', 0.0, 'Peak learning rate (0: the recipe\'s, 2e-3).')
+  flags.DEFINE_enum('masks', '', ['', 'geometry', 'visible'], 'How the training masks are '
+                    "drawn ('': the kind's recipe; simulate.MASKS).")
   flags.DEFINE_bool('tta', False, 'Measure with --tta (the 8 flips/rotations averaged).')
   app.run(main)

@@ -21,6 +21,14 @@ def test_recipes_learn_both_contrasts_for_nuclei_only():
   assert augment == {'er': 'all', 'mito': 'all', 'nucleus': 'all,invert'}
 
 
+def test_recipes_draw_thin_structures_as_annotators_do_unless_told_otherwise():
+  masks = {kind: train_pretrained.pretrained_config(kind, 10).data.synthetic_masks
+           for kind in ('er', 'mito', 'nucleus')}
+  assert masks == {'er': 'visible', 'mito': 'visible', 'nucleus': 'geometry'}
+  first_cycle = train_pretrained.pretrained_config('er', 6000, masks='geometry')
+  assert first_cycle.data.synthetic_masks == 'geometry'
+
+
 def test_a_further_cycle_starts_from_the_source_at_its_own_learning_rate():
   fresh = train_pretrained.pretrained_config('er', 3000)
   cycle = train_pretrained.pretrained_config('er', 3000, 'runs/pretrained/er', 5e-4)

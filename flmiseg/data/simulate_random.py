@@ -28,9 +28,6 @@ images meets many microscopes (noise, PSF, pixel size, background, camera) rathe
                      fill log-uniform 0.06-0.9         fill log-uniform 0.15-0.6
                      (~5% of images saturate > 0.1% of their pixels)
   read_noise         gain x log-uniform 0.5-5 e-       gain x log-uniform 2-4 e-
-  thickness          nucleus: 60%: uniform 0.3-0.9,    0 (flat nuclei)
-                     else 0 (nuclei dimmer at their
-                     edges, a seam where they touch)
   (min_width, max_width: the kind's defaults; scale sizes them.)
 
 Every 'shifted' range lies inside the 'wide' one (tests check it), so 'shifted' measures
@@ -72,8 +69,6 @@ PRESETS = {
         'offset_fraction': ('uniform', 0.0, 0.03),
         'fill': ('loguniform', 0.06, 0.9),
         'read_electrons': ('loguniform', 0.5, 5.0),
-        # Drawn last, so the knobs above keep the stream they had before it existed.
-        'thickness': ('maybe', 0.6, 0.3, 0.9),
     },
     'shifted': {
         'photons': ('loguniform', 30.0, 80.0),
@@ -143,8 +138,6 @@ def random_params(kind: str, rng: np.random.Generator, preset: str = 'wide') -> 
     # of field), so an out-of-focus nucleus missing from the mask would teach the model to
     # miss real ones. Drawn above all the same, so the other knobs keep their stream.
     draws['out_of_focus'] = 0.0
-  else:
-    draws['thickness'] = 0.0  # a nucleus's profile; drawn above all the same
   top = simulate.BIT_DEPTHS[draws['bit_depth']][1]
   offset = draws.pop('offset_fraction') * top
   gain = float(np.clip(draws.pop('fill') * (top - offset) / draws['photons'], *GAIN_RANGE))
