@@ -40,8 +40,7 @@ STATS_FILE = 'input_stats.json'
 INFERENCE_FIELDS = ('eval.', 'data.test_list', 'data.source', 'data.synthetic_dir',
                     'data.synthetic_params', 'data.synthetic_masks', 'data.num_synthetic_test',
                     'data.ignore_value', 'data.channel', 'data.num_workers',
-                    'train.log_every_steps',
-                    'train.resume_mismatch', 'authors', 'license')
+                    'train.log_every_steps', 'train.resume_mismatch', 'authors', 'license')
 # Fields (prefixes) that define the network and what it sees.
 MODEL_FIELDS = ('model.', 'data.kind', 'data.normalization', 'data.pixel_size',
                 'data.crop_size', 'train.dtype')

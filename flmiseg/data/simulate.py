@@ -18,11 +18,12 @@ out-of-focus layer of the same kind blurred 3-6x wider, + autofluorescence) -> b
 noise (+ hot pixels) -> uint16 (er, mito), uint8 (nucleus) or `bit_depth`, clipped at its
 maximum (saturation).
 The mask is the in-focus structure's geometry on the pixel grid before blur (uint8, 0/255),
-or with masks='visible' that structure as an annotator draws it, out to where its blurred image
-falls to half its local peak (MASKS); never the out-of-focus layer or debris; write_dataset writes nucleus and mito masks as uint16
-label images (one value per object, INSTANCE_KINDS), which every reader still takes as
-foreground wherever nonzero. Everything is reproducible from a seed; `Params()`
-reproduces the original simulator exactly; simulate_random.py draws the knobs per image.
+or with masks='visible' that structure as an annotator draws it, out to where its blurred
+image falls to half its local peak (MASKS); never the out-of-focus layer or debris;
+write_dataset writes nucleus and mito masks as uint16 label images (one value per object,
+INSTANCE_KINDS), which every reader still takes as foreground wherever nonzero. Everything
+is reproducible from a seed; `Params()` reproduces the original simulator exactly;
+simulate_random.py draws the knobs per image.
 """
 
 import dataclasses
@@ -526,8 +527,9 @@ def write_dataset(kind: str, out_dir, num_train: int, num_test: int, size: int =
   out_dir/test.txt (one `image mask` pair per line, relative to out_dir). randomize='wide' or
   'shifted' draws each image's knobs with random_params from params_rng(seed, split, index)
   and records them in out_dir/{train,test}_params.jsonl (one JSON object per image, in list
-  order). `masks` says how masks are drawn (MASKS). The folder is built next to out_dir and renamed at the end, so an interrupted run
-  never leaves a half-written dataset behind. Refuses a non-empty out_dir unless overwrite.
+  order). `masks` says how masks are drawn (MASKS). The folder is built next to out_dir and
+  renamed at the end, so an interrupted run never leaves a half-written dataset behind.
+  Refuses a non-empty out_dir unless overwrite.
   """
   # Imported here: simulate_random builds on this module.
   from flmiseg.data import simulate_random  # pylint: disable=g-import-not-at-top
