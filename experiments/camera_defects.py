@@ -30,6 +30,7 @@ import numpy as np
 from flmiseg import console
 from flmiseg import metrics
 from flmiseg import segment
+from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
 
@@ -116,8 +117,7 @@ def main(argv):
   print('|---|---|---|')
   for kind in ('er', 'mito', 'nucleus'):
     model = segment.load(kind)
-    variants, truth = camera_variants(kind, model.config.data.get('synthetic_masks',
-                                                                  'geometry'))
+    variants, truth = camera_variants(kind, loader.synthetic_masks(model.config.data))
     for name, image in variants.items():
       keep = debris_free(name)[:, BORDER:]
       iou = metrics.mask_iou((model(image).mask[:, BORDER:] > 0) & keep, truth[:, BORDER:] & keep)

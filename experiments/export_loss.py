@@ -24,6 +24,7 @@ from flmiseg import export
 from flmiseg import metrics
 from flmiseg import pretrained
 from flmiseg import rundir
+from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
 
@@ -44,7 +45,7 @@ def measure(model: str, num_images: int, seed: int) -> dict:
   scores = {'flmiseg': [], 'package': []}
   for i in range(num_images):
     image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', i),
-                                    masks=config.data.get('synthetic_masks', 'geometry'))
+                                    masks=loader.synthetic_masks(config.data))
     inputs = {'flmiseg': preprocess.normalize(image, config.data.normalization, config.data.kind),
               'package': bioimage_package.apply_steps(image, steps)}
     for name, x in inputs.items():

@@ -25,6 +25,7 @@ from flmiseg import console
 from flmiseg import pretrained
 from flmiseg import rundir
 from flmiseg.data import lists
+from flmiseg.data import loader
 from flmiseg.data import simulate
 
 FLAGS = flags.FLAGS
@@ -55,7 +56,7 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     for kind in FLAGS.kinds:
       folder = pretrained.PRETRAINED_DIR / kind
-      masks = rundir.read_config(folder).data.get('synthetic_masks', 'geometry')
+      masks = loader.synthetic_masks(rundir.read_config(folder).data)
       ious = [train_pretrained.scores(folder, scale_pairs(
           kind, s, FLAGS.num_images, pathlib.Path(tmp) / f'{kind}_{s}', masks), FLAGS.tta)['iou']
               for s in scales]

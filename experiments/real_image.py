@@ -77,15 +77,18 @@ def unsaturated(image: np.ndarray) -> np.ndarray:
 
 
 def zero_shot(model: pathlib.Path, pairs) -> list[dict]:
-  """Per pair: the scores of `train_pretrained.scores`, 'iou_unsaturated' and 'area_ratio'."""
-  out = []
-  for pair, pred in zip(pairs, train_pretrained.predictions(model, pairs)):
-    truth = io.read_mask_values(pair.mask) > 0
+  """Per pair: the scores of `train_pretrained.scores` on it alone, 'iou_unsaturated' and
+  'area_ratio' (each image predicted once)."""
+  config, threshold, dynamic, each = train_pretrained.outputs(model, pairs)
+  results = []
+  for pair, out in zip(pairs, each):
+    one = train_pretrained.image_scores(config, threshold, dynamic, pair, out)
+    pred, truth = one['pred'], one['truth']
     keep = unsaturated(io.read_image(pair.image))
-    out.append({**train_pretrained.scores(model, [pair]),
-                'iou_unsaturated': metrics.mask_iou(pred & keep, truth & keep),
-                'area_ratio': pred.sum() / max(truth.sum(), 1)})
-  return out
+    results.append({**train_pretrained.pooled([one]),
+                    'iou_unsaturated': metrics.mask_iou(pred & keep, truth & keep),
+                    'area_ratio': pred.sum() / max(truth.sum(), 1)})
+  return results
 
 
 def main(argv):

@@ -149,25 +149,34 @@ def predictions(folder: pathlib.Path, pairs, tta: bool = False):
   return (out[..., 0] > threshold for out in each)
 
 
-def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
-  """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
-  through the predict path (`outputs`); for a model with an instance head and label-image
-  masks also the pooled instance AP@0.5 of its instances and of the connected components of
-  its mask (flmiseg/matching.py)."""
+def image_scores(config, threshold: float, dynamic: float, pair, out: np.ndarray) -> dict:
+  """One pair's scores from its outputs (an item of `outputs`): 'pred' and 'truth' (bool
+  masks), 'iou', and for a model with an instance head and a label-image mask the
+  `matching.match` results at IoU 0.5 of its instances ('found') and of the connected
+  components of its mask ('merged')."""
   from flmiseg import instances, matching, metrics  # pylint: disable=g-import-not-at-top
-  config, threshold, dynamic, each = outputs(folder, pairs, tta)
-  head = bool(config.model.get('instance_head'))
+  truth = io.read_mask_values(pair.mask)  # a label image for instance kinds
+  pred = out[..., 0] > threshold
+  result = {'pred': pred, 'truth': truth > 0, 'iou': metrics.mask_iou(pred, truth)}
+  if config.model.get('instance_head') and len(np.unique(truth)) > 2:
+    min_size = config.eval.get('min_size', 16)
+    result['found'] = matching.match(truth, instances.from_outputs(
+        out, threshold, dynamic, min_size), (0.5,))
+    result['merged'] = matching.match(truth, instances.connected_components(pred, min_size),
+                                      (0.5,))
+  return result
+
+
+def pooled(per_image) -> dict:
+  """{'iou': the mean per-image IoU, and where instances were matched 'ap_0.5' and
+  'ap_0.5_connected_components', pooled over the images} of `image_scores` results."""
+  from flmiseg import matching  # pylint: disable=g-import-not-at-top
   ious, found, merged = [], [], []
-  for pair, out in zip(pairs, each):
-    truth = io.read_mask_values(pair.mask)  # a label image for instance kinds
-    pred = out[..., 0] > threshold
-    ious.append(metrics.mask_iou(pred, truth))
-    if head and len(np.unique(truth)) > 2:
-      min_size = config.eval.get('min_size', 16)
-      found.append(matching.match(truth, instances.from_outputs(
-          out, threshold, dynamic, min_size), (0.5,)))
-      merged.append(matching.match(truth, instances.connected_components(pred, min_size),
-                                   (0.5,)))
+  for one in per_image:
+    ious.append(one['iou'])
+    if 'found' in one:
+      found.append(one['found'])
+      merged.append(one['merged'])
   result = {'iou': float(np.mean(ious))}
   if found:
     result['ap_0.5'] = matching.combine(found)[0]['ap']
@@ -175,10 +184,20 @@ def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   return result
 
 
+def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
+  """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
+  through the predict path (`outputs`); for a model with an instance head and label-image
+  masks also the pooled instance AP@0.5 of its instances and of the connected components of
+  its mask (flmiseg/matching.py)."""
+  config, threshold, dynamic, each = outputs(folder, pairs, tta)
+  return pooled(image_scores(config, threshold, dynamic, pair, out)
+                for pair, out in zip(pairs, each))
+
+
 def test_scores(folder: pathlib.Path, kind: str, tta: bool = False) -> dict:
   """`scores` on the kind's default-knob and 'shifted' test sets, masks drawn as the model in
   `folder` learned them (config.data.synthetic_masks): keys '<score>_<knobs>'."""
-  masks = rundir.read_config(folder).data.get('synthetic_masks', 'geometry')
+  masks = loader.synthetic_masks(rundir.read_config(folder).data)
   return {f'{name}_{knobs}': value for knobs in ('default', 'shifted')
           for name, value in scores(folder, test_pairs(kind, knobs, masks=masks), tta).items()}
 

@@ -12,6 +12,7 @@ from flmiseg import predict
 from flmiseg import pretrained
 from flmiseg import rundir
 from flmiseg import sharding
+from flmiseg.data import loader
 from flmiseg.data import simulate
 
 # Mean IoU on 4 simulated 192x192 images of the kind's default knobs (the measured means in
@@ -46,7 +47,7 @@ def test_shipped_model_segments_simulated_images_out_of_the_box(kind, inverted):
   for index in range(4):
     image, mask = simulate.simulate(  # masks drawn as the model learned (er, mito: visible)
         kind, 192, simulate.image_rng(77, 'test', index),
-        masks=predictor.config.data.get('synthetic_masks', 'geometry'))
+        masks=loader.synthetic_masks(predictor.config.data))
     stored = image.astype(np.uint16) * 16 if image.dtype == np.uint8 else image  # 12 bits
     if inverted:
       stored = stored.max() - stored

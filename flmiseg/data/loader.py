@@ -49,6 +49,12 @@ def _without_labels(folder: pathlib.Path, kind: str) -> bool:
   return False
 
 
+def synthetic_masks(data_cfg) -> str:
+  """How the simulated masks of `data_cfg` are drawn (config.data.synthetic_masks; configs made
+  before it drew 'geometry'): the masks a model trained on them learned to draw."""
+  return data_cfg.get('synthetic_masks', 'geometry')
+
+
 def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   """Makes (once) and returns the folder of the simulated dataset `data_cfg` describes.
 
@@ -60,7 +66,7 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   if knobs not in ('default',) + simulate.RANDOMIZE:
     raise ValueError(f'config.data.synthetic_params={knobs!r} is not valid; valid: default, '
                      f'{", ".join(simulate.RANDOMIZE)}')
-  masks = data_cfg.get('synthetic_masks', 'geometry')  # absent from configs made before it
+  masks = synthetic_masks(data_cfg)
   if masks not in simulate.MASKS:
     raise ValueError(f'config.data.synthetic_masks={masks!r} is not valid; valid: '
                      f'{", ".join(simulate.MASKS)}')
