@@ -1,5 +1,7 @@
 """The low-level wrapper: contract, wiring (exact parameter count), gradients, builders."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -115,7 +117,8 @@ def test_training_updates_batch_stats_of_backbone_and_decoder():
   model = lowlevel.lowlevel(TinyEncoder(), width=4)
   x = jax.random.normal(jax.random.key(3), (2, 32, 32, 1)) + 3.0
   variables = _init(model, x.shape)
-  _, state = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  _, state = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(
+      variables, x)
   for part in ('backbone', 'input_layer', 'decode0'):
     before = jax.tree.leaves(variables['batch_stats'][part])
     after = jax.tree.leaves(state['batch_stats'][part])

@@ -7,6 +7,7 @@ import pytest
 
 from flmiseg import summary
 from flmiseg.models import hrnet
+from tests import helpers
 
 
 @pytest.mark.parametrize('variant', hrnet.VARIANTS)
@@ -38,7 +39,7 @@ def test_lowlevel_forward_64():
 def test_forward_odd_size_and_gradients():
   model = hrnet.HRNetV2(width=4, variant='original')
   x = jax.random.normal(jax.random.key(0), (2, 50, 70, 1))
-  variables = jax.jit(model.init)(jax.random.key(1), x)
+  variables = helpers.init_variables(model, x)
 
   def loss(params):
     (logits, _), _ = model.apply({**variables, 'params': params}, x, train=True,
