@@ -15,6 +15,7 @@ from flmiseg.models import layers
 from flmiseg.models import lowlevel
 from flmiseg.models import resnet
 from flmiseg.models import vgg
+from tests import helpers
 
 TINY_CHANNELS = (4, 8, 16)
 
@@ -33,13 +34,13 @@ class TinyEncoder(nn.Module):
 
 
 def _init(model, shape=(1, 64, 64, 1)):
-  # Jitted, with an 'rbg' key: compiling threefry for every parameter dominates CPU test time.
-  return jax.jit(model.init)(jax.random.key(0, impl='rbg'), jnp.zeros(shape))
+  # Drawn from the shapes, uncompiled: a jitted init compiles the whole forward pass.
+  return helpers.init_variables(model, jnp.zeros(shape))
 
 
 def _shapes(model, shape=(1, 64, 64, 1)):
   """The variables' shapes, without running anything."""
-  return jax.eval_shape(lambda: _init(model, shape))
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
 
 
 def _params(model):

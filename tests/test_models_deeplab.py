@@ -10,6 +10,7 @@ from flmiseg.errors import UserError
 from flmiseg.models import deeplabv3p
 from flmiseg.models import fusion
 from flmiseg.models import resnet
+from tests import helpers
 
 
 @pytest.mark.parametrize('variant, backbone, op, expected', [
@@ -60,7 +61,7 @@ def test_forward_any_size(variant, hw):
 def test_gradients_finite_and_dropout_active():
   model = deeplabv3p.DeepLabV3Plus(width=8, variant='lowlevel')
   x = jax.random.normal(jax.random.key(0), (2, 50, 70, 1))
-  variables = jax.jit(lambda x: model.init(jax.random.key(1), x))(x)
+  variables = helpers.init_variables(model, x)
 
   @jax.jit
   def grad_fn(params, key):

@@ -11,6 +11,7 @@ import pytest
 from flmiseg.models import agnet
 from flmiseg.models import layers
 from flmiseg.models import unet_pp
+from tests import helpers
 
 # Threefry initialisation of ~100 parameter arrays takes ~15 s to compile on this CPU; rbg ~2 s.
 KEY = jax.random.key(0, impl='rbg')
@@ -48,7 +49,7 @@ def test_agnet_multiclass_heads_return_raw_logits():
 
 
 def _init(model):
-  return jax.jit(model.init)(KEY, jnp.zeros((1, 16, 16, 1)))
+  return helpers.init_variables(model, jnp.zeros((1, 16, 16, 1)))
 
 
 def _check_train_outputs_and_grads(model, variables, num_sides):
