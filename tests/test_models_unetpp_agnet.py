@@ -13,8 +13,7 @@ from flmiseg.models import layers
 from flmiseg.models import unet_pp
 from tests import helpers
 
-# Threefry initialisation of ~100 parameter arrays takes ~15 s to compile on this CPU; rbg ~2 s.
-KEY = jax.random.key(0, impl='rbg')
+KEY = jax.random.key(0)  # shapes only (jax.eval_shape); variables: helpers.init_variables
 
 
 def _num_params(model):
