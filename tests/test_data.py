@@ -280,6 +280,31 @@ def test_validation_split_is_seeded_and_disjoint(pair_dir, tmp_path):
   assert dataset.split_validation(source, 0.0, seed=3)[1] is None
 
 
+def _source(foreground):
+  """A PreparedSource of len(foreground) images (split_validation reads no file)."""
+  n = len(foreground)
+  return dataset.PreparedSource(
+      files=tuple((f'i{k}.npy', f'm{k}.npy') for k in range(n)), shapes=((8, 8),) * n,
+      names=tuple(f'crop{k}' for k in range(n)), foreground=tuple(foreground))
+
+
+def test_a_validation_draw_without_foreground_is_one_warning(caplog):
+  order = list(np.random.default_rng(0).permutation(5))
+  with caplog.at_level('WARNING'):
+    _, val = dataset.split_validation(_source([3] * 5), 0.25, seed=0)
+  assert val.names == (f'crop{order[0]}',) and not caplog.records
+  # The same draw where that image is empty: the same split, and the user is told why its
+  # validation IoU means little.
+  foreground = [0 if k == order[0] else 9 for k in range(5)]
+  with caplog.at_level('WARNING'):
+    _, empty = dataset.split_validation(_source(foreground), 0.25, seed=0)
+  assert empty.names == val.names and empty.foreground == (0,)
+  assert [r.getMessage() for r in caplog.records] == [
+      f'config.data.val_fraction: the 1 validation image(s) drawn (crop{order[0]}) have no '
+      'foreground pixel, so validation only rewards finding nothing there; annotate objects '
+      'in more images, or draw another split (config.seed)']
+
+
 def test_dihedral_is_the_group_d4():
   x = np.arange(9).reshape(3, 3)
   images = [pipeline.dihedral(x, k) for k in range(8)]

@@ -27,6 +27,7 @@ import os
 import pathlib
 import threading
 
+from absl import logging
 import numpy as np
 
 from flmiseg.data import io
@@ -74,6 +75,8 @@ class PreparedSource:
   labels: tuple[str, ...] = ()
   # Per image, its cached instance-head target; () when not prepared with instance_targets.
   distance: tuple[str, ...] = ()
+  # Per image, its number of foreground pixels (ignored ones not counted); () when unknown.
+  foreground: tuple[int, ...] = ()
 
   def __len__(self) -> int:
     return len(self.files)
@@ -110,7 +113,8 @@ class PreparedSource:
   def subset(self, indices) -> 'PreparedSource':
     pick = lambda values: tuple(values[i] for i in indices) if values else ()
     return PreparedSource(pick(self.files), pick(self.shapes), pick(self.names),
-                          pick(self.ignored), pick(self.labels), pick(self.distance))
+                          pick(self.ignored), pick(self.labels), pick(self.distance),
+                          pick(self.foreground))
 
 
 def _cache_key(pair: lists.Pair, method: str, ignore_value: int, channel: int) -> str:
@@ -251,7 +255,8 @@ def prepare(pairs: list[lists.Pair], normalization: str, kind: str,
   return PreparedSource(files=tuple((r[0], r[1]) for r in results),
                         shapes=tuple(tuple(r[2]) for r in results),
                         names=tuple(p.image.stem for p in pairs),
-                        ignored=optional(4), labels=optional(5), distance=optional(6))
+                        ignored=optional(4), labels=optional(5), distance=optional(6),
+                        foreground=tuple(int(r[3]) for r in results))
 
 
 def split_validation(source: PreparedSource, val_fraction: float,
@@ -259,6 +264,10 @@ def split_validation(source: PreparedSource, val_fraction: float,
   """Carves a seeded validation subset out of a training source.
 
   Returns (train, val); val is None when val_fraction is 0. At least one image stays in each.
+  A validation subset without a foreground pixel measures nothing (its IoU is 1 for a model
+  that finds nothing there, 0 for any other): the user is warned in one line. (Exchanging an
+  image with foreground into it was tried: on 5 real ER crops, 2 with foreground, training
+  lost half its foreground and the test IoU fell from 0.73 to 0.64.)
   """
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f'config.data.val_fraction={val_fraction} must be in [0, 1)')
@@ -269,5 +278,10 @@ def split_validation(source: PreparedSource, val_fraction: float,
   if num_val == 0:
     return source, None
   order = np.random.default_rng(seed).permutation(n)
+  if source.foreground and not any(source.foreground[i] for i in order[:num_val]):
+    logging.warning('config.data.val_fraction: the %d validation image(s) drawn (%s) have no '
+                    'foreground pixel, so validation only rewards finding nothing there; '
+                    'annotate objects in more images, or draw another split (config.seed)',
+                    num_val, ', '.join(source.names[i] for i in sorted(order[:num_val])))
   return source.subset(sorted(order[num_val:])), source.subset(sorted(order[:num_val]))
 
