@@ -76,15 +76,15 @@ def unsaturated(image: np.ndarray) -> np.ndarray:
   return ~ndimage.binary_dilation(image == image.max(), iterations=SATURATION_MARGIN)
 
 
-def zero_shot(model: pathlib.Path, pairs) -> list[dict]:
-  """Per pair: the scores of `train_pretrained.scores` on it alone, 'iou_unsaturated' and
-  'area_ratio' (each image predicted once)."""
+def zero_shot(model: pathlib.Path, pairs, images) -> list[dict]:
+  """Per pair (and its image, as read): the scores of `train_pretrained.scores` on it alone,
+  'iou_unsaturated' and 'area_ratio' (each image predicted once)."""
   config, threshold, dynamic, each = train_pretrained.outputs(model, pairs)
   results = []
-  for pair, out in zip(pairs, each):
+  for pair, image, out in zip(pairs, images, each):
     one = train_pretrained.image_scores(config, threshold, dynamic, pair, out)
     pred, truth = one['pred'], one['truth']
-    keep = unsaturated(io.read_image(pair.image))
+    keep = unsaturated(image)
     results.append({**train_pretrained.pooled([one]),
                     'iou_unsaturated': metrics.mask_iou(pred & keep, truth & keep),
                     'area_ratio': pred.sum() / max(truth.sum(), 1)})
@@ -103,7 +103,7 @@ def main(argv):
   root = pathlib.Path(FLAGS.workdir).resolve()
   model = pathlib.Path(FLAGS.model) if FLAGS.model else pretrained.PRETRAINED_DIR / FLAGS.kind
   name = FLAGS.model or f'shipped {FLAGS.kind}'
-  whole = []
+  whole, arrays = [], []
   for image_path, labels_path in zip(FLAGS.image, FLAGS.labels):
     image, labels = io.read_image(image_path), io.read_mask_values(labels_path)
     if labels.shape != image.shape[:2]:
@@ -111,7 +111,8 @@ def main(argv):
                            f'{image.shape[:2]}')
     whole.append(lists.Pair(pathlib.Path(image_path).resolve(),
                             pathlib.Path(labels_path).resolve(), origin='--image'))
-  shots = zero_shot(model, whole)
+    arrays.append((image, labels))
+  shots = zero_shot(model, whole, [image for image, _ in arrays])
   print(f'| {name}, no training | IoU | IoU away from saturation | instance AP@0.5 | '
         'predicted / annotated pixels |\n|---|---|---|---|---|')
   for pair, shot in list(zip(whole, shots)) + ([('mean', {
@@ -122,8 +123,7 @@ def main(argv):
           f'{shot["area_ratio"]:.2f} |')
   if not FLAGS.seeds:
     return
-  image, labels = io.read_image(FLAGS.image[0]), io.read_mask_values(FLAGS.labels[0])
-  train_list, test_list, pairs = split(image, labels, root)
+  train_list, test_list, pairs = split(*arrays[0], root)
   rows = {f'{name}, no training': [{**train_pretrained.scores(model, pairs), 'seconds': 0.0}]}
   recipes = {'finetuned': ('fine-tuned from it', str(model)),
              'scratch': ('from scratch', '')}

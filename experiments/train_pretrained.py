@@ -48,6 +48,10 @@ from flmiseg.data import preprocess
 
 KINDS = pretrained.SHIPPED
 TEST_SEED = 1000  # the simulated test sets: a seed no shipped model was trained on
+# How each recipe's simulated masks are drawn: er and mito as people annotate, a tubule
+# narrower than the PSF as wide as it looks (out to the half maximum of its blur), not its
+# sub-resolution geometry; for nuclei the two ways differ by under 0.5 % (docs/models.md).
+RECIPE_MASKS = {'er': 'visible', 'mito': 'visible', 'nucleus': 'geometry'}
 
 
 def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.0,
@@ -69,11 +73,7 @@ def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.
   # without loss; it matched CLAHE in the ablation once uneven illumination and gamma are in
   # the training data (docs/models.md).
   config.data.normalization = 'percentile'
-  if kind in ('er', 'mito'):
-    # Masks as people annotate: a tubule narrower than the PSF as wide as it looks (out to the
-    # half maximum of its blur), not its sub-resolution geometry (docs/models.md).
-    config.data.synthetic_masks = 'visible'
-  config.data.synthetic_masks = masks or config.data.synthetic_masks
+  config.data.synthetic_masks = masks or RECIPE_MASKS[kind]
   if kind == 'nucleus':
     # Counting nuclei needs touching ones apart: the distance head of configs/
     # nucleus_instances.py (its weight), trained on the simulator's label images.
@@ -89,10 +89,10 @@ def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.
 
 def test_pairs(kind: str, params: str, num: int = 20, masks: str = ''):
   """(image, mask) paths of `num` simulated test images of an unseen seed, masks drawn as
-  `masks` says ('': as the shipped kind's recipe draws them, `pretrained_config`)."""
+  `masks` says ('': as the shipped kind's recipe draws them, RECIPE_MASKS)."""
   config = default.get_config()
   config.data.kind, config.data.synthetic_params = kind, params
-  config.data.synthetic_masks = masks or pretrained_config(kind, 1).data.synthetic_masks
+  config.data.synthetic_masks = masks or RECIPE_MASKS[kind]
   config.data.num_synthetic_train, config.data.num_synthetic_test = 0, num
   config.data.seed = TEST_SEED
   _, test_list = loader.list_paths(config)

@@ -431,6 +431,11 @@ def _camera(rng, expected: np.ndarray, p: Params) -> np.ndarray:
   return np.clip(np.round(counts), 0, top).astype(dtype)
 
 
+def _check_masks(masks: str) -> None:
+  if masks not in MASKS:
+    raise UserError(f'masks={masks!r} is not a way to draw masks; valid: {", ".join(MASKS)}')
+
+
 def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = None,
              labels: bool = False, masks: str = 'geometry'):
   """One image and its mask.
@@ -450,8 +455,7 @@ def simulate(kind: str, size, rng: np.random.Generator, params: Params | None = 
     drawing order without gaps).
   """
   p = resolve(kind, params)
-  if masks not in MASKS:
-    raise UserError(f'masks={masks!r} is not a way to draw masks; valid: {", ".join(MASKS)}')
+  _check_masks(masks)
   h, w = (size, size) if np.isscalar(size) else tuple(size)
   # The geometry comes first, so knobs that add light (debris, out of focus) leave the mask
   # of a given rng unchanged; those knobs draw nothing when off (Params() is the original).
@@ -509,8 +513,7 @@ def _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params,
   if randomize not in ('',) + RANDOMIZE:
     raise UserError(f'randomize={randomize!r} is not a preset; valid: {", ".join(RANDOMIZE)} '
                     "or '' (the kind's defaults)")
-  if masks not in MASKS:
-    raise UserError(f'masks={masks!r} is not a way to draw masks; valid: {", ".join(MASKS)}')
+  _check_masks(masks)
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
     raise UserError(f'{out} is not empty; choose another folder or pass --overwrite')
   if min(num_train, num_test) < 0 or num_train + num_test == 0 or size < 16:
