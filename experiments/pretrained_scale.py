@@ -9,8 +9,8 @@ an unseen seed with the kind's default knobs except `simulate.Params(scale=s)` (
 lengths and texture times s; the PSF and the noise per pixel stay: a microscope with s times
 smaller pixels and the same resolution in pixels), segmented through the predict path at the
 calibrated threshold (`train_pretrained.scores`). Prints the mean IoU per kind and scale as a
-Markdown table. The shipped models were trained on object scales 0.6-1.6 with a 0.7-1.4
-scale jitter (docs/models.md).
+Markdown table. The shipped models were trained on object scales 0.6-1.6 (nucleus:
+0.35-2.5) with a 0.7-1.4 scale jitter (docs/models.md).
 """
 
 import pathlib

@@ -6,14 +6,19 @@ half.
       --workdir=runs/real_nuclei [--seeds=2] [--recipes=finetuned,scratch] [--model=DIR]
   python -m experiments.real_image --image=a.png,b.png --labels=a_mask.png,b_mask.png \
       --kind=er --seeds=0 [--model=DIR]     # several images, the model without training
+  python -m experiments.real_image --image=img2d.tif --labels=mask2d.tif --kind=nucleus \
+      --seeds=0 --scales=0.33,0.5,1,2,3     # the same images resized: other pixel sizes
 
 Without training, each image: IoU; IoU away from saturation (pixels at the image's largest
 value, with 10 px around them, left out: annotators often leave a saturated blob unlabelled);
 instance AP@0.5 where the labels are a label image and the model has the instance head; and
-the predicted over the annotated pixels. With one image and --seeds > 0: it is split in two at
-its middle row, 12 seeded 128x128 crops (image and mask) of the top half are the annotated data
-(configs/finetune.py holds a quarter of them out for validation), the bottom half is the test
-image no run sees; the table also gives AP@0.5 of the connected components of the same mask.
+the predicted over the annotated pixels. With --scales, the same for each image resized by
+each factor (the image by area averaging or bilinearly, as predict resizes, the labels by
+nearest neighbour): the specimen seen at another pixel size. With one image and --seeds > 0:
+it is split in two at its middle row, 12 seeded 128x128 crops (image and mask) of the top
+half are the annotated data (configs/finetune.py holds a quarter of them out for
+validation), the bottom half is the test image no run sees; the table also gives AP@0.5 of
+the connected components of the same mask.
 The labels may be a binary mask or a label image (0 background, one value per object, as
 StarDist and Cellpose write them). Every figure goes through the predict path
 (`train_pretrained.scores`).
@@ -29,6 +34,7 @@ import tifffile
 
 from flmiseg import console
 from flmiseg import metrics
+from flmiseg import predict
 from flmiseg import pretrained
 from flmiseg.data import io
 from flmiseg.data import lists
@@ -76,6 +82,20 @@ def unsaturated(image: np.ndarray) -> np.ndarray:
   return ~ndimage.binary_dilation(image == image.max(), iterations=SATURATION_MARGIN)
 
 
+def rescaled(image: np.ndarray, labels: np.ndarray, factor: float
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(image, labels) resized by `factor`: the image as predict resizes (`predict.resize`),
+  rounded back to its type, the labels by nearest neighbour (pixel centres), values kept."""
+  h, w = (max(1, round(n * factor)) for n in labels.shape)
+  resized = predict.resize(image, (h, w))
+  if np.issubdtype(image.dtype, np.integer):
+    info = np.iinfo(image.dtype)
+    resized = np.clip(np.rint(resized), info.min, info.max)
+  rows = np.minimum(((np.arange(h) + 0.5) / factor).astype(int), labels.shape[0] - 1)
+  cols = np.minimum(((np.arange(w) + 0.5) / factor).astype(int), labels.shape[1] - 1)
+  return resized.astype(image.dtype), labels[rows[:, None], cols[None, :]]
+
+
 def zero_shot(model: pathlib.Path, pairs, images) -> list[dict]:
   """Per pair (and its image, as read): the scores of `train_pretrained.scores` on it alone,
   'iou_unsaturated' and 'area_ratio' (each image predicted once)."""
@@ -91,12 +111,43 @@ def zero_shot(model: pathlib.Path, pairs, images) -> list[dict]:
   return results
 
 
+def print_scales(model: pathlib.Path, name: str, whole, arrays, factors: list[float],
+                 root: pathlib.Path) -> None:
+  """The zero-shot table of the images resized by each factor (files in root/scaled), pooled
+  over the images per factor."""
+  (root / 'scaled').mkdir(parents=True, exist_ok=True)
+  print(f'| {name}, no training: image resized by | IoU | instance AP@0.5 | '
+        'predicted / annotated pixels |\n|---|---|---|---|')
+  for factor in factors:
+    pairs, images = [], []
+    for pair, (image, labels) in zip(whole, arrays):
+      small, small_labels = rescaled(image, labels, factor)
+      images.append(small)
+      paths = [root / 'scaled' / f'{pathlib.Path(pair.image).stem}_x{factor:g}{suffix}.tif'
+               for suffix in ('', '_mask')]
+      tifffile.imwrite(paths[0], small)
+      tifffile.imwrite(paths[1], small_labels)
+      pairs.append(lists.Pair(*paths, origin='--scales'))
+    shots = zero_shot(model, pairs, images)
+    mean = lambda k: np.mean([s[k] for s in shots])
+    ap = f'{mean("ap_0.5"):.3f}' if 'ap_0.5' in shots[0] else '-'
+    print(f'| x{factor:g} | {mean("iou"):.3f} | {ap} | {mean("area_ratio"):.2f} |')
+
+
 def main(argv):
   del argv
   console.setup()
   if len(FLAGS.image) != len(FLAGS.labels):
     raise app.UsageError(f'--image names {len(FLAGS.image)} file(s), --labels '
                          f'{len(FLAGS.labels)}: one mask per image')
+  if FLAGS.scales and FLAGS.seeds:
+    raise app.UsageError('--scales measures the model without training: give --seeds=0')
+  try:
+    factors = [float(f) for f in FLAGS.scales]
+  except ValueError:
+    factors = [0.0]
+  if not all(f > 0 for f in factors):
+    raise app.UsageError(f'--scales={",".join(FLAGS.scales)}: each factor must be a number > 0')
   if len(FLAGS.image) > 1 and FLAGS.seeds:
     raise app.UsageError('--seeds: fine-tuning splits one image; give one --image, or '
                          '--seeds=0 to measure the model without training')
@@ -112,6 +163,9 @@ def main(argv):
     whole.append(lists.Pair(pathlib.Path(image_path).resolve(),
                             pathlib.Path(labels_path).resolve(), origin='--image'))
     arrays.append((image, labels))
+  if FLAGS.scales:
+    print_scales(model, name, whole, arrays, factors, root)
+    return
   shots = zero_shot(model, whole, [image for image, _ in arrays])
   print(f'| {name}, no training | IoU | IoU away from saturation | instance AP@0.5 | '
         'predicted / annotated pixels |\n|---|---|---|---|---|')
@@ -155,6 +209,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('model', '', 'A run or packed folder to measure and fine-tune instead '
                       'of the shipped model.')
   flags.DEFINE_integer('seeds', 2, 'Seeds per recipe (0: the model without training only).')
+  flags.DEFINE_list('scales', [], 'Without training: measure each image resized by each of '
+                    'these factors (e.g. 0.33,0.5,1,2,3).')
   flags.DEFINE_float('lr', 0.0, 'Learning rate (0: configs/finetune.py\'s).')
   flags.DEFINE_multi_enum('recipes', ['finetuned', 'scratch'], ['finetuned', 'scratch'],
                           'Rows to train.')

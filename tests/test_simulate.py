@@ -144,15 +144,30 @@ def test_random_params_deterministic_valid_and_cover_their_ranges():
     draw(0, 'narrow')
 
 
+def test_nucleus_scale_spans_ten_to_a_hundred_x_and_keeps_the_other_knobs_stream():
+  draw = lambda kind, seed: simulate_random.random_params(kind, np.random.default_rng(seed))
+  scales = [draw('nucleus', seed).scale for seed in range(200)]
+  # loguniform 0.35-2.5: 200 draws reach past both ends of the other kinds' 0.6-1.6.
+  assert 0.35 <= min(scales) < 0.45 and 2.1 < max(scales) <= 2.5
+  er_scales = [draw('er', seed).scale for seed in range(200)]
+  assert 0.6 <= min(er_scales) and max(er_scales) <= 1.6
+  # The entry draws one number, as the one it replaces: the knobs after it are unchanged.
+  nucleus, er = draw('nucleus', 7), draw('er', 7)
+  assert nucleus.psf == er.psf and nucleus.haze == er.haze
+  assert nucleus.psf_sigma == pytest.approx(np.clip(
+      er.psf_sigma / er.scale * nucleus.scale, *simulate_random.PSF_SIGMA_RANGE))
+
+
 def test_shifted_lies_inside_wide_and_away_from_the_defaults():
-  wide, shifted = simulate_random.PRESETS['wide'], simulate_random.PRESETS['shifted']
-  assert wide.keys() == shifted.keys()
-  for name, spec in shifted.items():
-    if spec[0] in ('choice', 'other_than_default'):
-      assert set(spec[1]) <= set(wide[name][1]), name
-    else:
-      low, high = (0.0, wide[name][3]) if wide[name][0] == 'maybe' else wide[name][1:]
-      assert low <= spec[1] <= spec[2] <= high, name
+  for kind in simulate.KINDS:
+    wide, shifted = (simulate_random.preset_specs(p, kind) for p in ('wide', 'shifted'))
+    assert wide.keys() == shifted.keys()
+    for name, spec in shifted.items():
+      if spec[0] in ('choice', 'other_than_default'):
+        assert set(spec[1]) <= set(wide[name][1]), (kind, name)
+      else:
+        low, high = (0.0, wide[name][3]) if wide[name][0] == 'maybe' else wide[name][1:]
+        assert low <= spec[1] <= spec[2] <= high, (kind, name)
   for kind in simulate.KINDS:
     default = simulate.resolve(kind, None)
     for seed in range(20):
@@ -325,6 +340,16 @@ def test_loader_synthetic_params_names_the_cache_and_is_validated(tmp_path):
   assert not (default / 'train_params.jsonl').exists()
   wide = loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0)
   assert wide.name == 'nucleus_2+1_32px_seed0_wide' and (wide / 'train_params.jsonl').is_file()
+  # Drawn from an older preset (here: its stamp says so): made again, the same images.
+  image = (wide / 'train/images/nucleus_00000.tif').read_bytes()
+  (wide / simulate.PRESET_FILE).write_text('{"scale": ["loguniform", 0.6, 1.6]}\n')
+  assert loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0) == wide
+  assert (wide / simulate.PRESET_FILE).read_text() == simulate.preset_stamp('nucleus', 'wide')
+  assert '"scale": ["loguniform", 0.35, 2.5]' in simulate.preset_stamp('nucleus', 'wide')
+  assert (wide / 'train/images/nucleus_00000.tif').read_bytes() == image
+  stamp_time = (wide / simulate.PRESET_FILE).stat().st_mtime_ns
+  loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0)  # current: reused
+  assert (wide / simulate.PRESET_FILE).stat().st_mtime_ns == stamp_time
   data = _data_cfg(tmp_path, 'wide')
   data.synthetic_masks = 'visible'
   assert loader.synthetic_dataset_dir(data, seed=0).name == 'nucleus_2+1_32px_seed0_wide_visible'

@@ -75,3 +75,22 @@ def test_scale_pairs_are_the_simulators_images_at_that_object_scale(tmp_path):
     masks = [tifffile.imread(p.mask) > 0 for p in pairs]
     area[scale] = sum(m.sum() for m in masks) / sum(ndimage.label(m)[1] for m in masks)
   assert area[2.0] > 2 * area[1.0]  # twice the radii: about 4x the area per nucleus
+
+
+def test_rescaled_real_images_keep_their_type_and_label_values():
+  from experiments import real_image  # pylint: disable=g-import-not-at-top
+  image = np.arange(12 * 8, dtype=np.uint16).reshape(12, 8) * 700
+  labels = np.zeros((12, 8), np.int32)
+  labels[2:6, 2:4] = 7
+  labels[8:12, 4:8] = 300
+  half, half_labels = real_image.rescaled(image, labels, 0.5)
+  assert half.dtype == np.uint16 and half.shape == half_labels.shape == (6, 4)
+  # Area averaging: each 2x2 block's mean, rounded (a linear ramp: exact).
+  assert half[0, 0] == np.rint(image[:2, :2].mean())
+  # Nearest neighbour at the pixel centres: rows 1, 3, 5, ..., the labels kept as they are.
+  np.testing.assert_array_equal(half_labels, labels[1::2, 1::2])
+  triple, triple_labels = real_image.rescaled(image, labels, 3.0)
+  assert triple.shape == triple_labels.shape == (36, 24)
+  assert set(np.unique(triple_labels)) == {0, 7, 300}
+  np.testing.assert_array_equal(triple_labels[::3, ::3], labels)
+  assert (triple_labels == 7).sum() == 9 * (labels == 7).sum()

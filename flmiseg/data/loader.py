@@ -49,6 +49,18 @@ def _without_labels(folder: pathlib.Path, kind: str) -> bool:
   return False
 
 
+def _older_preset(folder: pathlib.Path, kind: str, knobs: str) -> bool:
+  """Whether a cached randomised dataset was drawn from other distributions than the
+  current preset's (simulate_random.PRESETS, KIND_PRESETS changed since, or a dataset made
+  before simulate.PRESET_FILE was written): it is made again, else a run would silently
+  train on the old ones."""
+  from flmiseg.data import simulate  # pylint: disable=g-import-not-at-top
+  if knobs == 'default':
+    return False
+  stamp = folder / simulate.PRESET_FILE
+  return not stamp.is_file() or stamp.read_text() != simulate.preset_stamp(kind, knobs)
+
+
 def synthetic_masks(data_cfg) -> str:
   """How the simulated masks of `data_cfg` are drawn (config.data.synthetic_masks; configs made
   before it drew 'geometry'): the masks a model trained on them learned to draw."""
@@ -79,7 +91,7 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
           + ('' if masks == 'geometry' else f'_{masks}'))
   out = root / name
   if not ((out / 'train.txt').is_file() and (out / 'test.txt').is_file()) or _without_labels(
-      out, data_cfg.kind):
+      out, data_cfg.kind) or _older_preset(out, data_cfg.kind, knobs):
     if data_cfg.kind not in simulate.KINDS:
       raise ValueError(f'config.data.kind={data_cfg.kind!r} is not a kind; valid: '
                        f'{", ".join(simulate.KINDS)}')

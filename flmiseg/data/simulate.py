@@ -521,6 +521,17 @@ def _check_dataset_args(kind, out, num_train, num_test, size, overwrite, params,
                     f'{num_train}, {num_test}, {size}')
 
 
+PRESET_FILE = 'preset.json'  # the distributions a randomised dataset was drawn from
+
+
+def preset_stamp(kind: str, randomize: str) -> str:
+  """JSON of the distributions `simulate_random.preset_specs(randomize, kind)` draws from:
+  what write_dataset records in PRESET_FILE, so a cached dataset drawn from an older preset
+  can be told apart from one the current code would draw."""
+  from flmiseg.data import simulate_random  # pylint: disable=g-import-not-at-top
+  return json.dumps(simulate_random.preset_specs(randomize, kind), sort_keys=True) + '\n'
+
+
 def write_dataset(kind: str, out_dir, num_train: int, num_test: int, size: int = 256,
                   seed: int = 0, overwrite: bool = False, params: Params | None = None,
                   randomize: str = '', masks: str = 'geometry') -> pathlib.Path:
@@ -561,6 +572,8 @@ def write_dataset(kind: str, out_dir, num_train: int, num_test: int, size: int =
     (tmp / f'{split}.txt').write_text(''.join(lines))
     if randomize:
       (tmp / f'{split}_params.jsonl').write_text(''.join(knobs))
+  if randomize:
+    (tmp / PRESET_FILE).write_text(preset_stamp(kind, randomize))
   if out.exists():
     shutil.rmtree(out) if out.is_dir() else out.unlink()
   os.replace(tmp, out)

@@ -8,6 +8,7 @@ images meets many microscopes (noise, PSF, pixel size, background, camera) rathe
   photons_at_peak    True                              True
   psf                gaussian 70%, airy 30%            gaussian 50%, airy 50%
   scale              log-uniform 0.6-1.6               log-uniform 1.25-1.5 (larger objects)
+                     (nucleus: 0.35-2.5, KIND_PRESETS)
   psf_sigma          scale x uniform 0.7-2.2, clipped  scale x uniform 1.5-1.9 (1.9-2.85 px:
                      to 0.6-3.5 px (the PSF in pixels  wider than the defaults' 1.2)
                      grows with magnification too)
@@ -91,6 +92,13 @@ PRESETS = {
         'read_electrons': ('loguniform', 2.0, 4.0),
     },
 }
+# Per kind, entries that replace a preset's (each draws as many numbers as the one it
+# replaces, so the other knobs keep their stream). Nuclei are imaged from 10x to 100x
+# objectives (BBBC038 has both): scale 0.35-2.5 draws nuclei 6 to 110 px across (radius
+# 9-22 px x scale).
+KIND_PRESETS = {
+    ('wide', 'nucleus'): {'scale': ('loguniform', 0.35, 2.5)},
+}
 GAIN_RANGE = (0.005, 50.0)  # counts per photon that random_params allows
 PSF_SIGMA_RANGE = (0.6, 3.5)  # pixels, that random_params allows
 
@@ -117,6 +125,11 @@ def _draw(rng: np.random.Generator, spec: tuple, default, drawn: dict):
   raise ValueError(f'unknown distribution {how!r}')
 
 
+def preset_specs(preset: str, kind: str) -> dict:
+  """The PRESETS entry `preset` with `kind`'s KIND_PRESETS entries in place."""
+  return {**PRESETS[preset], **KIND_PRESETS.get((preset, kind), {})}
+
+
 def random_params(kind: str, rng: np.random.Generator, preset: str = 'wide') -> simulate.Params:
   """Simulator knobs for one image, drawn from `preset` (see the module docstring's table).
 
@@ -131,7 +144,7 @@ def random_params(kind: str, rng: np.random.Generator, preset: str = 'wide') -> 
     raise UserError(f'randomize={preset!r} is not a preset; valid: {", ".join(PRESETS)}')
   defaults = simulate.resolve(kind, None)
   draws = {}
-  for name, spec in PRESETS[preset].items():
+  for name, spec in preset_specs(preset, kind).items():
     draws[name] = _draw(rng, spec, getattr(defaults, name, None), draws)
   if kind == 'nucleus':
     # Annotators of nuclei label the blurred ones too (a monolayer is thinner than the depth
