@@ -7,7 +7,8 @@ half.
   python -m experiments.real_image --image=a.png,b.png --labels=a_mask.png,b_mask.png \
       --kind=er --seeds=0 [--model=DIR]     # several images, the model without training
   python -m experiments.real_image --image=img2d.tif --labels=mask2d.tif --kind=nucleus \
-      --seeds=0 --scales=0.33,0.5,1,2,3     # the same images resized: other pixel sizes
+      --seeds=0 --scales=0.33,0.5,1,2,3 [--diameter=24]   # the images resized: other
+                                            # pixel sizes [, predicted with --diameter]
 
 Without training, each image: IoU; IoU away from saturation (pixels at the image's largest
 value, with 10 px around them, left out: annotators often leave a saturated blob unlabelled);
@@ -36,6 +37,7 @@ from flmiseg import console
 from flmiseg import metrics
 from flmiseg import predict
 from flmiseg import pretrained
+from flmiseg import rundir
 from flmiseg.data import io
 from flmiseg.data import lists
 from experiments import finetune
@@ -96,10 +98,11 @@ def rescaled(image: np.ndarray, labels: np.ndarray, factor: float
   return resized.astype(image.dtype), labels[rows[:, None], cols[None, :]]
 
 
-def zero_shot(model: pathlib.Path, pairs, images) -> list[dict]:
+def zero_shot(model: pathlib.Path, pairs, images, factor: float = 1.0) -> list[dict]:
   """Per pair (and its image, as read): the scores of `train_pretrained.scores` on it alone,
-  'iou_unsaturated' and 'area_ratio' (each image predicted once)."""
-  config, threshold, dynamic, each = train_pretrained.outputs(model, pairs)
+  'iou_unsaturated' and 'area_ratio' (each image predicted once, resized by `factor` for the
+  network)."""
+  config, threshold, dynamic, each = train_pretrained.outputs(model, pairs, factor=factor)
   results = []
   for pair, image, out in zip(pairs, images, each):
     one = train_pretrained.image_scores(config, threshold, dynamic, pair, out)
@@ -112,12 +115,17 @@ def zero_shot(model: pathlib.Path, pairs, images) -> list[dict]:
 
 
 def print_scales(model: pathlib.Path, name: str, whole, arrays, factors: list[float],
-                 root: pathlib.Path) -> None:
+                 root: pathlib.Path, diameter: float | None = None) -> None:
   """The zero-shot table of the images resized by each factor (files in root/scaled), pooled
-  over the images per factor."""
+  over the images per factor; with `diameter` (the objects' at the images' own size, pixels)
+  each predicted as --diameter=diameter x factor predicts it."""
   (root / 'scaled').mkdir(parents=True, exist_ok=True)
-  print(f'| {name}, no training: image resized by | IoU | instance AP@0.5 | '
-        'predicted / annotated pixels |\n|---|---|---|---|')
+  config = rundir.read_config(model)
+  if diameter:
+    predict.check_diameter(config, diameter, model)
+  print(f'| {name}, no training: image resized by'
+        + (f' (--diameter: {diameter:g} px x the factor)' if diameter else '')
+        + ' | IoU | instance AP@0.5 | predicted / annotated pixels |\n|---|---|---|---|')
   for factor in factors:
     pairs, images = [], []
     for pair, (image, labels) in zip(whole, arrays):
@@ -128,7 +136,8 @@ def print_scales(model: pathlib.Path, name: str, whole, arrays, factors: list[fl
       tifffile.imwrite(paths[0], small)
       tifffile.imwrite(paths[1], small_labels)
       pairs.append(lists.Pair(*paths, origin='--scales'))
-    shots = zero_shot(model, pairs, images)
+    network = predict.model_factor(config, None, diameter * factor)[0] if diameter else 1.0
+    shots = zero_shot(model, pairs, images, network)
     mean = lambda k: np.mean([s[k] for s in shots])
     ap = f'{mean("ap_0.5"):.3f}' if 'ap_0.5' in shots[0] else '-'
     print(f'| x{factor:g} | {mean("iou"):.3f} | {ap} | {mean("area_ratio"):.2f} |')
@@ -164,7 +173,7 @@ def main(argv):
                             pathlib.Path(labels_path).resolve(), origin='--image'))
     arrays.append((image, labels))
   if FLAGS.scales:
-    print_scales(model, name, whole, arrays, factors, root)
+    print_scales(model, name, whole, arrays, factors, root, FLAGS.diameter)
     return
   shots = zero_shot(model, whole, [image for image, _ in arrays])
   print(f'| {name}, no training | IoU | IoU away from saturation | instance AP@0.5 | '
@@ -211,6 +220,9 @@ if __name__ == '__main__':
   flags.DEFINE_integer('seeds', 2, 'Seeds per recipe (0: the model without training only).')
   flags.DEFINE_list('scales', [], 'Without training: measure each image resized by each of '
                     'these factors (e.g. 0.33,0.5,1,2,3).')
+  flags.DEFINE_float('diameter', None, 'With --scales: the objects\' diameter in the images '
+                     'as given, pixels; each resized image is predicted with --diameter at '
+                     'its size.')
   flags.DEFINE_float('lr', 0.0, 'Learning rate (0: configs/finetune.py\'s).')
   flags.DEFINE_multi_enum('recipes', ['finetuned', 'scratch'], ['finetuned', 'scratch'],
                           'Rows to train.')

@@ -165,6 +165,7 @@ RULES: dict[str, Rule] = {
     'data.val_fraction': number(0, 1, high_open=True),
     'data.normalization': choice(preprocess.METHODS, 'a method'),
     'data.pixel_size': number(0, note=' (micrometres per pixel; 0 = unknown)'),
+    'data.object_diameter': number(0, note=' (pixels; 0 = not recorded)'),
     'data.flips': boolean,
     'data.augment': augment,
     'data.ignore_value': ignore_value,

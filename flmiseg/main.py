@@ -91,6 +91,9 @@ flags.DEFINE_float('pixel_size', None, 'predict: pixel size of the inputs in mic
                    '(default: read from the file).')
 flags.DEFINE_bool('no_rescale', False, 'predict: never rescale images to the pixel size the '
                   'model was trained at.')
+flags.DEFINE_float('diameter', None, 'predict: typical diameter of the objects in the inputs, '
+                   'pixels; images are resized so they match the model\'s '
+                   '(config.data.object_diameter; the shipped nucleus model: 26 px).')
 flags.DEFINE_bool('overwrite', False, 'predict: replace existing results in --output.')
 flags.DEFINE_bool('trust_imports', False, 'eval/predict/summary: import the code that the run '
                   "directory's config.imports names (never imported on its own).")
@@ -126,6 +129,7 @@ def run(config, workdir: str, mode: str) -> None:
         tta=FLAGS.tta, threshold=FLAGS.threshold, save_prob=FLAGS.save_prob,
         instances=FLAGS.instances, min_size=FLAGS.min_size, channel=FLAGS.channel,
         axes=FLAGS.axes, pixel_size=FLAGS.pixel_size, rescale=not FLAGS.no_rescale,
+        diameter=FLAGS.diameter,
         overwrite=FLAGS.overwrite, backend=FLAGS.backend or predict.DEFAULT_BACKEND)
     result = predict.run(config, workdir, options)
     skipped = f'; skipped {len(result["skipped"])} non-image file(s)' if result['skipped'] else ''

@@ -2,6 +2,7 @@
 
   python -m flmiseg.main --mode=predict --workdir=RUN --input=PATH --output=OUT \
       [--tta] [--save_prob] [--instances] [--channel=N] [--axes=CZYX] [--pixel_size=0.1]
+      [--diameter=12]
 
 RUN is a trained run directory: its config.json decides the model and the preprocessing.
 PATH is an image file, a folder (its image files, not recursive) or a glob ('data/*.tif') of
@@ -32,7 +33,9 @@ How an image is predicted:
     neighbours' median;
   * when both the image's pixel size (metadata or --pixel_size) and the model's
     (config.data.pixel_size) are known and differ by more than 10 %, the image is resized
-    to the model's pixel size and the probabilities back (--no_rescale: never);
+    to the model's pixel size and the probabilities back (--no_rescale: never); with
+    --diameter (the objects' typical diameter, pixels) it is resized instead so its objects
+    match the model's (config.data.object_diameter, the shipped nucleus model's 26 px);
   * normalised once, over the whole plane, with the run's method, so every tile sees the same
     statistics (flmiseg/data/preprocess.py: the same intensities give the same mask whatever
     the bit depth or exposure);
@@ -97,6 +100,7 @@ class Options:
   channel: int | None = None  # The channel of a multi-channel image.
   axes: str = ''  # Axes of files without metadata ('' = from the file).
   pixel_size: float | None = None  # Micrometres per pixel of the inputs (None = from file).
+  diameter: float | None = None  # The inputs' typical object diameter, pixels (--diameter).
   rescale: bool = True  # Resize to the model's pixel size when both are known.
   overwrite: bool = False
   backend: str = 'jax'  # 'jax', or 'onnx': ONNX Runtime on the CPU (flmiseg/onnx_backend.py).
@@ -110,6 +114,12 @@ class Options:
     if self.pixel_size is not None and not self.pixel_size > 0:
       raise UserError(f'--pixel_size={self.pixel_size}: must be a positive size in '
                       'micrometres')
+    if self.diameter is not None and not self.diameter > 0:
+      raise UserError(f'--diameter={self.diameter}: must be a positive size in pixels')
+    if self.diameter is not None and (self.pixel_size is not None or not self.rescale):
+      raise UserError(f'--diameter={self.diameter:g} with '
+                      f'{"--pixel_size" if self.pixel_size is not None else "--no_rescale"}: '
+                      'give one (--diameter resizes by the size of the objects)')
     if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
       raise UserError(f'--threshold={self.threshold}: must be a probability in [0, 1]')
     if self.channel is not None and self.channel < 0:
@@ -261,6 +271,34 @@ def rescale_factor(image_pixel_size: float | None, model_pixel_size: float | Non
   return 1.0 if abs(factor - 1.0) <= RESCALE_TOLERANCE else factor
 
 
+def check_diameter(config, diameter: float | None, model) -> None:
+  """Raises UserError when --diameter is given for a model that records no object diameter
+  (config.data.object_diameter)."""
+  if diameter is not None and not config.data.get('object_diameter', 0.0):
+    raise UserError(f'--diameter={diameter:g}: {model} records no object diameter '
+                    '(config.data.object_diameter), so there is nothing to match; resize the '
+                    'images, or give --pixel_size to a model that records its pixel size')
+
+
+def model_factor(config, pixel_size: float | None, diameter: float | None = None,
+                 allowed: bool = True) -> tuple[float, str | None]:
+  """(how much to resize an image for the model, a note saying so or None): with `diameter`
+  (the image's objects, pixels) so they match config.data.object_diameter, else by pixel size
+  (`rescale_factor`); within RESCALE_TOLERANCE of 1, 1.0."""
+  if diameter is not None:
+    model_diameter = config.data.object_diameter
+    factor = model_diameter / diameter
+    if abs(factor - 1.0) <= RESCALE_TOLERANCE:
+      return 1.0, None
+    return factor, (f'resized x{factor:.3g} so its objects ({diameter:g} px, --diameter) '
+                    f'match the model\'s ({model_diameter:g} px)')
+  factor = rescale_factor(pixel_size, config.data.pixel_size or None, allowed)
+  if factor == 1.0:
+    return 1.0, None
+  return factor, (f'resized x{factor:.3g} to the model\'s pixel size '
+                  f'({config.data.pixel_size:g} um; the image\'s is {pixel_size:g} um)')
+
+
 def resize(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
   """float32 `plane` resized to `shape` (area averaging when shrinking, else bilinear)."""
   h, w = shape
@@ -361,8 +399,8 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   planes, out_axes, out_shape = io.select_planes(image, channel, path)
   planes, missing, notes = preprocess.repair(planes, path)
   pixel_size = options.pixel_size or image.pixel_size
-  factor = rescale_factor(pixel_size, predictor.config.data.pixel_size or None,
-                          options.rescale)
+  factor, resized = model_factor(predictor.config, pixel_size, options.diameter,
+                                 options.rescale)
   outputs, stats, mask, labels = segment_planes(predictor, planes, factor, threshold, options,
                                                 missing=missing)
   prob = outputs[..., 0]
@@ -378,10 +416,7 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   if options.instances:
     write('instances', labels)
     write_objects(output_path(out, name, 'objects', image.ome), labels, planes, pixel_size)
-  notes = notes + ([
-      f'{path}: resized x{factor:.3g} to the model\'s pixel size '
-      f'({predictor.config.data.pixel_size:g} um; the image\'s is {pixel_size:g} um)'
-  ] if factor != 1.0 else [])
+  notes = notes + ([f'{path}: {resized}'] if resized else [])
   warning = image_warning(path, stats, mask, training)
   return notes + ([warning] if warning else [])
 
@@ -445,6 +480,7 @@ def run(config, workdir, options: Options) -> dict:
   names = output_names(inputs)
   out = pathlib.Path(options.output)
   check_output(out, inputs, names, options)
+  check_diameter(config, options.diameter, workdir)
   predictor, step = load_predictor(config, workdir, options)
   threshold, source = resolve_threshold(config, workdir, step, options)
   if note := inference.tile_note(options.tile, config):

@@ -125,7 +125,7 @@ class Segmenter:
   def __call__(self, image: np.ndarray, axes: str | None = None, channel: int | None = None,
                threshold: float | None = None, tta: bool = False, instances: bool = False,
                min_size: int | None = None, pixel_size: float | None = None,
-               tile: int = 0, overlap: float = 0.25, name: str = 'image',
+               diameter: float | None = None, tile: int = 0, overlap: float = 0.25, name: str = 'image',
                progress: Callable[[float], None] | None = None) -> Segmentation:
     """Segments one image.
 
@@ -141,6 +141,8 @@ class Segmenter:
         (None: config.eval.min_size).
       pixel_size: micrometres per pixel of the image; when the model's is known and differs
         by more than 10 %, the image is resized to it and the results back.
+      diameter: the typical diameter of the image's objects in pixels (not with pixel_size):
+        the image is resized so they match the model's (config.data.object_diameter).
       tile, overlap: the tiling (0: the training crop size; rounded up to a multiple of 32),
         as predict's --tile, --overlap.
       name: the image's name in messages and warnings.
@@ -151,8 +153,10 @@ class Segmenter:
     # Options.check() wants an output folder: nothing is written, so a placeholder passes.
     options = predict.Options(
         input=name, output=name, tile=tile, overlap=overlap, tta=tta, threshold=threshold,
-        instances=instances, min_size=min_size, channel=channel, pixel_size=pixel_size)
+        instances=instances, min_size=min_size, channel=channel, pixel_size=pixel_size,
+        diameter=diameter)
     options.check()
+    predict.check_diameter(self.config, diameter, self.folder)
     image = imagefile.from_array(image, axes or default_axes(np.shape(image), channel), name,
                                  pixel_size, missing_ok=True)
     planes, out_axes, out_shape = imagefile.select_planes(image, channel, name)
@@ -161,16 +165,14 @@ class Segmenter:
       predictor = self._predictor(options)
       options = predict.instance_options(self.config, self.folder, self.step, options)
       value, source = self.threshold(threshold)
-      factor = predict.rescale_factor(pixel_size, self.config.data.pixel_size or None)
+      factor, resized = predict.model_factor(self.config, pixel_size, diameter)
       outputs, stats, mask, labels = predict.segment_planes(predictor, planes, factor, value,
                                                             options, progress, missing)
     warnings = [inference.tile_note(options.tile, self.config),
                 *notes,
                 predict.image_warning(name, stats, mask, self.training)]
-    if factor != 1.0:
-      warnings.insert(0, f'{name}: resized x{factor:.3g} to the model\'s pixel size '
-                      f'({self.config.data.pixel_size:g} um; the image\'s is '
-                      f'{pixel_size:g} um)')
+    if resized:
+      warnings.insert(0, f'{name}: {resized}')
     if instances and not self.has_instance_head:
       warnings.append(f'{self.folder} has no instance head: instances are connected '
                       'components of the mask, so touching objects stay merged')

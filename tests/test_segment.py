@@ -135,6 +135,49 @@ def test_hot_pixels_and_a_stitching_border_leave_the_mask_as_it_was(nucleus, cel
   assert _iou(result.mask[:, 32:] > 0, nucleus(camera + 1500).mask > 0) > 0.97
 
 
+def test_diameter_resizes_so_the_objects_match_the_models(nucleus, cells):
+  """The shipped nucleus model records its nuclei's diameter (26 px): --diameter=13 runs the
+  network on the image enlarged twice, exactly as a factor of 2 does, and gives the results
+  at the image's own size; within 10 % of 26 nothing is resized."""
+  image, _ = cells
+  assert nucleus.config.data.object_diameter == 26.0
+  result = nucleus(image, diameter=13)
+  assert result.mask.shape == image.shape
+  assert result.warnings[0] == ('image: resized x2 so its objects (13 px, --diameter) match '
+                                "the model's (26 px)")
+  options = predict.Options(input='x', output='x')
+  enlarged, _ = nucleus._predictor(options).plane(image, 2.0)
+  np.testing.assert_array_equal(result.prob, enlarged[..., 0])
+  np.testing.assert_array_equal(result.mask, enlarged[..., 0] > result.threshold)
+  same = nucleus(image, diameter=24)
+  np.testing.assert_array_equal(same.mask, nucleus(image).mask)
+  assert not any('resized' in w for w in same.warnings)
+  assert predict.model_factor(nucleus.config, None, 52.0) == (
+      0.5, "resized x0.5 so its objects (52 px, --diameter) match the model's (26 px)")
+  # Without --diameter, the pixel sizes decide (the shipped models record none: no resizing).
+  assert predict.model_factor(nucleus.config, 0.1, None) == (1.0, None)
+
+
+def test_diameter_needs_a_model_that_records_one_and_goes_alone(nucleus, cells, tmp_path):
+  image, _ = cells
+  with pytest.raises(UserError, match=r'^--diameter=0: must be a positive size in pixels$'):
+    nucleus(image, diameter=0)
+  with pytest.raises(UserError, match=r'^--diameter=12 with --pixel_size: give one'):
+    nucleus(image, diameter=12, pixel_size=0.2)
+  with pytest.raises(UserError, match=r'^--diameter=12 with --no_rescale: give one'):
+    predict.Options(input='x', output='x', diameter=12, rescale=False).check()
+  er = segment.load('er')
+  assert not er.config.data.get('object_diameter')
+  with pytest.raises(UserError, match=r'^--diameter=12: .*er records no object diameter '
+                     r'\(config.data.object_diameter\)'):
+    er(image, diameter=12)
+  io.write_tiff(tmp_path / 'cells.tif', image)  # --mode=predict: refused before any output
+  with pytest.raises(UserError, match=r'^--diameter=12: .*er records no object diameter'):
+    predict.run(er.config, er.folder, predict.Options(
+        input=str(tmp_path / 'cells.tif'), output=str(tmp_path / 'out'), diameter=12))
+  assert not (tmp_path / 'out').exists()
+
+
 def test_default_axes():
   assert segment.default_axes((64, 64), None) == 'YX'
   assert segment.default_axes((64, 64), 0) == 'YX'  # channel 0 of a one-channel image

@@ -94,3 +94,17 @@ def test_rescaled_real_images_keep_their_type_and_label_values():
   assert set(np.unique(triple_labels)) == {0, 7, 300}
   np.testing.assert_array_equal(triple_labels[::3, ::3], labels)
   assert (triple_labels == 7).sum() == 9 * (labels == 7).sum()
+
+
+def test_the_nucleus_recipe_records_the_simulators_nucleus_diameter():
+  diameters = []
+  for index in range(12):
+    _, labels = simulate.simulate('nucleus', 256, simulate.image_rng(5, 'test', index),
+                                  labels=True)
+    areas = np.bincount(labels.ravel().astype(np.int64))[1:]
+    diameters.extend(2 * np.sqrt(areas[areas > 0] / np.pi))
+  # The median over 40 images is 25.9 px; 12 images land within 2 px of it.
+  assert abs(np.median(diameters) - train_pretrained.NUCLEUS_DIAMETER) < 2.0
+  recorded = {kind: train_pretrained.pretrained_config(kind, 10).data.object_diameter
+              for kind in ('er', 'mito', 'nucleus')}
+  assert recorded == {'er': 0.0, 'mito': 0.0, 'nucleus': train_pretrained.NUCLEUS_DIAMETER}

@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Micrometres per pixel of the training images (0: unknown). Predict resizes images of
   # another known pixel size (more than 10% off) to it.
   data.pixel_size = 0.0
+  # Typical object diameter in the training images, pixels (0: not recorded). Predict's
+  # --diameter (the objects' diameter in the user's images) resizes images so theirs match.
+  data.object_diameter = 0.0
   data.flips = True  # Augment with the 8 flips/rotations of the square.
   # Robustness augmentation of training crops (simulated -> real microscopes): '' (off) or a
   # comma list of intensity,noise,blur,scale,illumination, or 'all' (those five); 'invert'

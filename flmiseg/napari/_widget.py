@@ -77,12 +77,15 @@ class SegmentWidget(widgets.Container):
     self._instances = widgets.CheckBox(text='instances')
     self._pixel_size = widgets.FloatSpinBox(label='pixel size (µm)', min=0.0, max=1000.0,
                                             step=0.001, value=0.0)
+    self._diameter = widgets.FloatSpinBox(label='object diameter (px)', min=0.0, max=10000.0,
+                                          step=1.0, value=0.0)
     self._button = widgets.PushButton(text='Segment')
     self._progress = widgets.ProgressBar(label='progress', min=0, max=100, value=0)
     self._status = widgets.Label(value='')
     super().__init__(widgets=[
         self._image, self._model, self._folder, self._calibrated, self._threshold,
-        self._tta, self._channel, self._axes, self._pixel_size, self._instances, self._button,
+        self._tta, self._channel, self._axes, self._pixel_size, self._diameter,
+        self._instances, self._button,
         self._progress, self._status])
     self._channel.tooltip = 'the channel to segment in a multi-channel image (0-based)'
     self._image.changed.connect(lambda _: self._channel.reset_choices())
@@ -92,6 +95,10 @@ class SegmentWidget(widgets.Container):
         "micrometres per pixel of the image (0: unknown); taken from the layer's scale when "
         'its units are a length. A model that records its training pixel size resizes an '
         'image of another pixel size to it')
+    self._diameter.tooltip = (
+        'typical diameter of the objects in the image, pixels (0: not given); the image is '
+        "resized so they match the model's (the nucleus model: 26 px), in place of the "
+        'pixel size')
     self._axes.native.setPlaceholderText('auto')
     self._status.native.setWordWrap(True)
     self._axes.tooltip = ("the layer's axes, one letter per dimension from T, Z, C, Y, X "
@@ -153,7 +160,10 @@ class SegmentWidget(widgets.Container):
     options = {'channel': channel, 'tta': bool(self._tta.value),
                'threshold': None if self._calibrated.value else float(self._threshold.value),
                'instances': bool(self._instances.value), 'name': layer.name,
-               'pixel_size': float(self._pixel_size.value) or None,
+               # The diameter, when given, decides the resizing in place of the pixel size.
+               'diameter': float(self._diameter.value) or None,
+               'pixel_size': None if self._diameter.value else (
+                   float(self._pixel_size.value) or None),
                'progress': lambda fraction: self._signals.changed.emit(round(100 * fraction))}
     data = layer.data[0] if layer.multiscale else layer.data
     self.worker = _segment(self._segmenters, model, data, layer.rgb,
