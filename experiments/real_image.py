@@ -149,6 +149,9 @@ def main(argv):
   if len(FLAGS.image) != len(FLAGS.labels):
     raise app.UsageError(f'--image names {len(FLAGS.image)} file(s), --labels '
                          f'{len(FLAGS.labels)}: one mask per image')
+  if FLAGS.diameter is not None and (not FLAGS.scales or not FLAGS.diameter > 0):
+    raise app.UsageError(f'--diameter={FLAGS.diameter:g}: a positive size in pixels, and only '
+                         'with --scales')
   if FLAGS.scales and FLAGS.seeds:
     raise app.UsageError('--scales measures the model without training: give --seeds=0')
   try:

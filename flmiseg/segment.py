@@ -125,7 +125,8 @@ class Segmenter:
   def __call__(self, image: np.ndarray, axes: str | None = None, channel: int | None = None,
                threshold: float | None = None, tta: bool = False, instances: bool = False,
                min_size: int | None = None, pixel_size: float | None = None,
-               diameter: float | None = None, tile: int = 0, overlap: float = 0.25, name: str = 'image',
+               diameter: float | None = None, tile: int = 0, overlap: float = 0.25,
+               name: str = 'image',
                progress: Callable[[float], None] | None = None) -> Segmentation:
     """Segments one image.
 
