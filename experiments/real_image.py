@@ -98,11 +98,13 @@ def rescaled(image: np.ndarray, labels: np.ndarray, factor: float
   return resized.astype(image.dtype), labels[rows[:, None], cols[None, :]]
 
 
-def zero_shot(model: pathlib.Path, pairs, images, factor: float = 1.0) -> list[dict]:
+def zero_shot(model: pathlib.Path, pairs, images, diameter: float | None = None
+              ) -> list[dict]:
   """Per pair (and its image, as read): the scores of `train_pretrained.scores` on it alone,
-  'iou_unsaturated' and 'area_ratio' (each image predicted once, resized by `factor` for the
-  network)."""
-  config, threshold, dynamic, each = train_pretrained.outputs(model, pairs, factor=factor)
+  'iou_unsaturated' and 'area_ratio' (each image predicted once, with --diameter=`diameter`
+  when given)."""
+  config, threshold, dynamic, each = train_pretrained.outputs(model, pairs,
+                                                              diameter=diameter)
   results = []
   for pair, image, out in zip(pairs, images, each):
     one = train_pretrained.image_scores(config, threshold, dynamic, pair, out)
@@ -118,13 +120,12 @@ def print_scales(model: pathlib.Path, name: str, whole, arrays, factors: list[fl
                  root: pathlib.Path, diameter: float | None = None) -> None:
   """The zero-shot table of the images resized by each factor (files in root/scaled), pooled
   over the images per factor; with `diameter` (the objects' at the images' own size, pixels)
-  each predicted as --diameter=diameter x factor predicts it."""
+  each predicted as --diameter=diameter x factor predicts it, with 0 as --diameter=0."""
   (root / 'scaled').mkdir(parents=True, exist_ok=True)
-  config = rundir.read_config(model)
-  if diameter:
-    predict.check_diameter(config, diameter, model)
-  print(f'| {name}, no training: image resized by'
-        + (f' (--diameter: {diameter:g} px x the factor)' if diameter else '')
+  predict.check_diameter(rundir.read_config(model), diameter, model)
+  how = {None: '', 0.0: ' (--diameter=0)'}.get(diameter, f' (--diameter: {diameter:g} px x '
+                                                         'the factor)')
+  print(f'| {name}, no training: image resized by{how}'
         + ' | IoU | instance AP@0.5 | predicted / annotated pixels |\n|---|---|---|---|')
   for factor in factors:
     pairs, images = [], []
@@ -136,8 +137,7 @@ def print_scales(model: pathlib.Path, name: str, whole, arrays, factors: list[fl
       tifffile.imwrite(paths[0], small)
       tifffile.imwrite(paths[1], small_labels)
       pairs.append(lists.Pair(*paths, origin='--scales'))
-    network = predict.model_factor(config, None, diameter * factor)[0] if diameter else 1.0
-    shots = zero_shot(model, pairs, images, network)
+    shots = zero_shot(model, pairs, images, diameter and diameter * factor)
     mean = lambda k: np.mean([s[k] for s in shots])
     ap = f'{mean("ap_0.5"):.3f}' if 'ap_0.5' in shots[0] else '-'
     print(f'| x{factor:g} | {mean("iou"):.3f} | {ap} | {mean("area_ratio"):.2f} |')
@@ -149,9 +149,9 @@ def main(argv):
   if len(FLAGS.image) != len(FLAGS.labels):
     raise app.UsageError(f'--image names {len(FLAGS.image)} file(s), --labels '
                          f'{len(FLAGS.labels)}: one mask per image')
-  if FLAGS.diameter is not None and (not FLAGS.scales or not FLAGS.diameter > 0):
-    raise app.UsageError(f'--diameter={FLAGS.diameter:g}: a positive size in pixels, and only '
-                         'with --scales')
+  if FLAGS.diameter is not None and (not FLAGS.scales or not FLAGS.diameter >= 0):
+    raise app.UsageError(f'--diameter={FLAGS.diameter:g}: a positive size in pixels (0: '
+                         'measured), and only with --scales')
   if FLAGS.scales and FLAGS.seeds:
     raise app.UsageError('--scales measures the model without training: give --seeds=0')
   try:
@@ -225,7 +225,7 @@ if __name__ == '__main__':
                     'these factors (e.g. 0.33,0.5,1,2,3).')
   flags.DEFINE_float('diameter', None, 'With --scales: the objects\' diameter in the images '
                      'as given, pixels; each resized image is predicted with --diameter at '
-                     'its size.')
+                     'its size (0: --diameter=0, measured on each).')
   flags.DEFINE_float('lr', 0.0, 'Learning rate (0: configs/finetune.py\'s).')
   flags.DEFINE_multi_enum('recipes', ['finetuned', 'scratch'], ['finetuned', 'scratch'],
                           'Rows to train.')

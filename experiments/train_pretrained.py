@@ -52,10 +52,11 @@ TEST_SEED = 1000  # the simulated test sets: a seed no shipped model was trained
 # narrower than the PSF as wide as it looks (out to the half maximum of its blur), not its
 # sub-resolution geometry; for nuclei the two ways differ by under 0.5 % (docs/models.md).
 RECIPE_MASKS = {'er': 'visible', 'mito': 'visible', 'nucleus': 'geometry'}
-# The median diameter (of a circle of the same area) of the simulator's nuclei at object
-# scale 1, pixels: the middle of the scales the nucleus model learned (0.35-2.5, log scale).
+# The diameter of the simulator's nuclei at object scale 1 (the middle of the scales the
+# nucleus model learned, 0.35-2.5, on a log scale), pixels, as predict.object_diameter
+# measures one: the area-weighted median of the diameters of circles of the same areas.
 # Recorded as its config.data.object_diameter, what predict's --diameter resizes to.
-NUCLEUS_DIAMETER = 26.0
+NUCLEUS_DIAMETER = 31.0
 
 
 def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.0,
@@ -121,12 +122,12 @@ def inverted_pairs(pairs, folder: pathlib.Path):
   return out
 
 
-def outputs(folder: pathlib.Path, pairs, tta: bool = False, factor: float = 1.0):
+def outputs(folder: pathlib.Path, pairs, tta: bool = False, diameter: float | None = None):
   """(config, threshold, seed dynamic, iterator of each pair's outputs (H, W, C)) of the
   packed/run model in `folder` at its calibrated threshold, through the predict path
   (`preprocess.repair`, whole-image normalisation, blended tiles; with `tta` averaged over the
-  8 flips/rotations, as --tta does; each image resized by `factor` for the network and the
-  outputs back, as --pixel_size or --diameter resize); no-data pixels output 0."""
+  8 flips/rotations, as --tta does; with `diameter` each image resized for the network and
+  the outputs back as --diameter resizes, 0 measuring it); no-data pixels output 0."""
   import jax  # pylint: disable=g-import-not-at-top
   from flmiseg import calibration, instances, predict  # pylint: disable=g-import-not-at-top
   config = rundir.read_config(folder)
@@ -141,6 +142,14 @@ def outputs(folder: pathlib.Path, pairs, tta: bool = False, factor: float = 1.0)
   def each():
     for pair in pairs:
       planes, missing, _ = preprocess.repair(io.read_image(pair.image)[None], pair.image)
+      factor = 1.0
+      if diameter is not None:
+        size = diameter
+        if size == predict.AUTO_DIAMETER:
+          size, _ = predict.estimated_diameter(predictor, planes, threshold, predict.Options(
+              input='', output='', seed_dynamic=dynamic,
+              min_size=config.eval.get('min_size', 16)), missing)
+        factor = predict.model_factor(config, None, size)[0]
       out, _ = predictor.plane(planes[0], factor)
       if missing is not None:
         out[missing[0]] = 0.0

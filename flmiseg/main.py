@@ -92,8 +92,9 @@ flags.DEFINE_float('pixel_size', None, 'predict: pixel size of the inputs in mic
 flags.DEFINE_bool('no_rescale', False, 'predict: never rescale images to the pixel size the '
                   'model was trained at.')
 flags.DEFINE_float('diameter', None, 'predict: typical diameter of the objects in the inputs, '
-                   'pixels; images are resized so they match the model\'s '
-                   '(config.data.object_diameter; the shipped nucleus model: 26 px).')
+                   'pixels (0: measured on a first pass); images are resized so they match '
+                   'the model\'s (config.data.object_diameter; the shipped nucleus model: '
+                   '31 px).')
 flags.DEFINE_bool('overwrite', False, 'predict: replace existing results in --output.')
 flags.DEFINE_bool('trust_imports', False, 'eval/predict/summary: import the code that the run '
                   "directory's config.imports names (never imported on its own).")

@@ -34,8 +34,9 @@ How an image is predicted:
   * when both the image's pixel size (metadata or --pixel_size) and the model's
     (config.data.pixel_size) are known and differ by more than 10 %, the image is resized
     to the model's pixel size and the probabilities back (--no_rescale: never); with
-    --diameter (the objects' typical diameter, pixels) it is resized instead so its objects
-    match the model's (config.data.object_diameter, the shipped nucleus model's 26 px);
+    --diameter (the objects' typical diameter, pixels; 0: measured on a first pass) it is
+    resized instead so its objects match the model's (config.data.object_diameter, the
+    shipped nucleus model's 31 px);
   * normalised once, over the whole plane, with the run's method, so every tile sees the same
     statistics (flmiseg/data/preprocess.py: the same intensities give the same mask whatever
     the bit depth or exposure);
@@ -78,6 +79,7 @@ _GLOB_CHARS = '*?['
 OUTPUT_KINDS = ('mask', 'overlay', 'prob', 'instances', 'objects')
 # Pixel sizes within this relative difference count as equal (no rescaling).
 RESCALE_TOLERANCE = 0.1
+AUTO_DIAMETER = 0.0  # --diameter=0: measured on a first pass at the image's own size
 # The backend when --backend is not given (docs/benchmarks.md times both on a CPU).
 BACKENDS = ('jax', 'onnx')  # --backend: JAX, or ONNX Runtime on the CPU
 DEFAULT_BACKEND = 'jax'
@@ -100,7 +102,8 @@ class Options:
   channel: int | None = None  # The channel of a multi-channel image.
   axes: str = ''  # Axes of files without metadata ('' = from the file).
   pixel_size: float | None = None  # Micrometres per pixel of the inputs (None = from file).
-  diameter: float | None = None  # The inputs' typical object diameter, pixels (--diameter).
+  # The inputs' typical object diameter, pixels (--diameter); AUTO_DIAMETER: measured.
+  diameter: float | None = None
   rescale: bool = True  # Resize to the model's pixel size when both are known.
   overwrite: bool = False
   backend: str = 'jax'  # 'jax', or 'onnx': ONNX Runtime on the CPU (flmiseg/onnx_backend.py).
@@ -114,8 +117,9 @@ class Options:
     if self.pixel_size is not None and not self.pixel_size > 0:
       raise UserError(f'--pixel_size={self.pixel_size}: must be a positive size in '
                       'micrometres')
-    if self.diameter is not None and not self.diameter > 0:
-      raise UserError(f'--diameter={self.diameter}: must be a positive size in pixels')
+    if self.diameter is not None and not self.diameter >= 0:
+      raise UserError(f'--diameter={self.diameter:g}: must be a positive size in pixels, or 0 '
+                      'to measure it')
     if self.diameter is not None and (self.pixel_size is not None or not self.rescale):
       raise UserError(f'--diameter={self.diameter:g} with '
                       f'{"--pixel_size" if self.pixel_size is not None else "--no_rescale"}: '
@@ -290,13 +294,42 @@ def model_factor(config, pixel_size: float | None, diameter: float | None = None
     factor = model_diameter / diameter
     if abs(factor - 1.0) <= RESCALE_TOLERANCE:
       return 1.0, None
-    return factor, (f'resized x{factor:.3g} so its objects ({diameter:g} px, --diameter) '
+    return factor, (f'resized x{factor:.3g} so its objects ({diameter:.3g} px, --diameter) '
                     f'match the model\'s ({model_diameter:g} px)')
   factor = rescale_factor(pixel_size, config.data.pixel_size or None, allowed)
   if factor == 1.0:
     return 1.0, None
   return factor, (f'resized x{factor:.3g} to the model\'s pixel size '
                   f'({config.data.pixel_size:g} um; the image\'s is {pixel_size:g} um)')
+
+
+def estimated_diameter(predictor, planes: np.ndarray, threshold: float, options,
+                       missing: np.ndarray | None = None) -> tuple[float | None, str]:
+  """(the objects' diameter in pixels, a note saying so) measured on a first pass over raw
+  planes (N, H, W) at their own size, the `object_diameter` of its instances; (None, a note)
+  when it finds no object. `options` holds min_size and seed_dynamic (`instance_options`)."""
+  outputs, _ = predictor.planes(planes)
+  if missing is not None:
+    outputs[missing] = 0.0
+  diameter = object_diameter([instances.from_outputs(o, threshold, options.seed_dynamic,
+                                                     options.min_size) for o in outputs])
+  if diameter is None:
+    return None, 'no object found to measure (--diameter=0): not resized'
+  return diameter, f'its objects measure {diameter:.3g} px across (--diameter=0, a first pass)'
+
+
+def object_diameter(label_images) -> float | None:
+  """The typical diameter of the objects of label images (each 0 background, 1..n its own
+  objects), pixels: the area-weighted median of the diameters of circles of their areas (the
+  size of the objects that cover half the foreground, so that fragments weigh little); None
+  without objects."""
+  areas = np.concatenate([np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:]
+                          for labels in label_images])
+  areas = np.sort(areas[areas > 0])
+  if not len(areas):
+    return None
+  median = areas[np.searchsorted(np.cumsum(areas), areas.sum() / 2)]
+  return float(2.0 * np.sqrt(median / np.pi))
 
 
 def resize(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -399,8 +432,10 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   planes, out_axes, out_shape = io.select_planes(image, channel, path)
   planes, missing, notes = preprocess.repair(planes, path)
   pixel_size = options.pixel_size or image.pixel_size
-  factor, resized = model_factor(predictor.config, pixel_size, options.diameter,
-                                 options.rescale)
+  diameter, measured = options.diameter, None
+  if diameter == AUTO_DIAMETER:
+    diameter, measured = estimated_diameter(predictor, planes, threshold, options, missing)
+  factor, resized = model_factor(predictor.config, pixel_size, diameter, options.rescale)
   outputs, stats, mask, labels = segment_planes(predictor, planes, factor, threshold, options,
                                                 missing=missing)
   prob = outputs[..., 0]
@@ -416,7 +451,7 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   if options.instances:
     write('instances', labels)
     write_objects(output_path(out, name, 'objects', image.ome), labels, planes, pixel_size)
-  notes = notes + ([f'{path}: {resized}'] if resized else [])
+  notes = notes + [f'{path}: {note}' for note in (measured, resized) if note]
   warning = image_warning(path, stats, mask, training)
   return notes + ([warning] if warning else [])
 

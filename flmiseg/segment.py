@@ -142,8 +142,9 @@ class Segmenter:
         (None: config.eval.min_size).
       pixel_size: micrometres per pixel of the image; when the model's is known and differs
         by more than 10 %, the image is resized to it and the results back.
-      diameter: the typical diameter of the image's objects in pixels (not with pixel_size):
-        the image is resized so they match the model's (config.data.object_diameter).
+      diameter: the typical diameter of the image's objects in pixels (not with pixel_size;
+        0: measured on a first pass): the image is resized so they match the model's
+        (config.data.object_diameter).
       tile, overlap: the tiling (0: the training crop size; rounded up to a multiple of 32),
         as predict's --tile, --overlap.
       name: the image's name in messages and warnings.
@@ -166,14 +167,17 @@ class Segmenter:
       predictor = self._predictor(options)
       options = predict.instance_options(self.config, self.folder, self.step, options)
       value, source = self.threshold(threshold)
+      measured = None
+      if diameter == predict.AUTO_DIAMETER:
+        diameter, measured = predict.estimated_diameter(predictor, planes, value, options,
+                                                        missing)
       factor, resized = predict.model_factor(self.config, pixel_size, diameter)
       outputs, stats, mask, labels = predict.segment_planes(predictor, planes, factor, value,
                                                             options, progress, missing)
     warnings = [inference.tile_note(options.tile, self.config),
                 *notes,
                 predict.image_warning(name, stats, mask, self.training)]
-    if resized:
-      warnings.insert(0, f'{name}: {resized}')
+    warnings[:0] = [f'{name}: {note}' for note in (measured, resized) if note]
     if instances and not self.has_instance_head:
       warnings.append(f'{self.folder} has no instance head: instances are connected '
                       'components of the mask, so touching objects stay merged')

@@ -166,11 +166,12 @@ def test_widget_segments_the_layer_as_predict_does(make_napari_viewer, qtbot, ce
   assert widget._pixel_size.value == pytest.approx(0.065)
   _run(widget, qtbot)  # the shipped model knows no pixel size: the same mask
   np.testing.assert_array_equal(viewer.layers['nm mask'].data, expected.mask)
-  widget._diameter.value = 13  # nuclei of 13 px, resized x2 to the model's 26 (not by 0.065 um)
+  widget._diameter.value = 15.5  # resized x2 to the model's 31 px (not by the 0.065 um)
   _run(widget, qtbot)
-  np.testing.assert_array_equal(viewer.layers['nm mask'].data, nucleus(image, diameter=13).mask)
-  assert widget.result.warnings[0] == ("nm: resized x2 so its objects (13 px, --diameter) "
-                                       "match the model's (26 px)")
+  np.testing.assert_array_equal(viewer.layers['nm mask'].data,
+                                nucleus(image, diameter=15.5).mask)
+  assert widget.result.warnings[0] == ("nm: resized x2 so its objects (15.5 px, --diameter) "
+                                       "match the model's (31 px)")
   widget._diameter.value = 0
   widget._image.value = layer
 

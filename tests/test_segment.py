@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import tifffile
@@ -136,32 +137,68 @@ def test_hot_pixels_and_a_stitching_border_leave_the_mask_as_it_was(nucleus, cel
 
 
 def test_diameter_resizes_so_the_objects_match_the_models(nucleus, cells):
-  """The shipped nucleus model records its nuclei's diameter (26 px): --diameter=13 runs the
+  """The shipped nucleus model records its nuclei's diameter (31 px): --diameter=15.5 runs the
   network on the image enlarged twice, exactly as a factor of 2 does, and gives the results
-  at the image's own size; within 10 % of 26 nothing is resized."""
+  at the image's own size; within 10 % of 31 nothing is resized."""
   image, _ = cells
-  assert nucleus.config.data.object_diameter == 26.0
-  result = nucleus(image, diameter=13)
+  assert nucleus.config.data.object_diameter == 31.0
+  result = nucleus(image, diameter=15.5)
   assert result.mask.shape == image.shape
-  assert result.warnings[0] == ('image: resized x2 so its objects (13 px, --diameter) match '
-                                "the model's (26 px)")
+  assert result.warnings[0] == ('image: resized x2 so its objects (15.5 px, --diameter) '
+                                "match the model's (31 px)")
   options = predict.Options(input='x', output='x')
   enlarged, _ = nucleus._predictor(options).plane(image, 2.0)
   np.testing.assert_array_equal(result.prob, enlarged[..., 0])
   np.testing.assert_array_equal(result.mask, enlarged[..., 0] > result.threshold)
-  same = nucleus(image, diameter=24)
+  same = nucleus(image, diameter=29)
   np.testing.assert_array_equal(same.mask, nucleus(image).mask)
   assert not any('resized' in w for w in same.warnings)
-  assert predict.model_factor(nucleus.config, None, 52.0) == (
-      0.5, "resized x0.5 so its objects (52 px, --diameter) match the model's (26 px)")
+  assert predict.model_factor(nucleus.config, None, 62.0) == (
+      0.5, "resized x0.5 so its objects (62 px, --diameter) match the model's (31 px)")
   # Without --diameter, the pixel sizes decide (the shipped models record none: no resizing).
   assert predict.model_factor(nucleus.config, 0.1, None) == (1.0, None)
 
 
+def test_object_diameter_is_the_area_weighted_median():
+  labels = np.zeros((20, 20), np.uint16)
+  labels[:2, :2] = 1  # 4 px
+  labels[5:9, 5:9] = 2  # 16 px
+  labels[10:15, 10:15] = 3  # 25 px: the 4 and 16 px ones cover less than half of the 45 px
+  assert predict.object_diameter([labels]) == pytest.approx(2 * np.sqrt(25 / np.pi))
+  # Planes are counted apart: object 1 of another plane is another object.
+  other = np.zeros((20, 20), np.uint16)
+  other[:10, :10] = 1  # 100 px: more than half of all 145
+  assert predict.object_diameter([labels, other]) == pytest.approx(2 * np.sqrt(100 / np.pi))
+  assert predict.object_diameter([np.zeros((4, 4), np.uint16)]) is None
+
+
+def test_diameter_zero_measures_the_objects_on_a_first_pass(nucleus, cells):
+  """Nuclei enlarged 3x (smooth, without pixel noise: the model finds them in pieces):
+  measured larger than the model's, the image is shrunk towards its size."""
+  image, truth = cells
+  big = cv2.resize(image, None, fx=3, fy=3, interpolation=cv2.INTER_LINEAR)
+  big_truth = np.kron(truth, np.ones((3, 3), bool))
+  measured = nucleus(big, diameter=0)
+  note, resized = measured.warnings[:2]
+  size = float(note.split('measure ')[1].split(' px')[0])
+  assert note == f'image: its objects measure {size:.3g} px across (--diameter=0, a first pass)'
+  assert size > 1.1 * nucleus.config.data.object_diameter
+  assert resized.startswith('image: resized x0.')
+  given = nucleus(big, diameter=predict.estimated_diameter(
+      nucleus._predictor(predict.Options(input='x', output='x')), big[None],
+      measured.threshold, predict.instance_options(
+          nucleus.config, nucleus.folder, nucleus.step,
+          predict.Options(input='x', output='x')))[0])
+  np.testing.assert_array_equal(measured.mask, given.mask)
+  plain = nucleus(big)
+  assert _iou(measured.mask > 0, big_truth) > _iou(plain.mask > 0, big_truth) + 0.05
+  with pytest.raises(UserError, match=r'^--diameter=-1: must be a positive size in pixels, '
+                     'or 0 to measure it$'):
+    nucleus(image, diameter=-1)
+
+
 def test_diameter_needs_a_model_that_records_one_and_goes_alone(nucleus, cells, tmp_path):
   image, _ = cells
-  with pytest.raises(UserError, match=r'^--diameter=0: must be a positive size in pixels$'):
-    nucleus(image, diameter=0)
   with pytest.raises(UserError, match=r'^--diameter=12 with --pixel_size: give one'):
     nucleus(image, diameter=12, pixel_size=0.2)
   with pytest.raises(UserError, match=r'^--diameter=12 with --no_rescale: give one'):

@@ -97,7 +97,7 @@ class SegmentWidget(widgets.Container):
         'image of another pixel size to it')
     self._diameter.tooltip = (
         'typical diameter of the objects in the image, pixels (0: not given); the image is '
-        "resized so they match the model's (the nucleus model: 26 px), in place of the "
+        "resized so they match the model's (the nucleus model: 31 px), in place of the "
         'pixel size')
     self._axes.native.setPlaceholderText('auto')
     self._status.native.setWordWrap(True)
