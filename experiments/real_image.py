@@ -7,7 +7,7 @@ half.
   python -m experiments.real_image --image=a.png,b.png --labels=a_mask.png,b_mask.png \
       --kind=er --seeds=0 [--model=DIR]     # several images, the model without training
   python -m experiments.real_image --image=img2d.tif --labels=mask2d.tif --kind=nucleus \
-      --seeds=0 --scales=0.33,0.5,1,2,3 [--diameter=24]   # the images resized: other
+      --seeds=0 --scales=0.33,0.5,1,2,3 [--diameter=25]   # the images resized: other
                                             # pixel sizes [, predicted with --diameter]
 
 Without training, each image: IoU; IoU away from saturation (pixels at the image's largest
