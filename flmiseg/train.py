@@ -355,8 +355,12 @@ def adopt_source_settings(config) -> None:
   """With config.train.init_from, sets config.data.kind and .normalization to the source
   model's when they would give its weights other inputs than it was trained on, and
   config.model.instance_head to the source's (a one-line warning says so for each):
-  fine-tuning a nucleus model must see nucleus preprocessing and keep its instance head."""
+  fine-tuning a nucleus model must see nucleus preprocessing and keep its instance head. A
+  config that records no object diameter takes the source's (config.data.object_diameter),
+  so predict's --diameter works on the fine-tuned model as on its source."""
   _, source = _init_source(config)
+  if not config.data.get('object_diameter') and source.data.get('object_diameter'):
+    config.data.object_diameter = source.data.object_diameter
   head = source.model.get('instance_head', '')
   if config.model.get('instance_head', '') != head:
     logging.warning('config.train.init_from=%s: using its instance head (%r) instead of %r',

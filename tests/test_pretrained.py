@@ -14,6 +14,7 @@ from flmiseg import pretrained
 from flmiseg import rundir
 from flmiseg import sharding
 from flmiseg import train
+from flmiseg.configs import finetune as finetune_config
 from flmiseg.errors import UserError
 from tests import helpers
 
@@ -153,6 +154,18 @@ def test_fine_tuning_adopts_the_sources_instance_head(packed, tmp_path):
                                         'model.instance_head': 'distance'})
   train.train_and_evaluate(config, tmp_path / 'tuned')
   assert rundir.read_config(tmp_path / 'tuned').model.instance_head == ''
+
+
+def test_fine_tuning_keeps_the_sources_object_diameter():
+  """A run from the shipped nucleus model records its 31 px (predict --diameter works on
+  it); one that sets its own keeps it."""
+  config = finetune_config.get_config()
+  config.train.init_from = 'nucleus'
+  train.adopt_source_settings(config)
+  assert config.data.object_diameter == 31.0
+  config.data.object_diameter = 12.0
+  train.adopt_source_settings(config)
+  assert config.data.object_diameter == 12.0
 
 
 @pytest.mark.parametrize('freeze', [False, True])
