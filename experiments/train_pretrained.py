@@ -139,18 +139,15 @@ def outputs(folder: pathlib.Path, pairs, tta: bool = False, diameter: float | No
                                 config.data.crop_size, 0.25,
                                 inference.round_up_batch(8, len(jax.local_devices())))
 
+  options = predict.instance_options(config, folder, step, predict.Options(
+      input='', output='', diameter=diameter))
+
   def each():
     for pair in pairs:
       planes, missing, _ = preprocess.repair(io.read_image(pair.image)[None], pair.image)
-      factor = 1.0
-      if diameter is not None:
-        size = diameter
-        if size == predict.AUTO_DIAMETER:
-          size, _ = predict.estimated_diameter(predictor, planes, threshold, predict.Options(
-              input='', output='', seed_dynamic=dynamic,
-              min_size=config.eval.get('min_size', 16)), missing)
-        factor = predict.model_factor(config, None, size)[0]
-      out, _ = predictor.plane(planes[0], factor)
+      factor, _, first = predict.planes_factor(predictor, planes, threshold, options, None,
+                                               missing)
+      out = first[0][0] if first else predictor.plane(planes[0], factor)[0]
       if missing is not None:
         out[missing[0]] = 0.0
       yield out

@@ -303,12 +303,12 @@ def model_factor(config, pixel_size: float | None, diameter: float | None = None
                   f'({config.data.pixel_size:g} um; the image\'s is {pixel_size:g} um)')
 
 
-def estimated_diameter(predictor, planes: np.ndarray, threshold: float, options,
+def estimated_diameter(outputs: np.ndarray, threshold: float, options,
                        missing: np.ndarray | None = None) -> tuple[float | None, str]:
-  """(the objects' diameter in pixels, a note saying so) measured on a first pass over raw
-  planes (N, H, W) at their own size, the `object_diameter` of its instances; (None, a note)
-  when it finds no object. `options` holds min_size and seed_dynamic (`instance_options`)."""
-  outputs, _ = predictor.planes(planes)
+  """(the objects' diameter in pixels, a note saying so) measured on the outputs (N, H, W, C)
+  of a first pass over planes at their own size (`missing` pixels set to 0 in them), the
+  `object_diameter` of its instances; (None, a note) when it finds no object. `options` holds
+  min_size and seed_dynamic (`instance_options`)."""
   if missing is not None:
     outputs[missing] = 0.0
   diameter = object_diameter([instances.from_outputs(o, threshold, options.seed_dynamic,
@@ -316,6 +316,22 @@ def estimated_diameter(predictor, planes: np.ndarray, threshold: float, options,
   if diameter is None:
     return None, 'no object found to measure (--diameter=0): not resized'
   return diameter, f'its objects measure {diameter:.3g} px across (--diameter=0, a first pass)'
+
+
+def planes_factor(predictor: 'Predictor', planes: np.ndarray, threshold: float,
+                  options: Options, pixel_size: float | None,
+                  missing: np.ndarray | None = None) -> tuple[float, list[str], tuple | None]:
+  """(how much to resize raw planes (N, H, W) for the model, notes saying so, the first pass or
+  None): `model_factor` of options.diameter, or with --diameter=0 of the diameter measured on
+  a first pass at the planes' own size (`estimated_diameter`), whose (outputs, stats) come
+  back for `segment_planes` to reuse when no resizing follows."""
+  diameter, notes, first = options.diameter, [], None
+  if diameter == AUTO_DIAMETER:
+    first = predictor.planes(planes)
+    diameter, measured = estimated_diameter(first[0], threshold, options, missing)
+    notes.append(measured)
+  factor, resized = model_factor(predictor.config, pixel_size, diameter, options.rescale)
+  return factor, notes + ([resized] if resized else []), first if factor == 1.0 else None
 
 
 def object_diameter(label_images) -> float | None:
@@ -382,14 +398,21 @@ class Predictor:
 
 
 def segment_planes(predictor: Predictor, planes: np.ndarray, factor: float, threshold: float,
-                   options: Options, progress=None, missing: np.ndarray | None = None):
+                   options: Options, progress=None, missing: np.ndarray | None = None,
+                   first: tuple | None = None):
   """(outputs (N, H, W, C), per-plane stats, mask (N, H, W) bool, instance labels (N, H, W)
   uint16 or None) of planes (N, H, W) (raw, or repaired by `preprocess.repair`, whose map of pixels
   without data, `missing`, then gets outputs 0: background, in no instance): the
   probabilities thresholded at `threshold`, and with options.instances the instances
   (`instances.from_outputs`, with options.seed_dynamic and options.min_size filled in by
-  `instance_options`)."""
-  outputs, stats = predictor.planes(planes, factor, progress)
+  `instance_options`). `first`: the (outputs, stats) of these planes at this factor, already
+  computed (`planes_factor`)."""
+  if first is None:
+    outputs, stats = predictor.planes(planes, factor, progress)
+  else:
+    outputs, stats = first
+    if progress is not None:
+      progress(1.0)
   if missing is not None:
     outputs[missing] = 0.0
   mask = outputs[..., 0] > threshold
@@ -432,12 +455,10 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   planes, out_axes, out_shape = io.select_planes(image, channel, path)
   planes, missing, notes = preprocess.repair(planes, path)
   pixel_size = options.pixel_size or image.pixel_size
-  diameter, measured = options.diameter, None
-  if diameter == AUTO_DIAMETER:
-    diameter, measured = estimated_diameter(predictor, planes, threshold, options, missing)
-  factor, resized = model_factor(predictor.config, pixel_size, diameter, options.rescale)
+  factor, resized, first = planes_factor(predictor, planes, threshold, options, pixel_size,
+                                         missing)
   outputs, stats, mask, labels = segment_planes(predictor, planes, factor, threshold, options,
-                                                missing=missing)
+                                                missing=missing, first=first)
   prob = outputs[..., 0]
   write = lambda kind, array: io.write_tiff(  # pylint: disable=g-long-lambda
       output_path(out, name, kind, image.ome), io.restore_axes(array, out_axes, out_shape),
@@ -451,7 +472,7 @@ def predict_file(predictor: Predictor, path: pathlib.Path, name: str, out: pathl
   if options.instances:
     write('instances', labels)
     write_objects(output_path(out, name, 'objects', image.ome), labels, planes, pixel_size)
-  notes = notes + [f'{path}: {note}' for note in (measured, resized) if note]
+  notes = notes + [f'{path}: {note}' for note in resized]
   warning = image_warning(path, stats, mask, training)
   return notes + ([warning] if warning else [])
 

@@ -167,17 +167,14 @@ class Segmenter:
       predictor = self._predictor(options)
       options = predict.instance_options(self.config, self.folder, self.step, options)
       value, source = self.threshold(threshold)
-      measured = None
-      if diameter == predict.AUTO_DIAMETER:
-        diameter, measured = predict.estimated_diameter(predictor, planes, value, options,
-                                                        missing)
-      factor, resized = predict.model_factor(self.config, pixel_size, diameter)
+      factor, resized, first = predict.planes_factor(predictor, planes, value, options,
+                                                     pixel_size, missing)
       outputs, stats, mask, labels = predict.segment_planes(predictor, planes, factor, value,
-                                                            options, progress, missing)
+                                                            options, progress, missing, first)
     warnings = [inference.tile_note(options.tile, self.config),
                 *notes,
                 predict.image_warning(name, stats, mask, self.training)]
-    warnings[:0] = [f'{name}: {note}' for note in (measured, resized) if note]
+    warnings[:0] = [f'{name}: {note}' for note in resized]
     if instances and not self.has_instance_head:
       warnings.append(f'{self.folder} has no instance head: instances are connected '
                       'components of the mask, so touching objects stay merged')

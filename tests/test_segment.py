@@ -184,9 +184,9 @@ def test_diameter_zero_measures_the_objects_on_a_first_pass(nucleus, cells):
   assert note == f'image: its objects measure {size:.3g} px across (--diameter=0, a first pass)'
   assert size > 1.1 * nucleus.config.data.object_diameter
   assert resized.startswith('image: resized x0.')
+  first_pass, _ = nucleus._predictor(predict.Options(input='x', output='x')).planes(big[None])
   given = nucleus(big, diameter=predict.estimated_diameter(
-      nucleus._predictor(predict.Options(input='x', output='x')), big[None],
-      measured.threshold, predict.instance_options(
+      first_pass, measured.threshold, predict.instance_options(
           nucleus.config, nucleus.folder, nucleus.step,
           predict.Options(input='x', output='x')))[0])
   np.testing.assert_array_equal(measured.mask, given.mask)
@@ -259,3 +259,19 @@ def test_core_and_plugin_package_import_without_napari_or_qt():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                        check=True)
   assert out.stdout.strip() == '[]'
+
+
+def test_diameter_zero_reuses_its_first_pass_when_no_resizing_follows(nucleus, cells,
+                                                                       monkeypatch):
+  image, _ = cells
+  passes = []
+  planes = predict.Predictor.planes
+  monkeypatch.setattr(predict.Predictor, 'planes',
+                      lambda self, *a, **k: passes.append(a[1:2]) or planes(self, *a, **k))
+  # Measured at the model's own 31 px: one pass, and the mask of no --diameter at all.
+  monkeypatch.setattr(predict, 'object_diameter', lambda _: 31.0)
+  measured = nucleus(image, diameter=0)
+  assert len(passes) == 1
+  assert measured.warnings[0] == ('image: its objects measure 31 px across (--diameter=0, a '
+                                  'first pass)')
+  np.testing.assert_array_equal(measured.prob, nucleus(image).prob)
