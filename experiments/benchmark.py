@@ -4,11 +4,11 @@ PyTorch.
   python -m experiments.benchmark --model=unet --width=64 --size=256 --batch=4 --json [--torch]
 
 Prints one JSON object. For each dtype (float32, bfloat16: `config.train.dtype`, parameters
-stay float32) it times the jitted `flmiseg.steps` train and predict steps, built exactly as
-`flmiseg.train.build` builds them and sharded over every device, on random data of the given
+stay float32) it times the jitted `flmiseg.train.steps` train and predict steps, built exactly as
+`flmiseg.train.trainer.build` builds them and sharded over every device, on random data of the given
 shape: images/s (median over repeats, after warm-up, each repeat ending in
 `block_until_ready`), compile time, peak memory, and achieved FLOP/s with its fraction of the
-device's peak. FLOPs come from `flmiseg.summary.forward_flops` (the number `--mode=summary`
+device's peak. FLOPs come from `flmiseg.models.summary.forward_flops` (the number `--mode=summary`
 prints); a training step is counted as 3x the forward pass (forward, and a backward pass of
 about twice its cost), the usual convention. Peaks: the vendors' dense figures for known GPUs;
 for a CPU an estimate (cores x clock x fp32 FLOP/cycle of its vector units: 64 with AVX-512,
@@ -26,7 +26,7 @@ and reports the JAX/PyTorch ratios.
 instead compares predict's backends side by side (`backend_times`): one simulated image of
 --size x --size pixels predicted by a shipped model (or a run folder) exactly as --mode=predict
 does (normalisation, the same tiles of --tile pixels, blending), on JAX and on ONNX Runtime
-(`--backend=onnx`, flmiseg/onnx_backend.py; needs flmiseg[export]): the seconds to load
+(`--backend=onnx`, flmiseg/export/onnx_backend.py; needs flmiseg[export]): the seconds to load
 (ONNX: converting and caching the graph on first use, then loading it), the first image
 (JAX: compiling) and the median of --repeats more, whole and for the network alone.
 """
@@ -45,15 +45,15 @@ import jax
 import numpy as np
 
 from flmiseg.configs import default
-from flmiseg import inference
-from flmiseg import losses
-from flmiseg import predict
-from flmiseg import pretrained
-from flmiseg import rundir
-from flmiseg import sharding
-from flmiseg import steps as steps_lib
-from flmiseg import summary
-from flmiseg import train
+from flmiseg.inference import tiling
+from flmiseg.train import losses
+from flmiseg.cli import predict
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
+from flmiseg.core import sharding
+from flmiseg.train import steps as steps_lib
+from flmiseg.models import summary
+from flmiseg.train import trainer
 from flmiseg.data import pipeline
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
@@ -119,7 +119,7 @@ def median_rate(run, items: int, repeats: int) -> float:
 
 def time_steps(config, repeats: int, steps: int, with_predict: bool = True) -> dict:
   """Compile times and images/s of the jitted train (and predict) steps for `config`."""
-  setup = train.build(config, (config.data.crop_size,) * 2, 1)
+  setup = trainer.build(config, (config.data.crop_size,) * 2, 1)
   model, schedule, mesh, state = setup.model, setup.schedule, setup.mesh, setup.state
   loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
   shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -342,7 +342,7 @@ def backend_times(model: str = 'nucleus', size: int = 1024, backends=('jax', 'on
   tile = tile or config.data.crop_size
   normalised = preprocess.normalize(image, config.data.normalization, config.data.kind)
   result = {'model': model, 'size': size, 'tile': tile,
-            'tiles': len(inference.tile_starts(size, tile, 0.25)) ** 2,
+            'tiles': len(tiling.tile_starts(size, tile, 0.25)) ** 2,
             'batch': config.eval.batch_size, 'backends': {b: {} for b in backends}}
   predictors, times = {}, {b: {'image_s': [], 'network_s': []} for b in backends}
   saved = os.environ.get('FLMISEG_CACHE')
@@ -365,7 +365,7 @@ def backend_times(model: str = 'nucleus', size: int = 1024, backends=('jax', 'on
           predictor.plane(image)
           times[backend]['image_s'].append(time.perf_counter() - start)
           start = time.perf_counter()
-          inference.sliding_window(predictor.probs_of, normalised, tile, 0.25,
+          tiling.sliding_window(predictor.probs_of, normalised, tile, 0.25,
                                    predictor.batch_size)
           times[backend]['network_s'].append(time.perf_counter() - start)
     finally:

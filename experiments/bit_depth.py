@@ -6,7 +6,7 @@
 Takes the simulated test images of each run's config (8-bit for nucleus, 16-bit for er/mito),
 stores the same intensities as uint8 (where they fit), uint16, 12-bit-in-16 (x16), float in
 [0, 1] and float camera counts, plus a copy at 0.3x the exposure (same dtype), predicts every
-variant with the run (flmiseg.predict, the code behind --mode=predict), and reports the mean
+variant with the run (flmiseg.cli.predict, the code behind --mode=predict), and reports the mean
 mask IoU of each variant against the masks of the file as simulated, and against the ground
 truth.
 """
@@ -20,10 +20,10 @@ from absl import flags
 import numpy as np
 import tifffile
 
-from flmiseg import console
-from flmiseg import metrics
-from flmiseg import predict
-from flmiseg import rundir
+from flmiseg.core import console
+from flmiseg.evaluation import metrics
+from flmiseg.cli import predict
+from flmiseg.store import rundir
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import loader

@@ -9,7 +9,7 @@ writes it (offset 100, about 3,100 counts at the brightest pixel), then: with 30
 at 65535; with its left 180 columns 0 (what stitching or registration leaves); with its
 brightest 3 % saturated; with 6 debris blobs (radius 4 or 8 px) 10x as bright as its
 brightest structure. Mask IoU against the simulator's mask on the columns right of the border
-(and away from the debris), through `flmiseg.segment` (the predict path).
+(and away from the debris), through `flmiseg.inference.model` (the predict path).
 
 Sparse fields: 1024x1024 simulated nucleus fields with the simulator's density knob below its
 range (0.15 and 0.5 nuclei per 256x256; 14 is the default), seeds 60 and 61, the shipped
@@ -27,9 +27,9 @@ from absl import flags
 import cv2
 import numpy as np
 
-from flmiseg import console
-from flmiseg import metrics
-from flmiseg import segment
+from flmiseg.core import console
+from flmiseg.evaluation import metrics
+from flmiseg.inference import model
 from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
@@ -116,13 +116,13 @@ def main(argv):
   print('| image | model | IoU |')
   print('|---|---|---|')
   for kind in ('er', 'mito', 'nucleus'):
-    model = segment.load(kind)
+    model = model.load(kind)
     variants, truth = camera_variants(kind, loader.synthetic_masks(model.config.data))
     for name, image in variants.items():
       keep = debris_free(name)[:, BORDER:]
       iou = metrics.mask_iou((model(image).mask[:, BORDER:] > 0) & keep, truth[:, BORDER:] & keep)
       print(f'| {name} | {kind} | {iou:.3f} |', flush=True)
-  model = segment.load('nucleus')
+  model = model.load('nucleus')
   for name, image, truth in sparse_fields():
     iou = metrics.mask_iou(model(image).mask, truth)
     print(f'| sparse field: {name} | nucleus | {iou:.3f} |', flush=True)

@@ -25,9 +25,9 @@ import numpy as np
 from scipy import ndimage
 import tifffile
 
-from flmiseg import console
-from flmiseg import metrics
-from flmiseg import pretrained
+from flmiseg.core import console
+from flmiseg.evaluation import metrics
+from flmiseg.store import pretrained
 from flmiseg.data import simulate
 from experiments import train_pretrained
 

@@ -21,8 +21,8 @@ import time
 from absl import app
 from absl import flags
 
-from flmiseg import console
-from flmiseg import train
+from flmiseg.core import console
+from flmiseg.train import trainer
 from flmiseg.configs import default
 from experiments import train_pretrained
 
@@ -61,7 +61,7 @@ def main(argv):
   for name in FLAGS.rows:
     workdir = pathlib.Path(FLAGS.workdir) / FLAGS.kind / name.replace(', ', '_')
     start = time.perf_counter()
-    train.train_and_evaluate(row_config(name, FLAGS.kind, FLAGS.steps), workdir)
+    trainer.train_and_evaluate(row_config(name, FLAGS.kind, FLAGS.steps), workdir)
     seconds = time.perf_counter() - start
     ious = {p: train_pretrained.mean_iou(workdir, pairs) for p, pairs in tests.items()}
     print(f'| {name} | {ious["default"]:.3f} | {ious["shifted"]:.3f} | {seconds:.0f} |',

@@ -4,10 +4,10 @@
 
 For each model (shipped name or run folder), simulated test images of its kind (default knobs,
 256x256, seed --seed; never seen in training) are segmented twice by the same float32 network
-(`flmiseg.export.forward`), at the model's calibrated threshold: after flmiseg's own
+(`flmiseg.export.onnx_graph.forward`), at the model's calibrated threshold: after flmiseg's own
 normalisation (percentile scaling for the shipped models, CLAHE for the paper's recipe) and
 after the package's closest expressible one
-(`flmiseg.bioimage_package.preprocessing_steps`, computed as bioimage.io computes it). Prints
+(`flmiseg.export.bioimage.preprocessing_steps`, computed as bioimage.io computes it). Prints
 the mean IoU of both against the true masks, as JSON.
 """
 
@@ -17,13 +17,13 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from flmiseg import bioimage_package
-from flmiseg import calibration
-from flmiseg import console
-from flmiseg import export
-from flmiseg import metrics
-from flmiseg import pretrained
-from flmiseg import rundir
+from flmiseg.export import bioimage
+from flmiseg.evaluation import calibration
+from flmiseg.core import console
+from flmiseg.export import onnx_graph
+from flmiseg.evaluation import metrics
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
 from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
@@ -38,22 +38,22 @@ def measure(model: str, num_images: int, seed: int) -> dict:
   """{'flmiseg_iou', 'package_iou', 'normalization', 'package_preprocessing', ...}."""
   folder = pretrained.resolve_model(model)
   config = rundir.read_config(folder)
-  probs, step = export.forward(config, folder)
+  probs, step = onnx_graph.forward(config, folder)
   threshold = calibration.calibrated_threshold(folder, step) or config.eval.threshold
-  steps, exact = bioimage_package.preprocessing_steps(config)
+  steps, exact = bioimage.preprocessing_steps(config)
   kind = config.data.kind if config.data.kind in simulate.KINDS else 'er'
   scores = {'flmiseg': [], 'package': []}
   for i in range(num_images):
     image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', i),
                                     masks=loader.synthetic_masks(config.data))
     inputs = {'flmiseg': preprocess.normalize(image, config.data.normalization, config.data.kind),
-              'package': bioimage_package.apply_steps(image, steps)}
+              'package': bioimage.apply_steps(image, steps)}
     for name, x in inputs.items():
       prob = np.asarray(probs(x[None, ..., None]))[0, ..., 0]
       scores[name].append(metrics.mask_iou(prob > threshold, mask > 0))
   return {'model': model, 'normalization': preprocess.resolve(config.data.normalization,
                                                               config.data.kind),
-          'package_preprocessing': bioimage_package.describe_steps(steps), 'exact': exact,
+          'package_preprocessing': bioimage.describe_steps(steps), 'exact': exact,
           'threshold': threshold, 'num_images': num_images,
           'flmiseg_iou': float(np.mean(scores['flmiseg'])),
           'package_iou': float(np.mean(scores['package']))}

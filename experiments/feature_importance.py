@@ -29,15 +29,15 @@ import numpy as np
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from flmiseg import evaluate
-from flmiseg import losses
-from flmiseg import metrics
-from flmiseg import registry
-from flmiseg import rundir
-from flmiseg import steps as steps_lib
-from flmiseg import train
+from flmiseg.evaluation import evaluate
+from flmiseg.train import losses
+from flmiseg.evaluation import metrics
+from flmiseg.core import registry
+from flmiseg.store import rundir
+from flmiseg.train import steps as steps_lib
+from flmiseg.train import trainer
 from flmiseg.data import loader
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 def define_flags():
@@ -79,7 +79,7 @@ def run(workdir: pathlib.Path, imports: str | None = None, trust_imports: bool =
   """The intact model's and every ablation's test IoU; rows also hold the drop.
 
   `imports`/`trust_imports` as the CLI's --config.imports/--trust_imports: a run directory
-  never imports the code its config names on its own (flmiseg/rundir.py).
+  never imports the code its config names on its own (flmiseg/store/rundir.py).
   """
   saved = workdir / rundir.CONFIG_FILE
   if not saved.exists():
@@ -92,9 +92,9 @@ def run(workdir: pathlib.Path, imports: str | None = None, trust_imports: bool =
   if data.test is None:
     raise UserError(f'{workdir}: its config has no test set to measure on')
   crop = config.data.crop_size
-  setup = train.build(config, (crop, crop), 1)
+  setup = trainer.build(config, (crop, crop), 1)
   model, schedule, mesh, state = setup.model, setup.schedule, setup.mesh, setup.state
-  state, step = train.restore_best(workdir, state)
+  state, step = trainer.restore_best(workdir, state)
   loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   _, predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh, shardings)

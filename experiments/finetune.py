@@ -25,8 +25,8 @@ import numpy as np
 from scipy import ndimage
 import tifffile
 
-from flmiseg import console
-from flmiseg import train
+from flmiseg.core import console
+from flmiseg.train import trainer
 from flmiseg.configs import finetune
 from flmiseg.data import io
 from experiments import train_pretrained
@@ -99,7 +99,7 @@ def run_cell(kind, root, train_list, test_list, init_from: str, freeze: bool, se
   config.train.freeze_batch_stats = freeze
   start = time.perf_counter()
   name = f'{"finetuned" if init_from else "scratch"}{"_frozen_bn" if freeze else ""}_seed{seed}'
-  train.train_and_evaluate(config, root / name)
+  trainer.train_and_evaluate(config, root / name)
   seconds = time.perf_counter() - start
   return {**train_pretrained.scores(root / name, pairs), 'seconds': seconds}
 

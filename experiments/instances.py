@@ -5,9 +5,9 @@
 Per seed: trains configs/nucleus_instances.py (width-16 U-Net with the distance head, 80
 simulated 256x256 nucleus images, label-image masks, 400 steps) in WORKDIR/seed<k>, then
 scores its test images (20 simulated images of that seed) twice from the same probabilities at
-the same calibrated threshold: instances split by the distance head (flmiseg/instances.py), and
+the same calibrated threshold: instances split by the distance head (flmiseg/objects/instances.py), and
 the 8-connected components of the mask, which is what a semantic-only model gives. Matching
-as StarDist's (flmiseg/matching.py), pooled over the test set. Prints a Markdown table and
+as StarDist's (flmiseg/objects/matching.py), pooled over the test set. Prints a Markdown table and
 writes WORKDIR/instances.json.
 """
 
@@ -20,15 +20,15 @@ from absl import flags
 import jax
 import numpy as np
 
-from flmiseg import calibration
-from flmiseg import console
-from flmiseg import evaluate
-from flmiseg import inference
-from flmiseg import instances
-from flmiseg import matching
-from flmiseg import sharding
-from flmiseg import steps
-from flmiseg import train
+from flmiseg.evaluation import calibration
+from flmiseg.core import console
+from flmiseg.evaluation import evaluate
+from flmiseg.inference import tiling
+from flmiseg.objects import instances
+from flmiseg.objects import matching
+from flmiseg.core import sharding
+from flmiseg.train import steps
+from flmiseg.train import trainer
 from flmiseg.configs import nucleus_instances
 from flmiseg.data import loader
 
@@ -42,9 +42,9 @@ def score(config, workdir) -> dict:
   """Pooled instance scores of the run's test set, distance head and connected components."""
   data = loader.load(config, workdir / 'cache', need_train=False)
   mesh = sharding.make_mesh()
-  state, step = inference.load(config, workdir, mesh)
+  state, step = tiling.load(config, workdir, mesh)
   threshold = calibration.calibrated_threshold(workdir, step) or config.eval.threshold
-  dynamic = train.seed_dynamic(config, calibration.read_calibration(workdir))
+  dynamic = trainer.seed_dynamic(config, calibration.read_calibration(workdir))
   predict = steps.jit_predict(config.eval.threshold)
   found = {'distance': [], 'connected_components': []}
   for i, outputs, _ in evaluate.predictions(predict, state, data.test, mesh,
@@ -69,7 +69,7 @@ def main(argv):
     config.train.num_steps = FLAGS.steps
     workdir = root / f'seed{seed}'
     start = time.perf_counter()
-    summary = train.train_and_evaluate(config, workdir)
+    summary = trainer.train_and_evaluate(config, workdir)
     seconds = time.perf_counter() - start
     results[seed] = {**score(config, workdir), 'seconds': seconds,
                      'pixel_iou': summary['calibrated']['iou'] if 'calibrated' in summary

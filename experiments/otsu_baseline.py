@@ -17,8 +17,8 @@ import numpy as np
 import scipy.ndimage
 import skimage.filters
 
-from flmiseg import metrics
-from flmiseg import report
+from flmiseg.evaluation import metrics
+from flmiseg.evaluation import report
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import loader

@@ -7,7 +7,7 @@
   python -m experiments.paper_table --preset=cpu --kinds=er \
       --train_list=train.txt --test_list=test.txt --workdir=runs/my_table
 
-Trains every cell (kind, model, variant, seed) with `flmiseg.train.train_and_evaluate` in its
+Trains every cell (kind, model, variant, seed) with `flmiseg.train.trainer.train_and_evaluate` in its
 own folder WORKDIR/<kind>/<model>_<variant>/seed<k>, then writes WORKDIR/table.md and
 WORKDIR/table.csv: test IoU and F1 (mean +- std over seeds) per model and kind, and for the
 general-purpose models (fcn, segnet, deeplabv3p, hrnetv2) the lowlevel - original difference
@@ -47,7 +47,7 @@ from scipy import stats
 
 from flmiseg.configs import default
 from flmiseg import models
-from flmiseg import train
+from flmiseg.train import trainer
 
 GENERAL = ('fcn', 'segnet', 'deeplabv3p', 'hrnetv2')  # the paper's general-purpose models
 SPECIFIC = ('unet', 'unet_pp', 'agnet')  # the biomedical models it compares against
@@ -130,7 +130,7 @@ def run_cell(workdir: pathlib.Path, config) -> dict:
   if done.exists():
     return json.loads(done.read_text())
   start = time.perf_counter()
-  summary = train.train_and_evaluate(config, workdir)
+  summary = trainer.train_and_evaluate(config, workdir)
   with open(workdir / 'eval' / 'per_image.csv', newline='') as f:
     per_image = {row['name']: float(row['iou']) for row in csv.DictReader(f)}
   result = {'iou': summary['iou'], 'f1': summary['f1'], 'per_image_iou': per_image,

@@ -20,9 +20,9 @@ from absl import app
 from absl import flags
 
 from experiments import train_pretrained
-from flmiseg import calibration
-from flmiseg import console
-from flmiseg import train
+from flmiseg.evaluation import calibration
+from flmiseg.core import console
+from flmiseg.train import trainer
 
 FLAGS = flags.FLAGS
 
@@ -42,7 +42,7 @@ def run_variant(kind: str, variant: str, root: pathlib.Path) -> dict:
   if not (workdir / 'calibration.json').exists():
     config = train_pretrained.pretrained_config(kind, steps)
     config.model.width, config.optim.lr = width, lr
-    train.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
   row = {'kind': kind, 'width': width, 'lr': lr, 'steps': steps,
          'val_iou': calibration.read_calibration(workdir)['val_score'],
          **train_pretrained.test_scores(workdir, kind)}

@@ -21,9 +21,9 @@ from absl import flags
 import tifffile
 
 from experiments import train_pretrained
-from flmiseg import console
-from flmiseg import pretrained
-from flmiseg import rundir
+from flmiseg.core import console
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
 from flmiseg.data import lists
 from flmiseg.data import loader
 from flmiseg.data import simulate

@@ -33,11 +33,11 @@ import numpy as np
 from scipy import ndimage
 import tifffile
 
-from flmiseg import console
-from flmiseg import metrics
-from flmiseg import predict
-from flmiseg import pretrained
-from flmiseg import rundir
+from flmiseg.core import console
+from flmiseg.evaluation import metrics
+from flmiseg.cli import predict
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
 from flmiseg.data import io
 from flmiseg.data import lists
 from experiments import finetune

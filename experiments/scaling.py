@@ -4,7 +4,7 @@
 
 Weak scaling (a fixed per-device batch, so the global batch grows with the devices) and strong
 scaling (a fixed global batch split over more devices) of the real training step
-(`flmiseg.steps.train_step`, jitted and sharded as in training; `experiments.benchmark`
+(`flmiseg.train.steps.train_step`, jitted and sharded as in training; `experiments.benchmark`
 times it). The device count is fixed when JAX starts, so each count runs in its own
 subprocess: on a CPU machine over N fake host devices
 (`--xla_force_host_platform_device_count=N`), on a GPU machine over the first N GPUs

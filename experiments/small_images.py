@@ -13,16 +13,16 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from flmiseg import console
-from flmiseg import metrics
-from flmiseg import pretrained
-from flmiseg import segment
+from flmiseg.core import console
+from flmiseg.evaluation import metrics
+from flmiseg.store import pretrained
+from flmiseg.inference import model
 from flmiseg.data import simulate
 
 
 def measure(kind: str, size: int, images: int, seed: int) -> dict:
   """{'crop': [IoU per image], 'whole': [IoU per image]} of the shipped `kind` model."""
-  model = segment.load(kind)
+  model = model.load(kind)
   crop, whole = [], []
   for index in range(images):
     image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', index))

@@ -12,7 +12,7 @@ into flmiseg/pretrained/<kind>/, and measured.
 Each kind trains `pretrained_config(kind)` (below: default U-Net recipe, simulated images
 whose microscope knobs are drawn per image from the simulator's 'wide' distribution, and the
 pipeline's intensity/noise/blur/illumination/scale augmentation) in WORKDIR/<kind>, then packs
-its best checkpoint as float16 (flmiseg/pretrained.py). --measure reports, for each shipped
+its best checkpoint as float16 (flmiseg/store/pretrained.py). --measure reports, for each shipped
 model: mean IoU on simulated test images of an unseen seed drawn with the kind's default knobs
 and with the 'shifted' knobs (for a model trained with the 'invert' augmentation also on the
 default-knob test images with their contrast inverted, dark objects on a bright background as
@@ -34,12 +34,12 @@ from absl import flags
 import numpy as np
 import tifffile
 
-from flmiseg import console
-from flmiseg import inference
-from flmiseg import pretrained
-from flmiseg import rundir
-from flmiseg import sharding
-from flmiseg import train
+from flmiseg.core import console
+from flmiseg.inference import tiling
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
+from flmiseg.core import sharding
+from flmiseg.train import trainer
 from flmiseg.configs import default
 from flmiseg.data import io
 from flmiseg.data import lists
@@ -129,15 +129,17 @@ def outputs(folder: pathlib.Path, pairs, tta: bool = False, diameter: float | No
   8 flips/rotations, as --tta does; with `diameter` each image resized for the network and
   the outputs back as --diameter resizes, 0 measuring it); no-data pixels output 0."""
   import jax  # pylint: disable=g-import-not-at-top
-  from flmiseg import calibration, instances, predict  # pylint: disable=g-import-not-at-top
+  from flmiseg.evaluation import calibration  # pylint: disable=g-import-not-at-top
+  from flmiseg.objects import instances
+  from flmiseg.cli import predict
   config = rundir.read_config(folder)
   mesh = sharding.make_mesh(jax.local_devices())
-  state, step = inference.load(config, folder, mesh)
+  state, step = tiling.load(config, folder, mesh)
   threshold = calibration.calibrated_threshold(folder, step) or config.eval.threshold
   dynamic = calibration.calibrated_dynamic(folder, step) or instances.SEED_DYNAMIC
-  predictor = predict.Predictor(inference.prob_fn(state, mesh, tta), config,
+  predictor = predict.Predictor(tiling.prob_fn(state, mesh, tta), config,
                                 config.data.crop_size, 0.25,
-                                inference.round_up_batch(8, len(jax.local_devices())))
+                                tiling.round_up_batch(8, len(jax.local_devices())))
 
   options = predict.instance_options(config, folder, step, predict.Options(
       input='', output='', diameter=diameter))
@@ -166,7 +168,9 @@ def image_scores(config, threshold: float, dynamic: float, pair, out: np.ndarray
   masks), 'iou', and for a model with an instance head and a label-image mask the
   `matching.match` results at IoU 0.5 of its instances ('found') and of the connected
   components of its mask ('merged')."""
-  from flmiseg import instances, matching, metrics  # pylint: disable=g-import-not-at-top
+  from flmiseg.objects import instances  # pylint: disable=g-import-not-at-top
+  from flmiseg.objects import matching
+  from flmiseg.evaluation import metrics
   truth = io.read_mask_values(pair.mask)  # a label image for instance kinds
   pred = out[..., 0] > threshold
   result = {'pred': pred, 'truth': truth > 0, 'iou': metrics.mask_iou(pred, truth)}
@@ -182,7 +186,7 @@ def image_scores(config, threshold: float, dynamic: float, pair, out: np.ndarray
 def pooled(per_image) -> dict:
   """{'iou': the mean per-image IoU, and where instances were matched 'ap_0.5' and
   'ap_0.5_connected_components', pooled over the images} of `image_scores` results."""
-  from flmiseg import matching  # pylint: disable=g-import-not-at-top
+  from flmiseg.objects import matching  # pylint: disable=g-import-not-at-top
   ious, found, merged = [], [], []
   for one in per_image:
     ious.append(one['iou'])
@@ -200,7 +204,7 @@ def scores(folder: pathlib.Path, pairs, tta: bool = False) -> dict:
   """Mean per-image IoU of the packed/run model in `folder` at its calibrated threshold,
   through the predict path (`outputs`); for a model with an instance head and label-image
   masks also the pooled instance AP@0.5 of its instances and of the connected components of
-  its mask (flmiseg/matching.py)."""
+  its mask (flmiseg/objects/matching.py)."""
   config, threshold, dynamic, each = outputs(folder, pairs, tta)
   return pooled(image_scores(config, threshold, dynamic, pair, out)
                 for pair, out in zip(pairs, each))
@@ -249,7 +253,7 @@ def machine() -> str:
 def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str = '',
                    lr: float = 0.0, masks: str = '') -> dict:
   start = time.perf_counter()
-  result = train.train_and_evaluate(pretrained_config(kind, steps, init_from, lr, masks),
+  result = trainer.train_and_evaluate(pretrained_config(kind, steps, init_from, lr, masks),
                                     workdir)
   return pack_shipped(kind, workdir, steps, time.perf_counter() - start, result.get('iou'),
                       init_from, lr, masks)

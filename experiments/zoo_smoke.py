@@ -17,7 +17,7 @@ from absl import flags
 from absl import logging
 
 from flmiseg.configs import default
-from flmiseg import train
+from flmiseg.train import trainer
 
 
 def define_flags():
@@ -46,7 +46,7 @@ def main(_):
     config.train.num_steps = FLAGS.steps
     config.eval.every_steps = FLAGS.steps
     start = time.perf_counter()
-    result = train.train_and_evaluate(config, pathlib.Path(FLAGS.workdir) / f'{name}_{variant}')
+    result = trainer.train_and_evaluate(config, pathlib.Path(FLAGS.workdir) / f'{name}_{variant}')
     rows.append({'model': name, 'variant': variant, 'test_iou': result['iou'],
                  'test_f1': result['f1'], 'seconds': time.perf_counter() - start})
     print(json.dumps(rows[-1]), flush=True)

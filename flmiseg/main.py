@@ -9,20 +9,20 @@
 Modes: train (train, then evaluate the best checkpoint on the test set), eval (evaluate the
 best checkpoint of DIR on the test list), summary (parameter count and forward FLOPs per image
 at the configured crop size, written to DIR/model_summary.json), predict (masks for your own
-images: --input=FILE|FOLDER|GLOB --output=FOLDER; see flmiseg/predict.py), export (a
+images: --input=FILE|FOLDER|GLOB --output=FOLDER; see flmiseg/cli/predict.py), export (a
 bioimage.io model package of the model, ONNX weights, into a new or empty --output folder;
-flmiseg/export.py, docs/export.md). predict and eval run on JAX or, with --backend=onnx, on
+flmiseg/export/onnx_graph.py, docs/export.md). predict and eval run on JAX or, with --backend=onnx, on
 ONNX Runtime (CPU; the model is converted once and cached in DIR/export/). export and the ONNX
 backend need the optional extra: pip install "flmiseg[export]".
 --config is a config file or the name of a stock config (default, unet_er, unet_mito,
 unet_nucleus: flmiseg/configs/). Training needs it; eval, predict and summary read the model's
 config from DIR/config.json (the run directory is the model) and accept on the command line
-only inference settings (flmiseg/rundir.py).
+only inference settings (flmiseg/store/rundir.py).
 --config.imports=FILE.py,MODULE imports code of your own (models, fusion operators, backbones,
 losses it registers) before anything is built (docs/fusion.md); a run directory's imports run
 only when named again or with --trust_imports. An operator's fields are set with
 --config.model.fusion_kwargs.<field>=<value>.
-Every config field is checked before anything runs (flmiseg/config_checks.py). Errors in the
+Every config field is checked before anything runs (flmiseg/train/config_checks.py). Errors in the
 user's data or settings print one line and exit with status 2; --debug shows the traceback
 instead. Library log lines stay off the console unless --verbose.
 """
@@ -36,17 +36,17 @@ import sys
 
 MODES = ('train', 'eval', 'summary', 'predict', 'export')
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / 'configs'
-RUN_CONFIG_FILE = pathlib.Path(__file__).resolve().parent / 'rundir_config.py'
+RUN_CONFIG_FILE = pathlib.Path(__file__).resolve().parent / 'store' / 'rundir_config.py'
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from flmiseg import console
-from flmiseg import registry
-from flmiseg import rundir
-from flmiseg.errors import CheckpointWriteError
-from flmiseg.errors import UserError
+from flmiseg.core import console
+from flmiseg.core import registry
+from flmiseg.store import rundir
+from flmiseg.core.errors import CheckpointWriteError
+from flmiseg.core.errors import UserError
 
 FLAGS = flags.FLAGS
 # The arguments the config flag reads its --config.* overrides from: filled by `parse_flags`
@@ -105,10 +105,14 @@ flags.DEFINE_bool('debug', False, 'Show tracebacks for user errors.')
 def run(config, workdir: str, mode: str) -> None:
   """Checks the config (`config_checks.validate`: one line naming the first invalid field),
   then runs one mode; importing JAX-heavy modules here keeps --help fast."""
-  from flmiseg import distributed  # pylint: disable=g-import-not-at-top
+  from flmiseg.core import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize()
   # pylint: disable-next=g-import-not-at-top
-  from flmiseg import config_checks, files, report, summary, train
+  from flmiseg.train import config_checks
+  from flmiseg.core import files
+  from flmiseg.evaluation import report
+  from flmiseg.models import summary
+  from flmiseg.train import trainer
   config_checks.validate(config)  # after config.imports registered their names
   if FLAGS.backend and mode not in ('predict', 'eval'):
     raise UserError(f'--backend={FLAGS.backend} is for --mode=predict or eval')
@@ -124,7 +128,7 @@ def run(config, workdir: str, mode: str) -> None:
           f'{crop}x{crop} image')
     return
   if mode == 'predict':
-    from flmiseg import predict  # pylint: disable=g-import-not-at-top
+    from flmiseg.cli import predict  # pylint: disable=g-import-not-at-top
     options = predict.Options(
         input=FLAGS.input, output=FLAGS.output, tile=FLAGS.tile, overlap=FLAGS.overlap,
         tta=FLAGS.tta, threshold=FLAGS.threshold, save_prob=FLAGS.save_prob,
@@ -138,19 +142,19 @@ def run(config, workdir: str, mode: str) -> None:
           f'{result["threshold"]:.3f} ({result["threshold_source"]}){skipped}')
     return
   if mode == 'export':
-    from flmiseg import export  # pylint: disable=g-import-not-at-top
-    result = export.run(config, workdir, export.Options(output=FLAGS.output, tile=FLAGS.tile))
+    from flmiseg.export import onnx_graph  # pylint: disable=g-import-not-at-top
+    result = onnx_graph.run(config, workdir, onnx_graph.Options(output=FLAGS.output, tile=FLAGS.tile))
     print(f'Wrote the bioimage.io package of {workdir} (step {result["step"]}; '
           f'{result["layout"].describe()}) into {result["output"]}')
     return
   if mode == 'train':
-    result = train.train_and_evaluate(config, workdir)
+    result = trainer.train_and_evaluate(config, workdir)
   elif FLAGS.backend == 'onnx':
-    from flmiseg import onnx_backend  # pylint: disable=g-import-not-at-top
-    result = train.evaluate_best(config, workdir, predict=onnx_backend.predict_step(
+    from flmiseg.export import onnx_backend  # pylint: disable=g-import-not-at-top
+    result = trainer.evaluate_best(config, workdir, predict=onnx_backend.predict_step(
         config, workdir, config.eval.threshold))
   else:
-    result = train.evaluate_best(config, workdir)
+    result = trainer.evaluate_best(config, workdir)
   if result:
     print(f'Test set ({result["num_images"]} images, best checkpoint at step '
           f'{result["checkpoint_step"]}):')
@@ -162,7 +166,7 @@ def run(config, workdir: str, mode: str) -> None:
 def mode_config(mode: str, workdir: str):
   """The config a mode runs with: --config for training (and for summary of a config that
   was never trained); otherwise the run directory's, with the command line's inference
-  settings (flmiseg/rundir.py)."""
+  settings (flmiseg/store/rundir.py)."""
   if mode == 'train' or (mode == 'summary' and FLAGS['config'].present
                          and not (pathlib.Path(workdir) / rundir.CONFIG_FILE).is_file()):
     config = load_config()
@@ -305,7 +309,7 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
                       'fine-tune, use --workdir or --config.train.init_from')
     if workdir is not None:
       raise UserError(f'--model={model} and --workdir={workdir}: give one of them')
-    from flmiseg import pretrained  # pylint: disable=g-import-not-at-top
+    from flmiseg.store import pretrained  # pylint: disable=g-import-not-at-top
     workdir = str(pretrained.resolve_model(model))
     argv.append(f'--workdir={workdir}')
   index, value = _flag_value(argv, 'config')

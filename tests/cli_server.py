@@ -6,13 +6,13 @@ gives the same process without that cost: a server (one per pytest-xdist worker 
 environment) imports the libraries once, never initialises a JAX backend, and forks one child
 per command. The child sets its XLA_FLAGS (read when its backend starts), working directory
 and standard streams, runs the module as `python -m` does (`runpy`, as `__main__`: flmiseg.main
-and flmiseg.simulate, which the server never imports, define their flags in the child), and
+and flmiseg.cli.simulate, which the server never imports, define their flags in the child), and
 exits as that process would: its exit status, its tracebacks, its atexit handlers. Only what
 a module does at import time happened earlier, in the server, under the same environment.
 
 Tests of what only a fresh interpreter shows (the console script, log chatter at import) or
 of the process itself (signals, resource limits, another user) start real subprocesses
-instead, and so do commands that import no JAX (flmiseg.simulate): a server would cost them
+instead, and so do commands that import no JAX (flmiseg.cli.simulate): a server would cost them
 more than it saves. Measured on the 2-core CPU with an empty compilation cache, two runs each
 (2026-12-06): test_bad_input, test_run_is_the_model, test_main and test_registry together
 took 172 and 157 s before, 113 and 104 s with the server; the whole suite's wall time moved
@@ -33,11 +33,11 @@ import tempfile
 import threading
 
 # Imported by the server before it forks: what flmiseg's commands import, not flmiseg.main
-# or flmiseg.simulate (they define absl flags; the child runs them as __main__).
+# or flmiseg.cli.simulate (they define absl flags; the child runs them as __main__).
 PRELOAD = ('jax', 'jax.numpy', 'flax.linen', 'optax', 'orbax.checkpoint', 'grain', 'cv2',
-           'tifffile', 'scipy.ndimage', 'ml_collections', 'absl.app', 'flmiseg.train',
-           'flmiseg.evaluate', 'flmiseg.predict', 'flmiseg.inference', 'flmiseg.pretrained',
-           'flmiseg.rundir', 'flmiseg.registry', 'flmiseg.console')
+           'tifffile', 'scipy.ndimage', 'ml_collections', 'absl.app', 'flmiseg.train.trainer',
+           'flmiseg.evaluation.evaluate', 'flmiseg.cli.predict', 'flmiseg.inference.tiling', 'flmiseg.store.pretrained',
+           'flmiseg.store.rundir', 'flmiseg.core.registry', 'flmiseg.core.console')
 
 
 # --- the server -------------------------------------------------------------------------

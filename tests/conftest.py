@@ -51,11 +51,11 @@ def tiny_run(tmp_path_factory):
   """(config, workdir) of a tiny U-Net trained for 40 steps on blob data (test IoU about 0.8:
   a model that really segments, so predict tests can compare masks), shared by the tests
   that only read a trained run (predict, feature importance); they must not modify it."""
-  from flmiseg import train  # pylint: disable=g-import-not-at-top
+  from flmiseg.train import trainer  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('tiny_run')
   data = helpers.write_blob_dataset(root / 'data', num_train=8, num_test=3)
   config = helpers.tiny_config(data, **{'train.num_steps': 40, 'eval.every_steps': 20,
                                          'optim.lr': 1e-2})
-  train.train_and_evaluate(config, root / 'work')
+  trainer.train_and_evaluate(config, root / 'work')
   return config, root / 'work'

@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from flmiseg import checkpoint
+from flmiseg.store import checkpoint
 from flmiseg.data import dataset
 from flmiseg.data import io
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

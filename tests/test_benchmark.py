@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import benchmark
-from flmiseg import summary
+from flmiseg.models import summary
 from flmiseg.models import unet
 
 

@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flmiseg import checkpoint
-from flmiseg import inference
-from flmiseg import rundir
-from flmiseg import sharding
-from flmiseg import train
+from flmiseg.store import checkpoint
+from flmiseg.inference import tiling
+from flmiseg.store import rundir
+from flmiseg.core import sharding
+from flmiseg.train import trainer
 
 
 def _state(value):
@@ -168,7 +168,7 @@ def test_a_trained_run_in_the_old_layout_evaluates_alike(tiny_run, tmp_path):
   old.mkdir()
   for name in ('config.json', 'calibration.json', 'input_stats.json'):
     shutil.copyfile(run / name, old / name)
-  abstract = checkpoint.abstract(train.build(config, (32, 32), 8).state)
+  abstract = checkpoint.abstract(trainer.build(config, (32, 32), 8).state)
   ckpt = checkpoint.Checkpointer(run, read_only=True)
   saves = []
   for step in ckpt.manager.all_steps():
@@ -184,13 +184,13 @@ def test_a_trained_run_in_the_old_layout_evaluates_alike(tiny_run, tmp_path):
 
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   rundir.check_trained(old)
-  (new_state, new_step), (old_state, old_step) = (inference.load(config, d, mesh)
+  (new_state, new_step), (old_state, old_step) = (tiling.load(config, d, mesh)
                                                   for d in (run, old))
   assert old_step == new_step == best
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get((new_state.params, new_state.batch_stats)),
                jax.device_get((old_state.params, old_state.batch_stats)))
-  train.train_and_evaluate(config, old)
+  trainer.train_and_evaluate(config, old)
   for name in ('eval/summary.json', 'calibration.json'):
     assert json.loads((old / name).read_text()) == json.loads((run / name).read_text()), name
   assert _steps(old / 'checkpoints_best') == [best] and not list(old.glob('checkpoints/*/metrics'))

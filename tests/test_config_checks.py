@@ -7,10 +7,10 @@ import pathlib
 
 import pytest
 
-from flmiseg import config_checks
-from flmiseg import rundir
+from flmiseg.train import config_checks
+from flmiseg.store import rundir
 from flmiseg.configs import default
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STOCK = sorted(p.stem for p in (REPO / 'flmiseg' / 'configs').glob('*.py')

@@ -14,7 +14,7 @@ from flmiseg.data import lists
 from flmiseg.data import loader
 from flmiseg.data import pipeline
 from flmiseg.data import preprocess
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from tests import helpers
 
 

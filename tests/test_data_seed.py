@@ -7,11 +7,11 @@ import json
 import ml_collections
 import pytest
 
-from flmiseg import rundir
-from flmiseg import train
+from flmiseg.store import rundir
+from flmiseg.train import trainer
 from flmiseg.configs import default
 from flmiseg.data import loader
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 def _tiny_synthetic(tmp_path, **seeds):
@@ -66,7 +66,7 @@ def test_resuming_an_old_run_needs_its_data_seed(tmp_path):
   config = rundir.read_config(workdir)  # the run's config, as today's flmiseg writes it ...
   config.data.seed = 0  # ... but with the default data.seed
   with pytest.raises(UserError, match=r'\(data.seed differ\);.*add --config.data.seed=3\)$'):
-    train.prepare_workdir(config, workdir)
+    trainer.prepare_workdir(config, workdir)
   config.data.seed = 3
-  train.prepare_workdir(config, workdir)  # the same run: accepted
+  trainer.prepare_workdir(config, workdir)  # the same run: accepted
   assert json.loads((workdir / 'config.json').read_text())['data']['seed'] == 3

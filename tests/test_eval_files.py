@@ -8,13 +8,13 @@ import os
 from matplotlib import figure
 import pytest
 
-from flmiseg import evaluate
-from flmiseg import files
-from flmiseg import sharding
-from flmiseg import steps
-from flmiseg import train
+from flmiseg.evaluation import evaluate
+from flmiseg.core import files
+from flmiseg.core import sharding
+from flmiseg.train import steps
+from flmiseg.train import trainer
 from flmiseg.data import loader
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from tests import helpers
 
 FILES = ['per_image.csv', 'report.md', 'summary.json', 'worst_best.png']
@@ -27,7 +27,7 @@ def model(tmp_path_factory):
   config = helpers.tiny_config(helpers.write_blob_dataset(root / 'data', num_train=4,
                                                           num_test=3))
   data = loader.load(config, root / 'cache')
-  setup = train.build(config, (32, 32), len(data.train))
+  setup = trainer.build(config, (32, 32), len(data.train))
   return steps.jit_predict(0.5), setup.state, data.test, setup.mesh
 
 

@@ -12,12 +12,12 @@ from matplotlib import image as mpimg
 import numpy as np
 import pytest
 
-from flmiseg import calibration as calibration_lib
-from flmiseg import evaluate
-from flmiseg import metrics
-from flmiseg import report
-from flmiseg import steps
-from flmiseg import train
+from flmiseg.evaluation import calibration as calibration_lib
+from flmiseg.evaluation import evaluate
+from flmiseg.evaluation import metrics
+from flmiseg.evaluation import report
+from flmiseg.train import steps
+from flmiseg.train import trainer
 from flmiseg.data import dataset
 from flmiseg.data import loader
 from tests import helpers
@@ -80,7 +80,7 @@ def test_bad_calibrate_metric_is_refused_before_training(tmp_path):
   calibration_lib.check_calibrate_metric('miou')
   config = helpers.tiny_config(tmp_path, **{'eval.calibrate_metric': 'auc'})
   with pytest.raises(ValueError, match='config.eval.calibrate_metric'):
-    train.train_and_evaluate(config, tmp_path / 'run')
+    trainer.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'run' / 'checkpoints').exists()  # refused before training
 
 
@@ -118,7 +118,7 @@ def test_training_calibrates_and_writes_the_report(tmp_path, monkeypatch):
   data_root = helpers.write_blob_dataset(tmp_path / 'blobs', num_train=8, num_test=4)
   config = helpers.tiny_config(data_root, **{'train.num_steps': 2})
   workdir = tmp_path / 'run'
-  result = train.train_and_evaluate(config, workdir)
+  result = trainer.train_and_evaluate(config, workdir)
   calibration = json.loads((workdir / 'calibration.json').read_text())
   assert calibration['checkpoint_step'] == result['checkpoint_step'] == 2
   assert calibration['num_val_images'] == 2 and calibration['metric'] == 'iou'
@@ -138,21 +138,21 @@ def test_training_calibrates_and_writes_the_report(tmp_path, monkeypatch):
   assert _png_height(workdir / 'eval/worst_best.png') == _expected_height(4)
   # --mode=eval calibrates when calibration.json is missing ...
   (workdir / 'calibration.json').unlink()
-  again = train.evaluate_best(config, workdir)
+  again = trainer.evaluate_best(config, workdir)
   assert json.loads((workdir / 'calibration.json').read_text()) == calibration
   assert again['calibrated'] == tuned
   # ... and reuses it for the same best checkpoint, without sweeping again.
   monkeypatch.setattr(calibration_lib, 'calibrate_source', None)
-  assert train.calibrate_best(config, workdir, None, None, None, None, 2) == calibration
+  assert trainer.calibrate_best(config, workdir, None, None, None, None, 2) == calibration
 
 
 def test_no_validation_split_means_no_calibration(tmp_path):
   config = helpers.tiny_config(tmp_path, **{'data.val_fraction': 0.0})
   no_val = loader.Datasets(train=object(), val=None, test=None)
-  assert train.calibrate_best(config, tmp_path, no_val, None, None, None, 6) is None
+  assert trainer.calibrate_best(config, tmp_path, no_val, None, None, None, 6) is None
   assert not (tmp_path / 'calibration.json').exists()
   config.eval.calibrate_metric = ''
-  assert train.calibrate_best(config, tmp_path, None, None, None, None, 6) is None
+  assert trainer.calibrate_best(config, tmp_path, None, None, None, None, 6) is None
   summary = {'iou': 0.5, 'pooled_iou': 0.625, 'auc': float('nan'), 'num_images': 2,
              'threshold': 0.5, 'checkpoint_step': 6}
   assert 'calibrated' not in report.format_table(summary)
@@ -184,7 +184,7 @@ def untrained(tmp_path_factory):
   config = helpers.tiny_config(helpers.write_blob_dataset(root / 'data', num_train=4,
                                                           num_test=5, labels=True))
   data = loader.load(config, root / 'cache')
-  setup = train.build(config, (32, 32), len(data.train))
+  setup = trainer.build(config, (32, 32), len(data.train))
   return steps.jit_predict(0.5), setup.state, data.test, setup.mesh
 
 

@@ -23,16 +23,16 @@ pytest.importorskip('onnxruntime')
 pytest.importorskip('bioimageio.core')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from flmiseg import bioimage_package
-from flmiseg import export
-from flmiseg import inference
+from flmiseg.export import bioimage
+from flmiseg.export import onnx_graph
+from flmiseg.inference import tiling
 from flmiseg import models
-from flmiseg import onnx_backend
-from flmiseg import predict
-from flmiseg import pretrained
-from flmiseg import rundir
-from flmiseg import sharding
-from flmiseg import train
+from flmiseg.export import onnx_backend
+from flmiseg.cli import predict
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
+from flmiseg.core import sharding
+from flmiseg.train import trainer
 from flmiseg.data import io
 from flmiseg.data import preprocess
 from experiments import benchmark
@@ -84,7 +84,7 @@ def passes_test_model(package: pathlib.Path):
 
 def test_unet_package_passes_bioimageio_test_model(unet_run, tmp_path):
   config, workdir = unet_run
-  result = export.run(config, workdir, export.Options(output=str(tmp_path / 'pkg')))
+  result = onnx_graph.run(config, workdir, onnx_graph.Options(output=str(tmp_path / 'pkg')))
   package = tmp_path / 'pkg'
   assert result['layout'].dynamic and result['layout'].multiple == 16
   for name in ('rdf.yaml', 'weights.onnx', 'test_input.npy', 'test_output.npy', 'cover.png',
@@ -102,7 +102,7 @@ def test_unet_package_passes_bioimageio_test_model(unet_run, tmp_path):
 def test_lowlevel_package_passes_bioimageio_test_model(lowlevel_model, tmp_path):
   config, folder = lowlevel_model
   config.authors = 'Ada Lovelace, Alan Turing'
-  result = export.run(config, folder, export.Options(output=str(tmp_path / 'pkg')))
+  result = onnx_graph.run(config, folder, onnx_graph.Options(output=str(tmp_path / 'pkg')))
   layout = result['layout']
   # jax2onnx cannot trace SegNet's unpooling with symbolic sizes: fixed tiles, any batch.
   assert not layout.dynamic and layout.tile == 32 and layout.batch == 0
@@ -117,11 +117,11 @@ def test_lowlevel_package_passes_bioimageio_test_model(lowlevel_model, tmp_path)
 
 def test_package_preprocessing_is_flmiseg_percentile_normalisation():
   image = np.random.default_rng(0).gamma(2.0, 900.0, (64, 48)).astype(np.uint16)
-  steps = bioimage_package.PREPROCESSING['percentile'][0]
-  np.testing.assert_allclose(bioimage_package.apply_steps(image, steps),
+  steps = bioimage.PREPROCESSING['percentile'][0]
+  np.testing.assert_allclose(bioimage.apply_steps(image, steps),
                              preprocess.normalize(image, 'percentile'), atol=1e-5)
-  steps = bioimage_package.PREPROCESSING['zscore'][0]
-  np.testing.assert_allclose(bioimage_package.apply_steps(image, steps),
+  steps = bioimage.PREPROCESSING['zscore'][0]
+  np.testing.assert_allclose(bioimage.apply_steps(image, steps),
                              preprocess.normalize(image, 'zscore'), atol=1e-5)
 
 
@@ -133,20 +133,20 @@ def _test_images(config) -> list[np.ndarray]:
 
 def test_onnx_probabilities_equal_flmiseg_probabilities(unet_run):
   config, workdir = unet_run
-  path, layout, step = export.cached_onnx(config, workdir)
+  path, layout, step = onnx_graph.cached_onnx(config, workdir)
   assert path.parent == workdir / 'export' and layout.dynamic
   mtime = path.stat().st_mtime_ns
-  assert export.cached_onnx(config, workdir)[0].stat().st_mtime_ns == mtime  # converted once
+  assert onnx_graph.cached_onnx(config, workdir)[0].stat().st_mtime_ns == mtime  # converted once
   tiles = np.stack([preprocess.normalize(image, config.data.normalization, config.data.kind)
                     for image in _test_images(config)])[..., None]
   mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state, jax_step = inference.load(config, workdir, mesh)
-  want = inference.prob_fn(state, mesh, tta=False)(tiles)
+  state, jax_step = tiling.load(config, workdir, mesh)
+  want = tiling.prob_fn(state, mesh, tta=False)(tiles)
   got = onnx_backend.Runner(path, layout)(tiles)
   assert step == jax_step and got.shape == want.shape
   assert np.abs(got - want).max() < 1e-4
   # sizes that are not multiples of the graph's: padded as the model pads itself
-  want = inference.prob_fn(state, mesh, tta=False)(tiles[:, :27, :21])
+  want = tiling.prob_fn(state, mesh, tta=False)(tiles[:, :27, :21])
   assert np.abs(onnx_backend.Runner(path, layout)(tiles[:, :27, :21]) - want).max() < 1e-4
 
 
@@ -182,8 +182,8 @@ def test_onnx_backend_masks_equal_jax_masks(unet_run, tmp_path, tta):
 
 def test_onnx_backend_eval_equals_jax_eval(unet_run):
   config, workdir = unet_run
-  jax_summary = train.evaluate_best(config, workdir)
-  onnx_summary = train.evaluate_best(config, workdir, predict=onnx_backend.predict_step(
+  jax_summary = trainer.evaluate_best(config, workdir)
+  onnx_summary = trainer.evaluate_best(config, workdir, predict=onnx_backend.predict_step(
       config, workdir, config.eval.threshold))
   assert onnx_summary['num_images'] == jax_summary['num_images']
   assert onnx_summary['iou'] == pytest.approx(jax_summary['iou'], abs=0.01)

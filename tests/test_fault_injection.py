@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from flmiseg import checkpoint
+from flmiseg.store import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import feature_importance
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from flmiseg.models import lowlevel
 from flmiseg.models import segnet
 from flmiseg.models import unet

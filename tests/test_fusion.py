@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from flmiseg.models import fusion
 
 N, H, W = 2, 8, 8

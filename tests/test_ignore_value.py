@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from flmiseg import calibration as calibration_lib
-from flmiseg import evaluate
-from flmiseg import losses
-from flmiseg import metrics
-from flmiseg import sharding
+from flmiseg.evaluation import calibration as calibration_lib
+from flmiseg.evaluation import evaluate
+from flmiseg.train import losses
+from flmiseg.evaluation import metrics
+from flmiseg.core import sharding
 from flmiseg.data import dataset
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import pipeline
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 WITH_IGNORE = {'tp': 4, 'fp': 18, 'fn': 12, 'tn': 18}
 WITHOUT_IGNORE = {'tp': 6, 'fp': 18, 'fn': 22, 'tn': 18}

@@ -13,12 +13,12 @@ import optax
 import pytest
 import tifffile
 
-from flmiseg import instances
-from flmiseg import losses
+from flmiseg.objects import instances
+from flmiseg.train import losses
 from flmiseg import models
-from flmiseg import predict
-from flmiseg import steps
-from flmiseg import train
+from flmiseg.cli import predict
+from flmiseg.train import steps
+from flmiseg.train import trainer
 from flmiseg.configs import default
 from flmiseg.data import dataset
 from flmiseg.data import lists
@@ -183,7 +183,7 @@ def instance_run(tmp_path_factory):
   config = helpers.tiny_config(data, **{'train.num_steps': 40, 'eval.every_steps': 20,
                                          'optim.lr': 1e-2, 'model.instance_head': 'distance',
                                          'eval.min_size': 4})
-  summary = train.train_and_evaluate(config, root / 'work')
+  summary = trainer.train_and_evaluate(config, root / 'work')
   return data, root / 'work', summary
 
 
@@ -212,7 +212,7 @@ def test_eval_reports_instances(instance_run):
 def test_predict_writes_instances_and_objects(instance_run, tmp_path):
   data, work, _ = instance_run
   config = json.loads((work / 'config.json').read_text())
-  from flmiseg import rundir  # pylint: disable=g-import-not-at-top
+  from flmiseg.store import rundir  # pylint: disable=g-import-not-at-top
   run_config = rundir.read_config(work)
   image = data / 'test' / 'images' / 'test_000.tif'
   options = predict.Options(input=str(image), output=str(tmp_path / 'out'), instances=True,

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from flmiseg.data import io
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 def _raises(fn, *fragments):

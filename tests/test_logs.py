@@ -1,7 +1,7 @@
 """The training logs: metrics.jsonl, and a training curve drawn at most every
 PLOT_EVERY_SECONDS during training and when the logger closes after new records."""
 
-from flmiseg import logs
+from flmiseg.core import logs
 
 
 def test_curve_is_drawn_at_most_every_period_and_when_the_logger_closes(tmp_path,

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flmiseg import losses
-from flmiseg.errors import UserError
+from flmiseg.train import losses
+from flmiseg.core.errors import UserError
 
 # Two pixels per image, two images: logits 0 and ln(3) (p = 0.5, 0.75).
 LOGITS = jnp.array([0.0, math.log(3.0), 0.0, math.log(3.0)]).reshape(2, 1, 2, 1)

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from flmiseg.models import fusion
 from flmiseg.models import layers
 from flmiseg.models import lowlevel

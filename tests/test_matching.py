@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from flmiseg import matching
+from flmiseg.objects import matching
 
 _KEYS = ('thresh', 'tp', 'fp', 'fn', 'precision', 'recall', 'f1', 'ap', 'mean_true_score',
          'mean_matched_score', 'panoptic_quality', 'n_true', 'n_pred')

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy.spatial import distance as spatial_distance
 
-from flmiseg import metrics
+from flmiseg.evaluation import metrics
 
 
 def _squares_overlapping_by_two_columns():

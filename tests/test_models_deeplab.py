@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flmiseg import summary
-from flmiseg.errors import UserError
+from flmiseg.models import summary
+from flmiseg.core.errors import UserError
 from flmiseg.models import deeplabv3p
 from flmiseg.models import fusion
 from flmiseg.models import resnet

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flmiseg import summary
+from flmiseg.models import summary
 from flmiseg.models import hrnet
 from tests import helpers
 

@@ -6,9 +6,9 @@ import pytest
 
 from flmiseg.configs import default
 from flmiseg import models
-from flmiseg import summary
-from flmiseg import train
-from flmiseg.errors import UserError
+from flmiseg.models import summary
+from flmiseg.train import trainer
+from flmiseg.core.errors import UserError
 from tests import helpers
 
 REFERENCE = [  # (name, variant, backbone, fusion, parameters at the reference base width)
@@ -62,5 +62,5 @@ def data_root(tmp_path_factory):
 def test_models_train_from_the_default_config(data_root, tmp_path, name, variant):
   config = helpers.tiny_config(data_root, **{'model.name': name, 'model.variant': variant,
                                              'train.num_steps': 2, 'eval.every_steps': 2})
-  result = train.train_and_evaluate(config, tmp_path / name)
+  result = trainer.train_and_evaluate(config, tmp_path / name)
   assert result['num_images'] == 2 and 0.0 <= result['iou'] <= 1.0

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from flmiseg.models import fcn
 from flmiseg.models import segnet
 from flmiseg.models import vgg

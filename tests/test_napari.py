@@ -1,5 +1,5 @@
 """The napari plugin (flmiseg/napari), headless: the manifest, the sample data, and the widget,
-which segments an image layer in a worker thread into the Labels layers that flmiseg.segment
+which segments an image layer in a worker thread into the Labels layers that flmiseg.inference.model
 (the code of --mode=predict, tests/test_segment.py) gives.
 
 Needs the napari extra (`pip install "flmiseg[napari]"`) and pytest-qt, which CI installs;
@@ -21,7 +21,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from flmiseg import segment
+from flmiseg.inference import model
 from flmiseg.data import simulate
 
 napari = pytest.importorskip(
@@ -105,7 +105,7 @@ def cells():
 
 @pytest.fixture(scope='module')
 def nucleus():
-  return segment.load('nucleus')
+  return model.load('nucleus')
 
 
 def _open_widget(viewer):

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from flmiseg.configs import default
-from flmiseg import optim
+from flmiseg.train import optim
 
 
 def _cfg(**kw):

@@ -7,13 +7,13 @@ import pytest
 from scipy import ndimage
 import tifffile
 
-from flmiseg import inference
-from flmiseg import instances
-from flmiseg import predict
+from flmiseg.inference import tiling
+from flmiseg.objects import instances
+from flmiseg.cli import predict
 from flmiseg.data import io
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 @pytest.fixture
@@ -22,17 +22,17 @@ def trained(tiny_run):
 
 
 def test_tile_starts_cover_evenly():
-  assert inference.tile_starts(300, 128, 0.25) == [0, 86, 172]
-  assert inference.tile_starts(128, 128, 0.25) == [0]
-  assert inference.tile_starts(50, 128, 0.25) == [0]
-  assert inference.tile_starts(200, 100, 0.0) == [0, 100]
-  starts = inference.tile_starts(517, 64, 0.5)
+  assert tiling.tile_starts(300, 128, 0.25) == [0, 86, 172]
+  assert tiling.tile_starts(128, 128, 0.25) == [0]
+  assert tiling.tile_starts(50, 128, 0.25) == [0]
+  assert tiling.tile_starts(200, 100, 0.0) == [0, 100]
+  starts = tiling.tile_starts(517, 64, 0.5)
   assert starts[0] == 0 and starts[-1] == 517 - 64
   assert max(np.diff(starts)) <= 32  # never less overlap than asked
 
 
 def test_gaussian_weight_shape_and_falloff():
-  w = inference.gaussian_weight(64)
+  w = tiling.gaussian_weight(64)
   assert w.shape == (64, 64) and w.dtype == np.float32
   np.testing.assert_array_equal(w, w.T)
   np.testing.assert_array_equal(w, w[::-1, ::-1])
@@ -51,7 +51,7 @@ def _sigmoid(tiles):
 
 def test_sliding_window_equals_whole_image_for_pointwise_model():
   image = np.random.default_rng(0).normal(size=(300, 517)).astype(np.float32)
-  tiled = inference.sliding_window(_sigmoid, image, tile=64, overlap=0.25, batch_size=8)
+  tiled = tiling.sliding_window(_sigmoid, image, tile=64, overlap=0.25, batch_size=8)
   assert tiled.shape == (300, 517, 1)
   np.testing.assert_allclose(tiled[..., 0], _sigmoid(image), rtol=0, atol=1e-6)
 
@@ -64,9 +64,9 @@ def test_a_short_last_batch_holds_only_its_tiles_when_padding_would_waste_much()
   rng = np.random.default_rng(2)
   for side, expected in ((256, [8, 2]), (1024, [8] * 16)):  # 9 tiles; 121 tiles
     image = rng.normal(size=(side, side)).astype(np.float32)
-    padded = inference.sliding_window(probs_of, image, tile=128, overlap=0.25, batch_size=8)
+    padded = tiling.sliding_window(probs_of, image, tile=128, overlap=0.25, batch_size=8)
     seen.clear()
-    trimmed = inference.sliding_window(probs_of, image, tile=128, overlap=0.25, batch_size=8,
+    trimmed = tiling.sliding_window(probs_of, image, tile=128, overlap=0.25, batch_size=8,
                                        batch_multiple=2)
     assert seen == expected, side
     np.testing.assert_array_equal(trimmed, padded)
@@ -78,7 +78,7 @@ def test_an_image_smaller_than_a_tile_is_padded_by_reflection():
   def probs_of(tiles):
     seen.append(tiles.copy())
     return _sigmoid(tiles)
-  out = inference.sliding_window(probs_of, image, tile=32, overlap=0.25, batch_size=1)
+  out = tiling.sliding_window(probs_of, image, tile=32, overlap=0.25, batch_size=1)
   assert len(seen) == 1 and seen[0].shape == (1, 32, 32, 1)
   tile = seen[0][0, ..., 0]
   np.testing.assert_array_equal(tile[:20, :30], image)
@@ -97,9 +97,9 @@ def test_sliding_window_exact_away_from_tile_seams():
 
   whole = box(image[None, ..., None])[0, ..., 0]
   tile = 48
-  tiled = inference.sliding_window(box, image, tile=tile, overlap=0.25, batch_size=4)[..., 0]
+  tiled = tiling.sliding_window(box, image, tile=tile, overlap=0.25, batch_size=4)[..., 0]
   seam = np.zeros(image.shape, bool)  # pixels within 1 px of an inner tile edge
-  ys, xs = inference.tile_starts(150, tile, 0.25), inference.tile_starts(203, tile, 0.25)
+  ys, xs = tiling.tile_starts(150, tile, 0.25), tiling.tile_starts(203, tile, 0.25)
   for y in ys:
     for x in xs:
       if y > 0: seam[y:y + 1, x:x + tile] = True
@@ -115,8 +115,8 @@ def test_dihedral_inverse_and_group():
   x = jnp.arange(2 * 5 * 5 * 1, dtype=jnp.float32).reshape(2, 5, 5, 1)
   seen = set()
   for k in range(8):
-    y = inference.dihedral(x, k)
-    np.testing.assert_array_equal(inference.dihedral(y, k, inverse=True), x)
+    y = tiling.dihedral(x, k)
+    np.testing.assert_array_equal(tiling.dihedral(y, k, inverse=True), x)
     seen.add(np.asarray(y).tobytes())
   assert len(seen) == 8
 

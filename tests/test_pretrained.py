@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from flmiseg import calibration
-from flmiseg import inference
-from flmiseg import pretrained
-from flmiseg import rundir
-from flmiseg import sharding
-from flmiseg import train
+from flmiseg.evaluation import calibration
+from flmiseg.inference import tiling
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
+from flmiseg.core import sharding
+from flmiseg.train import trainer
 from flmiseg.configs import finetune as finetune_config
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from tests import helpers
 
 
@@ -31,7 +31,7 @@ def packed(tiny_run, tmp_path_factory):
 
 def _variables(folder):
   config = rundir.read_config(folder)
-  state, step = inference.load(config, folder, sharding.make_mesh(jax.local_devices()[:1]))
+  state, step = tiling.load(config, folder, sharding.make_mesh(jax.local_devices()[:1]))
   return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), step
 
 
@@ -68,11 +68,11 @@ def test_a_tampered_or_mismatched_file_is_refused_with_one_line(packed, tmp_path
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   with pytest.raises(UserError, match=r'weights.msgpack: SHA-256 .* does not match .* not '
                      r'loading it$'):
-    inference.load(config, copy, mesh)
+    tiling.load(config, copy, mesh)
   config.model.width = 8  # the file's arrays do not fit this architecture
   (copy / 'weights.msgpack').write_bytes((f32 / 'weights.msgpack').read_bytes())
   with pytest.raises(UserError, match='weights.msgpack: (does not fit|an array of shape)'):
-    inference.load(config, copy, mesh)
+    tiling.load(config, copy, mesh)
 
 
 def test_predict_with_model_equals_predict_with_the_run(packed, tmp_path):
@@ -99,7 +99,7 @@ def test_fine_tuning_starts_from_the_source_weights(packed, tmp_path):
   data = helpers.write_blob_dataset(tmp_path / 'data', num_train=8, num_test=2, seed=5)
   config = helpers.tiny_config(data, **{'train.num_steps': 2, 'eval.every_steps': 2,
                                         'optim.lr': 1e-9, 'train.init_from': str(f32)})
-  train.train_and_evaluate(config, tmp_path / 'tuned')
+  trainer.train_and_evaluate(config, tmp_path / 'tuned')
   tuned, _ = _variables(tmp_path / 'tuned')
   source, _ = _variables(f32)
   # lr 1e-9: two Adam steps move each parameter by at most 2e-9, so the weights are the
@@ -119,7 +119,7 @@ def test_fine_tuning_starts_from_the_source_weights(packed, tmp_path):
   config.train.init_from = str(f32)
   with pytest.raises(UserError, match=r"^config.train.init_from=.*: its config.model.width=4, "
                      r"this run's is 8; fine-tuning needs the same architecture$"):
-    train.train_and_evaluate(config, tmp_path / 'mismatch')
+    trainer.train_and_evaluate(config, tmp_path / 'mismatch')
 
 
 def test_fine_tuning_keeps_the_source_when_training_makes_it_worse(packed, tmp_path):
@@ -130,7 +130,7 @@ def test_fine_tuning_keeps_the_source_when_training_makes_it_worse(packed, tmp_p
                                         'optim.lr': 0.5, 'optim.schedule': 'constant',
                                         'optim.warmup_steps': 0,
                                         'train.init_from': str(f32)})
-  train.train_and_evaluate(config, tmp_path / 'tuned')
+  trainer.train_and_evaluate(config, tmp_path / 'tuned')
   vals = [json.loads(l) for l in (tmp_path / 'tuned' / 'metrics.jsonl').read_text().splitlines()]
   vals = {r['step']: r['iou'] for r in vals if r['kind'] == 'val'}
   assert sorted(vals) == [0, 2] and vals[0] > vals[2]
@@ -152,7 +152,7 @@ def test_fine_tuning_adopts_the_sources_instance_head(packed, tmp_path):
   config = helpers.tiny_config(data, **{'train.num_steps': 1, 'eval.every_steps': 1,
                                         'train.init_from': str(f32),
                                         'model.instance_head': 'distance'})
-  train.train_and_evaluate(config, tmp_path / 'tuned')
+  trainer.train_and_evaluate(config, tmp_path / 'tuned')
   assert rundir.read_config(tmp_path / 'tuned').model.instance_head == ''
 
 
@@ -161,10 +161,10 @@ def test_fine_tuning_keeps_the_sources_object_diameter():
   it); one that sets its own keeps it."""
   config = finetune_config.get_config()
   config.train.init_from = 'nucleus'
-  train.adopt_source_settings(config)
+  trainer.adopt_source_settings(config)
   assert config.data.object_diameter == 31.0
   config.data.object_diameter = 12.0
-  train.adopt_source_settings(config)
+  trainer.adopt_source_settings(config)
   assert config.data.object_diameter == 12.0
 
 
@@ -176,7 +176,7 @@ def test_freeze_batch_stats_keeps_the_source_statistics(packed, tmp_path, freeze
                                         'data.val_fraction': 0.0, 'optim.lr': 1e-9,
                                         'train.init_from': str(f32),
                                         'train.freeze_batch_stats': freeze})
-  train.train_and_evaluate(config, tmp_path / 'tuned')
+  trainer.train_and_evaluate(config, tmp_path / 'tuned')
   tuned, step = _variables(tmp_path / 'tuned')
   source, _ = _variables(f32)
   assert step == 2
@@ -190,7 +190,7 @@ def test_early_stopping_ends_the_run_and_a_rerun_does_not_train_on(tmp_path):
   config = helpers.tiny_config(data, **{'train.num_steps': 40, 'eval.every_steps': 2,
                                         'optim.lr': 0.0, 'optim.schedule': 'constant',
                                         'train.early_stop_patience': 2})
-  train.train_and_evaluate(config, tmp_path / 'run')  # lr 0: the IoU hardly moves
+  trainer.train_and_evaluate(config, tmp_path / 'run')  # lr 0: the IoU hardly moves
   lines = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
   best, since, expected = -1.0, 0, 40  # the rule, applied to the recorded validations
   for record in (l for l in lines if l['kind'] == 'val'):
@@ -200,6 +200,6 @@ def test_early_stopping_ends_the_run_and_a_rerun_does_not_train_on(tmp_path):
       break
   assert expected < 40  # it did stop early
   assert max(l['step'] for l in lines) == expected
-  train.train_and_evaluate(config, tmp_path / 'run')
+  trainer.train_and_evaluate(config, tmp_path / 'run')
   again = (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
   assert len(again) == len(lines)  # resumed, saw it had stopped, did not train on

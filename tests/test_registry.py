@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flmiseg import inference
-from flmiseg import losses
+from flmiseg.inference import tiling
+from flmiseg.train import losses
 from flmiseg import models
-from flmiseg import registry
-from flmiseg import rundir
-from flmiseg import sharding
+from flmiseg.core import registry
+from flmiseg.store import rundir
+from flmiseg.core import sharding
 from flmiseg.configs import default
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 from flmiseg.models import fusion
 from flmiseg.models import lowlevel
 from tests import helpers
@@ -39,7 +39,7 @@ USER_FILE = '''
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from flmiseg import losses
+    from flmiseg.train import losses
     from flmiseg.models import fusion
     from flmiseg.models import layers
 
@@ -125,7 +125,7 @@ def test_a_users_operator_and_loss_train_lowlevel_from_the_cli(user_run, clean_r
   assert registry.import_modules(str(user_file)) == ['my_fusion']
   config = rundir.read_config(workdir)
   mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state, _ = inference.load(config, workdir, mesh)
+  state, _ = tiling.load(config, workdir, mesh)
   fuse = {k: v['mix']['kernel'].shape for k, v in state.params.items() if k.startswith('fuse')}
   # [skip, decoder] at each level: 4 + 4 (full scale), then the decoder widths 8, 16, 16, 16
   # twice (each skip is projected to the decoder's width), mixed down to features=6.

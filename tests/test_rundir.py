@@ -6,9 +6,9 @@ import types
 import numpy as np
 import pytest
 
-from flmiseg import rundir
+from flmiseg.store import rundir
 from flmiseg.configs import default
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 def _run_dir(tmp_path, **changes):

@@ -1,4 +1,4 @@
-"""One run directory, one live training (flmiseg/runlock.py): a second training is refused
+"""One run directory, one live training (flmiseg/core/runlock.py): a second training is refused
 with one line naming the live one; the lock of a killed run is taken over and the run
 resumes."""
 
@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from flmiseg import runlock
-from flmiseg import train
+from flmiseg.core import runlock
+from flmiseg.train import trainer
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_training_on_a_locked_run_directory_stops_before_writing(tmp_path):
   (tmp_path / 'run').mkdir()
   with runlock.RunLock(tmp_path / 'run'):
     with pytest.raises(runlock.RunDirectoryInUse, match=f'pid {os.getpid()} '):
-      train.train_and_evaluate(config, tmp_path / 'run')
+      trainer.train_and_evaluate(config, tmp_path / 'run')
   assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == [runlock.LOCK_FILE]
 
 

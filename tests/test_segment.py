@@ -1,4 +1,4 @@
-"""flmiseg.segment: the in-memory API (behind the napari widget) gives what --mode=predict
+"""flmiseg.inference.model: the in-memory API (behind the napari widget) gives what --mode=predict
 writes, for 2-D images, channels first or last, stacks and every option."""
 
 import json
@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import tifffile
 
-from flmiseg import inference
-from flmiseg import predict
-from flmiseg import pretrained
-from flmiseg import rundir
-from flmiseg import segment
+from flmiseg.inference import tiling
+from flmiseg.cli import predict
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
+from flmiseg.inference import model
 from flmiseg.data import io
 from flmiseg.data import simulate
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 @pytest.fixture(scope='module')
 def nucleus():
-  return segment.load('nucleus')
+  return model.load('nucleus')
 
 
 @pytest.fixture(scope='module')
@@ -68,7 +68,7 @@ def test_channels_first_or_last_and_stacks_segment_each_plane(nucleus, cells):
   for data, kwargs, axes in [(np.stack([noise, image]), {'channel': 1}, 'CYX'),
                              (np.stack([noise, image], -1), {'channel': 1}, 'YXC'),
                              (np.stack([image, noise], -1), {'axes': 'YXC', 'channel': 0}, 'YXC')]:
-    assert segment.default_axes(data.shape, kwargs['channel']) == axes
+    assert model.default_axes(data.shape, kwargs['channel']) == axes
     result = nucleus(data, **kwargs)
     assert result.axes == 'YX', axes
     np.testing.assert_array_equal(result.mask, base, err_msg=axes)
@@ -203,7 +203,7 @@ def test_diameter_needs_a_model_that_records_one_and_goes_alone(nucleus, cells, 
     nucleus(image, diameter=12, pixel_size=0.2)
   with pytest.raises(UserError, match=r'^--diameter=12 with --no_rescale: give one'):
     predict.Options(input='x', output='x', diameter=12, rescale=False).check()
-  er = segment.load('er')
+  er = model.load('er')
   assert not er.config.data.get('object_diameter')
   with pytest.raises(UserError, match=r'^--diameter=12: .*er records no object diameter '
                      r'\(config.data.object_diameter\)'):
@@ -216,16 +216,16 @@ def test_diameter_needs_a_model_that_records_one_and_goes_alone(nucleus, cells, 
 
 
 def test_default_axes():
-  assert segment.default_axes((64, 64), None) == 'YX'
-  assert segment.default_axes((64, 64), 0) == 'YX'  # channel 0 of a one-channel image
-  assert segment.default_axes((5, 64, 64), None) == 'ZYX'
-  assert segment.default_axes((2, 5, 64, 64), None) == 'TZYX'
-  assert segment.default_axes((3, 5, 64, 64), 1) == 'CZYX'
-  assert segment.default_axes((5, 64, 64, 2), 1) == 'ZYXC'
-  assert segment.default_axes((64, 64, 3), None, rgb=True) == 'YXS'
-  assert segment.default_axes((64, 64, 3), 2, rgb=True) == 'YXC'
+  assert model.default_axes((64, 64), None) == 'YX'
+  assert model.default_axes((64, 64), 0) == 'YX'  # channel 0 of a one-channel image
+  assert model.default_axes((5, 64, 64), None) == 'ZYX'
+  assert model.default_axes((2, 5, 64, 64), None) == 'TZYX'
+  assert model.default_axes((3, 5, 64, 64), 1) == 'CZYX'
+  assert model.default_axes((5, 64, 64, 2), 1) == 'ZYXC'
+  assert model.default_axes((64, 64, 3), None, rgb=True) == 'YXS'
+  assert model.default_axes((64, 64, 3), 2, rgb=True) == 'YXC'
   with pytest.raises(UserError, match='give them'):
-    segment.default_axes((2, 2, 2, 64, 64), None)
+    model.default_axes((2, 2, 2, 64, 64), None)
 
 
 def test_bad_input_is_one_user_error(nucleus):
@@ -241,19 +241,19 @@ def test_bad_input_is_one_user_error(nucleus):
   with pytest.raises(UserError, match='axes'):
     nucleus(image, axes='YX')
   with pytest.raises(UserError, match='neither a shipped model'):
-    segment.load('nuclei')
+    model.load('nuclei')
 
 
 def test_on_batch_reports_every_tile():
   calls = []
-  inference.sliding_window(lambda t: t, np.zeros((100, 150), np.float32), tile=64,
+  tiling.sliding_window(lambda t: t, np.zeros((100, 150), np.float32), tile=64,
                            overlap=0.25, batch_size=4,
                            on_batch=lambda done, total: calls.append((done, total)))
   assert calls == [(4, 6), (6, 6)]
 
 
 def test_core_and_plugin_package_import_without_napari_or_qt():
-  code = ('import sys, flmiseg.main, flmiseg.predict, flmiseg.segment, flmiseg.napari; '
+  code = ('import sys, flmiseg.main, flmiseg.cli.predict, flmiseg.inference.model, flmiseg.napari; '
           "print(sorted({m.split('.')[0] for m in sys.modules} & "
           "{'napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'magicgui', 'vispy'}))")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,

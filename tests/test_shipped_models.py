@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from flmiseg import calibration as calibration_lib
-from flmiseg import inference
-from flmiseg import predict
-from flmiseg import pretrained
-from flmiseg import rundir
-from flmiseg import sharding
+from flmiseg.evaluation import calibration as calibration_lib
+from flmiseg.inference import tiling
+from flmiseg.cli import predict
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
+from flmiseg.core import sharding
 from flmiseg.data import loader
 from flmiseg.data import simulate
 
@@ -26,8 +26,8 @@ def _shipped_predictor(kind: str) -> tuple[predict.Predictor, float, int]:
   folder = pretrained.resolve_model(kind)
   config = rundir.read_config(folder)
   mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state, step = inference.load(config, folder, mesh)
-  predictor = predict.Predictor(inference.prob_fn(state, mesh, False), config,
+  state, step = tiling.load(config, folder, mesh)
+  predictor = predict.Predictor(tiling.prob_fn(state, mesh, False), config,
                                 config.data.crop_size, 0.25, 1)
   return predictor, calibration_lib.calibrated_threshold(folder, step), step
 

@@ -20,7 +20,7 @@ from flmiseg.data import lists
 from flmiseg.data import loader
 from flmiseg.data import simulate
 from flmiseg.data import simulate_random
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_write_dataset_layout_lists_and_refusal(tmp_path):
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'flmiseg.simulate', *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, '-m', 'flmiseg.cli.simulate', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
 

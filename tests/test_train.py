@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from flmiseg.configs import default
-from flmiseg import checkpoint
-from flmiseg import losses
-from flmiseg import sharding
-from flmiseg import steps
-from flmiseg import summary
-from flmiseg import train
-from flmiseg.errors import UserError
+from flmiseg.store import checkpoint
+from flmiseg.train import losses
+from flmiseg.core import sharding
+from flmiseg.train import steps
+from flmiseg.models import summary
+from flmiseg.train import trainer
+from flmiseg.core.errors import UserError
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def data_root(tmp_path_factory):
 
 def _final_params(workdir, config):
   """The params of the latest checkpoint of workdir, as numpy."""
-  state = train.build(config, (32, 32), 9).state
+  state = trainer.build(config, (32, 32), 9).state
   ckpt = checkpoint.Checkpointer(workdir)
   restored, _, record = ckpt.restore_last(checkpoint.abstract(state))
   ckpt.close()
@@ -40,7 +40,7 @@ def _final_params(workdir, config):
 
 def test_training_lowers_loss_and_writes_outputs(data_root, tmp_path):
   config = helpers.tiny_config(data_root, **{'train.num_steps': 16, 'eval.every_steps': 8})
-  result = train.train_and_evaluate(config, tmp_path / 'run')
+  result = trainer.train_and_evaluate(config, tmp_path / 'run')
   records = [json.loads(l) for l in (tmp_path / 'run/metrics.jsonl').read_text().splitlines()]
   train_losses = [r['loss'] for r in records if r['kind'] == 'train']
   assert train_losses[-1] < train_losses[0]
@@ -62,38 +62,38 @@ def test_training_lowers_loss_and_writes_outputs(data_root, tmp_path):
 
 def test_resume_after_interruption_is_exact(data_root, tmp_path, monkeypatch):
   config = helpers.tiny_config(data_root)
-  train.train_and_evaluate(config, tmp_path / 'straight')
-  original = train._Trainer.checkpoint
+  trainer.train_and_evaluate(config, tmp_path / 'straight')
+  original = trainer._Trainer.checkpoint
 
   def crash_after_step_4(self, step, data_iter, val_iou):
     original(self, step, data_iter, val_iou)
     if step == 4:
       raise KeyboardInterrupt('simulated kill')
 
-  monkeypatch.setattr(train._Trainer, 'checkpoint', crash_after_step_4)
+  monkeypatch.setattr(trainer._Trainer, 'checkpoint', crash_after_step_4)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, tmp_path / 'resumed')
-  monkeypatch.setattr(train._Trainer, 'checkpoint', original)
+    trainer.train_and_evaluate(config, tmp_path / 'resumed')
+  monkeypatch.setattr(trainer._Trainer, 'checkpoint', original)
   assert _final_params(tmp_path / 'resumed', config)[0] == 4
-  train.train_and_evaluate(config, tmp_path / 'resumed')
+  trainer.train_and_evaluate(config, tmp_path / 'resumed')
   step_a, params_a = _final_params(tmp_path / 'straight', config)
   step_b, params_b = _final_params(tmp_path / 'resumed', config)
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
   # A finished run does not retrain.
   lines = (tmp_path / 'resumed/metrics.jsonl').read_text()
-  train.train_and_evaluate(config, tmp_path / 'resumed')
+  trainer.train_and_evaluate(config, tmp_path / 'resumed')
   assert (tmp_path / 'resumed/metrics.jsonl').read_text() == lines
 
 
 def test_workdir_of_another_config_is_refused(data_root, tmp_path):
   config = helpers.tiny_config(data_root)
-  train.prepare_workdir(config, tmp_path / 'w')
+  trainer.prepare_workdir(config, tmp_path / 'w')
   other = helpers.tiny_config(data_root, **{'model.width': 8})
   with pytest.raises(UserError, match='model.width'):
-    train.prepare_workdir(other, tmp_path / 'w')
+    trainer.prepare_workdir(other, tmp_path / 'w')
   other.train.resume_mismatch = 'allow'
-  train.prepare_workdir(other, tmp_path / 'w')
+  trainer.prepare_workdir(other, tmp_path / 'w')
 
 
 def test_sharded_step_equals_single_device(data_root, tmp_path):
@@ -108,7 +108,7 @@ def test_sharded_step_equals_single_device(data_root, tmp_path):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
-    setup = train.build(config, (32, 32), 9)
+    setup = trainer.build(config, (32, 32), 9)
     model, schedule = setup.model, setup.schedule
     state = steps.create_train_state(model, train.optim.make_optimizer(
         config.optim, schedule), (32, 32), 0, mesh)
@@ -146,7 +146,7 @@ def test_every_config_loads():
 def test_bfloat16_training_keeps_float32_params(data_root, tmp_path):
   config = helpers.tiny_config(data_root, **{'train.dtype': 'bfloat16', 'train.num_steps': 2,
                                              'eval.every_steps': 2})
-  result = train.train_and_evaluate(config, tmp_path / 'bf16')
+  result = trainer.train_and_evaluate(config, tmp_path / 'bf16')
   _, params = _final_params(tmp_path / 'bf16', config)
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype('float32')}
   assert 0.0 <= result['iou'] <= 1.0
@@ -156,9 +156,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_ro
   config = helpers.tiny_config(data_root, **{'optim.name': 'sgd', 'optim.lr': 1e30,
                                              'optim.momentum': 0.0, 'train.num_steps': 8,
                                              'train.log_every_steps': 1})
-  with pytest.raises(train.TrainingDiverged, match=r'loss became nan at step \d+.*lower '
+  with pytest.raises(trainer.TrainingDiverged, match=r'loss became nan at step \d+.*lower '
                      r'learning rate, e.g. --config.optim.lr=1e\+29'):
-    train.train_and_evaluate(config, tmp_path / 'nan')
+    trainer.train_and_evaluate(config, tmp_path / 'nan')
   ckpt = checkpoint.Checkpointer(tmp_path / 'nan')
   latest = ckpt.latest_step()
   ckpt.close()
@@ -191,9 +191,9 @@ def test_nan_is_caught_before_a_validation_or_checkpoint_off_the_log_steps(
       'train.checkpoint_every_steps': 5})
   _scripted_train_steps(monkeypatch, lambda call, scalars: (
       {**scalars, 'loss': np.float32(np.nan)} if call == 3 else scalars))
-  with pytest.raises(train.TrainingDiverged,
+  with pytest.raises(trainer.TrainingDiverged,
                      match='^loss became nan at step 3; no checkpoint was written yet;'):
-    train.train_and_evaluate(config, tmp_path / 'run')
+    trainer.train_and_evaluate(config, tmp_path / 'run')
   metrics = tmp_path / 'run/metrics.jsonl'
   assert not metrics.exists() or 'val' not in metrics.read_text()  # never validated
   assert not [p for p in (tmp_path / 'run').glob('*/*') if p.name.isdigit()]  # nor saved
@@ -209,17 +209,17 @@ def test_images_per_second_counts_training_time_only(data_root, tmp_path, monkey
     return scalars
   _scripted_train_steps(monkeypatch, tick)
   for name in ('validate', 'checkpoint'):
-    original = getattr(train._Trainer, name)
+    original = getattr(trainer._Trainer, name)
 
     def slow(self, *args, original=original):
       clock[0] += 100.0
       return original(self, *args)
-    monkeypatch.setattr(train._Trainer, name, slow)
+    monkeypatch.setattr(trainer._Trainer, name, slow)
   # Validations at 2, 4, 6; checkpoints also at 4; log lines at 3, 4, 6.
   config = helpers.tiny_config(data_root, **{
       'train.num_steps': 6, 'train.log_every_steps': 3, 'eval.every_steps': 2,
       'train.checkpoint_every_steps': 4})
-  train.train_and_evaluate(config, tmp_path / 'run')
+  trainer.train_and_evaluate(config, tmp_path / 'run')
   records = [json.loads(l) for l in (tmp_path / 'run/metrics.jsonl').read_text().splitlines()]
   rates = {r['step']: r['images_per_s'] for r in records if r['kind'] == 'train'}
   assert rates == {3: 8.0, 4: 8.0, 6: 8.0}  # batch 8 per 1 s step

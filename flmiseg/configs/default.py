@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.fusion_kwargs = ml_collections.ConfigDict()
   model.backbone = ''  # Encoder for models that take one (deeplabv3p: resnet50|resnet101).
   model.num_classes = 1  # Output channels: one foreground logit.
-  # '' or 'distance': an extra output that separates touching objects (flmiseg/instances.py);
+  # '' or 'distance': an extra output that separates touching objects (flmiseg/objects/instances.py);
   # needs label-image masks (0 background, 1..N objects) to learn from.
   model.instance_head = ''
 
@@ -129,7 +129,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.threshold = 0.5  # Probability threshold, as the reference.
   ev.calibrate_metric = 'iou'  # Threshold tuned on the validation split by this ('' = off).
   # Instance head: the h of the h-maxima of the predicted distance that seed objects
-  # (flmiseg/instances.py); calibrated on the validation split when it has label images.
+  # (flmiseg/objects/instances.py); calibrated on the validation split when it has label images.
   ev.seed_dynamic = 0.1
   ev.min_size = 16  # Instances: objects smaller than this many pixels are dropped.
   return config

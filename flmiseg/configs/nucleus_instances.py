@@ -4,7 +4,7 @@
 
 Simulates 80 training and 20 test images of 256x256 nuclei (the masks are label images: one
 value per nucleus), trains 400 steps on whole images with the instance head
-(config.model.instance_head='distance', flmiseg/instances.py), and evaluates the pixels and
+(config.model.instance_head='distance', flmiseg/objects/instances.py), and evaluates the pixels and
 the objects: eval/summary.json gets 'instances' (ap_0.5, ap_0.75, ap_0.9, mean_ap,
 precision/recall/f1 at 0.5, pq), matched as StarDist matches them. Predict writes
 <name>_instances.tif and <name>_objects.csv with --instances. Your own label-image masks

@@ -16,7 +16,7 @@ Label images (masks with more than one distinct nonzero value: 0 background, 1..
 foreground wherever nonzero, as any mask; their labels go to '<key>_labels.npy' (int32, 0 on
 ignored pixels), also written before the mask file, for instance metrics. With
 `instance_targets`, each training pair also gets '<key>_distance.npy': the normalised distance
-map an instance head regresses (flmiseg/instances.py), from the labels, or from the connected
+map an instance head regresses (flmiseg/objects/instances.py), from the labels, or from the connected
 components of a binary mask.
 """
 
@@ -33,9 +33,9 @@ import numpy as np
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import preprocess
-from flmiseg import instances
-from flmiseg import matching
-from flmiseg.errors import UserError
+from flmiseg.objects import instances
+from flmiseg.objects import matching
+from flmiseg.core.errors import UserError
 
 # 6: 'percentile' bounds for sparse fields and debris, preprocess.repair; 5: label images;
 # 4: CLAHE tiles of 32 px; 3: ignore_value; 2: bit-depth invariant CLAHE

@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 TIFF_SUFFIXES = ('.tif', '.tiff')
 IMAGE_SUFFIXES = TIFF_SUFFIXES + ('.png', '.jpg', '.jpeg', '.bmp')

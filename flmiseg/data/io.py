@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 
 from flmiseg.data import imagefile
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 TIFF_SUFFIXES = imagefile.TIFF_SUFFIXES
 IMAGE_SUFFIXES = imagefile.IMAGE_SUFFIXES

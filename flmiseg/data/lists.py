@@ -11,7 +11,7 @@ import pathlib
 import shlex
 
 from flmiseg.data import io
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import tifffile
 
 from flmiseg.data import dataset
 from flmiseg.data import lists
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 SOURCES = ('synthetic', 'lists')
 

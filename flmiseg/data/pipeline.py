@@ -6,7 +6,7 @@ Batches are host numpy dicts, NHWC:
   'valid' float32 (B, H, W, 1): 1 on real pixels, 0 on padding;
 eval batches also carry 'present' float32 (B,) (0 for padding entries) and 'index' int32 (B,).
 Each process builds the batches of its own shard (process_index of process_count); one
-boundary function (`flmiseg.sharding.global_batch`) turns them into global arrays.
+boundary function (`flmiseg.core.sharding.global_batch`) turns them into global arrays.
 
 Augmentation runs on the host (grain workers): a random crop to `crop_size` (images smaller
 than the crop are zero-padded, with valid=0 there) and one of the 8 symmetries of the square
@@ -34,7 +34,7 @@ so these emulate what per-image normalisation does not remove. Evaluation never 
 
 Pixels a sparse mask leaves unlabelled (the source's 'ignored' map, config.data.ignore_value)
 get valid=0 (and mask 0), so losses and metrics skip them. Elements with a 'distance' map (the
-instance head's target, flmiseg/instances.py) get it cropped, zoomed (nearest neighbour) and
+instance head's target, flmiseg/objects/instances.py) get it cropped, zoomed (nearest neighbour) and
 turned with the mask, as float32 (B, H, W, 1) 'distance' in the training batches.
 """
 
@@ -303,7 +303,7 @@ def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, 
 
 # The input stride of the stock networks (layers.pad_to_multiple: 8 to 32; a user's backbone
 # may need more, and pads itself): evaluation pads images to a multiple of it, and crops
-# adapted to small training images are one (flmiseg/train.py).
+# adapted to small training images are one (flmiseg/train/trainer.py).
 SIZE_MULTIPLE = 32
 
 

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 METHODS = ('auto', 'clahe_zscore', 'clahe_unit', 'percentile', 'zscore',

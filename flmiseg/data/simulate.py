@@ -40,7 +40,7 @@ import scipy.spatial
 from skimage import segmentation
 import tifffile
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 KINDS = ('er', 'mito', 'nucleus')
 # How masks are drawn. 'geometry': the structure itself on the pixel grid, before blur (1-3 px

@@ -41,7 +41,7 @@ import dataclasses
 import numpy as np
 
 from flmiseg.data import simulate
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 # knob: (distribution, *arguments), drawn in this order:
 #   ('uniform', lo, hi), ('loguniform', lo, hi), ('choice', values, probabilities),

@@ -5,7 +5,7 @@ Contract shared by every model (tests rely on it):
     spatial size (models pad to their stride and crop back); logits are float32
     (N, H, W, num_classes) with num_classes=1 (a foreground logit) by default.
   * config.model.instance_head='distance' adds one output channel (the last): the logit of
-    each object's normalised distance map (flmiseg/instances.py); channel 0 stays the
+    each object's normalised distance map (flmiseg/objects/instances.py); channel 0 stays the
     foreground logit, and side outputs are trained on their channel 0 only.
   * aux is a dict with at least these keys, so analyses (experiments/feature_importance.py,
     fusion research) and the loss need no per-model cases:
@@ -35,8 +35,8 @@ decorated definition in a file of yours that `config.imports` names (docs/fusion
 import flax.linen as nn
 import ml_collections
 
-from flmiseg import instances
-from flmiseg.errors import UserError
+from flmiseg.objects import instances
+from flmiseg.core.errors import UserError
 # Importing the model modules registers their models, operators and encoders.
 from flmiseg.models import unet  # pylint: disable=unused-import
 from flmiseg.models import unet_pp  # pylint: disable=unused-import
@@ -76,7 +76,7 @@ def create_model(model_config, dtype) -> nn.Module:
   if head not in instances.HEADS:
     raise UserError(f'config.model.instance_head={head!r} is not an instance head; valid: '
                     "distance or '' (none)")
-  if head:  # one more output channel: the normalised distance (flmiseg/instances.py)
+  if head:  # one more output channel: the normalised distance (flmiseg/objects/instances.py)
     model_config = ml_collections.ConfigDict(model_config.to_dict())
     model_config.num_classes += 1
   return spec.build(model_config, dtype)

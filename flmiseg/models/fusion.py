@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flmiseg import registry
-from flmiseg.errors import UserError
+from flmiseg.core import registry
+from flmiseg.core.errors import UserError
 from flmiseg.models import layers
 
 # A fusion operator: a Flax module class, or any callable returning one, called as

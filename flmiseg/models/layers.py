@@ -133,7 +133,7 @@ def resize_to(x: jax.Array, hw: Sequence[int], method: str = 'bilinear') -> jax.
 
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
   # window_shape by keyword: the nn.max_pool that jax2onnx substitutes during an ONNX export
-  # (flmiseg/export.py) takes it only so.
+  # (flmiseg/export/onnx_graph.py) takes it only so.
   return nn.max_pool(x, window_shape=(window, window), strides=(window, window))
 
 

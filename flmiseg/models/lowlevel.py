@@ -48,8 +48,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flmiseg import registry
-from flmiseg.errors import UserError
+from flmiseg.core import registry
+from flmiseg.core.errors import UserError
 from flmiseg.models import fusion as fusion_lib
 from flmiseg.models import layers
 from flmiseg.models import resnet

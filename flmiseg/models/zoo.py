@@ -9,7 +9,7 @@ from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 
-from flmiseg import registry
+from flmiseg.core import registry
 
 # build(model_config, dtype) -> the model (a Flax module following the contract of
 # flmiseg/models/__init__.py).

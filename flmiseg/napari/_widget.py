@@ -1,6 +1,6 @@
 """The napari widget: segments an image layer with a shipped model or a trained run folder.
 
-Plugins > flmiseg > Segment docks it. The segmentation is flmiseg/segment.py's (the code of
+Plugins > flmiseg > Segment docks it. The segmentation is flmiseg/inference/model.py's (the code of
 --mode=predict), run in a worker thread (napari.qt.threading) so the viewer stays responsive;
 the progress bar follows the tiles. The results become Labels layers named
 '<image> mask' (1 foreground) and, with 'instances', '<image> instances', on the image's
@@ -20,12 +20,12 @@ import pint
 from qtpy.QtCore import QObject
 from qtpy.QtCore import Signal
 
-from flmiseg import pretrained
-from flmiseg.errors import UserError
+from flmiseg.store import pretrained
+from flmiseg.core.errors import UserError
 
 FOLDER_CHOICE = 'run folder...'  # the model combo's entry for a run or packed folder
 NO_CHANNEL = -1  # the channel combo's value for 'none'
-# The longest last axis offered as channels (flmiseg.segment.MAX_LAST_CHANNELS, not imported
+# The longest last axis offered as channels (flmiseg.inference.model.MAX_LAST_CHANNELS, not imported
 # here: that would import JAX when the widget opens).
 MAX_LAST_CHANNELS = 8
 
@@ -41,14 +41,14 @@ class _Progress(QObject):
 def _segment(segmenters: dict, model: str, data, rgb: bool, axes: str, options: dict):
   """(axes used, Segmentation, None) of `data`, or (None, None, the message) when the user's
   input is wrong (a UserError: one line, no traceback). Loads the model into `segmenters` on
-  first use. Runs in a worker thread: flmiseg.segment (JAX) is imported here, not when
+  first use. Runs in a worker thread: flmiseg.inference.model (JAX) is imported here, not when
   napari starts."""
-  from flmiseg import segment  # pylint: disable=g-import-not-at-top
+  from flmiseg.inference import model  # pylint: disable=g-import-not-at-top
   try:
     if model not in segmenters:
-      segmenters[model] = segment.load(model)
+      segmenters[model] = model.load(model)
     data = np.asarray(data)  # a lazy (dask, zarr) layer is read here, off the GUI thread
-    axes = axes or segment.default_axes(data.shape, options['channel'], rgb)
+    axes = axes or model.default_axes(data.shape, options['channel'], rgb)
     return axes, segmenters[model](data, axes=axes, **options), None
   except UserError as e:
     return None, None, str(e)

@@ -1,6 +1,6 @@
 """Packed models: a trained run reduced to what inference needs, and the shipped models.
 
-A packed model is a folder that reads like a run directory (flmiseg/rundir.py):
+A packed model is a folder that reads like a run directory (flmiseg/store/rundir.py):
   config.json        the training config (architecture, preprocessing, pixel size), with
                      train.init_from cleared (the source is recorded in weights.json);
   calibration.json   the calibrated threshold of the packed checkpoint;
@@ -23,11 +23,11 @@ from flax import serialization
 import jax
 import numpy as np
 
-from flmiseg import files
-from flmiseg import rundir
-from flmiseg.errors import UserError
+from flmiseg.core import files
+from flmiseg.store import rundir
+from flmiseg.core.errors import UserError
 
-PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent / 'pretrained'
+PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent.parent / 'pretrained'
 SHIPPED = ('er', 'mito', 'nucleus')
 WEIGHTS_FILE = 'weights.msgpack'
 WEIGHTS_INFO = 'weights.json'
@@ -97,15 +97,15 @@ def pack(workdir, out, dtype: str = 'float16', provenance: dict | None = None) -
 
   Returns weights.json's content. Refuses a non-empty `out`.
   """
-  from flmiseg import inference  # pylint: disable=g-import-not-at-top  # (JAX-heavy)
-  from flmiseg import sharding  # pylint: disable=g-import-not-at-top
+  from flmiseg.inference import tiling  # pylint: disable=g-import-not-at-top  # (JAX-heavy)
+  from flmiseg.core import sharding  # pylint: disable=g-import-not-at-top
   if dtype not in STORAGE_DTYPES:
     raise UserError(f'dtype={dtype!r}; valid: {", ".join(STORAGE_DTYPES)}')
   workdir, out = rundir.check_trained(workdir), pathlib.Path(out)
   if out.exists() and any(out.iterdir()):
     raise UserError(f'{out}: not empty; choose another folder')
   config = rundir.read_config(workdir)
-  state, step = inference.load(config, workdir, sharding.make_mesh(jax.local_devices()[:1]))
+  state, step = tiling.load(config, workdir, sharding.make_mesh(jax.local_devices()[:1]))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(variables))
   out.mkdir(parents=True, exist_ok=True)

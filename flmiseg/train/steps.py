@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flmiseg import losses
-from flmiseg import metrics
-from flmiseg import sharding
+from flmiseg.train import losses
+from flmiseg.evaluation import metrics
+from flmiseg.core import sharding
 
 
 class TrainState(train_state.TrainState):

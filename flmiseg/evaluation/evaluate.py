@@ -5,16 +5,16 @@ so every image counts exactly once whatever the batch size; the predict step
 (`steps.predict_step`) returns each image's outputs and its confusion counts at the fixed
 threshold, computed on device. `validation_iou` needs nothing more. Each image's padding
 pixels are excluded, and so are the pixels a sparse mask leaves unlabelled
-(config.data.ignore_value): from the counts, the calibration (flmiseg/calibration.py), every
+(config.data.ignore_value): from the counts, the calibration (flmiseg/evaluation/calibration.py), every
 host-side metric and the errors drawn in worst_best.png.
 
 `evaluate` scores the test set: the per-image metrics the reference reports (IoU, F1, Dice,
-accuracy, precision, recall, AUC at threshold 0.5) plus the rest of `flmiseg.metrics`, at
+accuracy, precision, recall, AUC at threshold 0.5) plus the rest of `flmiseg.evaluation.metrics`, at
 config.eval.threshold and, with a calibration, at the calibrated threshold; the instance
-scores (flmiseg/matching.py) when the masks are label images. The overlap metrics at the fixed
+scores (flmiseg/objects/matching.py) when the masks are label images. The overlap metrics at the fixed
 threshold come from the device's counts; each image's mask is read from the cache once, and
 its AUC, Hausdorff distances, clDice, Betti errors, instances, calibrated-threshold metrics and
-worst_best.png errors all use that one read. flmiseg/report.py writes the files. On several
+worst_best.png errors all use that one read. flmiseg/evaluation/report.py writes the files. On several
 processes, process 0 alone computes the host-side metrics and shares them.
 """
 
@@ -22,13 +22,13 @@ from absl import logging
 import jax
 import numpy as np
 
-from flmiseg import files
-from flmiseg import inference
-from flmiseg import instances
-from flmiseg import matching
-from flmiseg import metrics
-from flmiseg import report
-from flmiseg import sharding
+from flmiseg.core import files
+from flmiseg.inference import tiling
+from flmiseg.objects import instances
+from flmiseg.objects import matching
+from flmiseg.evaluation import metrics
+from flmiseg.evaluation import report
+from flmiseg.core import sharding
 from flmiseg.data import dataset
 from flmiseg.data import pipeline
 
@@ -41,7 +41,7 @@ def predictions(predict, state, source, mesh, batch_size: int, with_probs: bool 
   'fn', 'tn' (ints) from the predict step, at the threshold bound to it.
   """
   # Any batch size works on any number of devices: round up, the padding is masked.
-  batch_size = inference.round_up_batch(batch_size, jax.device_count())
+  batch_size = tiling.round_up_batch(batch_size, jax.device_count())
   for batch in pipeline.eval_batches(source, global_batch=batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
@@ -166,7 +166,7 @@ def evaluate(predict, state, source, mesh, batch_size: int, threshold: float,
   """Every metric per image and over the set; writes the report files into `out_dir`.
 
   With several processes, process 0 alone computes the metrics on the host and writes the
-  files (flmiseg/report.py); every process returns its summary.
+  files (flmiseg/evaluation/report.py); every process returns its summary.
 
   Args:
     predict: the predict step with `threshold` bound (`steps.jit_predict(threshold)`): its

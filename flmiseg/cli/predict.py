@@ -18,7 +18,7 @@ input `<name>.<ext>` (`<name>.ome.tif` too) OUT receives:
   <name>_prob.tif      float32 foreground probability, with --save_prob;
   <name>_instances.tif uint16 instance labels (per plane), objects smaller than --min_size
                        pixels removed, with --instances: split by the model's instance head
-                       (config.model.instance_head, flmiseg/instances.py) when it has one,
+                       (config.model.instance_head, flmiseg/objects/instances.py) when it has one,
                        else 8-connected components of the mask (touching objects merge);
   <name>_objects.csv   with --instances, one row per object: plane, label, area, centroid
                        (in um and um^2 when the pixel size is known, else pixels) and mean
@@ -42,7 +42,7 @@ How an image is predicted:
     the bit depth or exposure);
   * cut into tiles of the training crop size (--tile to change; rounded up to a multiple of
     32, the networks' stride) overlapping by --overlap,
-    batched over the devices, and blended with Gaussian weights (flmiseg/inference.py);
+    batched over the devices, and blended with Gaussian weights (flmiseg/inference/tiling.py);
   * with --tta, averaged over the 8 flips/rotations of each tile;
   * thresholded at the calibrated threshold stored with the best checkpoint, or
     config.eval.threshold when there is none, or --threshold.
@@ -66,14 +66,14 @@ import jax
 import numpy as np
 import tqdm
 
-from flmiseg import calibration
-from flmiseg import inference
-from flmiseg import instances
-from flmiseg import rundir
-from flmiseg import sharding
+from flmiseg.evaluation import calibration
+from flmiseg.inference import tiling
+from flmiseg.objects import instances
+from flmiseg.store import rundir
+from flmiseg.core import sharding
 from flmiseg.data import io
 from flmiseg.data import preprocess
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 _GLOB_CHARS = '*?['
 OUTPUT_KINDS = ('mask', 'overlay', 'prob', 'instances', 'objects')
@@ -106,7 +106,7 @@ class Options:
   diameter: float | None = None
   rescale: bool = True  # Resize to the model's pixel size when both are known.
   overwrite: bool = False
-  backend: str = 'jax'  # 'jax', or 'onnx': ONNX Runtime on the CPU (flmiseg/onnx_backend.py).
+  backend: str = 'jax'  # 'jax', or 'onnx': ONNX Runtime on the CPU (flmiseg/export/onnx_backend.py).
 
   def check(self) -> None:
     """Raises UserError naming the first invalid option."""
@@ -359,7 +359,7 @@ def resize(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 @dataclasses.dataclass
 class Predictor:
   """Probabilities of raw planes with a trained model (weights, run config, tiling)."""
-  probs_of: object  # inference.prob_fn(...)
+  probs_of: object  # tiling.prob_fn(...)
   config: object
   tile: int
   overlap: float
@@ -377,7 +377,7 @@ class Predictor:
         raw, (max(1, round(h * factor)), max(1, round(w * factor))))
     data = self.config.data
     normalised = preprocess.normalize(scaled, data.normalization, data.kind)
-    prob = inference.sliding_window(self.probs_of, normalised, self.tile, self.overlap,
+    prob = tiling.sliding_window(self.probs_of, normalised, self.tile, self.overlap,
                                     self.batch_size, progress=True, on_batch=on_batch,
                                     batch_multiple=self.batch_multiple)
     if factor != 1.0:
@@ -490,23 +490,23 @@ def resolve_threshold(config, workdir, step: int, options: Options) -> tuple[flo
 
 
 def make_predictor(config, state, mesh, options: Options) -> Predictor:
-  """The Predictor of loaded weights (`inference.load`) with `options`' tile
-  (`inference.network_tile`), overlap, batch size (0: config.eval.batch_size) and TTA."""
+  """The Predictor of loaded weights (`tiling.load`) with `options`' tile
+  (`tiling.network_tile`), overlap, batch size (0: config.eval.batch_size) and TTA."""
   return Predictor(
-      inference.prob_fn(state, mesh, options.tta), config,
-      inference.network_tile(options.tile, config), options.overlap,
-      inference.round_up_batch(options.batch_size or config.eval.batch_size, mesh.size),
+      tiling.prob_fn(state, mesh, options.tta), config,
+      tiling.network_tile(options.tile, config), options.overlap,
+      tiling.round_up_batch(options.batch_size or config.eval.batch_size, mesh.size),
       batch_multiple=mesh.size)
 
 
 def load_predictor(config, workdir, options: Options) -> tuple[Predictor, int]:
   """(Predictor, checkpoint step) of the model in `workdir` on options.backend: JAX over
-  this process's devices, or ONNX Runtime (flmiseg/onnx_backend.py)."""
+  this process's devices, or ONNX Runtime (flmiseg/export/onnx_backend.py)."""
   if options.backend == 'onnx':
-    from flmiseg import onnx_backend  # pylint: disable=g-import-not-at-top  # (the extra)
+    from flmiseg.export import onnx_backend  # pylint: disable=g-import-not-at-top  # (the extra)
     return onnx_backend.make_predictor(config, workdir, options)
   mesh = sharding.make_mesh(jax.local_devices())
-  state, step = inference.load(config, workdir, mesh)
+  state, step = tiling.load(config, workdir, mesh)
   return make_predictor(config, state, mesh, options), step
 
 
@@ -525,7 +525,7 @@ def instance_options(config, workdir, step: int, options: Options) -> Options:
 def run(config, workdir, options: Options) -> dict:
   """Predicts every input image; returns {'written': [...], 'skipped': [...], ...}.
 
-  `config` is the run's (flmiseg/rundir.py); nothing is created unless the run holds a
+  `config` is the run's (flmiseg/store/rundir.py); nothing is created unless the run holds a
   trained model and every option is valid.
   """
   workdir = pathlib.Path(workdir)
@@ -539,7 +539,7 @@ def run(config, workdir, options: Options) -> dict:
   check_diameter(config, options.diameter, workdir)
   predictor, step = load_predictor(config, workdir, options)
   threshold, source = resolve_threshold(config, workdir, step, options)
-  if note := inference.tile_note(options.tile, config):
+  if note := tiling.tile_note(options.tile, config):
     logging.warning('%s', note)
   created = not out.exists()
   make_output(out, options)

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from flmiseg import checkpoint
+from flmiseg.store import checkpoint
 from flmiseg import models
-from flmiseg import pretrained
-from flmiseg import sharding
+from flmiseg.store import pretrained
+from flmiseg.core import sharding
 from flmiseg.data import pipeline
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

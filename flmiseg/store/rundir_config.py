@@ -5,7 +5,7 @@ flmiseg.main adds `--config=<this file>:DIR` for --mode=eval|predict|summary whe
 not given, so `--config.eval.batch_size=4`-style overrides of inference settings work there.
 """
 
-from flmiseg import rundir
+from flmiseg.store import rundir
 
 
 def get_config(workdir: str):

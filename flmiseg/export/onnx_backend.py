@@ -1,9 +1,9 @@
 """ONNX Runtime as the inference backend of predict and eval: `--backend=onnx` (CPU).
 
 The run's model is converted to ONNX once and kept in the run directory
-(flmiseg/export.py: `cached_onnx`; converted again when a newer checkpoint becomes the best);
+(flmiseg/export/onnx_graph.py: `cached_onnx`; converted again when a newer checkpoint becomes the best);
 everything around the network stays flmiseg's: the normalisation, the tiles and their Gaussian
-blending (flmiseg/inference.py), TTA, thresholds, instances and the metrics. So the masks are
+blending (flmiseg/inference/tiling.py), TTA, thresholds, instances and the metrics. So the masks are
 the JAX backend's up to float rounding (tests/test_export.py: IoU >= 0.99).
 
 `Runner` runs the graph on batches of any size: it pads H and W to the graph's multiple
@@ -14,18 +14,18 @@ splits a batch for a graph of fixed batch size. Needs the `flmiseg[export]` extr
 import jax
 import numpy as np
 
-from flmiseg import export
-from flmiseg import inference
-from flmiseg import metrics
-from flmiseg import predict
-from flmiseg import sharding
-from flmiseg.errors import UserError
+from flmiseg.export import onnx_graph
+from flmiseg.inference import tiling
+from flmiseg.evaluation import metrics
+from flmiseg.cli import predict
+from flmiseg.core import sharding
+from flmiseg.core.errors import UserError
 
 class Runner:
-  """An ONNX graph (`export.Layout`) as a function: float32 (N, h, w, 1) -> (N, h, w, C)."""
+  """An ONNX graph (`onnx_graph.Layout`) as a function: float32 (N, h, w, 1) -> (N, h, w, C)."""
 
-  def __init__(self, path, layout: export.Layout):
-    self.session = export.session(str(path))
+  def __init__(self, path, layout: onnx_graph.Layout):
+    self.session = onnx_graph.session(str(path))
     self.layout = layout
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -43,30 +43,30 @@ class Runner:
 
 
 def prob_fn(runner: Runner, tta: bool):
-  """`inference.prob_fn` on ONNX Runtime: tiles (B, t, t, 1) -> outputs (B, t, t, C), with
+  """`tiling.prob_fn` on ONNX Runtime: tiles (B, t, t, 1) -> outputs (B, t, t, C), with
   `tta` the mean over the 8 flips/rotations (all 8 views in one run)."""
   if not tta:
     return runner
 
   def averaged(tiles):
-    views = runner(np.concatenate([inference.dihedral(tiles, k, xp=np) for k in range(8)]))
-    return sum(inference.dihedral(v, k, inverse=True, xp=np)
+    views = runner(np.concatenate([tiling.dihedral(tiles, k, xp=np) for k in range(8)]))
+    return sum(tiling.dihedral(v, k, inverse=True, xp=np)
                for k, v in enumerate(np.split(views, 8))) / np.float32(8)
   return averaged
 
 
 def _load(config, workdir, tile: int) -> tuple[Runner, int]:
-  export.require('jax2onnx', 'onnx', 'onnxruntime', purpose='--backend=onnx')
+  onnx_graph.require('jax2onnx', 'onnx', 'onnxruntime', purpose='--backend=onnx')
   if jax.process_count() > 1:
     raise UserError('--backend=onnx runs in a single process; use --backend=jax with several')
-  path, layout, step = export.cached_onnx(config, workdir, tile)
+  path, layout, step = onnx_graph.cached_onnx(config, workdir, tile)
   return Runner(path, layout), step
 
 
 def make_predictor(config, workdir, options) -> tuple['predict.Predictor', int]:
   """(predict.Predictor on ONNX Runtime, checkpoint step) of the model in `workdir` with
   predict's `options` (tile, overlap, batch size, TTA)."""
-  tile = inference.network_tile(options.tile, config)
+  tile = tiling.network_tile(options.tile, config)
   runner, step = _load(config, workdir, tile)
   return predict.Predictor(prob_fn(runner, options.tta), config, tile, options.overlap,
                            options.batch_size or config.eval.batch_size), step
@@ -74,8 +74,8 @@ def make_predictor(config, workdir, options) -> tuple['predict.Predictor', int]:
 
 def predict_step(config, workdir, threshold: float):
   """A stand-in for the jitted `steps.predict_step` with `threshold` bound, for eval and
-  calibration (flmiseg/evaluate.py): predict(state, batch) -> (outputs (N, H, W, C), counts)
-  of whole images; a graph of fixed tiles runs `inference.sliding_window` over each."""
+  calibration (flmiseg/evaluation/evaluate.py): predict(state, batch) -> (outputs (N, H, W, C), counts)
+  of whole images; a graph of fixed tiles runs `tiling.sliding_window` over each."""
   runner, _ = _load(config, workdir, config.data.crop_size)
   layout = runner.layout
 
@@ -86,7 +86,7 @@ def predict_step(config, workdir, threshold: float):
     if layout.dynamic:
       probs = runner(images)
     else:
-      probs = np.stack([inference.sliding_window(runner, image[..., 0], layout.tile, 0.25,
+      probs = np.stack([tiling.sliding_window(runner, image[..., 0], layout.tile, 0.25,
                                                  config.eval.batch_size) for image in images])
     counts = metrics.confusion_counts(probs[..., :1], host['mask'], threshold, host['valid'])
     return probs, jax.device_get(counts)

@@ -2,7 +2,7 @@
 
   DIR/config.json       the resolved training config: architecture, preprocessing, pixel size
                         (the source of truth for --mode=eval|predict|summary);
-  DIR/calibration.json  the threshold calibrated for the best checkpoint (flmiseg/calibration.py);
+  DIR/calibration.json  the threshold calibrated for the best checkpoint (flmiseg/evaluation/calibration.py);
   DIR/input_stats.json  statistics of the normalised training images and masks, against which
                         predict checks that a new image looks like what the model was trained on;
   DIR/checkpoints/      the weights (the best checkpoint; runs written before kept it in
@@ -14,7 +14,7 @@ differs from the run's is refused, naming the field and both values, because it 
 silently change the preprocessing or the network.
 
 `config.imports` (code of the user's own that registers models, fusion operators, backbones or
-losses: flmiseg/registry.py) is neither kind of field (`CODE_FIELDS`): it is code, and a run
+losses: flmiseg/core/registry.py) is neither kind of field (`CODE_FIELDS`): it is code, and a run
 directory is something people share, so loading one never runs it on its own. When the run's
 config names imports, the command line must name the code to import itself (`--config.imports=`
 the run's modules, or the user's copy of them elsewhere, which then replaces the run's) or pass
@@ -28,10 +28,10 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from flmiseg import registry
+from flmiseg.core import registry
 from flmiseg.configs import default
 from flmiseg.data import preprocess
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 CONFIG_FILE = 'config.json'
 STATS_FILE = 'input_stats.json'
@@ -63,7 +63,7 @@ def flatten(tree: dict, prefix: str = '') -> dict:
 def check_trained(workdir) -> pathlib.Path:
   """The run directory, or a UserError when it holds no trained model."""
   workdir = pathlib.Path(workdir)
-  # checkpoints_best/: the best checkpoint of runs written before (flmiseg/checkpoint.py)
+  # checkpoints_best/: the best checkpoint of runs written before (flmiseg/store/checkpoint.py)
   folders = [workdir / 'checkpoints', workdir / 'checkpoints_best']
   has_weights = any(f.is_dir() and any(p.name.isdigit() for p in f.iterdir()) for f in folders)
   has_weights = has_weights or (workdir / 'weights.msgpack').is_file()  # a packed model
@@ -215,7 +215,7 @@ def summarize_stats(per_image: list[dict], foreground: list[float]) -> dict:
 
 
 def write_input_stats(workdir, stats: dict) -> None:
-  from flmiseg import files  # pylint: disable=g-import-not-at-top  # (JAX-heavy)
+  from flmiseg.core import files  # pylint: disable=g-import-not-at-top  # (JAX-heavy)
   files.write_json_atomic(pathlib.Path(workdir) / STATS_FILE, stats)
 
 

@@ -19,12 +19,12 @@ import pathlib
 from absl import logging
 import numpy as np
 
-from flmiseg import evaluate
-from flmiseg import files
-from flmiseg import instances
-from flmiseg import matching
-from flmiseg import metrics
-from flmiseg import sharding
+from flmiseg.evaluation import evaluate
+from flmiseg.core import files
+from flmiseg.objects import instances
+from flmiseg.objects import matching
+from flmiseg.evaluation import metrics
+from flmiseg.core import sharding
 
 CALIBRATION_FILE = 'calibration.json'
 # A fine-tuned run with fewer validation images keeps its source model's threshold

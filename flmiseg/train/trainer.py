@@ -18,24 +18,24 @@ import numpy as np
 import optax
 import tqdm
 
-from flmiseg import calibration as calibration_lib
-from flmiseg import checkpoint
-from flmiseg import evaluate
-from flmiseg import files
-from flmiseg import inference
-from flmiseg import instances
-from flmiseg import losses
+from flmiseg.evaluation import calibration as calibration_lib
+from flmiseg.store import checkpoint
+from flmiseg.evaluation import evaluate
+from flmiseg.core import files
+from flmiseg.inference import tiling
+from flmiseg.objects import instances
+from flmiseg.train import losses
 from flmiseg import models
-from flmiseg import optim
-from flmiseg import sharding
-from flmiseg import steps as steps_lib
-from flmiseg import logs
-from flmiseg import rundir
-from flmiseg import runlock
+from flmiseg.train import optim
+from flmiseg.core import sharding
+from flmiseg.train import steps as steps_lib
+from flmiseg.core import logs
+from flmiseg.store import rundir
+from flmiseg.core import runlock
 from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import pipeline
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 # Fields that may differ between runs on one workdir without mixing incompatible work.
 _FREE_FIELDS = ('eval', 'train.log_every_steps', 'train.resume_mismatch', 'data.num_workers',
@@ -96,7 +96,7 @@ def make_workdir(workdir) -> pathlib.Path:
 
 
 def lock_run(workdir) -> runlock.RunLock:
-  """DIR/run.lock taken by process 0 (flmiseg/runlock.py); raises RunDirectoryInUse on every
+  """DIR/run.lock taken by process 0 (flmiseg/core/runlock.py); raises RunDirectoryInUse on every
   process when a live training holds it."""
   lock = runlock.RunLock(workdir, enabled=jax.process_index() == 0)
   refusal = None
@@ -128,7 +128,7 @@ class TrainSetup:
 def build(config, sample_hw, num_train: int) -> TrainSetup:
   """The model, schedule, mesh and initial train state of `config`, for `num_train` training
   images of crops `sample_hw` (H, W)."""
-  dtype = inference.compute_dtype(config)
+  dtype = tiling.compute_dtype(config)
   sharding.check_batch_size(config.train.batch_size)
   losses.make_loss(config.train.loss, config.train.loss_weights)  # a bad name fails here
   model = models.create_model(config.model, dtype)
@@ -267,7 +267,7 @@ def train_and_evaluate(config, workdir) -> dict:
   best checkpoint on the validation split, then evaluates it on the test set.
 
   Returns the test summary (also written to DIR/eval/summary.json), or {} without a test set.
-  The run directory is locked meanwhile (DIR/run.lock, flmiseg/runlock.py): a second training
+  The run directory is locked meanwhile (DIR/run.lock, flmiseg/core/runlock.py): a second training
   started on it while this one lives is refused (runlock.RunDirectoryInUse).
   """
   with lock_run(make_workdir(workdir)):
@@ -345,7 +345,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
 
 def _init_source(config):
   """(folder, config) of the model config.train.init_from names."""
-  from flmiseg import pretrained  # pylint: disable=g-import-not-at-top
+  from flmiseg.store import pretrained  # pylint: disable=g-import-not-at-top
   folder = rundir.check_trained(pretrained.resolve_model(config.train.init_from,
                                                          'config.train.init_from'))
   return folder, rundir.read_config(folder)
@@ -386,7 +386,7 @@ def initialize_from(config, state, mesh):
       raise UserError(f'config.train.init_from={config.train.init_from}: its '
                       f'config.model.{key}={value!r}, this run\'s is {mine.get(key)!r}; '
                       'fine-tuning needs the same architecture')
-  loaded, step = inference.load(source, folder, mesh)
+  loaded, step = tiling.load(source, folder, mesh)
   logging.info('Initialised from %s (step %d)', folder, step)
   return state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
 
@@ -488,7 +488,7 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
     raise UserError('config.data.test_list is empty: nothing to evaluate')
   if state is None:  # --mode=eval: the weights alone, no optimizer or training batch
     mesh = sharding.make_mesh()
-    state, step = inference.load(config, workdir, mesh)
+    state, step = tiling.load(config, workdir, mesh)
   else:
     state, step = restore_best(workdir, state)
   predict = predict or steps_lib.jit_predict(config.eval.threshold)

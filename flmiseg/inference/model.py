@@ -1,12 +1,12 @@
 """Segmentation of images held in memory: the Python API behind the napari widget.
 
-  from flmiseg import segment
-  segmenter = segment.load('nucleus')     # a shipped model (er, mito, nucleus) or a folder
+  from flmiseg.inference import model
+  segmenter = model.load('nucleus')     # a shipped model (er, mito, nucleus) or a folder
   result = segmenter(image)               # a (H, W) array of any dtype
   result.mask                             # uint8 0/1, (H, W)
   segmenter(stack, axes='CZYX', channel=1, threshold=0.4, tta=True, instances=True).labels
 
-It runs the code of `--mode=predict` (flmiseg/predict.py): the model is loaded, its
+It runs the code of `--mode=predict` (flmiseg/cli/predict.py): the model is loaded, its
 threshold resolved (the one given, else calibrated, else config.eval.threshold) and its
 instance settings filled in by the same functions, and each plane goes through
 `predict.segment_planes` (normalisation of the whole plane, blended tiles, optional TTA, the
@@ -26,16 +26,16 @@ from typing import Callable
 import jax
 import numpy as np
 
-from flmiseg import config_checks
-from flmiseg import inference
-from flmiseg import predict
-from flmiseg import pretrained
-from flmiseg import registry
-from flmiseg import rundir
-from flmiseg import sharding
+from flmiseg.train import config_checks
+from flmiseg.inference import tiling
+from flmiseg.cli import predict
+from flmiseg.store import pretrained
+from flmiseg.core import registry
+from flmiseg.store import rundir
+from flmiseg.core import sharding
 from flmiseg.data import imagefile
 from flmiseg.data import preprocess
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 # An array's last axis is taken for its channels (YXC) when it is at most this long and
 # shorter than Y and X (`default_axes`).
@@ -107,7 +107,7 @@ class Segmenter:
                                                   trust_imports))
     config_checks.validate(self.config)
     self.mesh = sharding.make_mesh(jax.local_devices())
-    self.state, self.step = inference.load(self.config, self.folder, self.mesh)
+    self.state, self.step = tiling.load(self.config, self.folder, self.mesh)
     self.training = rundir.read_input_stats(self.folder)
     self._predictors = {}
     self._lock = threading.Lock()
@@ -150,7 +150,7 @@ class Segmenter:
       name: the image's name in messages and warnings.
       progress: called with the fraction done (0..1) after each batch of tiles.
     Returns:
-      A Segmentation. Raises UserError (flmiseg.errors) for invalid axes, channel or options.
+      A Segmentation. Raises UserError (flmiseg.core.errors) for invalid axes, channel or options.
     """
     # Options.check() wants an output folder: nothing is written, so a placeholder passes.
     options = predict.Options(
@@ -171,7 +171,7 @@ class Segmenter:
                                                      pixel_size, missing)
       outputs, stats, mask, labels = predict.segment_planes(predictor, planes, factor, value,
                                                             options, progress, missing, first)
-    warnings = [inference.tile_note(options.tile, self.config),
+    warnings = [tiling.tile_note(options.tile, self.config),
                 *notes,
                 predict.image_warning(name, stats, mask, self.training)]
     warnings[:0] = [f'{name}: {note}' for note in resized]

@@ -1,6 +1,6 @@
 """Writes a simulated fluorescence microscopy dataset to disk.
 
-  python -m flmiseg.simulate --kind=er --num_train=200 --num_test=20 --size=256 --seed=0 \\
+  python -m flmiseg.cli.simulate --kind=er --num_train=200 --num_test=20 --size=256 --seed=0 \\
       --out=DIR [--overwrite] [--randomize=wide|shifted] [--masks=visible]
 
 --kind=all writes DIR/er, DIR/mito and DIR/nucleus. Layout: DIR/train/images/*.tif,
@@ -21,7 +21,7 @@ from absl import app
 from absl import flags
 
 from flmiseg.data import simulate
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 flags.DEFINE_string('kind', 'er', "What to simulate: er, mito, nucleus, or all.")
 flags.DEFINE_integer('num_train', 200, 'Training images.')

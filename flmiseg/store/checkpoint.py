@@ -47,8 +47,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 from flmiseg.data import io
-from flmiseg.errors import CheckpointWriteError
-from flmiseg.errors import UserError
+from flmiseg.core.errors import CheckpointWriteError
+from flmiseg.core.errors import UserError
 
 # On-disk overhead of one checkpoint beyond the raw array bytes, measured with orbax 0.12.8:
 # tree metadata and sharding JSON (about 0.7 KiB per array) plus the JSON records.

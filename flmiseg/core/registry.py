@@ -19,7 +19,7 @@ import pathlib
 import sys
 from typing import Callable, Iterator, TypeVar
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 T = TypeVar('T')
 

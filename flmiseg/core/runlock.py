@@ -25,7 +25,7 @@ import socket
 
 from absl import logging
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 LOCK_FILE = 'run.lock'
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import jax
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 def is_primary() -> bool:

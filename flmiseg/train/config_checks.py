@@ -19,18 +19,18 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from flmiseg import inference
-from flmiseg import instances
-from flmiseg import losses
-from flmiseg import metrics
+from flmiseg.inference import tiling
+from flmiseg.objects import instances
+from flmiseg.train import losses
+from flmiseg.evaluation import metrics
 from flmiseg import models
-from flmiseg import optim
-from flmiseg import train
+from flmiseg.train import optim
+from flmiseg.train import trainer
 from flmiseg.data import loader
 from flmiseg.data import pipeline
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 MAX_SEED = 2 ** 31 - 1
 MIN_SYNTHETIC_SIZE = 16  # the simulator's smallest image side
@@ -184,11 +184,11 @@ RULES: dict[str, Rule] = {
     'train.batch_size': integer(1),
     'train.loss': text,  # its terms: `_check_consistency`
     'train.loss_weights': loss_weights,
-    'train.dtype': choice(inference.DTYPES, 'a dtype'),
+    'train.dtype': choice(tiling.DTYPES, 'a dtype'),
     'train.log_every_steps': _STEPS,
     'train.checkpoint_every_steps': integer(0, note=' (0: at every evaluation)'),
     'train.max_checkpoints': integer(1),
-    'train.resume_mismatch': choice(train.RESUME_MISMATCH),
+    'train.resume_mismatch': choice(trainer.RESUME_MISMATCH),
     'train.init_from': text,
     'train.early_stop_patience': integer(0, note=' (0: off)'),
     'train.freeze_batch_stats': boolean,

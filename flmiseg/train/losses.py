@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flmiseg import registry
-from flmiseg.errors import UserError
+from flmiseg.core import registry
+from flmiseg.core.errors import UserError
 
 # loss(logits, targets, valid=None) -> scalar float32 (see the module docstring).
 LossFn = Callable[..., jax.Array]

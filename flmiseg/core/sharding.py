@@ -11,7 +11,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:

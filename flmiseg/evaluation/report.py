@@ -2,7 +2,7 @@
 
 Files (each written whole by `files.write_atomic`, by process 0 only):
   summary.json    every metric, mean per image and pooled, at config.eval.threshold and under
-                  'calibrated' at the calibrated threshold (flmiseg/calibration.py);
+                  'calibrated' at the calibrated threshold (flmiseg/evaluation/calibration.py);
   per_image.csv   one row per test image, at config.eval.threshold;
   report.md       the summary as a Markdown table;
   worst_best.png  the test images with the lowest and highest IoU, with their errors
@@ -18,9 +18,9 @@ import pathlib
 
 import numpy as np
 
-from flmiseg import files
-from flmiseg import matching
-from flmiseg import metrics
+from flmiseg.core import files
+from flmiseg.objects import matching
+from flmiseg.evaluation import metrics
 from flmiseg.data import dataset
 
 SUMMARY_KEYS = ('iou', 'f1', 'dice', 'accuracy', 'precision', 'recall', 'auc')

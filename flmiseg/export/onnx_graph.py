@@ -19,7 +19,7 @@ written.
 `cached_onnx` converts a run once and keeps the graph in RUN/export/ (a packed model inside the
 installed package: in the user's cache folder), named by a digest of the config and the
 checkpoint, so a newer checkpoint converts again: the ONNX Runtime backend of predict and eval
-(flmiseg/onnx_backend.py) reads it from there. The package itself: flmiseg/bioimage_package.py.
+(flmiseg/export/onnx_backend.py) reads it from there. The package itself: flmiseg/export/bioimage.py.
 
 jax2onnx, onnx, onnxruntime and bioimageio.spec are the optional extra `flmiseg[export]`;
 they are imported only here and there, and a missing one is a one-line UserError.
@@ -40,13 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flmiseg import checkpoint
-from flmiseg import files
-from flmiseg import inference
+from flmiseg.store import checkpoint
+from flmiseg.core import files
+from flmiseg.inference import tiling
 from flmiseg import models
-from flmiseg import pretrained
-from flmiseg import sharding
-from flmiseg.errors import UserError
+from flmiseg.store import pretrained
+from flmiseg.core import sharding
+from flmiseg.core.errors import UserError
 
 INSTALL_HINT = 'pip install "flmiseg[export]"'
 OPSET = 18  # ONNX Runtime >= 1.14 (2023); jax2onnx's lowerings of ReduceMean need >= 18
@@ -115,7 +115,7 @@ def candidate_layouts(tile: int) -> list[Layout]:
 def forward(config, workdir):
   """(probs, step): probs maps a float32 NHWC batch to the float32 probabilities (N, H, W, C)
   of the best checkpoint (or packed weights) of `workdir`, computed in float32."""
-  state, step = inference.load(config, workdir, sharding.make_mesh(jax.local_devices()[:1]))
+  state, step = tiling.load(config, workdir, sharding.make_mesh(jax.local_devices()[:1]))
   variables = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(
       {'params': state.params, 'batch_stats': state.batch_stats}))
   model = models.create_model(config.model, jnp.float32)
@@ -317,7 +317,7 @@ class Options:
   """What --mode=export was asked to do."""
   output: str
   tile: int = 0  # 0: config.data.crop_size (for models whose graph takes fixed tiles),
-  # rounded up to a multiple of 32 (inference.network_tile)
+  # rounded up to a multiple of 32 (tiling.network_tile)
 
   def check(self) -> pathlib.Path:
     """The output folder; raises UserError unless it is new or empty."""
@@ -339,11 +339,11 @@ def run(config, workdir, options: Options) -> dict:
   {'output', 'layout', 'step', 'warnings'}."""
   out = options.check()
   require('jax2onnx', 'onnx', 'onnxruntime', 'bioimageio.spec')
-  from flmiseg import bioimage_package  # pylint: disable=g-import-not-at-top
-  bioimage_package.check_metadata(config)
-  if note := inference.tile_note(options.tile, config):
+  from flmiseg.export import bioimage  # pylint: disable=g-import-not-at-top
+  bioimage.check_metadata(config)
+  if note := tiling.tile_note(options.tile, config):
     logging.warning('%s', note)
   probs, step = forward(config, workdir)
   model_bytes, layout = convert_checked(probs, config, workdir,
-                                        inference.network_tile(options.tile, config))
-  return bioimage_package.write(config, workdir, out, probs, model_bytes, layout, step)
+                                        tiling.network_tile(options.tile, config))
+  return bioimage.write(config, workdir, out, probs, model_bytes, layout, step)

@@ -25,7 +25,7 @@ from skimage import measure
 from skimage import morphology
 from skimage import segmentation
 
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 HEADS = ('', 'distance')  # config.model.instance_head values ('' = semantic only)
 SEED_DYNAMIC = 0.1  # default h of the seeds' h-maxima, in units of the normalised distance

@@ -15,7 +15,7 @@ import warnings
 from absl import logging
 import tqdm
 
-_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent) + os.sep
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent.parent) + os.sep
 # Python loggers of the libraries beneath flmiseg (those not logging through absl).
 LIBRARY_LOGGERS = ('jax', 'jaxlib', 'orbax', 'grain', 'tensorstore', 'etils', 'flax',
                    'matplotlib', 'PIL', 'tensorboardX')

@@ -1,7 +1,7 @@
 """A bioimage.io model package (format 0.5) of a trained model: what `--mode=export` writes.
 
   rdf.yaml          the model description (bioimageio.spec's ModelDescr, validated on writing);
-  weights.onnx      the ONNX graph (flmiseg/export.py): normalised (B, Y, X, 1) float32 ->
+  weights.onnx      the ONNX graph (flmiseg/export/onnx_graph.py): normalised (B, Y, X, 1) float32 ->
                     probabilities (B, Y, X, C);
   test_input.npy,   a simulated image of the model's kind (flmiseg/data/simulate.py), raw, and
   test_output.npy   the output flmiseg's JAX model gives for it after the package's own
@@ -38,13 +38,13 @@ import numpy as np
 import pydantic
 import tifffile
 
-from flmiseg import calibration
-from flmiseg import export
-from flmiseg import predict
-from flmiseg import pretrained
+from flmiseg.evaluation import calibration
+from flmiseg.export import onnx_graph
+from flmiseg.cli import predict
+from flmiseg.store import pretrained
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
-from flmiseg.errors import UserError
+from flmiseg.core.errors import UserError
 
 PAPER = ('Guo, Y., Huang, J., Zhou, Y., Luo, Y., Li, W., Yang, G.: Segmentation of '
          'Intracellular Structures in Fluorescence Microscopy Images by Fusing Low-Level '
@@ -147,7 +147,7 @@ def describe_steps(steps) -> str:
 
 # ----------------------------------------------------------------------------- test data
 
-def test_image(config, layout: export.Layout, seed: int = 0) -> np.ndarray:
+def test_image(config, layout: onnx_graph.Layout, seed: int = 0) -> np.ndarray:
   """A raw simulated image (H, W) of the model's kind, of a size the graph takes: the crop
   size rounded up to the layout's multiple (at least 64), or the fixed tile."""
   if layout.dynamic:
@@ -162,7 +162,7 @@ def test_image(config, layout: export.Layout, seed: int = 0) -> np.ndarray:
 
 def test_tensors(config, probs_fn, layout, threshold: float, tries: int = 4):
   """(raw input (1, H, W, 1) float32, expected output (1, H, W, C), probabilities (H, W))
-  made by flmiseg's JAX model `probs_fn` (export.forward) on the package's preprocessing of
+  made by flmiseg's JAX model `probs_fn` (onnx_graph.forward) on the package's preprocessing of
   `test_image`: the first of `tries` images whose mask is not empty (the spec refuses an
   all-zero test output)."""
   steps, _ = preprocessing_steps(config)
@@ -393,7 +393,7 @@ def describe(config, folder: pathlib.Path, layout, step: int, threshold: float, 
             config.model.name.replace('_', '-')],
       inputs=[raw], outputs=[output],
       weights=v0_5.WeightsDescr(onnx=v0_5.OnnxWeightsDescr(
-          source=folder / 'weights.onnx', opset_version=export.OPSET)),
+          source=folder / 'weights.onnx', opset_version=onnx_graph.OPSET)),
       config=v0_5.Config.model_validate({
           'bioimageio': {'architecture_type': config.model.name[:32],
                          'modality': 'fluorescence microscopy',
