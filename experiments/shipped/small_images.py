@@ -1,6 +1,6 @@
 """Images smaller than a tile: the shipped models on crops against the same pixels in context.
 
-  python -m experiments.small_images [--size=100] [--images=10] [--seed=79]
+  python -m experiments.shipped.small_images [--size=100] [--images=10] [--seed=79]
 
 For each shipped model (er, mito, nucleus), simulates `--images` test images of 256x256 on the
 kind's default knobs (an unseen seed), and compares the mean mask IoU of the top-left

@@ -1,7 +1,7 @@
 """What real camera images do to the shipped models: hot pixels, a stitching border,
 saturation, and sparse fields.
 
-  python -m experiments.camera_defects [--before]
+  python -m experiments.shipped.camera_defects [--before]
 
 Camera images: for each shipped model (er, mito, nucleus), the 512x512 simulated image of
 the end-to-end check (`simulate.simulate(kind, 512, default_rng(77))`) as a 16-bit camera
