@@ -16,13 +16,13 @@ import numpy as np
 from flmiseg.core import console
 from flmiseg.evaluation import metrics
 from flmiseg.store import pretrained
-from flmiseg.inference import model
+from flmiseg.inference import model as segment
 from flmiseg.data import simulate
 
 
 def measure(kind: str, size: int, images: int, seed: int) -> dict:
   """{'crop': [IoU per image], 'whole': [IoU per image]} of the shipped `kind` model."""
-  model = model.load(kind)
+  model = segment.load(kind)
   crop, whole = [], []
   for index in range(images):
     image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', index))
