@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import tifffile
 
-from experiments import scaling
 from flmiseg.configs import default
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -19,11 +18,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 COMPILE_FAST = '--xla_cpu_use_fusion_emitters=false'
 
 
+def cpu_xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a CPU process with `devices` devices: this process's XLA_FLAGS with its
+  device count replaced (experiments/common.py has the same for the experiments, which the
+  tests' helpers never import)."""
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
+          if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join([f'--xla_force_host_platform_device_count={devices}', *kept])
+
+
 def cli_env(devices: int, backend_level_0: bool = False) -> dict:
   """The environment of a `python -m flmiseg.main` process on `devices` fake CPU devices, with
   the test process's other XLA flags (COMPILE_FAST among them, tests/conftest.py) and, with
   `backend_level_0`, XLA's backend optimisation level 0."""
-  xla = scaling.cpu_xla_flags(devices)
+  xla = cpu_xla_flags(devices)
   if backend_level_0:
     xla += ' --xla_backend_optimization_level=0'
   return dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))

@@ -1,11 +1,11 @@
-"""experiments/benchmark.py at a tiny size: the JSON's fields and its FLOP arithmetic."""
+"""experiments/benchmarks/benchmark.py at a tiny size: the JSON's fields and its FLOP arithmetic."""
 
 import math
 
 import jax.numpy as jnp
 import pytest
 
-from experiments import benchmark
+from experiments.benchmarks import benchmark
 from flmiseg.models import summary
 from flmiseg.models import unet
 
@@ -35,7 +35,7 @@ def test_benchmark_json_tiny():
 def test_torch_unet_has_the_same_parameter_count():
   torch = pytest.importorskip('torch')  # never a dependency; skipped where absent (CI)
   del torch
-  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import torch_unet  # pylint: disable=g-import-not-at-top
   for width in (4, 8):
     assert torch_unet.count_params(torch_unet.UNet(width=width)) == summary.count_params(
         unet.UNet(width=width))
@@ -56,7 +56,7 @@ def test_cpu_peak_estimate_reads_clock_and_vector_width(tmp_path, monkeypatch):
 def test_conv_profile_covers_the_unet_forward_flops():
   """The profiled 3x3 convolutions, with their use counts, are the U-Net's forward FLOPs
   but for the 1->64 input convolution, the up-convolutions and the head (under 3%)."""
-  from experiments import conv_profile  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import conv_profile  # pylint: disable=g-import-not-at-top
   assert conv_profile.conv_flops(16, 512, 1024) == 2 * 4 * 16 * 16 * 512 * 1024 * 9
   counted = sum(conv_profile.conv_flops(*s) * (2 if s in conv_profile.TWICE else 1)
                 for s in conv_profile.SHAPES)

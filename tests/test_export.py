@@ -35,7 +35,7 @@ from flmiseg.core import sharding
 from flmiseg.train import trainer
 from flmiseg.data import io
 from flmiseg.data import preprocess
-from experiments import benchmark
+from experiments.benchmarks import benchmark
 from tests import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

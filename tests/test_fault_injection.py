@@ -1,7 +1,7 @@
 """Kill -9 during training, resume, same result: the fault-injection harness at its tiniest.
 
-`experiments/fault_injection.py` trains a reference, repeats it (same seed: identical final
-state, logged metrics and test metrics), then kills fresh runs at random moments (most land
+`experiments/benchmarks/fault_injection.py` trains a reference, repeats it (same seed: identical
+final state, logged metrics and test metrics), then kills fresh runs at random moments (most land
 inside a checkpoint save), reruns them to the end and compares their final train state and
 test metrics with the reference's, bit for bit. A deletion of an old checkpoint cut short
 is tested in tests/test_checkpoint.py.
@@ -24,7 +24,7 @@ def test_killed_and_resumed_runs_equal_the_uninterrupted_one(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   # The harness sets the device count of the runs it starts and keeps our other XLA flags.
   result = subprocess.run(
-      [sys.executable, '-m', 'experiments.fault_injection', '--runs=1', '--steps=4',
+      [sys.executable, '-m', 'experiments.benchmarks.fault_injection', '--runs=1', '--steps=4',
        '--max_kills=1', '--fast_compile', '--seed=1', f'--workdir={tmp_path}'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   output = result.stdout

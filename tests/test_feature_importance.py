@@ -1,4 +1,4 @@
-"""experiments/feature_importance.py: ablation points, and a run on a tiny trained U-Net."""
+"""experiments/paper/feature_importance.py: ablation points, and a run on a tiny trained U-Net."""
 
 import json
 
@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import feature_importance
+from experiments.paper import feature_importance
 from flmiseg.core.errors import UserError
 from flmiseg.models import lowlevel
 from flmiseg.models import segnet

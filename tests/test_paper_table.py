@@ -1,4 +1,4 @@
-"""experiments/paper_table.py: the table's arithmetic and verdict, and one real cell."""
+"""experiments/paper/paper_table.py: the table's arithmetic and verdict, and one real cell."""
 
 import csv
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import paper_table
+from experiments.paper import paper_table
 from tests import helpers
 
 
@@ -145,7 +145,7 @@ def test_a_new_workdir_finishes_the_table_from_recorded_cells(tmp_path):
   workdir = tmp_path / 'fresh'
   result = helpers.run_cli(['--preset=converged', '--kinds=er', '--models=unet', '--seeds=1',
                             f'--workdir={workdir}', f'--results={cells}'],
-                           module='experiments.paper_table', devices=1, timeout=120)
+                           module='experiments.paper.paper_table', devices=1, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
   sweep = json.loads((workdir / 'er' / 'unet_original' / 'sweep.json').read_text())
   assert sweep['chosen_lr'] == 3e-3 and not (workdir / 'er' / 'unet_original' / 'lr0.003').exists()

@@ -1,12 +1,12 @@
-"""experiments/scaling.py: the scaling harness over fake devices, and two processes training
-in lockstep with exactly the parameters of one."""
+"""experiments/benchmarks/scaling.py: the scaling harness over fake devices, and two processes
+training in lockstep with exactly the parameters of one."""
 
 import math
 
 import numpy as np
 import pytest
 
-from experiments import scaling
+from experiments.benchmarks import scaling
 
 
 def test_two_processes_end_with_the_parameters_of_one(tmp_path):
@@ -36,7 +36,7 @@ def test_scaling_harness_over_one_and_two_fake_devices():
       assert math.isfinite(r['images_per_s']) and r['images_per_s'] > 0
       assert r['efficiency'] == pytest.approx(
           r['images_per_s'] / (r['num_devices'] * rows[0]['images_per_s']))
-  text = scaling.markdown(report, None, 'python -m experiments.scaling')
+  text = scaling.markdown(report, None, 'python -m experiments.benchmarks.scaling')
   assert '## Weak scaling' in text and '| 2 | 4 |' in text
 
 

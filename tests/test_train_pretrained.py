@@ -1,6 +1,6 @@
-"""experiments/train_pretrained.py, pretrained_recipe.py and pretrained_scale.py: the shipped
-models' recipes, the inverted test set, the recipe variants' names, the test sets at another
-object scale."""
+"""The shipped models' experiments (experiments/common.py, experiments/shipped/): the recipes,
+the inverted test set, the recipe variants' names, the test sets at another object scale, real
+images resized."""
 
 from absl import app
 import numpy as np
@@ -8,30 +8,31 @@ import pytest
 from scipy import ndimage
 import tifffile
 
-from experiments import pretrained_recipe
-from experiments import pretrained_scale
-from experiments import train_pretrained
+from experiments import common
+from experiments.shipped import pretrained_recipe
+from experiments.shipped import pretrained_scale
+from experiments.shipped import train_pretrained
 from flmiseg.data import lists
 from flmiseg.data import simulate
 
 
 def test_recipes_learn_both_contrasts_for_nuclei_only():
-  augment = {kind: train_pretrained.pretrained_config(kind, 10).data.augment
+  augment = {kind: common.pretrained_config(kind, 10).data.augment
              for kind in ('er', 'mito', 'nucleus')}
   assert augment == {'er': 'all', 'mito': 'all', 'nucleus': 'all,invert'}
 
 
 def test_recipes_draw_thin_structures_as_annotators_do_unless_told_otherwise():
-  masks = {kind: train_pretrained.pretrained_config(kind, 10).data.synthetic_masks
+  masks = {kind: common.pretrained_config(kind, 10).data.synthetic_masks
            for kind in ('er', 'mito', 'nucleus')}
   assert masks == {'er': 'visible', 'mito': 'visible', 'nucleus': 'geometry'}
-  first_cycle = train_pretrained.pretrained_config('er', 6000, masks='geometry')
+  first_cycle = common.pretrained_config('er', 6000, masks='geometry')
   assert first_cycle.data.synthetic_masks == 'geometry'
 
 
 def test_a_further_cycle_starts_from_the_source_at_its_own_learning_rate():
-  fresh = train_pretrained.pretrained_config('er', 3000)
-  cycle = train_pretrained.pretrained_config('er', 3000, 'runs/pretrained/er', 5e-4)
+  fresh = common.pretrained_config('er', 3000)
+  cycle = common.pretrained_config('er', 3000, 'runs/pretrained/er', 5e-4)
   assert (fresh.train.init_from, fresh.optim.lr) == ('', 2e-3)
   assert (cycle.train.init_from, cycle.optim.lr) == ('runs/pretrained/er', 5e-4)
   cycle.train.init_from, cycle.optim.lr = '', 2e-3
@@ -69,7 +70,7 @@ def test_scale_pairs_are_the_simulators_images_at_that_object_scale(tmp_path):
     assert len(pairs) == 2
     for i, pair in enumerate(pairs):
       image, mask = simulate.simulate('nucleus', 256, simulate.image_rng(
-          train_pretrained.TEST_SEED, 'test', i), simulate.Params(scale=scale))
+          common.TEST_SEED, 'test', i), simulate.Params(scale=scale))
       np.testing.assert_array_equal(tifffile.imread(pair.image), image)
       np.testing.assert_array_equal(tifffile.imread(pair.mask), mask)
     masks = [tifffile.imread(p.mask) > 0 for p in pairs]
@@ -78,7 +79,7 @@ def test_scale_pairs_are_the_simulators_images_at_that_object_scale(tmp_path):
 
 
 def test_rescaled_real_images_keep_their_type_and_label_values():
-  from experiments import real_image  # pylint: disable=g-import-not-at-top
+  from experiments.shipped import real_image  # pylint: disable=g-import-not-at-top
   image = np.arange(12 * 8, dtype=np.uint16).reshape(12, 8) * 700
   labels = np.zeros((12, 8), np.int32)
   labels[2:6, 2:4] = 7
@@ -101,7 +102,7 @@ def test_the_nucleus_recipe_records_the_simulators_nucleus_diameter():
   label_images = [simulate.simulate('nucleus', 256, simulate.image_rng(5, 'test', index),
                                     labels=True)[1] for index in range(12)]
   # Over 40 images 31.0 px; 12 images land within 2 px of it.
-  assert abs(predict.object_diameter(label_images) - train_pretrained.NUCLEUS_DIAMETER) < 2.0
-  recorded = {kind: train_pretrained.pretrained_config(kind, 10).data.object_diameter
+  assert abs(predict.object_diameter(label_images) - common.NUCLEUS_DIAMETER) < 2.0
+  recorded = {kind: common.pretrained_config(kind, 10).data.object_diameter
               for kind in ('er', 'mito', 'nucleus')}
-  assert recorded == {'er': 0.0, 'mito': 0.0, 'nucleus': train_pretrained.NUCLEUS_DIAMETER}
+  assert recorded == {'er': 0.0, 'mito': 0.0, 'nucleus': common.NUCLEUS_DIAMETER}

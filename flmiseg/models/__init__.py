@@ -7,7 +7,7 @@ Contract shared by every model (tests rely on it):
   * config.model.instance_head='distance' adds one output channel (the last): the logit of
     each object's normalised distance map (flmiseg/objects/instances.py); channel 0 stays the
     foreground logit, and side outputs are trained on their channel 0 only.
-  * aux is a dict with at least these keys, so analyses (experiments/feature_importance.py,
+  * aux is a dict with at least these keys, so analyses (experiments/paper/feature_importance.py,
     fusion research) and the loss need no per-model cases:
       'skips'         list of NHWC encoder features that the decoder (or head) fuses, finest
                       first, without the coarsest one;

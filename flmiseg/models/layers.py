@@ -37,7 +37,8 @@ class ConvTranspose(nn.Module):
   the layer is one matrix product and a depth-to-space reshape, equal to nn.ConvTranspose up
   to float rounding. XLA's CPU backend runs the dilated convolution slowly: for the four
   up-convolutions of the width-64 U-Net at batch 4 and 256x256, forward plus backward took
-  3.4 s that way and 0.09 s this way (2-core CPU; experiments/benchmark.py, docs/benchmarks.md).
+  3.4 s that way and 0.09 s this way (2-core CPU; experiments/benchmarks/benchmark.py,
+  docs/benchmarks.md).
   Other kernels and strides use `lax.conv_transpose`, as nn.ConvTranspose does. Parameters
   (names, shapes, initial values) are those of nn.ConvTranspose.
   """

@@ -84,7 +84,7 @@ class LowLevelSegmenter(nn.Module):
       DECODER_MULTIPLIERS. The last entry is the projection width of the coarsest feature.
     dtype: computation dtype of the input layer, decoder and head.
     ablate: decoder inputs to zero at inference, for the feature-importance analysis
-      (experiments/feature_importance.py): 'skip0' (the full-scale input layer) ..
+      (experiments/paper/feature_importance.py): 'skip0' (the full-scale input layer) ..
       'skip{L-1}' (the pyramid's levels but the coarsest), 'bottleneck' (the coarsest
       feature, where the decoder starts).
   """

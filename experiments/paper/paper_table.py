@@ -1,10 +1,10 @@
 """The paper's table in one command: every model, original vs lowlevel, per dataset kind.
 
-  python -m experiments.paper_table --preset=cpu --workdir=runs/paper_table
-  python -m experiments.paper_table --preset=converged --kinds=er --workdir=runs/converged
-  python -m experiments.paper_table --preset=reference --workdir=runs/paper_table_gpu
+  python -m experiments.paper.paper_table --preset=cpu --workdir=runs/paper_table
+  python -m experiments.paper.paper_table --preset=converged --kinds=er --workdir=runs/converged
+  python -m experiments.paper.paper_table --preset=reference --workdir=runs/paper_table_gpu
   # on your own data (one kind, your lists):
-  python -m experiments.paper_table --preset=cpu --kinds=er \
+  python -m experiments.paper.paper_table --preset=cpu --kinds=er \
       --train_list=train.txt --test_list=test.txt --workdir=runs/my_table
 
 Trains every cell (kind, model, variant, seed) with `flmiseg.train.trainer.train_and_evaluate` in its

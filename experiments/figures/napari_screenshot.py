@@ -1,7 +1,7 @@
 """Draws docs/napari.png: the napari widget after segmenting a simulated nucleus image.
 
-  python -m experiments.napari_screenshot [--out=docs/napari.png]
-  xvfb-run -a python -m experiments.napari_screenshot     # on a machine without a screen
+  python -m experiments.figures.napari_screenshot [--out=docs/napari.png]
+  xvfb-run -a python -m experiments.figures.napari_screenshot     # on a machine without a screen
 
 Needs the napari extra (pip install "flmiseg[napari]"). Opens napari with the plugin's sample
 image (File > Open Sample > flmiseg > Simulated nuclei), docks the Segment widget, segments
@@ -35,7 +35,7 @@ def main(argv):
   manager = npe2.PluginManager.instance()
   if 'flmiseg' not in manager:  # a source tree that was not pip-installed
     manager.register(npe2.PluginManifest.from_file(
-        pathlib.Path(__file__).resolve().parent.parent / 'flmiseg' / 'napari' / 'napari.yaml'))
+        pathlib.Path(__file__).resolve().parents[2] / 'flmiseg' / 'napari' / 'napari.yaml'))
   viewer = napari.Viewer(show=True)
   viewer.window._qt_window.resize(FLAGS.width, FLAGS.height)  # pylint: disable=protected-access
   viewer.open_sample('flmiseg', 'nucleus')

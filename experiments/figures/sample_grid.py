@@ -1,7 +1,8 @@
 """Draws what the simulator makes: docs/simulated_samples.png.
 
-  python -m experiments.sample_grid [--out=docs/simulated_samples.png] [--seed=0]
-  python -m experiments.sample_grid --randomize=wide [--contours]   # simulated_wide_samples.png
+  python -m experiments.figures.sample_grid [--out=docs/simulated_samples.png] [--seed=0]
+  python -m experiments.figures.sample_grid --randomize=wide [--contours]
+      # docs/simulated_wide_samples.png
 
 For each kind (rows), three samples, each shown as the image (contrast-stretched between its
 1st and 99.8th percentiles) and the same image with the ground-truth mask contour in red.

@@ -1,6 +1,6 @@
 """Bit depth and exposure invariance of a trained run, measured through --mode=predict.
 
-  python -m experiments.bit_depth --workdir=runs/nucleus [--workdir=runs/nucleus_ref] \
+  python -m experiments.shipped.bit_depth --workdir=runs/nucleus [--workdir=runs/nucleus_ref] \
       [--out=docs/bit_depth.md]
 
 Takes the simulated test images of each run's config (8-bit for nucleus, 16-bit for er/mito),

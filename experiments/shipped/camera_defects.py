@@ -1,7 +1,7 @@
 """What real camera images do to the shipped models: hot pixels, a stitching border,
 saturation, and sparse fields.
 
-  python -m experiments.camera_defects [--before]
+  python -m experiments.shipped.camera_defects [--before]
 
 Camera images: for each shipped model (er, mito, nucleus), the 512x512 simulated image of
 the end-to-end check (`simulate.simulate(kind, 512, default_rng(77))`) as a 16-bit camera
@@ -29,7 +29,7 @@ import numpy as np
 
 from flmiseg.core import console
 from flmiseg.evaluation import metrics
-from flmiseg.inference import model
+from flmiseg.inference import model as segment
 from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
@@ -116,13 +116,13 @@ def main(argv):
   print('| image | model | IoU |')
   print('|---|---|---|')
   for kind in ('er', 'mito', 'nucleus'):
-    model = model.load(kind)
+    model = segment.load(kind)
     variants, truth = camera_variants(kind, loader.synthetic_masks(model.config.data))
     for name, image in variants.items():
       keep = debris_free(name)[:, BORDER:]
       iou = metrics.mask_iou((model(image).mask[:, BORDER:] > 0) & keep, truth[:, BORDER:] & keep)
       print(f'| {name} | {kind} | {iou:.3f} |', flush=True)
-  model = model.load('nucleus')
+  model = segment.load('nucleus')
   for name, image, truth in sparse_fields():
     iou = metrics.mask_iou(model(image).mask, truth)
     print(f'| sparse field: {name} | nucleus | {iou:.3f} |', flush=True)

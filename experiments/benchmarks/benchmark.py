@@ -1,7 +1,8 @@
 """Speed of the product's own train and predict steps, in fp32 and bf16, optionally beside
 PyTorch.
 
-  python -m experiments.benchmark --model=unet --width=64 --size=256 --batch=4 --json [--torch]
+  python -m experiments.benchmarks.benchmark --model=unet --width=64 --size=256 --batch=4 \
+      --json [--torch]
 
 Prints one JSON object. For each dtype (float32, bfloat16: `config.train.dtype`, parameters
 stay float32) it times the jitted `flmiseg.train.steps` train and predict steps, built exactly as
@@ -17,11 +18,11 @@ peak resident set on a CPU (which includes the Python runtime).
 
 It also measures the input pipeline (`flmiseg.data.pipeline.train_dataset`: random crop,
 flip/rotation, batching, in this one process) in images/s per host core, and with `--torch`
-(when PyTorch is importable; it is never a dependency) times `experiments/torch_unet.py`, the
-same U-Net, eagerly in fp32 as the reference runs it (SGD momentum, BCE), on the same device,
-and reports the JAX/PyTorch ratios.
+(when PyTorch is importable; it is never a dependency) times
+`experiments/benchmarks/torch_unet.py`, the same U-Net, eagerly in fp32 as the reference runs
+it (SGD momentum, BCE), on the same device, and reports the JAX/PyTorch ratios.
 
-  python -m experiments.benchmark --backends=jax,onnx --predict_model=nucleus --size=1024
+  python -m experiments.benchmarks.benchmark --backends=jax,onnx --predict_model=nucleus --size=1024
 
 instead compares predict's backends side by side (`backend_times`): one simulated image of
 --size x --size pixels predicted by a shipped model (or a run folder) exactly as --mode=predict
@@ -240,7 +241,7 @@ def pipeline_rate(size: int, batch: int, num_batches: int = 30) -> float:
 def torch_rates(width: int, size: int, batch: int, repeats: int, steps: int) -> dict:
   """images/s of the PyTorch U-Net, eager fp32: train (SGD step) and no-grad inference."""
   import torch  # pylint: disable=g-import-not-at-top
-  from experiments import torch_unet  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import torch_unet  # pylint: disable=g-import-not-at-top
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   net = torch_unet.UNet(width=width).to(device)
   opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -1,10 +1,10 @@
 """The shipped models on images with a cell edge: beyond it, only the camera's background.
 
-  python -m experiments.cell_edges [--kinds=er,mito] [--model=DIR]
+  python -m experiments.shipped.cell_edges [--kinds=er,mito] [--model=DIR]
 
 Real ER and mitochondria images often show a cell's edge, with dark glass beyond it; the
 simulator's default images are cytoplasm from border to border. Test images: the 20 default-
-knob test images of each kind (`train_pretrained.test_pairs`, seed 1000), each pasted into a
+knob test images of each kind (`common.test_pairs`, seed 1000), each pasted into a
 cell (an irregular blob, seeded, 33-61 % of the field outside it, its edge softened over about
 two pixels) whose outside holds the camera alone: the kind's offset, read noise and a Poisson
 background of 2 photons. The mask is the original one inside the cell. Reported: mean IoU of
@@ -25,11 +25,11 @@ import numpy as np
 from scipy import ndimage
 import tifffile
 
+from experiments import common
 from flmiseg.core import console
 from flmiseg.evaluation import metrics
 from flmiseg.store import pretrained
 from flmiseg.data import simulate
-from experiments import train_pretrained
 
 
 def cell_edge_pairs(kind: str, folder: pathlib.Path):
@@ -37,7 +37,7 @@ def cell_edge_pairs(kind: str, folder: pathlib.Path):
   folder.mkdir(parents=True, exist_ok=True)
   knobs = simulate.resolve(kind, None)
   rng = np.random.default_rng(7)
-  pairs = train_pretrained.test_pairs(kind, 'default')
+  pairs = common.test_pairs(kind, 'default')
   edged, cells = [], []
   for i, pair in enumerate(pairs):
     raw = tifffile.imread(pair.image)
@@ -65,7 +65,7 @@ def _scores(folder, pairs, cells) -> tuple[float, float]:
   """(mean IoU more than 4 px from the cell's edge, mean predicted pixels outside the cell) of
   the model in `folder` on `pairs`."""
   ious, outside = [], []
-  for pair, cell, pred in zip(pairs, cells, train_pretrained.predictions(folder, pairs)):
+  for pair, cell, pred in zip(pairs, cells, common.predictions(folder, pairs)):
     truth = tifffile.imread(pair.mask) > 0
     far = ~(ndimage.binary_dilation(cell, iterations=4) & ~ndimage.binary_erosion(
         cell, iterations=4))

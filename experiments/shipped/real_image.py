@@ -2,11 +2,11 @@
 fine-tuned on crops of its top half and trained from scratch on them, measured on its bottom
 half.
 
-  python -m experiments.real_image --image=img2d.tif --labels=mask2d.tif --kind=nucleus \
+  python -m experiments.shipped.real_image --image=img2d.tif --labels=mask2d.tif --kind=nucleus \
       --workdir=runs/real_nuclei [--seeds=2] [--recipes=finetuned,scratch] [--model=DIR]
-  python -m experiments.real_image --image=a.png,b.png --labels=a_mask.png,b_mask.png \
+  python -m experiments.shipped.real_image --image=a.png,b.png --labels=a_mask.png,b_mask.png \
       --kind=er --seeds=0 [--model=DIR]     # several images, the model without training
-  python -m experiments.real_image --image=img2d.tif --labels=mask2d.tif --kind=nucleus \
+  python -m experiments.shipped.real_image --image=img2d.tif --labels=mask2d.tif --kind=nucleus \
       --seeds=0 --scales=0.33,0.5,1,2,3 [--diameter=25]   # the images resized: other
                                             # pixel sizes [, predicted with --diameter]
 
@@ -22,7 +22,7 @@ validation), the bottom half is the test image no run sees; the table also gives
 the connected components of the same mask.
 The labels may be a binary mask or a label image (0 background, one value per object, as
 StarDist and Cellpose write them). Every figure goes through the predict path
-(`train_pretrained.scores`).
+(`common.scores`).
 """
 
 import pathlib
@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 import tifffile
 
+from experiments import common
 from flmiseg.core import console
 from flmiseg.evaluation import metrics
 from flmiseg.cli import predict
@@ -40,10 +41,8 @@ from flmiseg.store import pretrained
 from flmiseg.store import rundir
 from flmiseg.data import io
 from flmiseg.data import lists
-from experiments import finetune
-from experiments import train_pretrained
 
-CROP = finetune.CROP
+CROP = common.CROP
 
 
 def split(image: np.ndarray, labels: np.ndarray, root: pathlib.Path, num: int = 12,
@@ -100,17 +99,16 @@ def rescaled(image: np.ndarray, labels: np.ndarray, factor: float
 
 def zero_shot(model: pathlib.Path, pairs, images, diameter: float | None = None
               ) -> list[dict]:
-  """Per pair (and its image, as read): the scores of `train_pretrained.scores` on it alone,
+  """Per pair (and its image, as read): the scores of `common.scores` on it alone,
   'iou_unsaturated' and 'area_ratio' (each image predicted once, with --diameter=`diameter`
   when given)."""
-  config, threshold, dynamic, each = train_pretrained.outputs(model, pairs,
-                                                              diameter=diameter)
+  config, threshold, dynamic, each = common.outputs(model, pairs, diameter=diameter)
   results = []
   for pair, image, out in zip(pairs, images, each):
-    one = train_pretrained.image_scores(config, threshold, dynamic, pair, out)
+    one = common.image_scores(config, threshold, dynamic, pair, out)
     pred, truth = one['pred'], one['truth']
     keep = unsaturated(image)
-    results.append({**train_pretrained.pooled([one]),
+    results.append({**common.pooled([one]),
                     'iou_unsaturated': metrics.mask_iou(pred & keep, truth & keep),
                     'area_ratio': pred.sum() / max(truth.sum(), 1)})
   return results
@@ -190,13 +188,13 @@ def main(argv):
   if not FLAGS.seeds:
     return
   train_list, test_list, pairs = split(*arrays[0], root)
-  rows = {f'{name}, no training': [{**train_pretrained.scores(model, pairs), 'seconds': 0.0}]}
+  rows = {f'{name}, no training': [{**common.scores(model, pairs), 'seconds': 0.0}]}
   recipes = {'finetuned': ('fine-tuned from it', str(model)),
              'scratch': ('from scratch', '')}
   for recipe in FLAGS.recipes:
     label, init = recipes[recipe]
-    rows[label] = [finetune.run_cell(FLAGS.kind, root, train_list, test_list, init, False, s,
-                                     pairs, FLAGS.lr) for s in range(FLAGS.seeds)]
+    rows[label] = [common.run_cell(FLAGS.kind, root, train_list, test_list, init, False, s, pairs,
+                                   FLAGS.lr) for s in range(FLAGS.seeds)]
   print(f'\n| {pathlib.Path(FLAGS.image[0]).name}, bottom half; 12 crops of {CROP}x{CROP} of '
         'the top half | IoU | instance AP@0.5 | AP@0.5, connected components | wall s per '
         'run |\n|---|---|---|---|---|')

@@ -1,6 +1,6 @@
 """Instance AP of the distance head versus connected components of the same model.
 
-  python -m experiments.instances --workdir=runs/instances [--seeds=0,1,2] [--steps=400]
+  python -m experiments.shipped.instances --workdir=runs/instances [--seeds=0,1,2] [--steps=400]
 
 Per seed: trains configs/nucleus_instances.py (width-16 U-Net with the distance head, 80
 simulated 256x256 nucleus images, label-image masks, 400 steps) in WORKDIR/seed<k>, then

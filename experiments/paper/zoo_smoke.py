@@ -1,8 +1,8 @@
 """Trains every (name, variant) of the zoo briefly from the default config and reports test
-IoU: a check that each model learns, not a benchmark (see experiments/paper_table.py for the
+IoU: a check that each model learns, not a benchmark (see experiments/paper/paper_table.py for the
 comparison the paper makes).
 
-  python -m experiments.zoo_smoke --workdir=runs/zoo [--steps=60] [--width=8]
+  python -m experiments.paper.zoo_smoke --workdir=runs/zoo [--steps=60] [--width=8]
 
 Each run is `configs/default.py` (simulated ER) with only the model name/variant changed, plus
 the shortened schedule and width given here. Resumable: finished runs are not retrained.

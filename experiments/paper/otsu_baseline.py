@@ -1,6 +1,6 @@
 """A classical baseline: Otsu's global threshold per image, scored like the networks.
 
-  python -m experiments.otsu_baseline --config=configs/default.py [--smooth=1.0]
+  python -m experiments.paper.otsu_baseline --config=configs/default.py [--smooth=1.0]
 
 Reads the test set the config points at (the simulated default, or your lists), thresholds
 each raw image at its Otsu level (after an optional Gaussian smoothing of `smooth` pixels),

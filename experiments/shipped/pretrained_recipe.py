@@ -1,14 +1,14 @@
 """Choosing the shipped models' recipe: learning rate, steps and width, by validation IoU.
 
-  python -m experiments.pretrained_recipe --kind=er --workdir=runs/recipe \
+  python -m experiments.shipped.pretrained_recipe --kind=er --workdir=runs/recipe \
       --variants=w16_lr0.002_s1500,w16_lr0.001_s1500,w16_lr0.01_s1500,w8_lr0.002_s1500
 
 Each variant `w<width>_lr<learning rate>_s<steps>` trains the shipped recipe
-(`train_pretrained.pretrained_config(kind, steps)`: the 'wide' simulated microscopes and the
+(`common.pretrained_config(kind, steps)`: the 'wide' simulated microscopes and the
 augmentation) with that U-Net width and learning rate in WORKDIR/<kind>_<variant> (resumable:
 a finished run is only measured), then reports its calibrated validation IoU (the 60
 validation images of the wide distribution: what the choice rests on), the test IoU on the
-kind's default and 'shifted' test knobs (train_pretrained.test_scores), and the wall time of a cold
+kind's default and 'shifted' test knobs (common.test_scores), and the wall time of a cold
 1024x1024 prediction. Nothing is packed; `train_pretrained` ships the chosen recipe.
 """
 
@@ -19,7 +19,7 @@ import re
 from absl import app
 from absl import flags
 
-from experiments import train_pretrained
+from experiments import common
 from flmiseg.evaluation import calibration
 from flmiseg.core import console
 from flmiseg.train import trainer
@@ -40,13 +40,13 @@ def run_variant(kind: str, variant: str, root: pathlib.Path) -> dict:
   width, lr, steps = parse_variant(variant)
   workdir = root / f'{kind}_{variant}'
   if not (workdir / 'calibration.json').exists():
-    config = train_pretrained.pretrained_config(kind, steps)
+    config = common.pretrained_config(kind, steps)
     config.model.width, config.optim.lr = width, lr
     trainer.train_and_evaluate(config, workdir)
   row = {'kind': kind, 'width': width, 'lr': lr, 'steps': steps,
          'val_iou': calibration.read_calibration(workdir)['val_score'],
-         **train_pretrained.test_scores(workdir, kind)}
-  row['cold_predict_1024_s'] = train_pretrained.cold_predict_seconds(kind, str(workdir))
+         **common.test_scores(workdir, kind)}
+  row['cold_predict_1024_s'] = common.cold_predict_seconds(kind, str(workdir))
   return row
 
 

@@ -1,8 +1,8 @@
 """Where the CPU time of the width-64 U-Net goes: each of its 3x3 convolutions alone, and the
 whole forward pass, under XLA (and PyTorch's oneDNN beside it, when torch is importable).
 
-  python -m experiments.conv_profile [--torch]
-  XLA_FLAGS=... python -m experiments.conv_profile   # the effect of an XLA flag
+  python -m experiments.benchmarks.conv_profile [--torch]
+  XLA_FLAGS=... python -m experiments.benchmarks.conv_profile   # the effect of an XLA flag
 
 Batch 4 at 256x256 input, fp32, median of 5 timed calls after a warm-up. The table in
 docs/benchmarks.md ("The profile that explains the gap") comes from this script.

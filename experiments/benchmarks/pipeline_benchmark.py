@@ -1,6 +1,6 @@
 """Input pipeline throughput: read + preprocess + augment + batch, and where to augment.
 
-  python -m experiments.pipeline_benchmark [--num_images=64] [--size=256] [--batch=16]
+  python -m experiments.benchmarks.pipeline_benchmark [--num_images=64] [--size=256] [--batch=16]
 
 Writes `num_images` 16-bit TIFFs (size x size) to a temporary folder and measures, in
 images/s on this machine:

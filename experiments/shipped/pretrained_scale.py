@@ -1,14 +1,14 @@
 """How the shipped models fare on objects smaller or larger than the simulator's defaults:
 the same specimen imaged at another pixel size.
 
-  python -m experiments.pretrained_scale [--kinds=er,mito,nucleus] [--scales=0.35,0.5,...]
+  python -m experiments.shipped.pretrained_scale [--kinds=er,mito,nucleus] [--scales=0.35,0.5,...]
       [--num_images=10] [--tta]
 
 For each shipped model and each object scale s, `num_images` simulated 256x256 test images of
 an unseen seed with the kind's default knobs except `simulate.Params(scale=s)` (widths, radii,
 lengths and texture times s; the PSF and the noise per pixel stay: a microscope with s times
 smaller pixels and the same resolution in pixels), segmented through the predict path at the
-calibrated threshold (`train_pretrained.scores`). Prints the mean IoU per kind and scale as a
+calibrated threshold (`common.scores`). Prints the mean IoU per kind and scale as a
 Markdown table. The shipped models were trained on object scales 0.6-1.6 (nucleus:
 0.35-2.5) with a 0.7-1.4 scale jitter (docs/models.md).
 """
@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 import tifffile
 
-from experiments import train_pretrained
+from experiments import common
 from flmiseg.core import console
 from flmiseg.store import pretrained
 from flmiseg.store import rundir
@@ -39,7 +39,7 @@ def scale_pairs(kind: str, scale: float, num: int, folder: pathlib.Path,
   pairs = []
   for i in range(num):
     image, mask = simulate.simulate(
-        kind, 256, simulate.image_rng(train_pretrained.TEST_SEED, 'test', i),
+        kind, 256, simulate.image_rng(common.TEST_SEED, 'test', i),
         simulate.Params(scale=scale), masks=masks)
     paths = folder / f'{i:03d}.tif', folder / f'{i:03d}_mask.tif'
     tifffile.imwrite(paths[0], image)
@@ -57,7 +57,7 @@ def main(argv):
     for kind in FLAGS.kinds:
       folder = pretrained.PRETRAINED_DIR / kind
       masks = loader.synthetic_masks(rundir.read_config(folder).data)
-      ious = [train_pretrained.scores(folder, scale_pairs(
+      ious = [common.scores(folder, scale_pairs(
           kind, s, FLAGS.num_images, pathlib.Path(tmp) / f'{kind}_{s}', masks), FLAGS.tta)['iou']
               for s in scales]
       rows.append(f'| {kind} | ' + ' | '.join(f'{v:.3f}' for v in ious) + ' |')
@@ -65,7 +65,7 @@ def main(argv):
   print('|---|' + '---|' * len(scales))
   print('\n'.join(rows))
   print(f'mean IoU over {FLAGS.num_images} images per cell' +
-        (', 8x TTA' if FLAGS.tta else '') + f'; {train_pretrained.machine()}')
+        (', 8x TTA' if FLAGS.tta else '') + f'; {common.machine()}')
 
 
 if __name__ == '__main__':

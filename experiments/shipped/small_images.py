@@ -1,6 +1,6 @@
 """Images smaller than a tile: the shipped models on crops against the same pixels in context.
 
-  python -m experiments.small_images [--size=100] [--images=10] [--seed=79]
+  python -m experiments.shipped.small_images [--size=100] [--images=10] [--seed=79]
 
 For each shipped model (er, mito, nucleus), simulates `--images` test images of 256x256 on the
 kind's default knobs (an unseen seed), and compares the mean mask IoU of the top-left
@@ -16,13 +16,13 @@ import numpy as np
 from flmiseg.core import console
 from flmiseg.evaluation import metrics
 from flmiseg.store import pretrained
-from flmiseg.inference import model
+from flmiseg.inference import model as segment
 from flmiseg.data import simulate
 
 
 def measure(kind: str, size: int, images: int, seed: int) -> dict:
   """{'crop': [IoU per image], 'whole': [IoU per image]} of the shipped `kind` model."""
-  model = model.load(kind)
+  model = segment.load(kind)
   crop, whole = [], []
   for index in range(images):
     image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', index))

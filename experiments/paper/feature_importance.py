@@ -1,6 +1,6 @@
 """Which features carry the segmentation: the paper's ablation of the decoder's inputs.
 
-  python -m experiments.feature_importance --workdir=runs/default \
+  python -m experiments.paper.feature_importance --workdir=runs/default \
       [--figure=docs/feature_importance.png]
 
 For a trained run (its DIR/config.json and best checkpoint), zeroes each input of the decoder in

@@ -1,12 +1,13 @@
 """Scaling over devices, and the multi-process check.
 
-  python -m experiments.scaling [--counts=1,2,4,8] [--two_process] [--out=docs/scaling.md]
+  python -m experiments.benchmarks.scaling [--counts=1,2,4,8] [--two_process] \
+      [--out=docs/scaling.md]
 
 Weak scaling (a fixed per-device batch, so the global batch grows with the devices) and strong
 scaling (a fixed global batch split over more devices) of the real training step
-(`flmiseg.train.steps.train_step`, jitted and sharded as in training; `experiments.benchmark`
-times it). The device count is fixed when JAX starts, so each count runs in its own
-subprocess: on a CPU machine over N fake host devices
+(`flmiseg.train.steps.train_step`, jitted and sharded as in training;
+`experiments.benchmarks.benchmark` times it). The device count is fixed when JAX starts, so
+each count runs in its own subprocess: on a CPU machine over N fake host devices
 (`--xla_force_host_platform_device_count=N`), on a GPU machine over the first N GPUs
 (`CUDA_VISIBLE_DEVICES`; counts above the number of GPUs are skipped). Efficiency is
 images/s at N devices divided by N times images/s at one device. On a CPU the fake devices
@@ -33,7 +34,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from experiments import common
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 FLAGS = flags.FLAGS
 
 CPU_NOTE = ('CPU machine: the N devices are fake host devices sharing the same cores, so '
@@ -57,19 +60,11 @@ def define_flags():
   flags.DEFINE_integer('worker', 0, 'Internal: time one point with this global batch.')
 
 
-def cpu_xla_flags(devices: int) -> str:
-  """XLA_FLAGS for a CPU process with `devices` devices: this process's XLA_FLAGS with its
-  device count replaced."""
-  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
-          if not f.startswith('--xla_force_host_platform_device_count')]
-  return ' '.join([f'--xla_force_host_platform_device_count={devices}', *kept])
-
-
 def _cpu_env(num_devices: int) -> dict:
   """The environment of a CPU process with `num_devices` devices; other XLA flags of this
   process's environment pass on."""
   return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-              XLA_FLAGS=cpu_xla_flags(num_devices))
+              XLA_FLAGS=common.cpu_xla_flags(num_devices))
 
 
 def gpu_count() -> int:
@@ -92,7 +87,7 @@ def point(num_devices: int, global_batch: int, gpus: int, model: str, width: int
                CUDA_VISIBLE_DEVICES=','.join(str(i) for i in range(num_devices)))
   else:
     env = _cpu_env(num_devices)
-  cmd = [sys.executable, '-m', 'experiments.scaling', f'--worker={global_batch}',
+  cmd = [sys.executable, '-m', 'experiments.benchmarks.scaling', f'--worker={global_batch}',
          f'--model={model}', f'--width={width}', f'--size={size}', f'--repeats={repeats}',
          f'--steps={steps}']
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -107,7 +102,7 @@ def point(num_devices: int, global_batch: int, gpus: int, model: str, width: int
 
 def worker(global_batch: int) -> None:
   """Prints one JSON line: the train step's images/s over every visible device."""
-  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import benchmark  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   config = benchmark.make_config(FLAGS.model, 'original', FLAGS.width, FLAGS.size,
                                  global_batch, 'float32')
@@ -258,7 +253,7 @@ def main(argv):
   two = two_process_check(pathlib.Path(FLAGS.workdir)) if FLAGS.two_process else None
   if two is not None:
     print(json.dumps({'two_process': two}))
-  command = 'python -m experiments.scaling ' + ' '.join(sys.argv[1:])
+  command = 'python -m experiments.benchmarks.scaling ' + ' '.join(sys.argv[1:])
   text = markdown(report, two, command.strip())
   print(text)
   if FLAGS.out:

@@ -1,7 +1,7 @@
 """Fine-tuning a shipped model on 12 crops of 128x128 versus training from scratch on them.
 
-  python -m experiments.finetune --kind=nucleus --workdir=runs/finetune [--seeds=3]
-  python -m experiments.finetune --kind=er --knobs=default --annotation=thick
+  python -m experiments.shipped.finetune --kind=nucleus --workdir=runs/finetune [--seeds=3]
+  python -m experiments.shipped.finetune --kind=er --knobs=default --annotation=thick
 
 `--annotation=thick|thin` redraws every mask (crops and test set) one pixel wider or narrower
 on each side (4-connected dilation or erosion), as another annotator's convention: the
@@ -17,7 +17,6 @@ config.train.freeze_batch_stats), and the same recipe from a random initialisati
 
 import dataclasses
 import pathlib
-import time
 
 from absl import app
 from absl import flags
@@ -25,13 +24,12 @@ import numpy as np
 from scipy import ndimage
 import tifffile
 
+from experiments import common
 from flmiseg.core import console
-from flmiseg.train import trainer
-from flmiseg.configs import finetune
 from flmiseg.data import io
-from experiments import train_pretrained
+from flmiseg.store import pretrained
 
-CROP = 128
+CROP = common.CROP
 
 
 def annotate(mask: np.ndarray, annotation: str) -> np.ndarray:
@@ -47,7 +45,7 @@ def annotate(mask: np.ndarray, annotation: str) -> np.ndarray:
 
 def annotated_test_pairs(kind: str, knobs: str, annotation: str, root: pathlib.Path):
   """The 20 test (image, mask) pairs; masks redrawn with `annotation` (into root/test_masks)."""
-  pairs = train_pretrained.test_pairs(kind, knobs, 40)[:20]
+  pairs = common.test_pairs(kind, knobs, 40)[:20]
   if annotation == 'simulator':
     return pairs
   (root / 'test_masks').mkdir(parents=True, exist_ok=True)
@@ -63,7 +61,7 @@ def write_crops(kind: str, root: pathlib.Path, num: int = 12, knobs: str = 'shif
                 annotation: str = 'simulator') -> pathlib.Path:
   """`num` 128x128 crops (image, mask) of simulated images with `knobs`, masks drawn with
   `annotation` (annotate); returns the list."""
-  pairs = train_pretrained.test_pairs(kind, knobs, 40)[20:20 + num // 2]
+  pairs = common.test_pairs(kind, knobs, 40)[20:20 + num // 2]
   rng = np.random.default_rng(0)
   (root / 'crops').mkdir(parents=True, exist_ok=True)
   lines = []
@@ -84,26 +82,6 @@ def write_test(pairs, root: pathlib.Path) -> pathlib.Path:
   return root / 'test.txt'
 
 
-def run_cell(kind, root, train_list, test_list, init_from: str, freeze: bool, seed: int,
-             pairs, lr: float = 0.0) -> dict:
-  """Trains one run (configs/finetune.py; `lr` 0: its learning rate); its test scores
-  (`train_pretrained.scores`: IoU, and instance AP@0.5 where the run has the head and the
-  masks are label images) are measured as the shipped model's (predict path, the run's
-  calibrated threshold), with the wall seconds of the training."""
-  config = finetune.get_config()
-  config.data.kind = kind
-  config.data.train_list, config.data.test_list = str(train_list), str(test_list)
-  config.train.init_from = init_from
-  config.seed = seed
-  config.optim.lr = lr or config.optim.lr
-  config.train.freeze_batch_stats = freeze
-  start = time.perf_counter()
-  name = f'{"finetuned" if init_from else "scratch"}{"_frozen_bn" if freeze else ""}_seed{seed}'
-  trainer.train_and_evaluate(config, root / name)
-  seconds = time.perf_counter() - start
-  return {**train_pretrained.scores(root / name, pairs), 'seconds': seconds}
-
-
 FLAGS = flags.FLAGS
 
 
@@ -116,8 +94,8 @@ def main(argv):
   train_list = write_crops(FLAGS.kind, root, knobs=FLAGS.knobs, annotation=FLAGS.annotation)
   pairs = annotated_test_pairs(FLAGS.kind, FLAGS.knobs, FLAGS.annotation, root)
   test_list = write_test(pairs, root)
-  folder = train_pretrained.pretrained.PRETRAINED_DIR / FLAGS.kind
-  zero_shot = train_pretrained.mean_iou(folder, pairs)
+  folder = pretrained.PRETRAINED_DIR / FLAGS.kind
+  zero_shot = common.mean_iou(folder, pairs)
   rows = {'shipped model, no training': [{'iou': zero_shot, 'seconds': 0.0}]}
   recipes = {'finetuned': ('fine-tuned from it', FLAGS.kind, False),
              'finetuned_frozen_bn': ('fine-tuned, BatchNorm statistics frozen', FLAGS.kind,
@@ -125,8 +103,8 @@ def main(argv):
              'scratch': ('from scratch', '', False)}
   for recipe in FLAGS.recipes:
     label, init, freeze = recipes[recipe]
-    rows[label] = [run_cell(FLAGS.kind, root, train_list, test_list, init, freeze, s, pairs,
-                            FLAGS.lr) for s in range(FLAGS.seeds)]
+    rows[label] = [common.run_cell(FLAGS.kind, root, train_list, test_list, init, freeze, s,
+                                   pairs, FLAGS.lr) for s in range(FLAGS.seeds)]
   print(f'| {FLAGS.kind}: 12 crops of 128x128, {FLAGS.knobs} knobs, {FLAGS.annotation} masks '
         '| test IoU (mean ± std over seeds) | wall s per run |\n|---|---|---|')
   for label, cells in rows.items():

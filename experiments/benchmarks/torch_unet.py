@@ -1,6 +1,6 @@
 """The same U-Net as `flmiseg.models.unet`, in PyTorch: an optional side-by-side reference for
-`experiments/benchmark.py --torch`. PyTorch is never a dependency of flmiseg; this module is
-imported only when it is installed.
+`experiments/benchmarks/benchmark.py --torch`. PyTorch is never a dependency of flmiseg; this
+module is imported only when it is installed.
 
 Conv3x3(bias)-BN-ReLU twice per stage at widths w, 2w, 4w, 8w, 16w, 2x2 max-pooling, 2x2
 stride-2 transposed convolutions, concatenation [skip, upsampled], 1x1 head: 31,042,369

@@ -1,6 +1,6 @@
 """What each domain-randomisation group adds, measured on a shifted simulated test set.
 
-  python -m experiments.domain_ablation --kind=er --steps=500 --workdir=runs/ablation
+  python -m experiments.shipped.domain_ablation --kind=er --steps=500 --workdir=runs/ablation
 
 Same recipe, steps and seed for every row (the default U-Net recipe, `--steps` steps); only
 the training data and augmentation differ:
@@ -21,10 +21,10 @@ import time
 from absl import app
 from absl import flags
 
+from experiments import common
 from flmiseg.core import console
 from flmiseg.train import trainer
 from flmiseg.configs import default
-from experiments import train_pretrained
 
 ROWS = {
     'none': ('default', ''),
@@ -54,7 +54,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   console.setup()
-  tests = {p: train_pretrained.test_pairs(FLAGS.kind, p, masks='geometry')
+  tests = {p: common.test_pairs(FLAGS.kind, p, masks='geometry')
            for p in ('default', 'shifted')}
   print(f'| {FLAGS.kind}, {FLAGS.steps} steps | IoU, default knobs | IoU, shifted knobs | '
         'wall s |\n|---|---|---|---|')
@@ -63,7 +63,7 @@ def main(argv):
     start = time.perf_counter()
     trainer.train_and_evaluate(row_config(name, FLAGS.kind, FLAGS.steps), workdir)
     seconds = time.perf_counter() - start
-    ious = {p: train_pretrained.mean_iou(workdir, pairs) for p, pairs in tests.items()}
+    ious = {p: common.mean_iou(workdir, pairs) for p, pairs in tests.items()}
     print(f'| {name} | {ious["default"]:.3f} | {ious["shifted"]:.3f} | {seconds:.0f} |',
           flush=True)
 

@@ -1,6 +1,6 @@
 """Fault injection: kill -9 a training at random moments, rerun it, and check nothing is lost.
 
-  python -m experiments.fault_injection --runs=20 --workdir=/tmp/fi
+  python -m experiments.benchmarks.fault_injection --runs=20 --workdir=/tmp/fi
 
 First two uninterrupted tiny trainings through the real command line: the reference, and a
 repeat that must equal it (final state, every logged loss, learning rate, gradient norm and
@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from experiments import scaling
+from experiments import common
 from flmiseg.data import simulate
 
 FLAGS = flags.FLAGS
@@ -58,7 +58,7 @@ def define_flags():
 
 
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 _TMP = '.orbax-checkpoint-tmp'
 
 
@@ -87,7 +87,7 @@ def command(data: pathlib.Path, workdir: pathlib.Path, steps: int, with_test: bo
 
 
 def environment(root: pathlib.Path, devices: int, fast_compile: bool) -> dict:
-  xla = scaling.cpu_xla_flags(devices)
+  xla = common.cpu_xla_flags(devices)
   if fast_compile:
     xla += ' --xla_backend_optimization_level=0'
   return dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),

@@ -1,6 +1,7 @@
 """What a bioimage.io package loses where the spec cannot express flmiseg's preprocessing.
 
-  python -m experiments.export_loss [--models=er,mito,nucleus] [--num_images=8] [--seed=7]
+  python -m experiments.benchmarks.export_loss [--models=er,mito,nucleus] [--num_images=8] \
+      [--seed=7]
 
 For each model (shipped name or run folder), simulated test images of its kind (default knobs,
 256x256, seed --seed; never seen in training) are segmented twice by the same float32 network

@@ -1,50 +1,45 @@
-"""The shipped er, mito and nucleus models: trained on domain-randomised simulations, packed
-into flmiseg/pretrained/<kind>/, and measured.
+"""The code several experiments share; the only module of experiments/ that scripts import.
 
-  python -m experiments.train_pretrained --workdir=runs/pretrained            # train + pack
-  python -m experiments.train_pretrained --workdir=runs/pretrained --measure  # figures only
-  python -m experiments.train_pretrained --measure --tta  # the same figures with --tta
-  python -m experiments.train_pretrained --workdir=runs/pretrained_cycle2 --kinds=er \
-      --steps=3000 --init_from=runs/pretrained/er --lr=5e-4  # a second cycle from a run
-  python -m experiments.train_pretrained --kinds=er --steps=6000 --masks=geometry  # the
-      # first cycle of the shipped er and mito models (docs/models.md)
+  * The shipped models' recipe (`pretrained_config`) and the simulated test sets they are
+    measured on (`test_pairs`, an unseen seed).
+  * Scoring a packed or run model through the predict path, as `--mode=predict` segments:
+    `outputs`, `predictions`, `image_scores`, `pooled`, `scores`, `test_scores`, `mean_iou`.
+  * Training one fine-tuning cell and measuring it the same way (`run_cell`), the wall time of
+    a cold prediction (`cold_predict_seconds`) and the machine's name (`machine`).
+  * The XLA flags of a CPU process with N fake devices (`cpu_xla_flags`).
 
-Each kind trains `pretrained_config(kind)` (below: default U-Net recipe, simulated images
-whose microscope knobs are drawn per image from the simulator's 'wide' distribution, and the
-pipeline's intensity/noise/blur/illumination/scale augmentation) in WORKDIR/<kind>, then packs
-its best checkpoint as float16 (flmiseg/store/pretrained.py). --measure reports, for each shipped
-model: mean IoU on simulated test images of an unseen seed drawn with the kind's default knobs
-and with the 'shifted' knobs (for a model trained with the 'invert' augmentation also on the
-default-knob test images with their contrast inverted, dark objects on a bright background as
-in brightfield), and the wall time of a cold `flmiseg --mode=predict --model=KIND`
-on a 1024x1024 16-bit image.
+It imports the package, never a script of experiments/; the package and the tests' shared
+helpers (tests/helpers.py, tests/conftest.py) never import experiments/.
 """
 
-import dataclasses
-import json
+import os
 import pathlib
-import shutil
+import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+import jax
 import numpy as np
 import tifffile
 
-from flmiseg.core import console
-from flmiseg.inference import tiling
-from flmiseg.store import pretrained
-from flmiseg.store import rundir
-from flmiseg.core import sharding
-from flmiseg.train import trainer
+from flmiseg.cli import predict
 from flmiseg.configs import default
+from flmiseg.configs import finetune
+from flmiseg.core import sharding
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import loader
 from flmiseg.data import preprocess
+from flmiseg.evaluation import calibration
+from flmiseg.evaluation import metrics
+from flmiseg.inference import tiling
+from flmiseg.objects import instances
+from flmiseg.objects import matching
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
+from flmiseg.train import trainer
 
 KINDS = pretrained.SHIPPED
 TEST_SEED = 1000  # the simulated test sets: a seed no shipped model was trained on
@@ -57,6 +52,7 @@ RECIPE_MASKS = {'er': 'visible', 'mito': 'visible', 'nucleus': 'geometry'}
 # measures one: the area-weighted median of the diameters of circles of the same areas.
 # Recorded as its config.data.object_diameter, what predict's --diameter resizes to.
 NUCLEUS_DIAMETER = 31.0
+CROP = 128  # the side of the fine-tuning crops (shipped/finetune.py, shipped/real_image.py)
 
 
 def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.0,
@@ -105,33 +101,12 @@ def test_pairs(kind: str, params: str, num: int = 20, masks: str = ''):
   return lists.load_pairs(test_list)
 
 
-def inverted_pairs(pairs, folder: pathlib.Path):
-  """`pairs` with each image's contrast inverted (its dtype's maximum minus the value; a
-  float image: its max + min minus the value), written into `folder`; masks unchanged."""
-  folder.mkdir(parents=True, exist_ok=True)
-  out = []
-  for pair in pairs:
-    image = tifffile.imread(pair.image)
-    if np.issubdtype(image.dtype, np.integer):
-      flipped = (np.iinfo(image.dtype).max - image).astype(image.dtype)
-    else:
-      flipped = image.max() + image.min() - image
-    path = folder / pathlib.Path(pair.image).name
-    tifffile.imwrite(path, flipped)
-    out.append(dataclasses.replace(pair, image=path))
-  return out
-
-
 def outputs(folder: pathlib.Path, pairs, tta: bool = False, diameter: float | None = None):
   """(config, threshold, seed dynamic, iterator of each pair's outputs (H, W, C)) of the
   packed/run model in `folder` at its calibrated threshold, through the predict path
   (`preprocess.repair`, whole-image normalisation, blended tiles; with `tta` averaged over the
   8 flips/rotations, as --tta does; with `diameter` each image resized for the network and
   the outputs back as --diameter resizes, 0 measuring it); no-data pixels output 0."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flmiseg.evaluation import calibration  # pylint: disable=g-import-not-at-top
-  from flmiseg.objects import instances
-  from flmiseg.cli import predict
   config = rundir.read_config(folder)
   mesh = sharding.make_mesh(jax.local_devices())
   state, step = tiling.load(config, folder, mesh)
@@ -168,9 +143,6 @@ def image_scores(config, threshold: float, dynamic: float, pair, out: np.ndarray
   masks), 'iou', and for a model with an instance head and a label-image mask the
   `matching.match` results at IoU 0.5 of its instances ('found') and of the connected
   components of its mask ('merged')."""
-  from flmiseg.objects import instances  # pylint: disable=g-import-not-at-top
-  from flmiseg.objects import matching
-  from flmiseg.evaluation import metrics
   truth = io.read_mask_values(pair.mask)  # a label image for instance kinds
   pred = out[..., 0] > threshold
   result = {'pred': pred, 'truth': truth > 0, 'iou': metrics.mask_iou(pred, truth)}
@@ -186,7 +158,6 @@ def image_scores(config, threshold: float, dynamic: float, pair, out: np.ndarray
 def pooled(per_image) -> dict:
   """{'iou': the mean per-image IoU, and where instances were matched 'ap_0.5' and
   'ap_0.5_connected_components', pooled over the images} of `image_scores` results."""
-  from flmiseg.objects import matching  # pylint: disable=g-import-not-at-top
   ious, found, merged = [], [], []
   for one in per_image:
     ious.append(one['iou'])
@@ -223,6 +194,26 @@ def mean_iou(folder: pathlib.Path, pairs) -> float:
   return scores(folder, pairs)['iou']
 
 
+def run_cell(kind, root, train_list, test_list, init_from: str, freeze: bool, seed: int,
+             pairs, lr: float = 0.0) -> dict:
+  """Trains one run (configs/finetune.py; `lr` 0: its learning rate); its test scores
+  (`scores`: IoU, and instance AP@0.5 where the run has the head and the masks are label
+  images) are measured as the shipped model's (predict path, the run's calibrated
+  threshold), with the wall seconds of the training."""
+  config = finetune.get_config()
+  config.data.kind = kind
+  config.data.train_list, config.data.test_list = str(train_list), str(test_list)
+  config.train.init_from = init_from
+  config.seed = seed
+  config.optim.lr = lr or config.optim.lr
+  config.train.freeze_batch_stats = freeze
+  start = time.perf_counter()
+  name = f'{"finetuned" if init_from else "scratch"}{"_frozen_bn" if freeze else ""}_seed{seed}'
+  trainer.train_and_evaluate(config, root / name)
+  seconds = time.perf_counter() - start
+  return {**scores(root / name, pairs), 'seconds': seconds}
+
+
 def cold_predict_seconds(kind: str, model: str = '', tta: bool = False) -> float:
   """Wall time of `flmiseg --mode=predict --model=MODEL [--tta]` (default: the shipped KIND)
   on one 1024x1024 uint16 image of that kind."""
@@ -240,7 +231,6 @@ def cold_predict_seconds(kind: str, model: str = '', tta: bool = False) -> float
 
 def machine() -> str:
   """'<cores>-core <CPU model>' from /proc/cpuinfo (or the platform's processor name)."""
-  import os, platform  # pylint: disable=g-import-not-at-top,multiple-imports
   name = platform.processor() or 'CPU'
   try:
     with open('/proc/cpuinfo') as f:
@@ -250,79 +240,9 @@ def machine() -> str:
   return f'{os.cpu_count()}-core {name}'
 
 
-def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str = '',
-                   lr: float = 0.0, masks: str = '') -> dict:
-  start = time.perf_counter()
-  result = trainer.train_and_evaluate(pretrained_config(kind, steps, init_from, lr, masks),
-                                    workdir)
-  return pack_shipped(kind, workdir, steps, time.perf_counter() - start, result.get('iou'),
-                      init_from, lr, masks)
-
-
-def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
-                 test_iou_wide: float | None, init_from: str = '', lr: float = 0.0,
-                 masks: str = '') -> dict:
-  """Packs the finished run `workdir` (the recipe of `pretrained_config(kind, steps,
-  init_from, lr, masks)`) as the shipped model `kind`, replacing the folder in the package in
-  one rename."""
-  out = pretrained.PRETRAINED_DIR / kind
-  staged = out.with_name(f'.{kind}.new')
-  shutil.rmtree(staged, ignore_errors=True)
-  command = (f'python -m experiments.train_pretrained --workdir={workdir.parent} '
-             f'--kinds={kind} --steps={steps}' + (f' --init_from={init_from}' if init_from
-                                                  else '') + (f' --lr={lr:g}' if lr else '')
-             + (f' --masks={masks}' if masks else ''))
-  info = pretrained.pack(workdir, staged, 'float16', provenance={
-      'command': command, 'train_seconds': round(seconds), 'steps': steps,
-      'machine': machine(), 'date': time.strftime('%Y-%m-%d'),
-      'test_iou_wide': test_iou_wide})
-  # Swap the finished folder in, so a reader never sees a half-written shipped model.
-  old = out.with_name(f'.{kind}.old')
-  shutil.rmtree(old, ignore_errors=True)
-  if out.exists():
-    out.rename(old)
-  staged.rename(out)
-  shutil.rmtree(old, ignore_errors=True)
-  return info
-
-
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  del argv
-  console.setup()
-  rows = []
-  for kind in FLAGS.kinds:
-    if not FLAGS.measure:
-      info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps,
-                            FLAGS.init_from, FLAGS.lr, FLAGS.masks)
-      print(f'{kind}: packed, {json.dumps(info)}')
-    folder = pretrained.PRETRAINED_DIR / kind
-    row = {'kind': kind, 'tta': FLAGS.tta, **test_scores(folder, kind, FLAGS.tta)}
-    if 'invert' in pretrained_config(kind, 1).data.augment:
-      with tempfile.TemporaryDirectory() as tmp:
-        pairs = inverted_pairs(test_pairs(kind, 'default'), pathlib.Path(tmp))
-        row.update({f'{k}_inverted': v for k, v in scores(folder, pairs, FLAGS.tta).items()})
-    row['cold_predict_1024_s'] = cold_predict_seconds(kind, tta=FLAGS.tta)
-    rows.append(row)
-    print(json.dumps(row))
-  lines = ['| model | IoU, default knobs | IoU, shifted knobs | cold predict 1024x1024 (s) |',
-           '|---|---|---|---|']
-  lines += [f'| {r["kind"]} | {r["iou_default"]:.3f} | {r["iou_shifted"]:.3f} | '
-            f'{r["cold_predict_1024_s"]:.1f} |' for r in rows]
-  print('\n'.join(lines))
-
-
-if __name__ == '__main__':
-  flags.DEFINE_string('workdir', 'runs/pretrained', 'Where each kind trains.')
-  flags.DEFINE_list('kinds', list(KINDS), 'Which models.')
-  flags.DEFINE_integer('steps', 1500, 'Training steps per model.')
-  flags.DEFINE_bool('measure', False, 'Only measure the shipped models.')
-  flags.DEFINE_string('init_from', '', 'A further training cycle from this run folder or '
-                      'shipped model (one kind at a time).')
-  flags.DEFINE_float('lr', 0.0, 'Peak learning rate (0: the recipe\'s, 2e-3).')
-  flags.DEFINE_enum('masks', '', ['', 'geometry', 'visible'], 'How the training masks are '
-                    "drawn ('': the kind's recipe; simulate.MASKS).")
-  flags.DEFINE_bool('tta', False, 'Measure with --tta (the 8 flips/rotations averaged).')
-  app.run(main)
+def cpu_xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a CPU process with `devices` devices: this process's XLA_FLAGS with its
+  device count replaced."""
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split()
+          if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join([f'--xla_force_host_platform_device_count={devices}', *kept])
