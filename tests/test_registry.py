@@ -24,8 +24,8 @@ from flmiseg.store import rundir
 from flmiseg.core import sharding
 from flmiseg.configs import default
 from flmiseg.core.errors import UserError
+from flmiseg.models import backbones
 from flmiseg.models import fusion
-from flmiseg.models import lowlevel
 from tests import helpers
 
 BUILTIN_FUSIONS = ['add', 'attention_gate', 'concat', 'se_concat', 'weighted_sum']
@@ -74,7 +74,7 @@ def _error_lines(result) -> list[str]:
 @pytest.fixture
 def clean_registries():
   """Restores every registry (entries and order) after a test that registers."""
-  saved = [(r, dict(r)) for r in (models.MODELS, fusion.FUSIONS, lowlevel.BACKBONES,
+  saved = [(r, dict(r)) for r in (models.MODELS, fusion.FUSIONS, backbones.BACKBONES,
                                   losses.LOSSES)]
   yield
   for reg, entries in saved:
@@ -206,7 +206,7 @@ def test_duplicate_names_are_refused_unless_overridden(clean_registries):
     losses.register_loss('bce+x')
   with pytest.raises(ValueError, match="model 'unet' is already registered"):
     models.register_model('unet')(lambda cfg, dtype: None)
-  with pytest.raises(ValueError, match="backbone of the low-level wrapper 'vgg16' is already"):
+  with pytest.raises(ValueError, match="backbone 'vgg16' is already registered"):
     models.register_backbone('vgg16')(lambda cfg, dtype: None)
 
 

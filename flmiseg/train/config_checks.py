@@ -177,6 +177,7 @@ RULES: dict[str, Rule] = {
     'model.fusion': text,
     'model.fusion_kwargs': section,
     'model.backbone': text,
+    'model.backbone_kwargs': section,
     'model.num_classes': integer(1, 1, note=' (one foreground logit)'),
     'model.instance_head': choice(instances.HEADS, 'an instance head'),
     'train.num_epochs': integer(0),
