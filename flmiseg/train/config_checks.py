@@ -263,6 +263,6 @@ def _check_names(config) -> None:
   head) and the loss terms and weights as training does; their errors name the setting."""
   try:
     models.create_model(config.model, np.float32)
-    losses.make_loss(config.train.loss, config.train.loss_weights)
+    losses.from_config(config)
   except (ValueError, TypeError) as e:
     raise UserError(' '.join(str(e).split())) from e
