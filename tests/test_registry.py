@@ -10,6 +10,7 @@ imports that file on its own.
 import json
 import math
 import os
+import pathlib
 import sys
 import textwrap
 
@@ -25,6 +26,8 @@ from flmiseg import models
 from flmiseg.core import registry
 from flmiseg.store import rundir
 from flmiseg.core import sharding
+from flmiseg.train import config_checks
+from flmiseg.train import steps
 from flmiseg.train import trainer
 from flmiseg.configs import default
 from flmiseg.core.errors import UserError
@@ -432,3 +435,52 @@ def test_runs_made_before_backbone_kwargs_load_build_and_resume(tmp_path):
   assert config.model.backbone_kwargs.to_dict() == {}
   assert models.create_model(config.model, jnp.float32).stride == 32
   assert trainer.prepare_workdir(config, tmp_path) == tmp_path  # not refused
+
+
+def _docs_code(*sections: str) -> str:
+  """The python blocks of the named '## ' sections of docs/fusion.md, joined."""
+  text = (pathlib.Path(__file__).parent.parent / 'docs' / 'fusion.md').read_text()
+  code = []
+  for section in sections:
+    body = text.split(f'\n## {section}\n', 1)[1].split('\n## ', 1)[0]
+    code += [block.split('\n```', 1)[0] for block in body.split('```python\n')[1:]]
+  assert len(code) >= len(sections)
+  return '\n\n'.join(code)
+
+
+def test_the_encoder_and_loss_of_docs_fusion_md_train(tmp_path, clean_registries):
+  user_file = tmp_path / 'my_research.py'
+  user_file.write_text(_docs_code('Your own encoder', 'Your own loss'))
+  config = default.get_config()
+  config.imports = str(user_file)
+  config.model.name, config.model.variant, config.model.width = 'lowlevel', 'wrapped', 4
+  config.model.backbone, config.model.backbone_kwargs.levels = 'strided_pyramid', 3
+  config.model.instance_head = 'distance'
+  config.train.loss, config.optim.warmup_steps = 'bce+dice+fraction', 0
+  try:
+    registry.import_modules(config.imports)
+    config_checks.validate(config)
+    loss = losses.from_config(config)
+    assert loss.names == ('bce', 'dice', 'fraction', 'distance')
+    # The fraction loss on a hand-made case: p = 0.5 everywhere, true fractions 1/4 and 3/4.
+    mask = jnp.array([[1, 0, 0, 0], [1, 1, 1, 0]], jnp.float32).reshape(2, 2, 2, 1)
+    batch = {'mask': mask, 'valid': jnp.ones_like(mask)}
+    fraction = losses.LOSSES['fraction']
+    np.testing.assert_allclose(fraction(jnp.zeros((2, 2, 2, 2)), {'side_outputs': []}, batch),
+                               0.0625, rtol=1e-6)
+    # A few training steps of the tiny model on one batch lower the loss.
+    setup = trainer.build(config, (32, 32), 8)
+    assert sorted(setup.state.params['backbone']) == ['stage0', 'stage1', 'stage2']
+    train_step, _ = steps.jit_steps(config, loss, setup.schedule, setup.mesh,
+                                    jax.tree.map(lambda x: x.sharding, setup.state))
+    rng = np.random.default_rng(0)
+    mask = (rng.random((8, 32, 32, 1)) > 0.7).astype(np.float32)
+    host = {'image': (mask + rng.normal(0, 0.3, mask.shape)).astype(np.float32), 'mask': mask,
+            'valid': np.ones_like(mask), 'distance': (mask * 0.5).astype(np.float32)}
+    state, values = setup.state, []
+    for _ in range(4):
+      state, scalars = train_step(state, sharding.global_batch(host, setup.mesh))
+      values.append(float(scalars['loss']))
+    assert all(np.isfinite(values)) and values[-1] < values[0], values
+  finally:
+    sys.modules.pop('my_research', None)
