@@ -14,6 +14,7 @@ import pytest
 from flmiseg import models
 from flmiseg.configs import default
 from flmiseg.core.errors import UserError
+from flmiseg.objects import instances
 from flmiseg.train import losses
 from flmiseg.train import steps
 
@@ -185,3 +186,8 @@ def test_train_step_trains_what_it_trained_before_losses_saw_outputs():
   # build it), trains this same loss.
   assert losses.from_config(config, losses.make_loss(
       config.train.loss, config.train.loss_weights)) == losses.from_config(config)
+
+
+def test_every_instance_head_has_its_registered_loss():
+  assert set(losses.HEAD_LOSSES) == {h for h in instances.HEADS if h}
+  assert all(losses.sees_outputs(losses.LOSSES[n]) for n in losses.HEAD_LOSSES.values())
