@@ -155,11 +155,14 @@ def test_train_step_adds_the_weighted_distance_loss():
   batch = {'image': x, 'mask': jnp.asarray(rng.random((2, 32, 32, 1)) > 0.5, jnp.float32),
            'valid': jnp.ones((2, 32, 32, 1))}
   distance = jnp.asarray(rng.random((2, 32, 32, 1)), jnp.float32)
-  kwargs = dict(loss_fn=losses.bce, schedule=lambda _: 0.0, dropout_key=jax.random.key(2),
-                instance_weight=0.5)
-  step = jax.jit(functools.partial(steps.train_step, **kwargs))
+  kwargs = dict(schedule=lambda _: 0.0, dropout_key=jax.random.key(2))
+  # The instance head's loss is the registered loss 'distance' (losses.from_config adds it
+  # with config.train.instance_weight).
+  step = jax.jit(functools.partial(steps.train_step, loss_fn=losses.bce, **kwargs))
+  head_step = jax.jit(functools.partial(
+      steps.train_step, loss_fn=losses.make_loss('bce+distance', (1.0, 0.5)), **kwargs))
   _, plain = step(state, batch)
-  _, with_head = step(state, {**batch, 'distance': distance})
+  _, with_head = head_step(state, {**batch, 'distance': distance})
   # Training mode normalises with the batch statistics: the logits of the step itself.
   train_logits, _ = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(
       variables, x)[0]

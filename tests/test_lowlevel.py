@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flmiseg.core.errors import UserError
+from flmiseg.models import backbones
 from flmiseg.models import fusion
 from flmiseg.models import layers
 from flmiseg.models import lowlevel
@@ -56,8 +57,18 @@ def _conv_bn(c_in, c_out, k=3, bias=True):
 
 
 def test_stride_is_measured_from_the_backbone():
-  assert lowlevel.backbone_stride(TinyEncoder()) == 8
+  assert backbones.backbone_stride(TinyEncoder()) == 8
   assert lowlevel.lowlevel(TinyEncoder(), width=4).stride == 8
+  # The built-in encoders declare theirs (nothing to trace), as a function of their settings,
+  # and it is the stride of their coarsest feature.
+  for encoder, stride in ((resnet.ResNetEncoder(width=4), 16),
+                          (resnet.ResNetEncoder(width=4, stem_stride=1), 8),
+                          (resnet.ResNetEncoder(width=4, output_stride=8), 8),
+                          (vgg.VGG16Encoder(width=4), vgg.STRIDE)):
+    assert backbones.backbone_stride(encoder) == encoder.total_stride == stride
+    pyramid, _ = jax.eval_shape(lambda e=encoder: e.init_with_output(
+        jax.random.key(0), jnp.zeros((1, 64, 64, 1))))
+    assert 64 // pyramid[-1].shape[1] == stride
 
 
 @pytest.mark.parametrize('name', sorted(fusion.FUSIONS))
@@ -199,9 +210,25 @@ def test_resnet_wrapper_keeps_the_encoder_unchanged(backbone, depth, encoder_cou
   assert count(params['backbone']) == count(encoder_params) == encoder_count
   # The same decoder on both: 5,607,169 parameters (input layer, projections, decoder, head).
   assert count(params) == expected == encoder_count + 5_607_169
-  assert model.stride == lowlevel.backbone_stride(encoder) == 16
+  assert model.stride == encoder.total_stride == 16
 
 
 def test_build_rejects_an_unknown_backbone():
-  with pytest.raises(UserError, match='valid backbones: resnet101, resnet50, vgg16'):
+  with pytest.raises(UserError, match="^config.model.backbone='vgg19' is not a backbone of "
+                     'lowlevel; valid names: resnet101, resnet50, vgg16$'):
     lowlevel.build(_model_config('vgg19', 4), jnp.float32)
+
+
+def test_backbone_kwargs_set_the_encoders_fields():
+  cfg = _model_config('resnet50', 4)
+  cfg.backbone_kwargs = ml_collections.ConfigDict({'output_stride': 8})
+  model = lowlevel.build(cfg, jnp.float32)
+  assert (model.backbone.output_stride, model.stride) == (8, 8)
+  cfg = _model_config('vgg16', 4)
+  cfg.backbone_kwargs = ml_collections.ConfigDict({'batch_norm': True})
+  model = lowlevel.build(cfg, jnp.float32)
+  assert model.backbone.batch_norm and 'bn1' in _shapes(model)['params']['backbone']['block1']
+  cfg.backbone_kwargs = ml_collections.ConfigDict({'stem_stride': 1})
+  with pytest.raises(UserError, match="^config.model.backbone_kwargs.stem_stride: not a field "
+                     r"of the backbone 'vgg16' \(its fields: batch_norm\)$"):
+    lowlevel.build(cfg, jnp.float32)

@@ -1,5 +1,6 @@
 """ResNet encoders and DeepLabv3+: exact parameter counts, any-size forward, gradients."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +22,11 @@ from tests import helpers
     ('lowlevel', 'resnet101', '', 62_040_257),
 ])
 def test_reference_parameter_counts(variant, backbone, op, expected):
-  model = deeplabv3p.DeepLabV3Plus(variant=variant, backbone=backbone,
-                                   fusion=fusion.FUSIONS[op or 'concat'])
+  model = deeplabv3p.build(_config(width=64, variant=variant, backbone=backbone, fusion=op),
+                           jnp.float32)
   assert summary.count_params(model) == expected
+  if backbone == 'resnet50' and not op:  # the module's own default encoder is the same
+    assert summary.count_params(deeplabv3p.DeepLabV3Plus(variant=variant)) == expected
 
 
 @pytest.mark.parametrize('stem_stride, output_stride, strides', [
@@ -83,18 +86,47 @@ def test_gradients_finite_and_dropout_active():
 
 def _config(**overrides):
   fields = dict(width=8, variant='original', backbone='', fusion='', num_classes=1)
+  # No backbone_kwargs field: configs of runs made before it existed build as before.
   fields.update(overrides)
   return type('ModelConfig', (), fields)
 
 
 def test_build_defaults_to_resnet50_and_concat():
   model = deeplabv3p.build(_config(variant='lowlevel'), jnp.bfloat16)
-  assert (model.backbone, model.fusion, model.width, model.dtype) == (
-      'resnet50', fusion.Concat, 8, jnp.bfloat16)
+  assert isinstance(model.encoder, resnet.ResNetEncoder)
+  assert (model.encoder.depth, model.encoder.stem_stride, model.encoder.dtype) == (
+      50, 1, jnp.bfloat16)
+  assert (model.stride, model.fusion, model.width, model.dtype) == (
+      8, fusion.Concat, 8, jnp.bfloat16)
+  original = deeplabv3p.build(_config(), jnp.float32)
+  assert (original.encoder.stem_stride, original.stride) == (2, 16)
+
+
+def test_backbone_kwargs_reach_the_registered_encoder():
+  model = deeplabv3p.build(_config(backbone='resnet101',
+                                   backbone_kwargs={'output_stride': 8}), jnp.float32)
+  assert (model.encoder.depth, model.encoder.output_stride, model.stride) == (101, 8, 8)
+  # Any five-level encoder of the registry fits the original decoder: VGG16 at stride 32.
+  vgg16 = deeplabv3p.build(_config(backbone='vgg16'), jnp.float32)
+  assert vgg16.stride == 32
+  (logits, aux), _ = jax.eval_shape(
+      lambda: vgg16.init_with_output(jax.random.key(0), jnp.zeros((1, 40, 50, 1))))
+  assert logits.shape == (1, 40, 50, 1) and aux['bottleneck'].shape[1:3] == (2, 2)
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (dict(backbone='resnet18'), "backbone='resnet18'.*valid: resnet50, resnet101"),
+    (dict(backbone='resnet18'),
+     "^config.model.backbone='resnet18' is not a backbone of deeplabv3p; valid names: "
+     'resnet101, resnet50, vgg16$'),
+    (dict(variant='lowlevel', backbone='vgg16'),
+     "^config.model.backbone='vgg16' is not a backbone of deeplabv3p lowlevel \\(it sets the "
+     "encoder's stem_stride\\); valid names: resnet101, resnet50$"),
+    (dict(variant='lowlevel', backbone_kwargs={'stem_stride': 2}),
+     '^config.model.backbone_kwargs.stem_stride=2: deeplabv3p lowlevel sets it itself '
+     '\\(stem_stride=1\\); leave it out$'),
+    (dict(backbone_kwargs={'depth': 18}),
+     "^config.model.backbone_kwargs.depth: not a field of the backbone 'resnet50' \\(its "
+     'fields: output_stride, stem_stride\\)$'),
     (dict(variant='lowlevel', fusion='mul'), 'fusion'),
 ])
 def test_bad_settings_are_user_errors(overrides, message):
@@ -106,3 +138,20 @@ def test_unknown_variant_is_a_value_error():
   model = deeplabv3p.DeepLabV3Plus(width=8, variant='plus')
   with pytest.raises(ValueError, match="variant='plus'.*valid: original, lowlevel"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1))))
+
+
+class _TwoLevels(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    a = nn.Conv(4, (3, 3), strides=2)(x)
+    return [a, nn.Conv(8, (3, 3), strides=2)(a)]
+
+
+def test_an_encoder_without_five_levels_or_a_stride_is_refused():
+  x = jnp.zeros((1, 32, 32, 1))
+  with pytest.raises(ValueError, match='no total_stride; pass stride='):
+    jax.eval_shape(lambda: deeplabv3p.DeepLabV3Plus(width=8, encoder=_TwoLevels()).init(
+        jax.random.key(0), x))
+  with pytest.raises(ValueError, match='needs an encoder with 5 feature levels .*got 2'):
+    jax.eval_shape(lambda: deeplabv3p.DeepLabV3Plus(width=8, encoder=_TwoLevels(),
+                                                    stride=4).init(jax.random.key(0), x))

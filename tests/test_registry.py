@@ -1,12 +1,16 @@
-"""Extending flmiseg from outside the package: registries, config.imports, fusion_kwargs, aux.
+"""Extending flmiseg from outside the package: registries, config.imports, fusion_kwargs,
+backbone_kwargs, aux.
 
-The end-to-end case is issue 15's done-when: a fusion operator (and a loss) written in a file
-outside the repository trains the lowlevel model from the command line, and a run directory
-never imports that file on its own.
+The end-to-end case is issue 15's done-when, grown by issue 32: a fusion operator, an encoder,
+a pixel loss and a loss that sees the model's outputs and the batch, written in a file outside
+the repository, train the lowlevel model from the command line, and a run directory never
+imports that file on its own.
 """
 
 import json
+import math
 import os
+import pathlib
 import sys
 import textwrap
 
@@ -22,23 +26,29 @@ from flmiseg import models
 from flmiseg.core import registry
 from flmiseg.store import rundir
 from flmiseg.core import sharding
+from flmiseg.train import config_checks
+from flmiseg.train import steps
+from flmiseg.train import trainer
 from flmiseg.configs import default
 from flmiseg.core.errors import UserError
+from flmiseg.models import backbones
 from flmiseg.models import fusion
-from flmiseg.models import lowlevel
 from tests import helpers
 
 BUILTIN_FUSIONS = ['add', 'attention_gate', 'concat', 'se_concat', 'weighted_sum']
 
-# A user's file: a fusion operator with a hyper-parameter that sets its parameters' shapes,
-# and a loss whose value shows in the training log.
+# A user's file: a fusion operator with a hyper-parameter that sets its parameters' shapes, an
+# encoder with a setting (backbone_kwargs), and two losses whose values show in the training
+# log: a pixel loss and one that reads the outputs (aux) and the batch.
 USER_FILE = '''
     """My fusion research, outside flmiseg."""
     from typing import Any
 
     import flax.linen as nn
+    import jax
     import jax.numpy as jnp
 
+    from flmiseg import models
     from flmiseg.train import losses
     from flmiseg.models import fusion
     from flmiseg.models import layers
@@ -60,6 +70,41 @@ USER_FILE = '''
     @losses.register_loss('offset_bce')
     def offset_bce(logits, targets, valid=None):
       return losses.bce(logits, targets, valid) + 100.0
+
+
+    class TinyPyramid(nn.Module):
+      """`levels` stride-2 ConvBNReLU stages doubling from `width` channels, finest first."""
+      width: int = 4
+      levels: int = 3
+      dtype: Any = jnp.float32
+
+      @nn.compact
+      def __call__(self, x, train: bool = False):
+        pyramid = []
+        for k in range(self.levels):
+          x = layers.ConvBNReLU(self.width * 2 ** k, strides=2, dtype=self.dtype,
+                                name=f'stage{k}')(x, train)
+          pyramid.append(x)
+        return pyramid
+
+
+    @models.register_backbone('tiny_pyramid')
+    def tiny_pyramid(model_config, dtype, levels: int = 3):
+      return TinyPyramid(width=model_config.width, levels=levels, dtype=dtype)
+
+
+    @losses.register_loss('fraction_offset', sees_outputs=True)
+    def fraction_offset(logits, aux, batch):
+      """1000 + the squared error of each image's predicted foreground fraction, over the
+      final and side outputs (valid pixels)."""
+      valid = batch['valid']
+      truth = jnp.sum(batch['mask'] * valid, axis=(1, 2, 3)) / jnp.sum(valid, axis=(1, 2, 3))
+      errors = []
+      for out in [logits] + list(aux['side_outputs']):
+        p = jax.nn.sigmoid(out[..., :1]) * valid
+        errors.append(jnp.mean((jnp.sum(p, axis=(1, 2, 3)) / jnp.sum(valid, axis=(1, 2, 3))
+                                - truth) ** 2))
+      return 1000.0 + sum(errors) / len(errors)
 '''
 
 
@@ -74,7 +119,7 @@ def _error_lines(result) -> list[str]:
 @pytest.fixture
 def clean_registries():
   """Restores every registry (entries and order) after a test that registers."""
-  saved = [(r, dict(r)) for r in (models.MODELS, fusion.FUSIONS, lowlevel.BACKBONES,
+  saved = [(r, dict(r)) for r in (models.MODELS, fusion.FUSIONS, backbones.BACKBONES,
                                   losses.LOSSES)]
   yield
   for reg, entries in saved:
@@ -86,8 +131,8 @@ def clean_registries():
 
 @pytest.fixture(scope='module')
 def user_run(tmp_path_factory):
-  """(user file, run directory) of lowlevel trained from the CLI with the user's operator
-  (features=6) and loss, imported from a file outside the repository."""
+  """(user file, run directory) of lowlevel trained from the CLI with the user's encoder,
+  operator (features=6) and losses, imported from a file outside the repository."""
   root = tmp_path_factory.mktemp('user_code')
   user_file = root / 'elsewhere' / 'my_fusion.py'
   user_file.parent.mkdir()
@@ -101,36 +146,37 @@ def user_run(tmp_path_factory):
       '--config.model.width=4', '--config.train.num_steps=2', '--config.train.batch_size=4',
       '--config.train.log_every_steps=1', '--config.eval.every_steps=2',
       '--config.eval.batch_size=2', '--config.model.name=lowlevel',
-      '--config.model.variant=wrapped', '--config.model.backbone=vgg16',
+      '--config.model.variant=wrapped', '--config.model.backbone=tiny_pyramid',
       f'--config.imports={user_file}', '--config.model.fusion=mixed_concat',
-      '--config.model.fusion_kwargs.features=6', '--config.train.loss=offset_bce+dice',
-      f'--workdir={workdir}')
+      '--config.model.fusion_kwargs.features=6',
+      '--config.train.loss=offset_bce+dice+fraction_offset', f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr[-3000:]
   return user_file, workdir
 
 
-def test_a_users_operator_and_loss_train_lowlevel_from_the_cli(user_run, clean_registries):
+def test_a_users_code_trains_lowlevel_from_the_cli(user_run, clean_registries):
   user_file, workdir = user_run
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['imports'] == str(user_file)
+  assert saved['model']['backbone'] == 'tiny_pyramid'
   assert saved['model']['fusion'] == 'mixed_concat'
   assert saved['model']['fusion_kwargs'] == {'features': 6}
-  assert saved['train']['loss'] == 'offset_bce+dice'
-  # The user's loss was the one trained: bce + 100 + dice.
+  assert saved['train']['loss'] == 'offset_bce+dice+fraction_offset'
+  # The user's losses were the ones trained: bce + 100 + dice + 1000 + a squared fraction.
   rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   train_losses = [r['loss'] for r in rows if r['kind'] == 'train']
-  assert train_losses and all(100.0 < v < 103.0 for v in train_losses)
-  # The checkpoint holds the operator's parameters at features=6: it restores into the model
-  # its config describes, whose every fuse level mixes to 6 channels.
+  assert train_losses and all(1100.0 < v < 1104.0 for v in train_losses)
+  # The checkpoint holds the user's encoder (three stages) and the operator's parameters at
+  # features=6: it restores into the model its config describes.
   assert registry.import_modules(str(user_file)) == ['my_fusion']
   config = rundir.read_config(workdir)
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   state, _ = tiling.load(config, workdir, mesh)
+  assert sorted(state.params['backbone']) == ['stage0', 'stage1', 'stage2']
   fuse = {k: v['mix']['kernel'].shape for k, v in state.params.items() if k.startswith('fuse')}
-  # [skip, decoder] at each level: 4 + 4 (full scale), then the decoder widths 8, 16, 16, 16
-  # twice (each skip is projected to the decoder's width), mixed down to features=6.
-  assert fuse == {'fuse0': (1, 1, 8, 6), 'fuse1': (1, 1, 16, 6), 'fuse2': (1, 1, 32, 6),
-                  'fuse3': (1, 1, 32, 6), 'fuse4': (1, 1, 32, 6)}
+  # [skip, decoder] at each level: 4 + 4 (full scale), then the decoder widths 8 and 16
+  # twice (each encoder feature is projected to the decoder's width), mixed to features=6.
+  assert fuse == {'fuse0': (1, 1, 8, 6), 'fuse1': (1, 1, 16, 6), 'fuse2': (1, 1, 32, 6)}
   sys.modules.pop('my_fusion')
 
 
@@ -206,7 +252,7 @@ def test_duplicate_names_are_refused_unless_overridden(clean_registries):
     losses.register_loss('bce+x')
   with pytest.raises(ValueError, match="model 'unet' is already registered"):
     models.register_model('unet')(lambda cfg, dtype: None)
-  with pytest.raises(ValueError, match="backbone of the low-level wrapper 'vgg16' is already"):
+  with pytest.raises(ValueError, match="backbone 'vgg16' is already registered"):
     models.register_backbone('vgg16')(lambda cfg, dtype: None)
 
 
@@ -278,10 +324,12 @@ def test_register_loss_is_used_by_config_train_loss(clean_registries):
   config = default.get_config()
   config.train.loss, config.train.loss_weights = 'half_bce+dice', (2.0, 1.0)
   loss = losses.make_loss(config.train.loss, config.train.loss_weights)
-  np.testing.assert_allclose(loss(logits, targets), losses.bce(logits, targets)
-                             + losses.dice(logits, targets), rtol=1e-6)
+  expected = losses.bce(logits, targets) + losses.dice(logits, targets)
+  np.testing.assert_allclose(loss.pixels(logits, targets), expected, rtol=1e-6)
+  np.testing.assert_allclose(loss(logits, {'side_outputs': []}, {'mask': targets}), expected,
+                             rtol=1e-6)
   with pytest.raises(UserError, match="'halfbce' is not a loss; valid names: bce, wbce, focal, "
-                     'soft_iou, dice, l1, mse, half_bce'):
+                     'soft_iou, dice, l1, mse, distance, half_bce'):
     losses.make_loss('halfbce')
 
 
@@ -323,3 +371,116 @@ def test_every_model_returns_the_aux_contract(name):
     assert sizes == sorted(sizes, reverse=True), (name, variant, sizes)  # finest first
     assert all(o.shape == logits.shape and o.dtype == jnp.float32
                for o in aux['side_outputs'])
+
+
+def test_a_users_encoder_serves_every_model_with_its_backbone_kwargs(tmp_path,
+                                                                     clean_registries):
+  user_file = tmp_path / 'my_encoders.py'
+  user_file.write_text(textwrap.dedent(USER_FILE))
+  try:
+    registry.import_modules(str(user_file))
+    cfg = default.get_config().model
+    cfg.name, cfg.variant, cfg.width, cfg.backbone = 'lowlevel', 'wrapped', 4, 'tiny_pyramid'
+    cfg.backbone_kwargs.levels = 2
+    model = models.create_model(cfg, jnp.float32)
+    assert model.stride == 4  # measured: the builder registered none
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1))))
+    assert sorted(params['params']['backbone']) == ['stage0', 'stage1']
+    # DeepLabv3+ resolves the same registry: five levels fit its original decoder ...
+    cfg.name, cfg.variant, cfg.backbone_kwargs.levels = 'deeplabv3p', 'original', 5
+    model = models.create_model(cfg, jnp.float32)
+    assert model.stride == 32 and model.encoder.levels == 5
+    (logits, aux), _ = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 40, 40, 1))))
+    assert logits.shape == (1, 40, 40, 1) and aux['bottleneck'].shape == (1, 2, 2, 64)
+    # ... while its lowlevel variant needs an encoder whose stem it can set to stride 1.
+    cfg.variant = 'lowlevel'
+    with pytest.raises(UserError, match="^config.model.backbone='tiny_pyramid' is not a "
+                       'backbone of deeplabv3p lowlevel'):
+      models.create_model(cfg, jnp.float32)
+  finally:
+    sys.modules.pop('my_encoders', None)
+
+
+def test_a_users_outputs_loss_sees_every_output_and_the_batch(tmp_path, clean_registries):
+  user_file = tmp_path / 'my_losses.py'
+  user_file.write_text(textwrap.dedent(USER_FILE))
+  try:
+    registry.import_modules(str(user_file))
+    config = default.get_config()
+    config.train.loss, config.model.instance_head = 'bce+fraction_offset', 'distance'
+    config.train.instance_weight = 2.0
+    loss = losses.from_config(config)
+    assert loss.names == ('bce', 'fraction_offset', 'distance')
+    # Logits 0 everywhere (p = 0.5), both channels; a side output; true foreground fractions
+    # 0.25 and 0.75, so every output is 0.25 off on each image.
+    logits = jnp.zeros((2, 2, 2, 2))
+    mask = jnp.array([[1, 0, 0, 0], [1, 1, 1, 0]], jnp.float32).reshape(2, 2, 2, 1)
+    batch = {'mask': mask, 'valid': jnp.ones((2, 2, 2, 1)),
+             'distance': jnp.full((2, 2, 2, 1), 0.3)}
+    value = loss(logits, {'side_outputs': [jnp.zeros((2, 2, 2, 2))]}, batch)
+    # bce of p = 0.5 is ln 2 whatever the target: the pixel term, and the distance term twice.
+    np.testing.assert_allclose(value, math.log(2) + 1000.0 + 0.25 ** 2 + 2.0 * math.log(2),
+                               rtol=1e-6)
+  finally:
+    sys.modules.pop('my_losses', None)
+
+
+def test_runs_made_before_backbone_kwargs_load_build_and_resume(tmp_path):
+  old = json.loads(default.get_config().to_json())
+  del old['model']['backbone_kwargs']
+  old['model'].update(name='lowlevel', variant='wrapped', width=4, backbone='vgg16')
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  config = rundir.read_config(tmp_path)
+  assert config.model.backbone_kwargs.to_dict() == {}
+  assert models.create_model(config.model, jnp.float32).stride == 32
+  assert trainer.prepare_workdir(config, tmp_path) == tmp_path  # not refused
+
+
+def _docs_code(*sections: str) -> str:
+  """The python blocks of the named '## ' sections of docs/fusion.md, joined."""
+  text = (pathlib.Path(__file__).parent.parent / 'docs' / 'fusion.md').read_text()
+  code = []
+  for section in sections:
+    body = text.split(f'\n## {section}\n', 1)[1].split('\n## ', 1)[0]
+    code += [block.split('\n```', 1)[0] for block in body.split('```python\n')[1:]]
+  assert len(code) >= len(sections)
+  return '\n\n'.join(code)
+
+
+def test_the_encoder_and_loss_of_docs_fusion_md_train(tmp_path, clean_registries):
+  user_file = tmp_path / 'my_research.py'
+  user_file.write_text(_docs_code('Your own encoder', 'Your own loss'))
+  config = default.get_config()
+  config.imports = str(user_file)
+  config.model.name, config.model.variant, config.model.width = 'lowlevel', 'wrapped', 4
+  config.model.backbone, config.model.backbone_kwargs.levels = 'strided_pyramid', 3
+  config.model.instance_head = 'distance'
+  config.train.loss, config.optim.warmup_steps = 'bce+dice+fraction', 0
+  try:
+    registry.import_modules(config.imports)
+    config_checks.validate(config)
+    loss = losses.from_config(config)
+    assert loss.names == ('bce', 'dice', 'fraction', 'distance')
+    # The fraction loss on a hand-made case: p = 0.5 everywhere, true fractions 1/4 and 3/4.
+    mask = jnp.array([[1, 0, 0, 0], [1, 1, 1, 0]], jnp.float32).reshape(2, 2, 2, 1)
+    batch = {'mask': mask, 'valid': jnp.ones_like(mask)}
+    fraction = losses.LOSSES['fraction']
+    np.testing.assert_allclose(fraction(jnp.zeros((2, 2, 2, 2)), {'side_outputs': []}, batch),
+                               0.0625, rtol=1e-6)
+    # A few training steps of the tiny model on one batch lower the loss.
+    setup = trainer.build(config, (32, 32), 8)
+    assert sorted(setup.state.params['backbone']) == ['stage0', 'stage1', 'stage2']
+    train_step, _ = steps.jit_steps(config, loss, setup.schedule, setup.mesh,
+                                    jax.tree.map(lambda x: x.sharding, setup.state))
+    rng = np.random.default_rng(0)
+    mask = (rng.random((8, 32, 32, 1)) > 0.7).astype(np.float32)
+    host = {'image': (mask + rng.normal(0, 0.3, mask.shape)).astype(np.float32), 'mask': mask,
+            'valid': np.ones_like(mask), 'distance': (mask * 0.5).astype(np.float32)}
+    state, values = setup.state, []
+    for _ in range(4):
+      state, scalars = train_step(state, sharding.global_batch(host, setup.mesh))
+      values.append(float(scalars['loss']))
+    assert all(np.isfinite(values)) and values[-1] < values[0], values
+  finally:
+    sys.modules.pop('my_research', None)

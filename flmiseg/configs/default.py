@@ -84,7 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The fusion operator's fields (its hyper-parameters), e.g.
   # --config.model.fusion_kwargs.reduction=8 for se_concat; empty: its defaults.
   model.fusion_kwargs = ml_collections.ConfigDict()
-  model.backbone = ''  # Encoder for models that take one (deeplabv3p: resnet50|resnet101).
+  # Encoder for models that take one (lowlevel, deeplabv3p): resnet50|resnet101|vgg16 or one
+  # of config.imports ('' = the model's default, resnet50). flmiseg/models/backbones.py.
+  model.backbone = ''
+  # The encoder's settings, e.g. --config.model.backbone_kwargs.output_stride=8 for resnet50;
+  # empty: its defaults.
+  model.backbone_kwargs = ml_collections.ConfigDict()
   model.num_classes = 1  # Output channels: one foreground logit.
   # '' or 'distance': an extra output that separates touching objects (flmiseg/objects/instances.py);
   # needs label-image masks (0 background, 1..N objects) to learn from.

@@ -28,8 +28,9 @@ decorated definition in a file of yours that `config.imports` names (docs/fusion
   MODELS     `@register_model(name, variants=..., base_width=...)` on
              build(model_config, dtype) -> nn.Module (flmiseg/models/zoo.py);
   FUSIONS    `@register_fusion(name)` on an operator class or factory (fusion.py);
-  BACKBONES  `@register_backbone(name, stride=...)` on build(model_config, dtype) -> encoder,
-             for the low-level wrapper (lowlevel.py).
+  BACKBONES  `@register_backbone(name, stride=...)` on build(model_config, dtype, **kwargs)
+             -> encoder, for every model that takes one (lowlevel, deeplabv3p); kwargs are
+             `config.model.backbone_kwargs` (backbones.py).
 """
 
 import flax.linen as nn
@@ -47,10 +48,10 @@ from flmiseg.models import deeplabv3p  # pylint: disable=unused-import
 from flmiseg.models import hrnet  # pylint: disable=unused-import
 from flmiseg.models import lowlevel  # pylint: disable=unused-import
 from flmiseg.models import fusion
+from flmiseg.models.backbones import BACKBONES
+from flmiseg.models.backbones import register_backbone
 from flmiseg.models.fusion import FUSIONS
 from flmiseg.models.fusion import register_fusion
-from flmiseg.models.lowlevel import BACKBONES
-from flmiseg.models.lowlevel import register_backbone
 from flmiseg.models.zoo import MODELS
 from flmiseg.models.zoo import ModelSpec
 from flmiseg.models.zoo import register_model
@@ -63,7 +64,8 @@ def create_model(model_config, dtype) -> nn.Module:
   """Builds the model named by `model_config.name` / `.variant` (a `config.model`).
 
   Raises UserError naming the setting for an unknown model, variant, fusion operator (or a
-  `fusion_kwargs` field it does not take), backbone or instance head.
+  `fusion_kwargs` field it does not take), backbone (or a `backbone_kwargs` field) or
+  instance head.
   """
   name, variant = model_config.name, model_config.variant
   spec = MODELS.resolve(name)

@@ -11,9 +11,12 @@ lowlevel  the stem is stride 1 (full-resolution features) and the decoder fuses 
           DoubleConv 64; the stem (projection 64) at full scale; then the two 3x3 conv-BN-ReLU
           and the head. Fusion by concatenation (43,048,129 parameters) or, with fusion='add',
           addition (41,942,209), or any operator of flmiseg.models.fusion.
-Upsampling is bilinear with align_corners=True, as the reference. The reference module also
-holds layers its forward pass never uses (a layer4 projection and leftovers, 1,594,208
-parameters); this port has only the parameters that receive gradients.
+The encoder is any five-level one of the backbone registry (flmiseg/models/backbones.py):
+`config.model.backbone` ('' = resnet50, whose counts these are; resnet101) with its
+`config.model.backbone_kwargs`. Upsampling is bilinear with align_corners=True, as the
+reference. The reference module also holds layers its forward pass never uses (a layer4
+projection and leftovers, 1,594,208 parameters); this port has only the parameters that
+receive gradients.
 """
 
 import functools
@@ -22,14 +25,14 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flmiseg.core.errors import UserError
+from flmiseg.models import backbones
 from flmiseg.models import fusion as fusion_lib
 from flmiseg.models import layers
 from flmiseg.models import resnet
 from flmiseg.models import zoo
 
 VARIANTS = ('original', 'lowlevel')
-BACKBONES = ('resnet50', 'resnet101')
+LEVELS = 5  # the encoder's feature levels: a ResNet's stem and layer1..layer4
 BASE_WIDTH = resnet.BASE_WIDTH
 ASPP_RATES = (6, 12, 18)  # at output stride 16
 
@@ -78,19 +81,27 @@ class Head(nn.Module):
 class DeepLabV3Plus(nn.Module):
   """DeepLabv3+. Input NHWC of any size; returns (logits (N, H, W, num_classes), aux).
 
-  aux holds 'skips' (the encoder pyramid but its coarsest level: stem, layer1..layer3,
-  finest first), 'bottleneck' (layer4, which ASPP reads), 'aspp' and 'side_outputs' ([]).
+  aux holds 'skips' (the encoder pyramid but its coarsest level: stem, layer1..layer3 for a
+  ResNet, finest first), 'bottleneck' (the coarsest level, layer4, which ASPP reads), 'aspp'
+  and 'side_outputs' ([]).
   Attributes:
-    width: base width (ResNet stem channels; 64 in the reference).
+    width: base width (ResNet stem channels; 64 in the reference); the ASPP and decoder
+      widths scale with it.
     variant: 'original' or 'lowlevel'.
-    backbone: 'resnet50' or 'resnet101'.
+    encoder: the encoder, a module whose call (x, train=train) returns five NHWC features,
+      finest first (flmiseg/models/backbones.py; `build` makes it from config.model.backbone);
+      None: the reference's ResNet-50 at `width`, its stem at stride 2 ('original') or 1
+      ('lowlevel').
+    stride: the encoder's total stride (inputs are padded to a multiple of it); None: its
+      `total_stride` attribute.
     fusion: the lowlevel decoder's fusion operator, a module factory called as
       fusion(dtype=..., name=...) (flmiseg/models/fusion.py); no effect on 'original'.
     num_classes, dtype: as every model.
   """
   width: int = BASE_WIDTH
   variant: str = 'original'
-  backbone: str = 'resnet50'
+  encoder: nn.Module | None = None
+  stride: int | None = None
   fusion: Callable[..., nn.Module] = fusion_lib.Concat
   num_classes: int = 1
   dtype: Any = jnp.float32
@@ -120,15 +131,20 @@ class DeepLabV3Plus(nn.Module):
     if self.variant not in VARIANTS:
       raise ValueError(f'variant={self.variant!r} is not a DeepLabv3+ variant; valid: '
                        f'{", ".join(VARIANTS)}')
-    if self.backbone not in BACKBONES:
-      raise ValueError(f'backbone={self.backbone!r} is not a DeepLabv3+ backbone; valid: '
-                       f'{", ".join(BACKBONES)}')
     lowlevel = self.variant == 'lowlevel'
-    x, hw = layers.pad_to_multiple(x.astype(self.dtype), 8 if lowlevel else 16)
-    encoder = resnet.ResNetEncoder(depth=int(self.backbone[6:]), width=self.width,
-                                   stem_stride=1 if lowlevel else 2, output_stride=16,
-                                   dtype=self.dtype, name='encoder')
-    skips = encoder(x, train)
+    encoder = self.encoder
+    if encoder is None:
+      encoder = resnet.ResNetEncoder(width=self.width, stem_stride=1 if lowlevel else 2,
+                                     output_stride=16, dtype=self.dtype, name='encoder')
+    stride = self.stride or getattr(encoder, 'total_stride', None)
+    if not stride:
+      raise ValueError('DeepLabV3Plus: the encoder has no total_stride; pass stride= (its '
+                       'total stride)')
+    x, hw = layers.pad_to_multiple(x.astype(self.dtype), stride)
+    skips = list(encoder(x, train=train))
+    if len(skips) != LEVELS:
+      raise ValueError(f'DeepLabV3Plus needs an encoder with {LEVELS} feature levels (a '
+                       f'ResNet\'s stem and layer1..layer4), got {len(skips)}')
     s = functools.partial(layers.scaled, self.width, BASE_WIDTH)
     aspp = ASPP(s(256), dtype=self.dtype, name='aspp')(skips[-1], train)
     decode = self._decode_lowlevel if lowlevel else self._decode_original
@@ -140,13 +156,18 @@ class DeepLabV3Plus(nn.Module):
 
 @zoo.register_model('deeplabv3p', variants=VARIANTS, base_width=BASE_WIDTH)
 def build(model_config, dtype) -> nn.Module:
-  """DeepLabV3Plus from a `config.model` (.variant, .width, .backbone, .fusion ('' = concat),
-  .fusion_kwargs, .num_classes)."""
-  backbone = getattr(model_config, 'backbone', '') or 'resnet50'
-  if backbone not in BACKBONES:
-    raise UserError(f'config.model.backbone={backbone!r} is not a backbone of deeplabv3p; '
-                    f'valid: {", ".join(BACKBONES)}')
+  """DeepLabV3Plus from a `config.model` (.variant, .width, .backbone ('' = resnet50) and
+  .backbone_kwargs, .fusion ('' = concat), .fusion_kwargs, .num_classes).
+
+  The encoder comes from the backbone registry (flmiseg/models/backbones.py); the lowlevel
+  variant builds it with stem_stride=1, so it takes the encoders that have that setting.
+  Raises UserError naming the setting for an unknown or unfit backbone or fusion operator.
+  """
+  lowlevel = model_config.variant == 'lowlevel'
+  encoder, stride = backbones.from_config(
+      model_config, dtype, model='deeplabv3p lowlevel' if lowlevel else 'deeplabv3p',
+      **({'stem_stride': 1} if lowlevel else {}))
   fusion = fusion_lib.from_config(model_config, fusion_lib.Concat)
   return DeepLabV3Plus(width=model_config.width, variant=model_config.variant,
-                       backbone=backbone, fusion=fusion,
+                       encoder=encoder, stride=stride, fusion=fusion,
                        num_classes=model_config.num_classes, dtype=dtype)

@@ -37,23 +37,19 @@ Relation to the reference's hand-modified `lowlevel` variants (cbmi-group/icss-s
     ports of those three belong to the models' own `lowlevel` variants; this wrapper is the
     general recipe for any encoder.
 
-`build(model_config, dtype)` wraps the encoder named by `model_config.backbone`: ResNet-50/101,
-VGG16, or one of your own registered with `@register_backbone('name')` (docs/fusion.md).
+`build(model_config, dtype)` wraps the encoder named by `model_config.backbone` (resnet50,
+resnet101, vgg16, or one of your own registered with `@register_backbone('name')`; the
+registry is flmiseg/models/backbones.py, docs/fusion.md) with its `backbone_kwargs`.
 """
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from flmiseg.core import registry
-from flmiseg.core.errors import UserError
+from flmiseg.models import backbones
 from flmiseg.models import fusion as fusion_lib
 from flmiseg.models import layers
-from flmiseg.models import resnet
-from flmiseg.models import vgg
 from flmiseg.models import zoo
 
 # Decoder channels per level as multiples of `width` (level 0: full scale); deeper levels
@@ -137,22 +133,6 @@ class LowLevelSegmenter(nn.Module):
                     'decoder': decoded, 'side_outputs': []}
 
 
-def backbone_stride(backbone: nn.Module, in_channels: int = 1, probe: int = 256) -> int:
-  """The total stride of `backbone` (input size / its coarsest feature's size).
-
-  Found shape-only (jax.eval_shape) on a probe x probe image; raises ValueError when the
-  probe size is not a multiple of the coarsest feature's size.
-  """
-  x = jnp.zeros((1, probe, probe, in_channels), jnp.float32)
-  pyramid, _ = jax.eval_shape(
-      lambda: backbone.init_with_output(jax.random.key(0), x, train=False))
-  coarsest = min(min(f.shape[1], f.shape[2]) for f in pyramid)
-  if probe % coarsest:
-    raise ValueError(f'cannot infer the backbone stride from a {probe}x{probe} probe '
-                     f'(coarsest feature {coarsest}); pass stride= explicitly')
-  return probe // coarsest
-
-
 def lowlevel(backbone: nn.Module, fusion: Callable[..., nn.Module] = fusion_lib.Concat,
              width: int = 64, num_classes: int = 1, dtype: Any = jnp.float32,
              stride: int | None = None, decoder_widths: Sequence[int] | None = None,
@@ -166,7 +146,8 @@ def lowlevel(backbone: nn.Module, fusion: Callable[..., nn.Module] = fusion_lib.
     width: base width of the input layer and decoder.
     num_classes: output channels.
     dtype: computation dtype of the added layers.
-    stride: the backbone's total stride; None: measured with `backbone_stride`.
+    stride: the backbone's total stride; None: `backbones.backbone_stride` (the encoder's
+      `total_stride`, else measured).
     decoder_widths: see LowLevelSegmenter.
     in_channels: image channels, only used to measure the stride.
   Returns:
@@ -179,65 +160,11 @@ def lowlevel(backbone: nn.Module, fusion: Callable[..., nn.Module] = fusion_lib.
     raise TypeError(f'fusion={fusion!r} is not a module factory; pass the operator itself, '
                     'e.g. flmiseg.models.fusion.get_fusion(name)')
   if stride is None:
-    stride = backbone_stride(backbone, in_channels)
+    stride = backbones.backbone_stride(backbone, in_channels)
   return LowLevelSegmenter(backbone=backbone, fusion=fusion, width=width,
                            num_classes=num_classes, stride=stride,
                            decoder_widths=None if decoder_widths is None
                            else tuple(decoder_widths), dtype=dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class Backbone:
-  """A registered encoder of the wrapper.
-
-  Attributes:
-    build: build(model_config, dtype) -> the encoder module (reads what it needs of a
-      `config.model`, e.g. .width); its call returns a list of NHWC features, finest first.
-    stride: its total stride (inputs are padded to a multiple of it); None: measured once
-      per build with `backbone_stride`.
-  """
-  build: Callable[[Any, Any], nn.Module]
-  stride: int | None = None
-
-
-# config.model.backbone -> Backbone; filled by `register_backbone`; '' means 'resnet50'.
-BACKBONES = registry.Registry('backbone of the low-level wrapper', 'config.model.backbone')
-
-
-def register_backbone(name: str, *, stride: int | None = None,
-                      override: bool = False) -> Callable:
-  """Decorator: registers an encoder builder for `--config.model.backbone=name`.
-
-  The decorated function is build(model_config, dtype) -> an encoder module whose call
-  `(x, train=train)` returns NHWC features, finest first (docs/fusion.md). `stride`: the
-  encoder's total stride (None: measured). Raises ValueError when `name` is taken, unless
-  `override`.
-  """
-  def register(build_fn):
-    BACKBONES.add(name, Backbone(build_fn, stride), override=override)
-    return build_fn
-  return register
-
-
-@register_backbone('resnet50', stride=16)
-def resnet50_encoder(model_config, dtype) -> nn.Module:
-  """ResNet-50 (stride-2 stem, output stride 16) at .width (64 = ResNet). The encoder keeps
-  its own stem; the wrapper's input layer supplies the full-resolution features."""
-  return resnet.ResNetEncoder(depth=50, width=model_config.width, stem_stride=2,
-                              output_stride=16, dtype=dtype)
-
-
-@register_backbone('resnet101', stride=16)
-def resnet101_encoder(model_config, dtype) -> nn.Module:
-  """ResNet-101, otherwise as `resnet50_encoder`."""
-  return resnet.ResNetEncoder(depth=101, width=model_config.width, stem_stride=2,
-                              output_stride=16, dtype=dtype)
-
-
-@register_backbone('vgg16', stride=vgg.STRIDE)
-def vgg16_encoder(model_config, dtype) -> nn.Module:
-  """VGG16 (no BatchNorm, as the reference's FCNs) at .width (64 = VGG16)."""
-  return vgg.VGG16Encoder(width=model_config.width, dtype=dtype)
 
 
 # The paper's strategy applied to any encoder (config.model.backbone picks it).
@@ -245,15 +172,11 @@ def vgg16_encoder(model_config, dtype) -> nn.Module:
 def build(model_config, dtype) -> LowLevelSegmenter:
   """The wrapper around the encoder named by `model_config.backbone` ('' = resnet50).
 
-  Reads .backbone, .width, .fusion ('' = concat), .fusion_kwargs and .num_classes of a
-  `config.model`. Raises UserError on an unknown backbone or fusion operator.
+  Reads .backbone, .backbone_kwargs (the encoder's settings), .width, .fusion ('' = concat),
+  .fusion_kwargs and .num_classes of a `config.model`. Raises UserError on an unknown
+  backbone or fusion operator, or a kwarg either does not take.
   """
-  name = getattr(model_config, 'backbone', '') or 'resnet50'
-  if name not in BACKBONES:
-    raise UserError(f'config.model.backbone={name!r} is not a backbone of the low-level '
-                    f'wrapper; valid backbones: {", ".join(sorted(BACKBONES))}')
-  backbone = BACKBONES[name]
-  encoder = backbone.build(model_config, dtype)
+  encoder, stride = backbones.from_config(model_config, dtype, model='lowlevel')
   return lowlevel(encoder, fusion=fusion_lib.from_config(model_config, fusion_lib.Concat),
                   width=model_config.width, num_classes=model_config.num_classes,
-                  dtype=dtype, stride=backbone.stride)
+                  dtype=dtype, stride=stride)

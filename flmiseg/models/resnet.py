@@ -73,6 +73,11 @@ class ResNetEncoder(nn.Module):
   output_stride: int = 16
   dtype: Any = jnp.float32
 
+  @property
+  def total_stride(self) -> int:
+    """The stride of layer4 (the coarsest feature): output_stride * stem_stride / 2."""
+    return self.output_stride * self.stem_stride // 2
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     name = f'resnet{self.depth}'

@@ -79,6 +79,11 @@ class VGG16Encoder(nn.Module):
   batch_norm: bool = False
   dtype: Any = jnp.float32
 
+  @property
+  def total_stride(self) -> int:
+    """The stride of block 5's pooled output, the coarsest feature."""
+    return STRIDE
+
   @nn.compact
   def __call__(self, x, train: bool = False) -> list:
     features = []

@@ -177,6 +177,7 @@ RULES: dict[str, Rule] = {
     'model.fusion': text,
     'model.fusion_kwargs': section,
     'model.backbone': text,
+    'model.backbone_kwargs': section,
     'model.num_classes': integer(1, 1, note=' (one foreground logit)'),
     'model.instance_head': choice(instances.HEADS, 'an instance head'),
     'train.num_epochs': integer(0),
@@ -262,6 +263,6 @@ def _check_names(config) -> None:
   head) and the loss terms and weights as training does; their errors name the setting."""
   try:
     models.create_model(config.model, np.float32)
-    losses.make_loss(config.train.loss, config.train.loss_weights)
+    losses.from_config(config)
   except (ValueError, TypeError) as e:
     raise UserError(' '.join(str(e).split())) from e

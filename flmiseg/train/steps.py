@@ -1,9 +1,10 @@
 """The train state and the pure, jit-compiled steps.
 
 `train_step(state, batch, ...)` and `predict_step(state, batch, ...)` are pure functions;
-static things (the loss, the schedule, the threshold) are bound with functools.partial before
-jax.jit. The batch is sharded over the mesh's 'data' axis and the state replicated, so
-BatchNorm statistics, the loss and the gradients are over the global batch.
+static things (the loss of flmiseg/train/losses.py, the schedule, the threshold) are bound
+with functools.partial before jax.jit. The batch is sharded over the mesh's 'data' axis and
+the state replicated, so BatchNorm statistics, the loss and the gradients are over the
+global batch.
 """
 
 import functools
@@ -42,35 +43,25 @@ def create_train_state(model, tx, sample_hw, seed: int, mesh) -> TrainState:
   return lowered.compile(compiler_options=options)(key)
 
 
-def semantic_side_outputs(aux: dict) -> dict:
-  """aux with its side outputs cut to their foreground logit (channel 0)."""
-  if 'side_outputs' not in aux:
-    return aux
-  return {**aux, 'side_outputs': [o[..., :1] for o in aux['side_outputs']]}
-
-
 def train_step(state: TrainState, batch: dict, *, loss_fn, schedule, dropout_key,
-               instance_weight: float = 1.0, freeze_batch_stats: bool = False):
+               freeze_batch_stats: bool = False):
   """One optimisation step on a global batch; returns (new_state, metrics).
 
-  The loss is loss_fn on the foreground logit (channel 0) of the final and side outputs;
-  batches with a 'distance' target (an instance head) add instance_weight times the BCE of
-  channel 1 of the final output against it. With `freeze_batch_stats` the model runs in
-  inference mode (BatchNorm normalises with, and keeps, its running statistics; no dropout).
+  The loss is loss_fn(logits, aux, batch) on the model's outputs: a losses.Loss (from
+  `losses.from_config`: pixel terms on the foreground logit of the final and side outputs,
+  output terms such as the instance head's on everything), or a pixel loss function
+  (logits, targets, valid=None), trained as a Loss of that one term. With
+  `freeze_batch_stats` the model runs in inference mode (BatchNorm normalises with, and
+  keeps, its running statistics; no dropout).
   """
   key = jax.random.fold_in(dropout_key, state.step)
+  loss_fn = losses.as_loss(loss_fn)
 
   def loss_of(params):
     (logits, aux), updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
         train=not freeze_batch_stats, mutable=['batch_stats'], rngs={'dropout': key})
-    loss = losses.total_loss(loss_fn, logits[..., :1], semantic_side_outputs(aux),
-                             batch['mask'], batch['valid'])
-    if 'distance' in batch:  # the instance head: channel 1 of the final output
-      # BCE with the soft target: its gradient is sigmoid - target, as a squared error's
-      # would be, without vanishing where the sigmoid saturates.
-      loss = loss + instance_weight * losses.bce(logits[..., 1:2], batch['distance'],
-                                                 batch['valid'])
+    loss = loss_fn(logits, aux, batch)
     return loss, updates.get('batch_stats', state.batch_stats)
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
@@ -93,13 +84,16 @@ def predict_step(state: TrainState, batch: dict, *, threshold: float):
 
 
 def jit_steps(config, loss_fn, schedule, mesh, state_shardings):
-  """(train_step, predict_step) jitted with the config's static settings bound."""
+  """(train_step, predict_step) jitted with the config's static settings bound.
+
+  loss_fn: `losses.from_config(config)`; a loss of config.train.loss alone (`losses.make_loss`)
+  gets the config's instance-head loss added as from_config adds it.
+  """
   rep = sharding.replicated(mesh)
   dropout_key = jax.random.fold_in(jax.random.key(config.seed), 1)
   train = jax.jit(
-      functools.partial(train_step, loss_fn=loss_fn, schedule=schedule,
-                        dropout_key=dropout_key,
-                        instance_weight=config.train.get('instance_weight', 1.0),
+      functools.partial(train_step, loss_fn=losses.from_config(config, loss_fn),
+                        schedule=schedule, dropout_key=dropout_key,
                         freeze_batch_stats=config.train.get('freeze_batch_stats', False)),
       out_shardings=(state_shardings, rep), donate_argnums=0)
   return train, jit_predict(config.eval.threshold)
