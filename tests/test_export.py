@@ -23,18 +23,20 @@ pytest.importorskip('onnxruntime')
 pytest.importorskip('bioimageio.core')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from flmiseg.export import bioimage
-from flmiseg.export import onnx_graph
-from flmiseg.inference import tiling
 from flmiseg import models
-from flmiseg.export import onnx_backend
 from flmiseg.cli import predict
-from flmiseg.store import pretrained
-from flmiseg.store import rundir
 from flmiseg.core import sharding
-from flmiseg.train import trainer
 from flmiseg.data import io
 from flmiseg.data import preprocess
+from flmiseg.export import bioimage
+from flmiseg.export import onnx_backend
+from flmiseg.export import onnx_graph
+from flmiseg.inference import model as model_lib
+from flmiseg.inference import tiling
+from flmiseg.store import pretrained
+from flmiseg.store import rundir
+from flmiseg.store import weights
+from flmiseg.train import trainer
 from experiments.benchmarks import benchmark
 from tests import helpers
 
@@ -84,7 +86,7 @@ def passes_test_model(package: pathlib.Path):
 
 def test_unet_package_passes_bioimageio_test_model(unet_run, tmp_path):
   config, workdir = unet_run
-  result = onnx_graph.run(config, workdir, onnx_graph.Options(output=str(tmp_path / 'pkg')))
+  result = bioimage.run(config, workdir, bioimage.Options(output=str(tmp_path / 'pkg')))
   package = tmp_path / 'pkg'
   assert result['layout'].dynamic and result['layout'].multiple == 16
   for name in ('rdf.yaml', 'weights.onnx', 'test_input.npy', 'test_output.npy', 'cover.png',
@@ -102,7 +104,7 @@ def test_unet_package_passes_bioimageio_test_model(unet_run, tmp_path):
 def test_lowlevel_package_passes_bioimageio_test_model(lowlevel_model, tmp_path):
   config, folder = lowlevel_model
   config.authors = 'Ada Lovelace, Alan Turing'
-  result = onnx_graph.run(config, folder, onnx_graph.Options(output=str(tmp_path / 'pkg')))
+  result = bioimage.run(config, folder, bioimage.Options(output=str(tmp_path / 'pkg')))
   layout = result['layout']
   # jax2onnx cannot trace SegNet's unpooling with symbolic sizes: fixed tiles, any batch.
   assert not layout.dynamic and layout.tile == 32 and layout.batch == 0
@@ -140,7 +142,7 @@ def test_onnx_probabilities_equal_flmiseg_probabilities(unet_run):
   tiles = np.stack([preprocess.normalize(image, config.data.normalization, config.data.kind)
                     for image in _test_images(config)])[..., None]
   mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state, jax_step = tiling.load(config, workdir, mesh)
+  state, jax_step = weights.load(config, workdir, mesh)
   want = tiling.prob_fn(state, mesh, tta=False)(tiles)
   got = onnx_backend.Runner(path, layout)(tiles)
   assert step == jax_step and got.shape == want.shape
@@ -154,11 +156,11 @@ def test_onnx_backend_with_fixed_tiles_and_two_channels(lowlevel_model):
   config, folder = lowlevel_model
   image = np.random.default_rng(1).gamma(2.0, 900.0, (45, 70)).astype(np.uint16)
   outputs = {}
+  model = model_lib.Model(folder, config)
   for backend in ('jax', 'onnx'):
     options = predict.Options(input='', output='', backend=backend, tta=True)
-    predictor, step = predict.load_predictor(config, folder, options)
-    outputs[backend] = predictor.plane(image)[0]
-  assert step == 0 and outputs['onnx'].shape == (45, 70, 2)
+    outputs[backend] = predict.load_predictor(model, options).plane(image)[0]
+  assert model.step == 0 and outputs['onnx'].shape == (45, 70, 2)
   assert np.abs(outputs['onnx'] - outputs['jax']).max() < 1e-4
 
 

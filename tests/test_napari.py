@@ -1,6 +1,6 @@
 """The napari plugin (flmiseg/napari), headless: the manifest, the sample data, and the widget,
-which segments an image layer in a worker thread into the Labels layers that flmiseg.inference.model
-(the code of --mode=predict, tests/test_segment.py) gives.
+which segments an image layer in a worker thread into the Labels layers that
+`flmiseg.load(...).segment` (the code of --mode=predict, tests/test_segment.py) gives.
 
 Needs the napari extra (`pip install "flmiseg[napari]"`) and pytest-qt, which CI installs;
 without them these tests are skipped. napari draws with OpenGL: on Linux without a display, a
@@ -21,7 +21,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from flmiseg.inference import model
+import flmiseg
 from flmiseg.data import simulate
 
 napari = pytest.importorskip(
@@ -105,7 +105,7 @@ def cells():
 
 @pytest.fixture(scope='module')
 def nucleus():
-  return model.load('nucleus')
+  return flmiseg.load('nucleus')
 
 
 def _open_widget(viewer):
@@ -147,7 +147,7 @@ def test_widget_segments_the_layer_as_predict_does(make_napari_viewer, qtbot, ce
   assert widget._image.value is layer
   widget._instances.value = True
   result = _run(widget, qtbot)
-  expected = nucleus(image, instances=True)
+  expected = nucleus.segment(image, instances=True)
   mask, objects = viewer.layers['cells mask'], viewer.layers['cells instances']
   assert isinstance(mask, napari.layers.Labels) and isinstance(objects, napari.layers.Labels)
   np.testing.assert_array_equal(mask.data, expected.mask)
@@ -169,7 +169,7 @@ def test_widget_segments_the_layer_as_predict_does(make_napari_viewer, qtbot, ce
   widget._diameter.value = 15.5  # resized x2 to the model's 31 px (not by the 0.065 um)
   _run(widget, qtbot)
   np.testing.assert_array_equal(viewer.layers['nm mask'].data,
-                                nucleus(image, diameter=15.5).mask)
+                                nucleus.segment(image, diameter=15.5).mask)
   assert widget.result.warnings[0] == ("nm: resized x2 so its objects (15.5 px, --diameter) "
                                        "match the model's (31 px)")
   widget._diameter.value = 0
@@ -192,24 +192,24 @@ def test_widget_channel_option_picks_the_channel(make_napari_viewer, qtbot, cell
   widget = _open_widget(viewer)
   widget._channel.value = 1
   _run(widget, qtbot)
-  np.testing.assert_array_equal(viewer.layers['two mask'].data, nucleus(image).mask)
+  np.testing.assert_array_equal(viewer.layers['two mask'].data, nucleus.segment(image).mask)
   assert '(CYX)' in widget._status.value
   widget._channel.value = 0
   _run(widget, qtbot)
-  np.testing.assert_array_equal(viewer.layers['two mask'].data, nucleus(noise).mask)
+  np.testing.assert_array_equal(viewer.layers['two mask'].data, nucleus.segment(noise).mask)
   assert widget._channel.choices == (-1, 0, 1)  # shown as none, 0, 1
   rgb = viewer.add_image(np.stack([image] * 3, axis=-1), name='rgb', rgb=True)
   widget._image.value = rgb  # grey in RGB: its luminance is the image
   widget._channel.value = -1
   _run(widget, qtbot)
   assert '(YXS)' in widget._status.value
-  np.testing.assert_array_equal(viewer.layers['rgb mask'].data, nucleus(image).mask)
+  np.testing.assert_array_equal(viewer.layers['rgb mask'].data, nucleus.segment(image).mask)
   widget._image.value = viewer.layers['two']
   widget._channel.value = 1
   widget._axes.value = 'zyx'  # a stack has no channel 1: a notification; the layer stays
   _run(widget, qtbot)
   assert 'failed: --channel=1: two has no channel axis' in widget._status.value
-  np.testing.assert_array_equal(viewer.layers['two mask'].data, nucleus(noise).mask)
+  np.testing.assert_array_equal(viewer.layers['two mask'].data, nucleus.segment(noise).mask)
 
 
 def test_sample_data_and_run_folder_choice(make_napari_viewer, qtbot):

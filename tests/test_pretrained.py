@@ -9,9 +9,9 @@ import pytest
 import tifffile
 
 from flmiseg.evaluation import calibration
-from flmiseg.inference import tiling
 from flmiseg.store import pretrained
 from flmiseg.store import rundir
+from flmiseg.store import weights
 from flmiseg.core import sharding
 from flmiseg.train import trainer
 from flmiseg.configs import finetune as finetune_config
@@ -24,14 +24,14 @@ def packed(tiny_run, tmp_path_factory):
   """(run folder, its float32 packed copy, its float16 packed copy)."""
   _, run = tiny_run
   root = tmp_path_factory.mktemp('packed')
-  pretrained.pack(run, root / 'f32', 'float32', provenance={'note': 'test'})
-  pretrained.pack(run, root / 'f16', 'float16')
+  weights.pack(run, root / 'f32', 'float32', provenance={'note': 'test'})
+  weights.pack(run, root / 'f16', 'float16')
   return run, root / 'f32', root / 'f16'
 
 
 def _variables(folder):
   config = rundir.read_config(folder)
-  state, step = tiling.load(config, folder, sharding.make_mesh(jax.local_devices()[:1]))
+  state, step = weights.load(config, folder, sharding.make_mesh(jax.local_devices()[:1]))
   return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), step
 
 
@@ -52,7 +52,7 @@ def test_pack_keeps_the_weights_and_the_runs_files(packed):
     assert (f32 / name).read_bytes() == (run / name).read_bytes()
   assert (f16 / 'weights.msgpack').stat().st_size < 0.55 * (f32 / 'weights.msgpack').stat().st_size
   with pytest.raises(UserError, match='not empty'):
-    pretrained.pack(run, f32)
+    weights.pack(run, f32)
 
 
 def test_a_tampered_or_mismatched_file_is_refused_with_one_line(packed, tmp_path):
@@ -68,11 +68,11 @@ def test_a_tampered_or_mismatched_file_is_refused_with_one_line(packed, tmp_path
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   with pytest.raises(UserError, match=r'weights.msgpack: SHA-256 .* does not match .* not '
                      r'loading it$'):
-    tiling.load(config, copy, mesh)
+    weights.load(config, copy, mesh)
   config.model.width = 8  # the file's arrays do not fit this architecture
   (copy / 'weights.msgpack').write_bytes((f32 / 'weights.msgpack').read_bytes())
   with pytest.raises(UserError, match='weights.msgpack: (does not fit|an array of shape)'):
-    tiling.load(config, copy, mesh)
+    weights.load(config, copy, mesh)
 
 
 def test_predict_with_model_equals_predict_with_the_run(packed, tmp_path):
@@ -108,7 +108,7 @@ def test_fine_tuning_starts_from_the_source_weights(packed, tmp_path):
                tuned['params'], source['params'])
   # Packed, the fine-tuned model names its source in weights.json only: its config starts
   # nothing from a folder that exists on this machine alone.
-  info = pretrained.pack(tmp_path / 'tuned', tmp_path / 'tuned_packed', 'float32')
+  info = weights.pack(tmp_path / 'tuned', tmp_path / 'tuned_packed', 'float32')
   assert info['init_from'] == str(f32)
   run_config = json.loads((tmp_path / 'tuned' / 'config.json').read_text())
   packed_config = json.loads((tmp_path / 'tuned_packed' / 'config.json').read_text())

@@ -6,30 +6,25 @@ import jax
 import numpy as np
 import pytest
 
-from flmiseg.evaluation import calibration as calibration_lib
-from flmiseg.inference import tiling
-from flmiseg.cli import predict
-from flmiseg.store import pretrained
-from flmiseg.store import rundir
-from flmiseg.core import sharding
+import flmiseg
 from flmiseg.data import loader
 from flmiseg.data import simulate
+from flmiseg.inference import segment
+from flmiseg.store import pretrained
 
 # Mean IoU on 4 simulated 192x192 images of the kind's default knobs (the measured means in
 # docs/models.md are on 20 images of 256x256), with a margin below what the model reaches.
 MIN_IOU = {'er': 0.75, 'mito': 0.7, 'nucleus': 0.8}
 
 
-def _shipped_predictor(kind: str) -> tuple[predict.Predictor, float, int]:
+def _shipped_predictor(kind: str) -> tuple[segment.Predictor, float, int]:
   """(a one-device Predictor of the shipped `kind` model at its training crop, its calibrated
   threshold, its checkpoint step); loading checks the weights' SHA-256."""
-  folder = pretrained.resolve_model(kind)
-  config = rundir.read_config(folder)
-  mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state, step = tiling.load(config, folder, mesh)
-  predictor = predict.Predictor(tiling.prob_fn(state, mesh, False), config,
-                                config.data.crop_size, 0.25, 1)
-  return predictor, calibration_lib.calibrated_threshold(folder, step), step
+  model = flmiseg.load(kind, devices=jax.local_devices()[:1])
+  assert model.threshold_source == 'calibrated'
+  predictor = model.predictor(segment.Settings(batch_size=1))
+  assert (predictor.tile, predictor.batch_size) == (model.config.data.crop_size, 1)
+  return predictor, model.threshold, model.step
 
 
 @pytest.mark.parametrize('kind,inverted', [(kind, False) for kind in pretrained.SHIPPED] +

@@ -1,8 +1,13 @@
 """A bioimage.io model package (format 0.5) of a trained model: what `--mode=export` writes.
 
+  python -m flmiseg.main --mode=export --workdir=RUN --output=DIR [--tile=N]
+  python -m flmiseg.main --mode=export --model=nucleus --output=DIR
+
+The model is loaded through flmiseg/inference/model.py, converted to ONNX
+(flmiseg/export/onnx_graph.py), and written with:
   rdf.yaml          the model description (bioimageio.spec's ModelDescr, validated on writing);
-  weights.onnx      the ONNX graph (flmiseg/export/onnx_graph.py): normalised (B, Y, X, 1) float32 ->
-                    probabilities (B, Y, X, C);
+  weights.onnx      the ONNX graph (flmiseg/export/onnx_graph.py): normalised (B, Y, X, 1)
+                    float32 -> probabilities (B, Y, X, C);
   test_input.npy,   a simulated image of the model's kind (flmiseg/data/simulate.py), raw, and
   test_output.npy   the output flmiseg's JAX model gives for it after the package's own
                     preprocessing: `bioimageio.core.test_model` reruns it with the ONNX weights
@@ -11,7 +16,8 @@
   sample_output.tif
   cover.png         that image and the contour of its mask;
   README.md         the documentation: the model, its preprocessing (and what the spec cannot
-                    express), sizes, threshold, how to run it, validation, citation;
+                    express), sizes, threshold, how to run it, validation, citation
+                    (flmiseg/export/readme.py);
   LICENSE.txt       the licence text (MIT; other licences by their SPDX id only).
 
 Preprocessing in the spec (`preprocessing_steps`): 'percentile' is scale_range (1st and 99.8th
@@ -22,61 +28,35 @@ standardisation, without the local contrast equalisation), the README says so, a
 warns in one line;
 such a package segments less well than flmiseg itself. A model trained with
 --config.data.normalization=percentile exports without loss.
-Postprocessing: a one-channel model's output is binarized at the calibrated threshold (else
-config.eval.threshold) into a 0/1 uint8 mask; a model with an instance head keeps both
-probability channels, and the threshold is in the README and under config.flmiseg.
+Postprocessing: a one-channel model's output is binarized at the model's threshold (calibrated,
+else config.eval.threshold: flmiseg/store/settings.py) into a 0/1 uint8 mask; a model with an
+instance head keeps both probability channels, and the threshold is in the README and under
+config.flmiseg.
 """
 
+import dataclasses
 import datetime
-import json
 import pathlib
 import tempfile
 
 from absl import logging
 import cv2
+import jax
 import numpy as np
 import pydantic
 import tifffile
 
-from flmiseg.evaluation import calibration
-from flmiseg.export import onnx_graph
-from flmiseg.cli import predict
-from flmiseg.store import pretrained
+from flmiseg.core.errors import UserError
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
-from flmiseg.core.errors import UserError
+from flmiseg.export import onnx_graph
+from flmiseg.export import readme
+from flmiseg.inference import model as model_lib
+from flmiseg.inference import overlay
+from flmiseg.inference import tiling
 
-PAPER = ('Guo, Y., Huang, J., Zhou, Y., Luo, Y., Li, W., Yang, G.: Segmentation of '
-         'Intracellular Structures in Fluorescence Microscopy Images by Fusing Low-Level '
-         'Features. In: Pattern Recognition and Computer Vision (PRCV 2021), Lecture Notes in '
-         'Computer Science, vol. 13021, Springer (2021)')
-PAPER_DOI = '10.1007/978-3-030-88010-1_32'
-DEFAULT_AUTHORS = 'flmiseg contributors'
-STRUCTURES = {'er': 'endoplasmic reticulum', 'mito': 'mitochondria', 'nucleus': 'nuclei'}
 TAGS = {'er': 'endoplasmic-reticulum', 'mito': 'mitochondria', 'nucleus': 'nuclei'}
 EPS = 1e-6  # the spec's epsilon of scale_range and zero_mean_unit_variance
-MIT_LICENSE = """MIT License
-
-Copyright (c) {year} {holders}
-
-Permission is hereby granted, free of charge, to any person obtaining a copy
-of this software and associated documentation files (the "Software"), to deal
-in the Software without restriction, including without limitation the rights
-to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
-copies of the Software, and to permit persons to whom the Software is
-furnished to do so, subject to the following conditions:
-
-The above copyright notice and this permission notice shall be included in all
-copies or substantial portions of the Software.
-
-THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
-IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
-FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
-AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
-LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
-OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
-SOFTWARE.
-"""
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -178,135 +158,14 @@ def test_tensors(config, probs_fn, layout, threshold: float, tries: int = 4):
 def cover(raw: np.ndarray, prob: np.ndarray, threshold: float) -> np.ndarray:
   """BGR uint8 (H, 2W): the image, and the image with the mask's contour (at least 256
   pixels high)."""
-  left = cv2.cvtColor(predict.display_image(raw), cv2.COLOR_GRAY2BGR)
-  right = predict.overlay(raw, prob > threshold)
+  left = cv2.cvtColor(overlay.display_image(raw), cv2.COLOR_GRAY2BGR)
+  right = overlay.overlay(raw, prob > threshold)
   both = np.concatenate([left, right], axis=1)
   scale = max(1, -(-256 // both.shape[0]))
   return cv2.resize(both, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
 
 
 # ----------------------------------------------------------------------------- text
-
-def authors(config) -> list[str]:
-  names = [n.strip() for n in str(config.get('authors', '') or '').split(',') if n.strip()]
-  return names or [DEFAULT_AUTHORS]
-
-
-def model_name(config) -> str:
-  structure = STRUCTURES.get(config.data.kind, config.data.kind)
-  return f'flmiseg {config.model.name} ({config.model.variant}) {structure}'[:64]
-
-
-def validation_text(workdir) -> str:
-  """The run's test metrics (eval/summary.json) or a packed model's recorded ones."""
-  workdir = pathlib.Path(workdir)
-  summary = workdir / 'eval' / 'summary.json'
-  lines = []
-  if summary.is_file():
-    result = json.loads(summary.read_text())
-    lines.append(f'flmiseg\'s test set ({result.get("num_images")} images): mean IoU '
-                 f'{result.get("iou", float("nan")):.3f}, F1 {result.get("f1", float("nan")):.3f}'
-                 f' at threshold {result.get("threshold")}')
-    tuned = result.get('calibrated')
-    if tuned:
-      lines.append(f'At the calibrated threshold {tuned["threshold"]:.3f}: mean IoU '
-                   f'{tuned.get("iou", float("nan")):.3f}.')
-  elif pretrained.is_packed(workdir):
-    info = json.loads((workdir / pretrained.WEIGHTS_INFO).read_text())
-    scores = {k: v for k, v in info.items() if k.startswith('test_iou')}
-    if scores:
-      lines.append('Recorded with the packed model: ' + ', '.join(
-          f'{k} {v:.3f}' for k, v in sorted(scores.items())) + '.')
-  if not lines:
-    lines.append('No test metrics were recorded with this model.')
-  lines.append('To validate it on your own annotated images, run flmiseg\'s '
-               '`--mode=eval` on the original run, or compare the masks this package gives '
-               'with your annotations (IoU per image).')
-  return '\n'.join(lines)
-
-
-def readme(config, workdir, layout, step: int, threshold: float, source: str,
-           steps, exact: bool) -> str:
-  """README.md of the package."""
-  data, model = config.data, config.model
-  structure = STRUCTURES.get(data.kind, data.kind)
-  sizes = (f'any height and width that are multiples of {layout.multiple} (the tools pad '
-           'other sizes)' if layout.dynamic else
-           f'tiles of exactly {layout.tile}x{layout.tile} pixels (the tools cut larger images '
-           'into tiles)')
-  limitation = '' if exact else (
-      f'\n**Limitation.** flmiseg trained this model on images normalised with '
-      f'`{preprocess.resolve(data.normalization, data.kind)}` (CLAHE, local contrast '
-      'equalisation), which the bioimage.io spec cannot express. The package uses the closest '
-      'step it can express (the same percentile stretch or standardisation, without the '
-      'local equalisation), so it segments less well than `flmiseg` itself on the same '
-      'image. For a lossless package, train with `--config.data.normalization=percentile`.\n')
-  heads = ('channel 0 the foreground probability, channel 1 the instance head\'s normalised '
-           'distance (flmiseg splits touching objects with it); the output is not binarized: '
-           f'threshold channel 0 at {threshold:.3f}' if layout.channels > 1 else
-           f'a 0/1 mask: the foreground probability binarized at {threshold:.3f}')
-  pixel = (f'{data.pixel_size:g} um per pixel' if data.pixel_size else 'not recorded')
-  return f"""# {model_name(config)}
-
-Segmentation of {structure} in 2-D fluorescence microscopy images, exported by flmiseg, a
-JAX/Flax reimplementation and extension of the method of Guo et al. (PRCV 2021; reference code
-github.com/cbmi-group/icss-segmentation): general-purpose networks segment intracellular
-structures much better when low-level, full-resolution features are fused into the decoder.
-
-## Model
-
-- Architecture: `{model.name}`, variant `{model.variant}`, width {model.width}; checkpoint
-  step {step}.
-- Input `raw`: one channel, axes (batch, y, x, channel), {sizes}, batch
-  {layout.batch or 'of any size'}; training pixel size: {pixel}.
-- Output: {heads} ({source} threshold).
-
-## Preprocessing
-
-The package normalises each image with: {describe_steps(steps)}.
-{limitation}
-## Training
-
-{_training_text(config)}
-
-## Validation
-
-{validation_text(workdir)}
-
-## Use
-
-- **Fiji / deepImageJ**: install the package (the .zip of this folder, or this folder) with
-  deepImageJ's "Install model", then run it on a single-channel image.
-- **Python**: `bioimageio.core` runs it (`bioimageio predict` on the command line, or
-  `bioimageio.core.predict` in Python), tiling large images; any ONNX runtime runs
-  `weights.onnx` on preprocessed NHWC float32 tiles.
-- **flmiseg** itself: `python -m flmiseg.main --mode=predict --workdir=<the run>` gives the
-  exact training preprocessing and Gaussian-blended tiles.
-
-## Citation
-
-{PAPER}. https://doi.org/{PAPER_DOI}
-
-## License
-
-{licence(config)}; authors: {', '.join(authors(config))}.
-"""
-
-
-def _training_text(config) -> str:
-  data, train = config.data, config.train
-  if data.source == 'synthetic':
-    where = (f'{data.num_synthetic_train} simulated {data.kind} images of '
-             f'{data.synthetic_size}x{data.synthetic_size} (flmiseg\'s simulator, microscope '
-             f'knobs `{data.get("synthetic_params", "default")}`, masks drawn '
-             f'`{data.get("synthetic_masks", "geometry")}`)')
-  else:
-    where = 'the user\'s own annotated images (a list of image/mask pairs)'
-  steps = f'{train.num_steps} steps' if train.num_steps else f'{train.num_epochs} epochs'
-  return (f'Trained by flmiseg on {where}: {data.crop_size}x{data.crop_size} crops, batch '
-          f'{train.batch_size}, {steps}, loss `{train.loss}`, optimiser `{config.optim.name}` '
-          f'(learning rate {config.optim.lr:g}).')
-
 
 # ----------------------------------------------------------------------------- the package
 
@@ -356,18 +215,14 @@ def _tensors(config, folder: pathlib.Path, layout, threshold: float):
   return raw, output
 
 
-def licence(config) -> str:
-  return config.get('license', 'MIT') or 'MIT'
-
-
 def check_metadata(config) -> None:
   """Raises UserError when config.license is not an SPDX licence the spec knows, before
   anything is converted."""
   from bioimageio.spec.model import v0_5  # pylint: disable=g-import-not-at-top
   try:
-    v0_5.LicenseId(licence(config))
+    v0_5.LicenseId(readme.licence(config))
   except (ValueError, pydantic.ValidationError) as e:
-    raise UserError(f'config.license={licence(config)!r} is not an SPDX licence identifier '
+    raise UserError(f'config.license={readme.licence(config)!r} is not an SPDX licence identifier '
                     'bioimage.io knows (e.g. MIT, Apache-2.0, CC-BY-4.0)') from e
 
 
@@ -375,15 +230,15 @@ def describe(config, folder: pathlib.Path, layout, step: int, threshold: float, 
   """The ModelDescr of the files in `folder` (validated by bioimageio.spec)."""
   from bioimageio.spec.model import v0_5  # pylint: disable=g-import-not-at-top
   _, exact = preprocessing_steps(config)
-  structure = STRUCTURES.get(config.data.kind, config.data.kind)
+  structure = readme.STRUCTURES.get(config.data.kind, config.data.kind)
   raw, output = _tensors(config, folder, layout, threshold)
   return v0_5.ModelDescr(
-      name=model_name(config),
+      name=readme.model_name(config),
       description=(f'Segments {structure} in 2-D fluorescence microscopy images '
                    f'({config.model.name}/{config.model.variant}, trained with flmiseg).'),
-      authors=[v0_5.Author(name=n) for n in authors(config)],
-      cite=[v0_5.CiteEntry(text=PAPER, doi=v0_5.Doi(PAPER_DOI))],
-      license=v0_5.LicenseId(licence(config)),
+      authors=[v0_5.Author(name=n) for n in readme.authors(config)],
+      cite=[v0_5.CiteEntry(text=readme.PAPER, doi=v0_5.Doi(readme.PAPER_DOI))],
+      license=v0_5.LicenseId(readme.licence(config)),
       documentation=v0_5.FileDescr(source=folder / 'README.md'),
       covers=[v0_5.FileDescr(source=folder / 'cover.png')],
       attachments=([v0_5.FileDescr(source=folder / 'LICENSE.txt')]
@@ -405,41 +260,47 @@ def describe(config, folder: pathlib.Path, layout, step: int, threshold: float, 
   )
 
 
-def write(config, workdir, out: pathlib.Path, probs_fn, model_bytes: bytes, layout,
-          step: int) -> dict:
-  """Writes the package of the model in `workdir` (probabilities `probs_fn`, its ONNX graph
-  `model_bytes` of `layout`; export.py) into the new or empty folder `out`."""
+def _write_files(model, folder: pathlib.Path, probs_fn, model_bytes: bytes, layout,
+                steps, exact: bool) -> None:
+  """The package's files, but rdf.yaml, into `folder`."""
+  config = model.config
+  raw, output, prob = test_tensors(config, probs_fn, layout, model.threshold)
+  (folder / 'weights.onnx').write_bytes(model_bytes)
+  np.save(folder / 'test_input.npy', raw)
+  np.save(folder / 'test_output.npy', output)
+  cv2.imwrite(str(folder / 'cover.png'), cover(raw[0, ..., 0], prob, model.threshold))
+  (folder / 'README.md').write_text(readme.readme(
+      config, model.folder, layout, model.step, model.threshold, model.threshold_source,
+      describe_steps(steps), exact))
+  if readme.licence(config) == 'MIT':
+    (folder / 'LICENSE.txt').write_text(readme.MIT_LICENSE.format(
+        year=datetime.date.today().year, holders=', '.join(readme.authors(config))))
+  tifffile.imwrite(folder / 'sample_input.tif', raw[0, ..., 0])
+  tifffile.imwrite(folder / 'sample_output.tif', np.moveaxis(output[0], -1, 0))
+
+
+def write(model, out: pathlib.Path, probs_fn, model_bytes: bytes, layout) -> dict:
+  """Writes the package of a loaded `model` (inference.model.Model; probabilities
+  `probs_fn`, its ONNX graph `model_bytes` of `layout`: onnx_graph.py) into the new or empty
+  folder `out`, at the model's threshold."""
   # pylint: disable=g-import-not-at-top
   from bioimageio.spec import save_bioimageio_package_as_folder
+  config = model.config
   steps, exact = preprocessing_steps(config)
   warnings = []
   if not exact:
     method = preprocess.resolve(config.data.normalization, config.data.kind)
-    warnings.append(f'{workdir}: normalisation {method!r} (CLAHE) cannot be expressed in a '
-                    f'bioimage.io package; it uses {describe_steps(steps)} instead, so it '
+    warnings.append(f'{model.folder}: normalisation {method!r} (CLAHE) cannot be expressed '
+                    f'in a bioimage.io package; it uses {describe_steps(steps)} instead, so it '
                     'segments less well than flmiseg (README.md says so); train with '
                     '--config.data.normalization=percentile for a lossless export')
     logging.warning('%s', warnings[-1])
-  threshold = calibration.calibrated_threshold(workdir, step)
-  source = 'calibrated'
-  if threshold is None:
-    threshold, source = float(config.eval.threshold), 'config.eval.threshold'
-  raw, output, prob = test_tensors(config, probs_fn, layout, threshold)
   with tempfile.TemporaryDirectory() as tmp:
     folder = pathlib.Path(tmp)
-    (folder / 'weights.onnx').write_bytes(model_bytes)
-    np.save(folder / 'test_input.npy', raw)
-    np.save(folder / 'test_output.npy', output)
-    cv2.imwrite(str(folder / 'cover.png'), cover(raw[0, ..., 0], prob, threshold))
-    (folder / 'README.md').write_text(
-        readme(config, workdir, layout, step, threshold, source, steps, exact))
-    if licence(config) == 'MIT':
-      (folder / 'LICENSE.txt').write_text(MIT_LICENSE.format(
-          year=datetime.date.today().year, holders=', '.join(authors(config))))
-    tifffile.imwrite(folder / 'sample_input.tif', raw[0, ..., 0])
-    tifffile.imwrite(folder / 'sample_output.tif', np.moveaxis(output[0], -1, 0))
+    _write_files(model, folder, probs_fn, model_bytes, layout, steps, exact)
     try:
-      descr = describe(config, folder, layout, step, threshold, source)
+      descr = describe(config, folder, layout, model.step, model.threshold,
+                       model.threshold_source)
     except pydantic.ValidationError as e:
       error = e.errors()[0]
       where = '.'.join(str(part) for part in error['loc'])
@@ -450,5 +311,45 @@ def write(config, workdir, out: pathlib.Path, probs_fn, model_bytes: bytes, layo
                       f'{" ".join(str(error["msg"]).split())}{hint}') from e
     out.mkdir(parents=True, exist_ok=True)
     save_bioimageio_package_as_folder(descr, output_path=out)
-  return {'output': str(out), 'layout': layout, 'step': step, 'threshold': threshold,
-          'warnings': warnings}
+  return {'output': str(out), 'layout': layout, 'step': model.step,
+          'threshold': model.threshold, 'warnings': warnings}
+
+
+# ----------------------------------------------------------------------------- --mode=export
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What --mode=export was asked to do."""
+  output: str
+  tile: int = 0  # 0: config.data.crop_size (for models whose graph takes fixed tiles),
+  # rounded up to a multiple of 32 (tiling.network_tile)
+
+  def check(self) -> pathlib.Path:
+    """The output folder; raises UserError unless it is new or empty."""
+    if not self.output:
+      raise UserError('--output is required with --mode=export (a new or empty folder for '
+                      'the package)')
+    if self.tile and self.tile < 16:
+      raise UserError(f'--tile={self.tile}: use at least 16 pixels')
+    out = pathlib.Path(self.output)
+    if out.exists() and not out.is_dir():
+      raise UserError(f'--output={self.output} is a file, not a folder')
+    if out.is_dir() and any(out.iterdir()):
+      raise UserError(f'--output={self.output} is not empty; give a new or empty folder')
+    return out
+
+
+def run(config, workdir, options: Options) -> dict:
+  """--mode=export: writes the bioimage.io package of the model in `workdir` (with `config`,
+  main's) into options.output; returns {'output', 'layout', 'step', 'threshold',
+  'warnings'}."""
+  out = options.check()
+  onnx_graph.require('jax2onnx', 'onnx', 'onnxruntime', 'bioimageio.spec')
+  check_metadata(config)
+  if note := tiling.tile_note(options.tile, config):
+    logging.warning('%s', note)
+  model = model_lib.Model(workdir, config, devices=jax.local_devices()[:1])
+  probs = onnx_graph.forward(model)
+  model_bytes, layout = onnx_graph.convert_checked(probs, config, workdir,
+                                                   tiling.network_tile(options.tile, config))
+  return write(model, out, probs, model_bytes, layout)

@@ -1,25 +1,29 @@
 """ONNX Runtime as the inference backend of predict and eval: `--backend=onnx` (CPU).
 
 The run's model is converted to ONNX once and kept in the run directory
-(flmiseg/export/onnx_graph.py: `cached_onnx`; converted again when a newer checkpoint becomes the best);
-everything around the network stays flmiseg's: the normalisation, the tiles and their Gaussian
-blending (flmiseg/inference/tiling.py), TTA, thresholds, instances and the metrics. So the masks are
-the JAX backend's up to float rounding (tests/test_export.py: IoU >= 0.99).
+(flmiseg/export/onnx_graph.py: `cached_onnx`; converted again when a newer checkpoint becomes
+the best); everything around the network stays flmiseg's: the normalisation, the tiles and
+their Gaussian blending (flmiseg/inference/tiling.py), TTA, thresholds, instances and the
+metrics. So the masks are the JAX backend's up to float rounding (tests/test_export.py:
+IoU >= 0.99).
 
 `Runner` runs the graph on batches of any size: it pads H and W to the graph's multiple
 (zeros at the bottom and right, as the models pad themselves) or checks the fixed tile, and
-splits a batch for a graph of fixed batch size. Needs the `flmiseg[export]` extra.
+splits a batch for a graph of fixed batch size. `predictor` plugs it into the inference core
+(flmiseg/inference/segment.py: `Predictor`) in place of the jitted JAX forward pass. Needs the
+`flmiseg[export]` extra.
 """
 
 import jax
 import numpy as np
 
-from flmiseg.export import onnx_graph
-from flmiseg.inference import tiling
-from flmiseg.evaluation import metrics
-from flmiseg.cli import predict
 from flmiseg.core import sharding
 from flmiseg.core.errors import UserError
+from flmiseg.evaluation import metrics
+from flmiseg.export import onnx_graph
+from flmiseg.inference import segment
+from flmiseg.inference import tiling
+
 
 class Runner:
   """An ONNX graph (`onnx_graph.Layout`) as a function: float32 (N, h, w, 1) -> (N, h, w, C)."""
@@ -55,28 +59,33 @@ def prob_fn(runner: Runner, tta: bool):
   return averaged
 
 
-def _load(config, workdir, tile: int) -> tuple[Runner, int]:
+def _runner(config, workdir, tile: int, model=None) -> Runner:
+  """The Runner of the cached graph of the model in `workdir` (`onnx_graph.cached_onnx`;
+  `model`, when loaded, converts it on a miss)."""
   onnx_graph.require('jax2onnx', 'onnx', 'onnxruntime', purpose='--backend=onnx')
   if jax.process_count() > 1:
     raise UserError('--backend=onnx runs in a single process; use --backend=jax with several')
-  path, layout, step = onnx_graph.cached_onnx(config, workdir, tile)
-  return Runner(path, layout), step
+  path, layout, _ = onnx_graph.cached_onnx(config, workdir, tile, model)
+  return Runner(path, layout)
 
 
-def make_predictor(config, workdir, options) -> tuple['predict.Predictor', int]:
-  """(predict.Predictor on ONNX Runtime, checkpoint step) of the model in `workdir` with
-  predict's `options` (tile, overlap, batch size, TTA)."""
-  tile = tiling.network_tile(options.tile, config)
-  runner, step = _load(config, workdir, tile)
-  return predict.Predictor(prob_fn(runner, options.tta), config, tile, options.overlap,
-                           options.batch_size or config.eval.batch_size), step
+def predictor(model, settings: segment.Settings) -> segment.Predictor:
+  """The inference core's Predictor of a loaded `model` (inference.model.Model) on ONNX
+  Runtime, with `settings`' tile (`tiling.network_tile`), overlap, batch size (0:
+  config.eval.batch_size) and TTA."""
+  config = model.config
+  tile = tiling.network_tile(settings.tile, config)
+  runner = _runner(config, model.folder, tile, model)
+  return segment.Predictor(prob_fn(runner, settings.tta), config, tile, settings.overlap,
+                           settings.batch_size or config.eval.batch_size)
 
 
 def predict_step(config, workdir, threshold: float):
   """A stand-in for the jitted `steps.predict_step` with `threshold` bound, for eval and
-  calibration (flmiseg/evaluation/evaluate.py): predict(state, batch) -> (outputs (N, H, W, C), counts)
-  of whole images; a graph of fixed tiles runs `tiling.sliding_window` over each."""
-  runner, _ = _load(config, workdir, config.data.crop_size)
+  calibration (flmiseg/evaluation/evaluate.py): predict(state, batch) -> (outputs
+  (N, H, W, C), counts) of whole images; a graph of fixed tiles runs `tiling.sliding_window`
+  over each."""
+  runner = _runner(config, workdir, config.data.crop_size)
   layout = runner.layout
 
   def run(state, batch):
@@ -87,7 +96,7 @@ def predict_step(config, workdir, threshold: float):
       probs = runner(images)
     else:
       probs = np.stack([tiling.sliding_window(runner, image[..., 0], layout.tile, 0.25,
-                                                 config.eval.batch_size) for image in images])
+                                              config.eval.batch_size) for image in images])
     counts = metrics.confusion_counts(probs[..., :1], host['mask'], threshold, host['valid'])
     return probs, jax.device_get(counts)
   return run

@@ -1,7 +1,4 @@
-"""A trained model as an ONNX graph, and `--mode=export`: a bioimage.io model package.
-
-  python -m flmiseg.main --mode=export --workdir=RUN --output=DIR [--tile=N]
-  python -m flmiseg.main --mode=export --model=nucleus --output=DIR
+"""A trained model as an ONNX graph, converted, checked and cached.
 
 The graph maps a normalised NHWC float32 batch (B, H, W, 1) to the model's probabilities
 (B, H, W, C), the sigmoid inside the graph: channel 0 the foreground, channel 1 the instance
@@ -19,7 +16,8 @@ written.
 `cached_onnx` converts a run once and keeps the graph in RUN/export/ (a packed model inside the
 installed package: in the user's cache folder), named by a digest of the config and the
 checkpoint, so a newer checkpoint converts again: the ONNX Runtime backend of predict and eval
-(flmiseg/export/onnx_backend.py) reads it from there. The package itself: flmiseg/export/bioimage.py.
+(flmiseg/export/onnx_backend.py) reads it from there. `--mode=export`, the bioimage.io package
+around the graph: flmiseg/export/bioimage.py.
 
 jax2onnx, onnx, onnxruntime and bioimageio.spec are the optional extra `flmiseg[export]`;
 they are imported only here and there, and a missing one is a one-line UserError.
@@ -40,13 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flmiseg.store import checkpoint
-from flmiseg.core import files
-from flmiseg.inference import tiling
 from flmiseg import models
-from flmiseg.store import pretrained
-from flmiseg.core import sharding
+from flmiseg.core import files
 from flmiseg.core.errors import UserError
+from flmiseg.inference import model as model_lib
+from flmiseg.store import checkpoint
+from flmiseg.store import pretrained
 
 INSTALL_HINT = 'pip install "flmiseg[export]"'
 OPSET = 18  # ONNX Runtime >= 1.14 (2023); jax2onnx's lowerings of ReduceMean need >= 18
@@ -112,18 +109,17 @@ def candidate_layouts(tile: int) -> list[Layout]:
 
 # ----------------------------------------------------------------------------- the model
 
-def forward(config, workdir):
-  """(probs, step): probs maps a float32 NHWC batch to the float32 probabilities (N, H, W, C)
-  of the best checkpoint (or packed weights) of `workdir`, computed in float32."""
-  state, step = tiling.load(config, workdir, sharding.make_mesh(jax.local_devices()[:1]))
-  variables = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(
-      {'params': state.params, 'batch_stats': state.batch_stats}))
-  model = models.create_model(config.model, jnp.float32)
+def forward(model):
+  """probs: a float32 NHWC batch -> the float32 probabilities (N, H, W, C) of a loaded `model`
+  (inference.model.Model), computed in float32 whatever config.train.dtype trained it."""
+  variables = jax.tree.map(lambda a: np.asarray(a, np.float32),
+                           jax.device_get(model.variables))
+  network = models.create_model(model.config.model, jnp.float32)
 
   def probs(x):
-    logits, _ = model.apply(variables, x, train=False)
+    logits, _ = network.apply(variables, x, train=False)
     return jax.nn.sigmoid(logits.astype(jnp.float32))
-  return probs, step
+  return probs
 
 
 def _pooled_size(length, window: int, stride: int, padding: str):
@@ -213,13 +209,11 @@ def check(model_bytes: bytes, probs, layout: Layout) -> int:
   return got.shape[-1]
 
 
-def to_onnx(config, workdir, tile: int = 0) -> tuple[bytes, Layout, int]:
-  """(serialised ONNX graph, its Layout, checkpoint step) of the model in `workdir`
-  (`forward`, `convert_checked`)."""
+def to_onnx(model, tile: int = 0) -> tuple[bytes, Layout]:
+  """(serialised ONNX graph, its Layout) of a loaded `model` (`forward`,
+  `convert_checked`)."""
   require('jax2onnx', 'onnx', 'onnxruntime', purpose='ONNX conversion')
-  probs, step = forward(config, workdir)
-  model_bytes, layout = convert_checked(probs, config, workdir, tile)
-  return model_bytes, layout, step
+  return convert_checked(forward(model), model.config, model.folder, tile)
 
 
 def convert_checked(probs, config, workdir, tile: int = 0) -> tuple[bytes, Layout]:
@@ -281,9 +275,11 @@ def cache_key(config, workdir) -> tuple[str, int]:
   return hashlib.sha256(text.encode()).hexdigest()[:12], step
 
 
-def cached_onnx(config, workdir, tile: int = 0) -> tuple[pathlib.Path, Layout, int]:
+def cached_onnx(config, workdir, tile: int = 0,
+                model=None) -> tuple[pathlib.Path, Layout, int]:
   """(path of the ONNX graph of `workdir`'s model, its Layout, checkpoint step): converted on
-  first use and kept (`cache_dir`); a graph of fixed tiles is kept per tile size."""
+  first use and kept (`cache_dir`); a graph of fixed tiles is kept per tile size. `model`: the
+  model already loaded (inference.model.Model), else it is loaded for a conversion."""
   tile = tile or config.data.crop_size
   folder = cache_dir(workdir)
   digest, step = cache_key(config, workdir)
@@ -294,7 +290,9 @@ def cached_onnx(config, workdir, tile: int = 0) -> tuple[pathlib.Path, Layout, i
         return graph, Layout(**json.loads(info.read_text())), step
       except (OSError, ValueError, TypeError) as e:  # damaged: convert again
         logging.info('Ignoring the cached %s (%s)', info, e)
-  model_bytes, layout, step = to_onnx(config, workdir, tile)
+  if model is None:
+    model = model_lib.Model(workdir, config, devices=jax.local_devices()[:1])
+  model_bytes, layout = to_onnx(model, tile)
   name = f'model_{digest}_{"any" if layout.dynamic else tile}'
   try:
     folder.mkdir(parents=True, exist_ok=True)
@@ -308,42 +306,3 @@ def cached_onnx(config, workdir, tile: int = 0) -> tuple[pathlib.Path, Layout, i
   logging.info('Converted %s to ONNX (%s): %s', workdir, layout.describe(),
                folder / f'{name}.onnx')
   return folder / f'{name}.onnx', layout, step
-
-
-# ----------------------------------------------------------------------------- --mode=export
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """What --mode=export was asked to do."""
-  output: str
-  tile: int = 0  # 0: config.data.crop_size (for models whose graph takes fixed tiles),
-  # rounded up to a multiple of 32 (tiling.network_tile)
-
-  def check(self) -> pathlib.Path:
-    """The output folder; raises UserError unless it is new or empty."""
-    if not self.output:
-      raise UserError('--output is required with --mode=export (a new or empty folder for '
-                      'the package)')
-    if self.tile and self.tile < 16:
-      raise UserError(f'--tile={self.tile}: use at least 16 pixels')
-    out = pathlib.Path(self.output)
-    if out.exists() and not out.is_dir():
-      raise UserError(f'--output={self.output} is a file, not a folder')
-    if out.is_dir() and any(out.iterdir()):
-      raise UserError(f'--output={self.output} is not empty; give a new or empty folder')
-    return out
-
-
-def run(config, workdir, options: Options) -> dict:
-  """Writes the bioimage.io package of the model in `workdir` into options.output; returns
-  {'output', 'layout', 'step', 'warnings'}."""
-  out = options.check()
-  require('jax2onnx', 'onnx', 'onnxruntime', 'bioimageio.spec')
-  from flmiseg.export import bioimage  # pylint: disable=g-import-not-at-top
-  bioimage.check_metadata(config)
-  if note := tiling.tile_note(options.tile, config):
-    logging.warning('%s', note)
-  probs, step = forward(config, workdir)
-  model_bytes, layout = convert_checked(probs, config, workdir,
-                                        tiling.network_tile(options.tile, config))
-  return bioimage.write(config, workdir, out, probs, model_bytes, layout, step)

@@ -1,71 +1,20 @@
-"""A trained model at inference: its weights, and the probabilities it gives for an image.
+"""Probabilities of an image of any size: a jitted forward pass run over blended tiles.
 
-`load(config, workdir, mesh)` restores only `params` and `batch_stats` of the best checkpoint
-into a shape-only target: no optimizer state is built or compiled, and nothing depends on the
-training batch size or on how many devices trained the model. `prob_fn` jits the forward pass
-(optionally averaged over the 8 flips/rotations) over a mesh; `sliding_window` runs it over an
-image of any size in blended overlapping tiles.
+`prob_fn` jits the forward pass of loaded weights (flmiseg/store/weights.py; optionally averaged
+over the 8 flips/rotations) over a mesh; `sliding_window` runs any such function over an image
+in overlapping tiles blended with Gaussian weights; `network_tile` decides the tiles' size.
 """
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from flmiseg.store import checkpoint
-from flmiseg import models
-from flmiseg.store import pretrained
 from flmiseg.core import sharding
 from flmiseg.data import pipeline
-from flmiseg.core.errors import UserError
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-@flax.struct.dataclass
-class InferenceState:
-  """What `steps.predict_step` needs of a train state: the model and its variables."""
-  apply_fn: Callable = flax.struct.field(pytree_node=False)
-  params: Any
-  batch_stats: Any
-
-
-def compute_dtype(config):
-  if config.train.dtype not in DTYPES:
-    raise ValueError(f'config.train.dtype={config.train.dtype!r}; valid: {", ".join(DTYPES)}')
-  return DTYPES[config.train.dtype]
-
-
-def abstract_variables(model, hw: tuple[int, int]) -> dict:
-  """Shapes and dtypes of {'params', 'batch_stats'} of `model` (nothing is computed)."""
-  key = jax.random.key(0)
-  variables = jax.eval_shape(lambda: model.init({'params': key, 'dropout': key},
-                                                jnp.zeros((1, *hw, 1)), train=False))
-  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-
-
-def load(config, workdir, mesh) -> tuple[InferenceState, int]:
-  """(weights of the best checkpoint of the run or packed model `workdir`, replicated over
-  `mesh`; its step)."""
-  model = models.create_model(config.model, compute_dtype(config))
-  crop = config.data.crop_size
-  abstract = abstract_variables(model, (crop, crop))
-  if pretrained.is_packed(workdir):
-    variables, step = pretrained.load_variables(workdir, abstract)
-    variables = sharding.replicate(variables, mesh)
-  else:
-    rep = sharding.replicated(mesh)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          abstract)
-    restored = checkpoint.restore_best_variables(workdir, target)
-    if restored is None:
-      raise UserError(f'{workdir}: no trained checkpoint (train first with --mode=train)')
-    variables, step = restored
-  return InferenceState(model.apply, variables['params'], variables['batch_stats']), step
 
 
 def round_up_batch(batch_size: int, num_devices: int) -> int:
@@ -86,8 +35,9 @@ def dihedral(x, k: int, inverse: bool = False, xp=jnp):
   return xp.flip(x, axis=2) if flip else x
 
 
-def prob_fn(state: InferenceState, mesh, tta: bool):
-  """A jitted function: tiles (B, h, w, 1) float32 (B a multiple of the mesh size) ->
+def prob_fn(state, mesh, tta: bool):
+  """A jitted function of the loaded weights `state` (weights.InferenceState): tiles
+  (B, h, w, 1) float32 (B a multiple of the mesh size) ->
   outputs (B, h, w, C) as numpy (channel 0 the foreground probability, 1 the instance head's
   distance); with `tta` the mean over the 8 flips/rotations (both maps are equivariant).)"""
   variables = sharding.replicate({'params': state.params, 'batch_stats': state.batch_stats},

@@ -1,11 +1,12 @@
 """The napari widget: segments an image layer with a shipped model or a trained run folder.
 
-Plugins > flmiseg > Segment docks it. The segmentation is flmiseg/inference/model.py's (the code of
---mode=predict), run in a worker thread (napari.qt.threading) so the viewer stays responsive;
-the progress bar follows the tiles. The results become Labels layers named
-'<image> mask' (1 foreground) and, with 'instances', '<image> instances', on the image's
-scale and translation; running again replaces them. Loaded models are kept, so only the
-first run of a model (or of a TTA setting) waits for loading and compilation.
+Plugins > flmiseg > Segment docks it. The segmentation is a loaded model's
+(flmiseg/inference/model.py: the inference core of --mode=predict), run in a worker thread
+(napari.qt.threading) so the viewer stays responsive; the progress bar follows the tiles. The
+results become Labels layers named '<image> mask' (1 foreground) and, with 'instances',
+'<image> instances', on the image's scale and translation; running again replaces them.
+Loaded models are kept, so only the first run of a model (or of a TTA setting) waits for
+loading and compilation.
 """
 
 import functools
@@ -25,8 +26,8 @@ from flmiseg.core.errors import UserError
 
 FOLDER_CHOICE = 'run folder...'  # the model combo's entry for a run or packed folder
 NO_CHANNEL = -1  # the channel combo's value for 'none'
-# The longest last axis offered as channels (flmiseg.inference.model.MAX_LAST_CHANNELS, not imported
-# here: that would import JAX when the widget opens).
+# The longest last axis offered as channels (flmiseg.inference.model.MAX_LAST_CHANNELS, not
+# imported here: that would import JAX when the widget opens).
 MAX_LAST_CHANNELS = 8
 
 
@@ -38,18 +39,18 @@ class _Progress(QObject):
 # ignore_errors: a bug's exception is not raised again in the GUI thread; napari's workers
 # show it as an error notification with its traceback.
 @thread_worker(ignore_errors=True)
-def _segment(segmenters: dict, model: str, data, rgb: bool, axes: str, options: dict):
+def _segment(models: dict, spec: str, data, rgb: bool, axes: str, options: dict):
   """(axes used, Segmentation, None) of `data`, or (None, None, the message) when the user's
-  input is wrong (a UserError: one line, no traceback). Loads the model into `segmenters` on
-  first use. Runs in a worker thread: flmiseg.inference.model (JAX) is imported here, not when
-  napari starts."""
-  from flmiseg.inference import model  # pylint: disable=g-import-not-at-top
+  input is wrong (a UserError: one line, no traceback). Loads the model `spec` (a shipped
+  model's name or a folder) into `models` on first use. Runs in a worker thread:
+  flmiseg.inference.model (JAX) is imported here, not when napari starts."""
+  from flmiseg.inference import model as model_lib  # pylint: disable=g-import-not-at-top
   try:
-    if model not in segmenters:
-      segmenters[model] = model.load(model)
+    if spec not in models:
+      models[spec] = model_lib.load(spec)
     data = np.asarray(data)  # a lazy (dask, zarr) layer is read here, off the GUI thread
-    axes = axes or model.default_axes(data.shape, options['channel'], rgb)
-    return axes, segmenters[model](data, axes=axes, **options), None
+    axes = axes or model_lib.default_axes(data.shape, options['channel'], rgb)
+    return axes, models[spec].segment(data, axes=axes, **options), None
   except UserError as e:
     return None, None, str(e)
 
@@ -110,7 +111,7 @@ class SegmentWidget(widgets.Container):
     self._button.changed.connect(self.run)
     self._signals = _Progress()
     self._signals.changed.connect(self._progress.native.setValue)
-    self._segmenters = {}
+    self._models = {}
     self.worker = None
     self.result = None
 
@@ -166,7 +167,7 @@ class SegmentWidget(widgets.Container):
                    float(self._pixel_size.value) or None),
                'progress': lambda fraction: self._signals.changed.emit(round(100 * fraction))}
     data = layer.data[0] if layer.multiscale else layer.data
-    self.worker = _segment(self._segmenters, model, data, layer.rgb,
+    self.worker = _segment(self._models, model, data, layer.rgb,
                            self._axes.value.strip().upper(), options)
     self.worker.returned.connect(functools.partial(self._show, layer, time.perf_counter()))
     self.worker.errored.connect(self._failed)

@@ -10,6 +10,7 @@ A packed model is a folder that reads like a run directory (flmiseg/store/rundir
   weights.json       the SHA-256 of weights.msgpack, the storage dtype, the checkpoint step
                      and how the model was made.
 Loading checks the hash first: a tampered or truncated file is refused with one line.
+flmiseg/store/weights.py packs a run (`weights.pack`) and loads either kind of folder.
 The shipped models (`SHIPPED`: er, mito, nucleus) live in flmiseg/pretrained/<name>/ and are
 named on the command line: `--model=nucleus`; `--model=DIR` takes any run or packed folder.
 """
@@ -17,21 +18,17 @@ named on the command line: `--model=nucleus`; `--model=DIR` takes any run or pac
 import hashlib
 import json
 import pathlib
-import shutil
 
 from flax import serialization
 import jax
 import numpy as np
 
-from flmiseg.core import files
-from flmiseg.store import rundir
 from flmiseg.core.errors import UserError
 
 PRETRAINED_DIR = pathlib.Path(__file__).resolve().parent.parent / 'pretrained'
 SHIPPED = ('er', 'mito', 'nucleus')
 WEIGHTS_FILE = 'weights.msgpack'
 WEIGHTS_INFO = 'weights.json'
-STORAGE_DTYPES = ('float16', 'float32')
 
 
 def is_packed(folder) -> bool:
@@ -90,39 +87,3 @@ def load_variables(folder, target) -> tuple[dict, int]:
                       f'model of its config.json has {tuple(want.shape)}')
   variables = jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
   return variables, int(info.get('step', 0))
-
-
-def pack(workdir, out, dtype: str = 'float16', provenance: dict | None = None) -> dict:
-  """Writes the packed model of the trained run `workdir` into the folder `out`.
-
-  Returns weights.json's content. Refuses a non-empty `out`.
-  """
-  from flmiseg.inference import tiling  # pylint: disable=g-import-not-at-top  # (JAX-heavy)
-  from flmiseg.core import sharding  # pylint: disable=g-import-not-at-top
-  if dtype not in STORAGE_DTYPES:
-    raise UserError(f'dtype={dtype!r}; valid: {", ".join(STORAGE_DTYPES)}')
-  workdir, out = rundir.check_trained(workdir), pathlib.Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise UserError(f'{out}: not empty; choose another folder')
-  config = rundir.read_config(workdir)
-  state, step = tiling.load(config, workdir, sharding.make_mesh(jax.local_devices()[:1]))
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(variables))
-  out.mkdir(parents=True, exist_ok=True)
-  (out / WEIGHTS_FILE).write_bytes(serialization.msgpack_serialize(
-      serialization.to_state_dict(host)))
-  for name in (rundir.CONFIG_FILE, 'calibration.json', rundir.STATS_FILE):
-    if (workdir / name).is_file():
-      shutil.copyfile(workdir / name, out / name)
-  init_from = config.train.init_from
-  if init_from:
-    # A packed model is self-contained: the run it started from (a folder on the machine that
-    # trained it) is recorded in weights.json, not left in the config for code to follow.
-    saved = json.loads((workdir / rundir.CONFIG_FILE).read_text())
-    saved['train']['init_from'] = ''
-    files.write_json_atomic(out / rundir.CONFIG_FILE, saved)
-  info = {'sha256': sha256(out / WEIGHTS_FILE), 'dtype': dtype, 'step': step,
-          'params': int(sum(np.size(a) for a in jax.tree.leaves(host['params']))),
-          **({'init_from': init_from} if init_from else {}), **(provenance or {})}
-  (out / WEIGHTS_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + '\n')
-  return info

@@ -2,7 +2,8 @@
 
   DIR/config.json       the resolved training config: architecture, preprocessing, pixel size
                         (the source of truth for --mode=eval|predict|summary);
-  DIR/calibration.json  the threshold calibrated for the best checkpoint (flmiseg/evaluation/calibration.py);
+  DIR/calibration.json  the threshold (and instance seeds) calibrated for the best checkpoint
+                        (flmiseg/store/settings.py reads it);
   DIR/input_stats.json  statistics of the normalised training images and masks, against which
                         predict checks that a new image looks like what the model was trained on;
   DIR/checkpoints/      the weights (the best checkpoint; runs written before kept it in
