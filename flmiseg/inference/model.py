@@ -44,7 +44,7 @@ from flmiseg.store import weights
 # shorter than Y and X (`default_axes`).
 MAX_LAST_CHANNELS = 8
 # The config's numeric inference fields: (lowest, highest or None, integer).
-INFERENCE_FIELDS = {'eval.threshold': (0, 1, False), 'eval.seed_dynamic': (0, 1, False),
+FIELD_RANGES = {'eval.threshold': (0, 1, False), 'eval.seed_dynamic': (0, 1, False),
                     'eval.min_size': (0, None, True), 'eval.batch_size': (1, None, True),
                     'data.crop_size': (1, None, True)}
 
@@ -104,9 +104,9 @@ def default_axes(shape: tuple[int, ...], channel: int | None, rgb: bool = False)
 
 def check_config(config) -> None:
   """Raises UserError (one line) unless what inference reads of `config` is valid: the
-  numeric inference fields (INFERENCE_FIELDS), the dtype, the normalisation and the model
+  numeric inference fields (FIELD_RANGES), the dtype, the normalisation and the model
   (name, variant, fusion, backbone, instance head) that `config.model` names."""
-  for field, (low, high, integer) in INFERENCE_FIELDS.items():
+  for field, (low, high, integer) in FIELD_RANGES.items():
     section, name = field.split('.')
     value = config[section].get(name)
     kinds = (int,) if integer else (int, float)

@@ -95,6 +95,12 @@ def seed_dynamic(config, calibration, step: int, given: float | None = None) -> 
   calibrated = calibrated_dynamic(calibration, step)
   if calibrated is not None:
     return calibrated
+  return configured_dynamic(config)
+
+
+def configured_dynamic(config) -> float:
+  """The config's seed dynamic: config.eval.seed_dynamic, instances.SEED_DYNAMIC without one
+  (also where calibration starts from)."""
   return config.eval.get('seed_dynamic', instances.SEED_DYNAMIC)
 
 
