@@ -20,21 +20,18 @@ import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
 import tifffile
 
-from flmiseg.cli import predict
 from flmiseg.configs import default
 from flmiseg.configs import finetune
-from flmiseg.core import sharding
 from flmiseg.data import io
 from flmiseg.data import lists
 from flmiseg.data import loader
 from flmiseg.data import preprocess
-from flmiseg.evaluation import calibration
 from flmiseg.evaluation import metrics
-from flmiseg.inference import tiling
+from flmiseg.inference import model as model_lib
+from flmiseg.inference import segment
 from flmiseg.objects import instances
 from flmiseg.objects import matching
 from flmiseg.store import pretrained
@@ -48,7 +45,7 @@ TEST_SEED = 1000  # the simulated test sets: a seed no shipped model was trained
 # sub-resolution geometry; for nuclei the two ways differ by under 0.5 % (docs/models.md).
 RECIPE_MASKS = {'er': 'visible', 'mito': 'visible', 'nucleus': 'geometry'}
 # The diameter of the simulator's nuclei at object scale 1 (the middle of the scales the
-# nucleus model learned, 0.35-2.5, on a log scale), pixels, as predict.object_diameter
+# nucleus model learned, 0.35-2.5, on a log scale), pixels, as segment.object_diameter
 # measures one: the area-weighted median of the diameters of circles of the same areas.
 # Recorded as its config.data.object_diameter, what predict's --diameter resizes to.
 NUCLEUS_DIAMETER = 31.0
@@ -107,29 +104,16 @@ def outputs(folder: pathlib.Path, pairs, tta: bool = False, diameter: float | No
   (`preprocess.repair`, whole-image normalisation, blended tiles; with `tta` averaged over the
   8 flips/rotations, as --tta does; with `diameter` each image resized for the network and
   the outputs back as --diameter resizes, 0 measuring it); no-data pixels output 0."""
-  config = rundir.read_config(folder)
-  mesh = sharding.make_mesh(jax.local_devices())
-  state, step = tiling.load(config, folder, mesh)
-  threshold = calibration.calibrated_threshold(folder, step) or config.eval.threshold
-  dynamic = calibration.calibrated_dynamic(folder, step) or instances.SEED_DYNAMIC
-  predictor = predict.Predictor(tiling.prob_fn(state, mesh, tta), config,
-                                config.data.crop_size, 0.25,
-                                tiling.round_up_batch(8, len(jax.local_devices())))
-
-  options = predict.instance_options(config, folder, step, predict.Options(
-      input='', output='', diameter=diameter))
+  model = model_lib.load(folder)
+  predictor = model.predictor(segment.Settings(tta=tta, batch_size=8))
+  settings, _ = model.resolved(segment.Settings(diameter=diameter))
 
   def each():
     for pair in pairs:
       planes, missing, _ = preprocess.repair(io.read_image(pair.image)[None], pair.image)
-      factor, _, first = predict.planes_factor(predictor, planes, threshold, options, None,
-                                               missing)
-      out = first[0][0] if first else predictor.plane(planes[0], factor)[0]
-      if missing is not None:
-        out[missing[0]] = 0.0
-      yield out
+      yield segment.segment_planes(predictor, planes, settings, None, missing).outputs[0]
 
-  return config, threshold, dynamic, each()
+  return model.config, model.threshold, model.seed_dynamic, each()
 
 
 def predictions(folder: pathlib.Path, pairs, tta: bool = False):

@@ -142,8 +142,8 @@ def run(config, workdir: str, mode: str) -> None:
           f'{result["threshold"]:.3f} ({result["threshold_source"]}){skipped}')
     return
   if mode == 'export':
-    from flmiseg.export import onnx_graph  # pylint: disable=g-import-not-at-top
-    result = onnx_graph.run(config, workdir, onnx_graph.Options(output=FLAGS.output, tile=FLAGS.tile))
+    from flmiseg.export import bioimage  # pylint: disable=g-import-not-at-top
+    result = bioimage.run(config, workdir, bioimage.Options(output=FLAGS.output, tile=FLAGS.tile))
     print(f'Wrote the bioimage.io package of {workdir} (step {result["step"]}; '
           f'{result["layout"].describe()}) into {result["output"]}')
     return

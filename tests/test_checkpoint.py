@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flmiseg.store import checkpoint
-from flmiseg.inference import tiling
+from flmiseg.store import weights
 from flmiseg.store import rundir
 from flmiseg.core import sharding
 from flmiseg.train import trainer
@@ -184,7 +184,7 @@ def test_a_trained_run_in_the_old_layout_evaluates_alike(tiny_run, tmp_path):
 
   mesh = sharding.make_mesh(jax.local_devices()[:1])
   rundir.check_trained(old)
-  (new_state, new_step), (old_state, old_step) = (tiling.load(config, d, mesh)
+  (new_state, new_step), (old_state, old_step) = (weights.load(config, d, mesh)
                                                   for d in (run, old))
   assert old_step == new_step == best
   jax.tree.map(np.testing.assert_array_equal,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flmiseg.inference import tiling
+from flmiseg.store import weights
 from flmiseg.train import losses
 from flmiseg import models
 from flmiseg.core import registry
@@ -171,7 +171,7 @@ def test_a_users_code_trains_lowlevel_from_the_cli(user_run, clean_registries):
   assert registry.import_modules(str(user_file)) == ['my_fusion']
   config = rundir.read_config(workdir)
   mesh = sharding.make_mesh(jax.local_devices()[:1])
-  state, _ = tiling.load(config, workdir, mesh)
+  state, _ = weights.load(config, workdir, mesh)
   assert sorted(state.params['backbone']) == ['stage0', 'stage1', 'stage2']
   fuse = {k: v['mix']['kernel'].shape for k, v in state.params.items() if k.startswith('fuse')}
   # [skip, decoder] at each level: 4 + 4 (full scale), then the decoder widths 8 and 16

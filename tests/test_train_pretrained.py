@@ -98,11 +98,11 @@ def test_rescaled_real_images_keep_their_type_and_label_values():
 
 
 def test_the_nucleus_recipe_records_the_simulators_nucleus_diameter():
-  from flmiseg.cli import predict  # pylint: disable=g-import-not-at-top
+  from flmiseg.inference import segment  # pylint: disable=g-import-not-at-top
   label_images = [simulate.simulate('nucleus', 256, simulate.image_rng(5, 'test', index),
                                     labels=True)[1] for index in range(12)]
   # Over 40 images 31.0 px; 12 images land within 2 px of it.
-  assert abs(predict.object_diameter(label_images) - common.NUCLEUS_DIAMETER) < 2.0
+  assert abs(segment.object_diameter(label_images) - common.NUCLEUS_DIAMETER) < 2.0
   recorded = {kind: common.pretrained_config(kind, 10).data.object_diameter
               for kind in ('er', 'mito', 'nucleus')}
   assert recorded == {'er': 0.0, 'mito': 0.0, 'nucleus': common.NUCLEUS_DIAMETER}

@@ -46,6 +46,7 @@ import jax
 import numpy as np
 
 from flmiseg.configs import default
+from flmiseg.inference import model as model_lib
 from flmiseg.inference import tiling
 from flmiseg.train import losses
 from flmiseg.cli import predict
@@ -355,7 +356,7 @@ def backend_times(model: str = 'nucleus', size: int = 1024, backends=('jax', 'on
         entry = result['backends'][backend]
         for key in ('convert_load_s', 'load_s') if backend == 'onnx' else ('load_s',):
           start = time.perf_counter()
-          predictors[backend], _ = predict.load_predictor(config, folder, options)
+          predictors[backend] = predict.load_predictor(model_lib.Model(folder, config), options)
           entry[key] = time.perf_counter() - start
         start = time.perf_counter()
         predictors[backend].plane(image)

@@ -16,15 +16,14 @@ import json
 
 from absl import app
 from absl import flags
+import jax
 import numpy as np
 
 from flmiseg.export import bioimage
-from flmiseg.evaluation import calibration
 from flmiseg.core import console
 from flmiseg.export import onnx_graph
 from flmiseg.evaluation import metrics
-from flmiseg.store import pretrained
-from flmiseg.store import rundir
+from flmiseg.inference import model as model_lib
 from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
@@ -37,10 +36,9 @@ FLAGS = flags.FLAGS
 
 def measure(model: str, num_images: int, seed: int) -> dict:
   """{'flmiseg_iou', 'package_iou', 'normalization', 'package_preprocessing', ...}."""
-  folder = pretrained.resolve_model(model)
-  config = rundir.read_config(folder)
-  probs, step = onnx_graph.forward(config, folder)
-  threshold = calibration.calibrated_threshold(folder, step) or config.eval.threshold
+  loaded = model_lib.load(model, devices=jax.local_devices()[:1])
+  config, threshold = loaded.config, loaded.threshold
+  probs = onnx_graph.forward(loaded)
   steps, exact = bioimage.preprocessing_steps(config)
   kind = config.data.kind if config.data.kind in simulate.KINDS else 'er'
   scores = {'flmiseg': [], 'package': []}

@@ -27,9 +27,9 @@ from absl import flags
 import cv2
 import numpy as np
 
+import flmiseg
 from flmiseg.core import console
 from flmiseg.evaluation import metrics
-from flmiseg.inference import model as segment
 from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
@@ -116,15 +116,16 @@ def main(argv):
   print('| image | model | IoU |')
   print('|---|---|---|')
   for kind in ('er', 'mito', 'nucleus'):
-    model = segment.load(kind)
+    model = flmiseg.load(kind)
     variants, truth = camera_variants(kind, loader.synthetic_masks(model.config.data))
     for name, image in variants.items():
       keep = debris_free(name)[:, BORDER:]
-      iou = metrics.mask_iou((model(image).mask[:, BORDER:] > 0) & keep, truth[:, BORDER:] & keep)
+      iou = metrics.mask_iou((model.segment(image).mask[:, BORDER:] > 0) & keep,
+                             truth[:, BORDER:] & keep)
       print(f'| {name} | {kind} | {iou:.3f} |', flush=True)
-  model = segment.load('nucleus')
+  model = flmiseg.load('nucleus')
   for name, image, truth in sparse_fields():
-    iou = metrics.mask_iou(model(image).mask, truth)
+    iou = metrics.mask_iou(model.segment(image).mask, truth)
     print(f'| sparse field: {name} | nucleus | {iou:.3f} |', flush=True)
   print('code before 2026-12-06' if FLAGS.before else 'current code')
 

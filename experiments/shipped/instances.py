@@ -20,17 +20,16 @@ from absl import flags
 import jax
 import numpy as np
 
-from flmiseg.evaluation import calibration
 from flmiseg.core import console
 from flmiseg.evaluation import evaluate
-from flmiseg.inference import tiling
 from flmiseg.objects import instances
 from flmiseg.objects import matching
 from flmiseg.core import sharding
 from flmiseg.train import steps
-from flmiseg.train import trainer
 from flmiseg.configs import nucleus_instances
 from flmiseg.data import loader
+from flmiseg.store import settings
+from flmiseg.store import weights
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder of the runs and results.')
@@ -42,9 +41,9 @@ def score(config, workdir) -> dict:
   """Pooled instance scores of the run's test set, distance head and connected components."""
   data = loader.load(config, workdir / 'cache', need_train=False)
   mesh = sharding.make_mesh()
-  state, step = tiling.load(config, workdir, mesh)
-  threshold = calibration.calibrated_threshold(workdir, step) or config.eval.threshold
-  dynamic = trainer.seed_dynamic(config, calibration.read_calibration(workdir))
+  state, step = weights.load(config, workdir, mesh)
+  threshold, _ = settings.threshold(config, workdir, step)
+  dynamic = settings.seed_dynamic(config, workdir, step)
   predict = steps.jit_predict(config.eval.threshold)
   found = {'distance': [], 'connected_components': []}
   for i, outputs, _ in evaluate.predictions(predict, state, data.test, mesh,

@@ -36,7 +36,7 @@ import tifffile
 from experiments import common
 from flmiseg.core import console
 from flmiseg.evaluation import metrics
-from flmiseg.cli import predict
+from flmiseg.inference import segment
 from flmiseg.store import pretrained
 from flmiseg.store import rundir
 from flmiseg.data import io
@@ -85,10 +85,10 @@ def unsaturated(image: np.ndarray) -> np.ndarray:
 
 def rescaled(image: np.ndarray, labels: np.ndarray, factor: float
              ) -> tuple[np.ndarray, np.ndarray]:
-  """(image, labels) resized by `factor`: the image as predict resizes (`predict.resize`),
+  """(image, labels) resized by `factor`: the image as predict resizes (`segment.resize`),
   rounded back to its type, the labels by nearest neighbour (pixel centres), values kept."""
   h, w = (max(1, round(n * factor)) for n in labels.shape)
-  resized = predict.resize(image, (h, w))
+  resized = segment.resize(image, (h, w))
   if np.issubdtype(image.dtype, np.integer):
     info = np.iinfo(image.dtype)
     resized = np.clip(np.rint(resized), info.min, info.max)
@@ -120,7 +120,7 @@ def print_scales(model: pathlib.Path, name: str, whole, arrays, factors: list[fl
   over the images per factor; with `diameter` (the objects' at the images' own size, pixels)
   each predicted as --diameter=diameter x factor predicts it, with 0 as --diameter=0."""
   (root / 'scaled').mkdir(parents=True, exist_ok=True)
-  predict.check_diameter(rundir.read_config(model), diameter, model)
+  segment.check_diameter(rundir.read_config(model), diameter, model)
   how = {None: '', 0.0: ' (--diameter=0)'}.get(diameter, f' (--diameter: {diameter:g} px x '
                                                          'the factor)')
   print(f'| {name}, no training: image resized by{how}'

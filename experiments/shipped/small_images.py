@@ -13,22 +13,22 @@ from absl import app
 from absl import flags
 import numpy as np
 
+import flmiseg
 from flmiseg.core import console
 from flmiseg.evaluation import metrics
 from flmiseg.store import pretrained
-from flmiseg.inference import model as segment
 from flmiseg.data import simulate
 
 
 def measure(kind: str, size: int, images: int, seed: int) -> dict:
   """{'crop': [IoU per image], 'whole': [IoU per image]} of the shipped `kind` model."""
-  model = segment.load(kind)
+  model = flmiseg.load(kind)
   crop, whole = [], []
   for index in range(images):
     image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', index))
     truth = mask[:size, :size] > 0
-    whole.append(metrics.mask_iou(model(image).mask[:size, :size] > 0, truth))
-    crop.append(metrics.mask_iou(model(image[:size, :size]).mask > 0, truth))
+    whole.append(metrics.mask_iou(model.segment(image).mask[:size, :size] > 0, truth))
+    crop.append(metrics.mask_iou(model.segment(image[:size, :size]).mask > 0, truth))
   return {'crop': crop, 'whole': whole}
 
 

@@ -13,7 +13,7 @@ into flmiseg/pretrained/<kind>/, and measured.
 Each kind trains `common.pretrained_config(kind)` (experiments/common.py: default U-Net
 recipe, simulated images whose microscope knobs are drawn per image from the simulator's
 'wide' distribution, and the pipeline's intensity/noise/blur/illumination/scale augmentation)
-in WORKDIR/<kind>, then packs its best checkpoint as float16 (flmiseg/store/pretrained.py).
+in WORKDIR/<kind>, then packs its best checkpoint as float16 (flmiseg/store/weights.py: `pack`).
 --measure reports, for each shipped model: mean IoU on simulated test images of an unseen seed
 drawn with the kind's default knobs and with the 'shifted' knobs (for a model trained with the
 'invert' augmentation also on the default-knob test images with their contrast inverted, dark
@@ -36,6 +36,7 @@ import tifffile
 from experiments import common
 from flmiseg.core import console
 from flmiseg.store import pretrained
+from flmiseg.store import weights
 from flmiseg.train import trainer
 
 
@@ -80,7 +81,7 @@ def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
              f'--kinds={kind} --steps={steps}' + (f' --init_from={init_from}' if init_from
                                                   else '') + (f' --lr={lr:g}' if lr else '')
              + (f' --masks={masks}' if masks else ''))
-  info = pretrained.pack(workdir, staged, 'float16', provenance={
+  info = weights.pack(workdir, staged, 'float16', provenance={
       'command': command, 'train_seconds': round(seconds), 'steps': steps,
       'machine': common.machine(), 'date': time.strftime('%Y-%m-%d'),
       'test_iou_wide': test_iou_wide})

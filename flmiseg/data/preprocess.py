@@ -266,7 +266,7 @@ def repair(planes: np.ndarray, name) -> tuple[np.ndarray, np.ndarray | None, lis
   * NaN/inf pixels (ImageJ writes NaN where a 32-bit image has no data) and a block of fill
     values at a plane's minimum far below its other pixels (`_no_data`: the black border of
     a stitched or registered image) are no data: they take the image mirrored at the
-    nearest pixel with data (`_mirror_fill`) and get the outputs 0 (`predict.segment_planes`);
+    nearest pixel with data (`_mirror_fill`) and get the outputs 0 (`segment.segment_planes`);
   * hot pixels (`_hot_pixels`) take the median of their 3x3 neighbourhood.
 
   Both were measured to wreck the shipped models' masks (docs/inference.md). `missing` is

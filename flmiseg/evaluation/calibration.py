@@ -13,10 +13,6 @@ threshold (`calibrate_dynamic`).
 On several processes, process 0 alone computes the calibration and shares it.
 """
 
-import json
-import pathlib
-
-from absl import logging
 import numpy as np
 
 from flmiseg.evaluation import evaluate
@@ -25,8 +21,12 @@ from flmiseg.objects import instances
 from flmiseg.objects import matching
 from flmiseg.evaluation import metrics
 from flmiseg.core import sharding
+# calibration.json is read and written in flmiseg/store/settings.py; its functions are
+# re-exported here for the callers of this module.
+from flmiseg.store.settings import (  # noqa: F401 pylint: disable=unused-import
+    CALIBRATION_FILE, calibrated_dynamic, calibrated_threshold, read_calibration,
+    write_calibration)
 
-CALIBRATION_FILE = 'calibration.json'
 # A fine-tuned run with fewer validation images keeps its source model's threshold
 # (train.keep_source_calibration).
 MIN_IMAGES_TO_RECALIBRATE = 10
@@ -154,42 +154,3 @@ def calibrate_dynamic(predict, state, source, mesh, batch_size: int, threshold: 
   best = max(grid, key=lambda h: (scores[h], -abs(h - default)))
   return sharding.from_primary(
       {'seed_dynamic': best, 'seed_dynamic_ap_0.5': {f'{h:g}': scores[h] for h in grid}})
-
-
-def write_calibration(workdir, result: dict) -> None:
-  """`result` into DIR/calibration.json (whole: `files.write_json_atomic`)."""
-  files.write_json_atomic(pathlib.Path(workdir) / CALIBRATION_FILE, result)
-
-
-def read_calibration(workdir) -> dict | None:
-  """DIR/calibration.json as a dict, or None when missing or unreadable."""
-  path = pathlib.Path(workdir) / CALIBRATION_FILE
-  try:
-    stored = json.loads(path.read_text())
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError) as e:
-    logging.warning('Ignoring %s: unreadable (%s)', path, e)
-    return None
-  if not isinstance(stored, dict) or not isinstance(stored.get('threshold'), (int, float)):
-    logging.warning('Ignoring %s: no threshold in it', path)
-    return None
-  return stored
-
-
-def calibrated_threshold(workdir, best_step: int) -> float | None:
-  """The threshold calibrated for the best checkpoint of `workdir` (step `best_step`), or
-  None when there is none (no calibration.json, or one made for another checkpoint)."""
-  stored = read_calibration(workdir)
-  if stored is None or stored.get('checkpoint_step') != best_step:
-    return None
-  return float(stored['threshold'])
-
-
-def calibrated_dynamic(workdir, best_step: int) -> float | None:
-  """The instance seeds' dynamic calibrated for the best checkpoint, or None."""
-  stored = read_calibration(workdir)
-  if stored is None or stored.get('checkpoint_step') != best_step:
-    return None
-  value = stored.get('seed_dynamic')
-  return float(value) if isinstance(value, (int, float)) else None

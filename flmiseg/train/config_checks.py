@@ -19,7 +19,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from flmiseg.inference import tiling
+from flmiseg.store import weights
 from flmiseg.objects import instances
 from flmiseg.train import losses
 from flmiseg.evaluation import metrics
@@ -185,7 +185,7 @@ RULES: dict[str, Rule] = {
     'train.batch_size': integer(1),
     'train.loss': text,  # its terms: `_check_consistency`
     'train.loss_weights': loss_weights,
-    'train.dtype': choice(tiling.DTYPES, 'a dtype'),
+    'train.dtype': choice(weights.DTYPES, 'a dtype'),
     'train.log_every_steps': _STEPS,
     'train.checkpoint_every_steps': integer(0, note=' (0: at every evaluation)'),
     'train.max_checkpoints': integer(1),

@@ -22,8 +22,8 @@ from flmiseg.evaluation import calibration as calibration_lib
 from flmiseg.store import checkpoint
 from flmiseg.evaluation import evaluate
 from flmiseg.core import files
-from flmiseg.inference import tiling
-from flmiseg.objects import instances
+from flmiseg.store import settings
+from flmiseg.store import weights
 from flmiseg.train import losses
 from flmiseg import models
 from flmiseg.train import optim
@@ -128,7 +128,7 @@ class TrainSetup:
 def build(config, sample_hw, num_train: int) -> TrainSetup:
   """The model, schedule, mesh and initial train state of `config`, for `num_train` training
   images of crops `sample_hw` (H, W)."""
-  dtype = tiling.compute_dtype(config)
+  dtype = weights.compute_dtype(config)
   sharding.check_batch_size(config.train.batch_size)
   losses.make_loss(config.train.loss, config.train.loss_weights)  # a bad name fails here
   model = models.create_model(config.model, dtype)
@@ -386,7 +386,7 @@ def initialize_from(config, state, mesh):
       raise UserError(f'config.train.init_from={config.train.init_from}: its '
                       f'config.model.{key}={value!r}, this run\'s is {mine.get(key)!r}; '
                       'fine-tuning needs the same architecture')
-  loaded, step = tiling.load(source, folder, mesh)
+  loaded, step = weights.load(source, folder, mesh)
   logging.info('Initialised from %s (step %d)', folder, step)
   return state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
 
@@ -441,7 +441,7 @@ def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> di
     if data.val.has_labels:
       result.update(calibration_lib.calibrate_dynamic(
           predict, state, data.val, mesh, ev.batch_size, result['threshold'],
-          ev.get('min_size', 0), ev.get('seed_dynamic', instances.SEED_DYNAMIC)))
+          settings.min_size(config), settings.configured_dynamic(config)))
       logging.info('Calibrated the instance seeds\' dynamic %g on the validation split '
                    '(instance AP@0.5 %.4f)', result['seed_dynamic'],
                    result['seed_dynamic_ap_0.5'][f'{result["seed_dynamic"]:g}'])
@@ -488,7 +488,7 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
     raise UserError('config.data.test_list is empty: nothing to evaluate')
   if state is None:  # --mode=eval: the weights alone, no optimizer or training batch
     mesh = sharding.make_mesh()
-    state, step = tiling.load(config, workdir, mesh)
+    state, step = weights.load(config, workdir, mesh)
   else:
     state, step = restore_best(workdir, state)
   predict = predict or steps_lib.jit_predict(config.eval.threshold)
@@ -496,12 +496,5 @@ def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=Non
   return evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
                            config.eval.threshold, out_dir=workdir / 'eval',
                            extra={'checkpoint_step': step}, calibration=calibration,
-                           dynamic=seed_dynamic(config, calibration),
-                           min_size=config.eval.get('min_size', 0))
-
-
-def seed_dynamic(config, calibration: dict | None) -> float:
-  """The instance seeds' dynamic: calibrated when it was, else config.eval.seed_dynamic."""
-  calibrated = (calibration or {}).get('seed_dynamic')
-  return calibrated if calibrated is not None else config.eval.get('seed_dynamic',
-                                                                    instances.SEED_DYNAMIC)
+                           dynamic=settings.seed_dynamic(config, calibration, step),
+                           min_size=settings.min_size(config))
