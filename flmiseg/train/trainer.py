@@ -396,10 +396,10 @@ def restore_best(workdir, state):
 
   Evaluation needs the weights only: the optimizer state (twice the parameters for Adam) is
   not read, and `state` keeps its own."""
-  weights = {'params': state.params}
+  wanted = {'params': state.params}
   if state.batch_stats:
-    weights['batch_stats'] = state.batch_stats
-  target = checkpoint.abstract(weights)
+    wanted['batch_stats'] = state.batch_stats
+  target = checkpoint.abstract(wanted)
   restored = checkpoint.restore_best_variables(workdir, target)
   if restored is None:
     raise UserError(f'{workdir}: no trained checkpoint (train first with --mode=train)')
