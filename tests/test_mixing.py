@@ -146,6 +146,8 @@ def test_loader_mixes_simulated_images_into_training_only(tmp_path):
   batch = next(iter(pipeline.train_dataset(sets.train, crop_size=16, global_batch=4,
                                             num_steps=2, seed=0)))
   assert batch['image'].shape == (4, 16, 16, 1)
+  # Evaluation alone reads the test set and never the simulated images.
+  assert loader.load(config, tmp_path / 'cache', need_train=False).train is None
   config.data.source = 'synthetic'
   with pytest.raises(UserError, match='synthetic_fraction=0.25 mixes simulated images into '
                      'real ones: it needs config.data.source=lists or object_masks'):

@@ -163,7 +163,6 @@ def load(config, cache_dir, need_train: bool = True) -> Datasets:
                      '(micrometres per pixel; 0 = unknown)')
   cache_dir = pathlib.Path(cache_dir)
   train_spec, test_spec = list_paths(config)
-  fraction = synthetic_fraction(config)
   instances = bool(config.model.get('instance_head'))
   prep = lambda pairs, train, real=True: dataset.prepare(  # pylint: disable=g-long-lambda
       pairs, data_cfg.normalization, data_cfg.kind, cache_dir, require_foreground=train,
@@ -177,6 +176,7 @@ def load(config, cache_dir, need_train: bool = True) -> Datasets:
     train = prep(_pairs(config, train_spec, cache_dir), True)
     if val is None:
       train, val = dataset.split_validation(train, data_cfg.val_fraction, config.seed)
+    fraction = synthetic_fraction(config)  # training only: eval may name another source
     if fraction:
       folder = synthetic_dataset_dir(data_cfg, data_seed(config))
       simulated = prep(lists.load_pairs(folder / 'train.txt'), True, real=False)
