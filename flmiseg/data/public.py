@@ -104,14 +104,18 @@ def _share(n: int, fraction: float) -> int:
   return int(np.floor(n * fraction + 0.5))  # round half up (Python's round goes to even)
 
 
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+  if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+    raise UserError(f'--val_fraction={val_fraction} --test_fraction={test_fraction}: each '
+                    'must be >= 0 and together < 1')
+
+
 def split(strata: dict[str, str], val_fraction: float, test_fraction: float,
           seed: int = 0) -> dict[str, str]:
   """{id: 'train' | 'val' | 'test'} for images {id: stratum} (module docstring): per
   stratum, ids ordered by sha256('<seed>:<id>'), round(n x val_fraction) to val, then
   round(n x test_fraction) to test, the rest to train."""
-  if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-    raise UserError(f'--val_fraction={val_fraction} --test_fraction={test_fraction}: each '
-                    'must be >= 0 and together < 1')
+  _check_fractions(val_fraction, test_fraction)
   by_stratum = {}
   for name, stratum in strata.items():
     by_stratum.setdefault(stratum, []).append(name)
@@ -177,7 +181,7 @@ def build_dsb(src, out, *, keep=('fluorescence',), val_fraction: float = 0.1,
   unknown = set(keep) - set(MODALITIES)
   if unknown:
     raise UserError(f'modalities {sorted(unknown)} unknown; valid: {", ".join(MODALITIES)}')
-  split(dict(), val_fraction, test_fraction)  # checks the fractions before any work
+  _check_fractions(val_fraction, test_fraction)  # before any work
   samples = _dsb_samples(src)
   kinds = _map(lambda s: describe(s.image), samples)
   found = {m: sum(k[0] == m for k in kinds) for m in MODALITIES}
