@@ -67,8 +67,11 @@ BAD = {
     'data__seed': (1.5, 'config.data.seed=1.5: must be an integer in [0, 2147483647]'),
     'imports': (3, 'config.imports=3: must be a string'),
     'data__source': ('disk', "config.data.source='disk' is not a source; valid: synthetic, "
-                     'lists'),
+                     'lists, object_masks'),
     'data__train_list': (None, 'config.data.train_list=None: must be a string'),
+    'data__val_list': (3, 'config.data.val_list=3: must be a string'),
+    'data__synthetic_fraction': (1.0, 'config.data.synthetic_fraction=1.0: must be a number in '
+                                 '[0, 1) (0: real images only)'),
     'data__num_synthetic_train': (0, 'config.data.num_synthetic_train=0: must be an integer '
                                   '>= 1'),
     'data__num_synthetic_test': (-2, 'config.data.num_synthetic_test=-2: must be an integer '

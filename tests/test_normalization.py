@@ -186,3 +186,68 @@ def test_bright_debris_over_a_dense_structure_is_capped():
   out = preprocess.normalize(image, 'percentile')
   np.testing.assert_allclose(out, (image - lo) / (preprocess.DEBRIS_RATIO * (p99 - lo)),
                              rtol=1e-5, atol=1e-6)
+
+
+def _nuclei_with_debris(seed=0, size=256):
+  """uint16 (size, size): 12 dim nuclei (+20 over a background of 100, noise 3), 3 bright
+  ones (+200, 10x) and 2 debris discs of radius 8 at +2000 (0.6 % of the image, 10x the
+  bright nuclei); and the labels (1..12 dim, 13..15 bright, 0 elsewhere)."""
+  rng = np.random.default_rng(seed)
+  image = np.full((size, size), 100.0)
+  labels = np.zeros((size, size), np.int32)
+  for k in range(17):
+    disc = np.zeros((size, size), np.uint8)
+    cv2.circle(disc, (24 + 52 * (k % 5), 24 + 52 * (k // 5)), 14 if k < 15 else 8, 1, -1)
+    if k < 15:
+      labels[disc > 0] = k + 1
+    image[disc > 0] += 20.0 if k < 12 else 200.0 if k < 15 else 2000.0
+  image = cv2.GaussianBlur(image, (0, 0), 1.5) + rng.normal(0, 3, image.shape)
+  return np.clip(np.round(image), 0, 65535).astype(np.uint16), labels
+
+
+def _above_background(x, labels):
+  """Per nucleus, its median minus the median of the background away from every disc."""
+  away = cv2.dilate((labels > 0).astype(np.uint8), np.ones((9, 9))) == 0
+  away &= np.asarray(x) < np.percentile(x, 99)  # not the debris
+  background = np.median(x[away])
+  return np.array([np.median(x[labels == k]) - background for k in range(1, 16)])
+
+
+def test_dim_nuclei_beside_bright_ones_and_debris_keep_their_contrast():
+  """Debris over 0.2 % of the image at 10x the brightest nuclei took the CLAHE methods'
+  8-bit stretch: nuclei at a tenth of the brightest kept 0.024 (6 grey levels) above the
+  background in 'auto' for nuclei (clahe_unit), the bright ones 0.21. The stretch's top is
+  now bounded as the percentile method's is (DEBRIS_RATIO x the 99th percentile's)."""
+  image, labels = _nuclei_with_debris()
+  unit = _above_background(preprocess.normalize(image, 'auto', 'nucleus'), labels)
+  dim, bright = unit[:12], unit[12:]
+  assert dim.min() > 0.07 and bright.mean() > 0.38  # before: 0.024 and 0.21
+  # The stretch the bound gives: the debris saturates, the nuclei keep their place under it.
+  lo, hi = preprocess.clahe_range(image)
+  _, p99 = np.percentile(image.astype(np.float64), (50.0, 99.0))
+  assert hi == pytest.approx(lo + preprocess.DEBRIS_RATIO * (p99 - lo))
+  assert hi < preprocess.robust_range(image)[1] / 2.5  # 726 against 2067
+  # The percentile method is linear and float: the dim nuclei keep their ratio to the
+  # bright ones (0.1 in the image), however low the debris puts both.
+  linear = _above_background(preprocess.normalize(image, 'percentile', 'nucleus'), labels)
+  assert linear[:12].mean() / linear[12:].mean() == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize('method', ('clahe_unit', 'clahe_zscore'))
+def test_the_debris_bound_is_the_same_in_every_container(method):
+  image, _ = _nuclei_with_debris()
+  expected = preprocess.normalize(image, method)
+  assert preprocess.clahe_range(image)[1] < preprocess.robust_range(image)[1]  # it applies
+  for name, other in {'float_unit': image.astype(np.float32) / 65535,
+                      'float_counts': image.astype(np.float32) * 12.5 + 100,
+                      'uint16_x2': image * np.uint16(2)}.items():
+    np.testing.assert_allclose(preprocess.normalize(other, method), expected, rtol=0,
+                               atol=1e-5, err_msg=name)
+
+
+def test_the_debris_bound_leaves_images_without_debris_alone():
+  u16 = _cells().astype(np.uint16) * 100 + 1000
+  assert preprocess.clahe_range(u16) == preprocess.robust_range(u16)
+  image, _ = _nuclei_with_debris()
+  image[image > 1000] = 300  # the debris gone: the plain stretch
+  assert preprocess.clahe_range(image) == preprocess.robust_range(image)

@@ -394,3 +394,70 @@ def test_cli_randomize(tmp_path):
   bad = _cli('--randomize=wild', f'--out={tmp_path}/bad')
   assert bad.returncode == 2 and 'Traceback' not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --randomize='wild' is not a")
+
+
+def test_brightness_range_spreads_nucleus_levels_exactly_and_keeps_the_geometry():
+  flat = dict(heterogeneity=0.0, density=40.0)  # texture exp(0) = 1: brightness = level
+  p0 = simulate.resolve('nucleus', simulate.Params(**flat))
+  p10 = simulate.resolve('nucleus', simulate.Params(brightness_range=10.0, **flat))
+  mask0, level0 = simulate._nucleus(np.random.default_rng(4), 256, 256, p0)
+  mask10, level10 = simulate._nucleus(np.random.default_rng(4), 256, 256, p10)
+  np.testing.assert_array_equal(mask0, mask10)  # the same draws, the same nuclei
+  normal = np.unique(level10[(level10 > 0) & (level10 <= 1)])
+  assert normal.max() == pytest.approx(1.0) and normal.min() == pytest.approx(0.1)
+  assert np.unique(level0[(level0 > 0) & (level0 <= 1)]).min() >= 0.35  # the original
+  mitotic = level10 > 1
+  np.testing.assert_allclose(level10[mitotic], level0[mitotic], rtol=1e-6)  # still above all
+  # The map is monotone: brighter stays brighter, pixel by pixel.
+  inside = level0 > 0
+  order = np.argsort(level10[inside], kind='stable')
+  assert np.all(np.diff(level0[inside][order]) >= 0)
+  with pytest.raises(UserError, match='brightness_range applies to nucleus, not er'):
+    simulate.resolve('er', simulate.Params(brightness_range=10.0))
+  with pytest.raises(UserError, match='brightness_range=0.5: 0 \\(off\\) or a ratio >= 1'):
+    simulate.resolve('nucleus', simulate.Params(brightness_range=0.5))
+
+
+def test_spread_levels_maps_the_drawn_range_log_linearly():
+  levels = np.array([0.0, 0.35, 0.5, 1.0, 2.5], np.float32)
+  got = simulate.spread_levels(levels, 20.0)
+  t = (np.float32(0.5) - 1.0) / (1.0 - np.float32(0.35))
+  np.testing.assert_allclose(got, [0.0, 1 / 20, 20.0 ** t, 1.0, 2.5], rtol=1e-6)
+  one = np.array([0.0, 0.7], np.float32)  # one nucleus: the brightest
+  np.testing.assert_allclose(simulate.spread_levels(one, 20.0), [0.0, 1.0])
+
+
+def test_wide_nuclei_span_ten_x_and_more_with_debris_brighter_than_nuclei():
+  draws = [simulate_random.random_params('nucleus', np.random.default_rng(s)) for s in range(200)]
+  ranges = [p.brightness_range for p in draws if p.brightness_range]
+  assert len(ranges) / 200 == pytest.approx(0.5, abs=0.1) and 10 <= min(ranges)
+  assert max(ranges) <= 40
+  assert all(p.photons >= simulate_random.DIM_PHOTONS * p.brightness_range for p in draws)
+  bright = [p.debris_brightness for p in draws]
+  assert 4 <= min(bright) < 5 and 15 < max(bright) <= 20
+  # 'shifted' keeps the original levels (its images are unchanged); er and mito never spread.
+  for seed in range(20):
+    shifted = simulate_random.random_params('nucleus', np.random.default_rng(seed), 'shifted')
+    assert (shifted.brightness_range, shifted.debris_brightness) == (0.0, 4.0)
+    er = simulate_random.random_params('er', np.random.default_rng(seed))
+    assert (er.brightness_range, er.debris_brightness) == (0.0, 4.0)
+  # In the image, each nucleus's interior is proportional to its fluorophore (so the 10x
+  # spread of the levels, exact above, is the image's), and debris peaks above every nucleus.
+  params = simulate.Params(brightness_range=10.0, debris=12.0, debris_brightness=20.0,
+                           photons=3000.0, photons_at_peak=True, haze=0.0, illumination=0.0,
+                           bit_depth='uint16')  # not saturated
+  image, labels = simulate.simulate('nucleus', 256, np.random.default_rng(2), params,
+                                    labels=True)
+  # The same generator draws the same nuclei first: their fluorophore levels.
+  _, levels = simulate._nucleus(np.random.default_rng(2), 256, 256,
+                                simulate.resolve('nucleus', params))
+  image = image.astype(np.float64)
+  background = np.median(image[labels == 0])
+  per_level = []
+  for k in range(1, labels.max() + 1):
+    core = ndi.binary_erosion(labels == k, iterations=3)
+    if core.sum() > 20:
+      per_level.append((np.median(image[core]) - background) / np.median(levels[core]))
+  assert len(per_level) >= 8
+  np.testing.assert_allclose(per_level, np.median(per_level), rtol=0.1)
+  assert image[labels == 0].max() - background > np.max(image[labels > 0]) - background

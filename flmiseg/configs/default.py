@@ -29,13 +29,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.license = 'MIT'
 
   config.data = data = ml_collections.ConfigDict()
-  data.source = 'synthetic'  # 'synthetic' (simulated, embedded default) or 'lists'.
+  # 'synthetic' (simulated, embedded default), 'lists' (list files or images/ + masks/
+  # folders) or 'object_masks' (<id>/images/<id>.png + <id>/masks/*.png, one mask file per
+  # object, as the 2018 Data Science Bowl's: flmiseg/data/objectmasks.py).
+  data.source = 'synthetic'
   # Seeds the simulated dataset (source='synthetic'; its cache folder ends in _seed<value>).
   # Run directories made before this field existed simulated with config.seed, and keep it.
   data.seed = 0
   data.kind = 'er'  # 'er', 'mito' or 'nucleus': what to simulate, and preprocessing.
-  data.train_list = ''  # source='lists': list file (image mask per line) or images/+masks/ dir.
-  data.test_list = ''  # source='lists': the test set, same formats; never used for selection.
+  # source='lists': list file (image mask per line) or images/+masks/ dir; 'object_masks': a
+  # folder of <id>/ folders.
+  data.train_list = ''
+  data.test_list = ''  # The test set, in the same format; never used for model selection.
+  # A fixed validation set in the train list's format (e.g. the val/ split that
+  # `python -m flmiseg.data.public` writes); '' = carve data.val_fraction out of train_list.
+  data.val_list = ''
   data.synthetic_dir = ''  # Where simulated data is cached; '' = ~/.cache/flmiseg/synthetic.
   data.num_synthetic_train = 200  # Simulated training images (before the validation split).
   data.num_synthetic_test = 20  # Simulated test images.
@@ -49,8 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
   # the structure itself, or out to the half maximum of its blur, as a person annotates what
   # they see. 'visible' adds _visible to the cached dataset's folder name.
   data.synthetic_masks = 'geometry'
+  # Mixed training (source lists or object_masks): the probability that a training draw is a
+  # simulated image (the synthetic_* fields say which; synthetic_params='wide' for real
+  # microscopes), seeded by config.seed and resumed with the run; validation and test stay
+  # real. 0: real images only. (flmiseg/data/mixing.py)
+  data.synthetic_fraction = 0.0
   data.crop_size = 128  # Training crop side; larger images are cropped, smaller padded.
-  data.val_fraction = 0.1  # Fraction of the training list held out for model selection.
+  data.val_fraction = 0.1  # Fraction of train_list held out for model selection (no val_list).
   # auto|clahe_zscore|clahe_unit|percentile|zscore (bit-depth invariant), or the reference's
   # exact reference_clahe_zscore|reference_clahe_unit (flmiseg/data/preprocess.py).
   data.normalization = 'auto'

@@ -1,9 +1,15 @@
 """From `config.data` to prepared train / validation / test sources.
 
 source='synthetic': simulate `kind` once into a cache folder (reused on later runs);
-source='lists': read the user's train and test lists (or images/ + masks/ folders).
-The validation split is carved out of the training list; the test list is only ever used for
-the final evaluation, never for model selection.
+source='lists': read the user's train and test lists (or images/ + masks/ folders);
+source='object_masks': folders of <id>/images/<id>.png + <id>/masks/*.png, one mask file per
+object (flmiseg/data/objectmasks.py).
+The validation split is config.data.val_list when given, else carved out of the training list;
+the test list is only ever used for the final evaluation, never for model selection.
+
+Mixed training (config.data.synthetic_fraction > 0, a real source): the training source is a
+mixing.MixedSource of the real training images and the simulated training images that the
+synthetic_* fields describe; validation and test stay real.
 """
 
 import dataclasses
@@ -16,14 +22,16 @@ import tifffile
 
 from flmiseg.data import dataset
 from flmiseg.data import lists
+from flmiseg.data import mixing
+from flmiseg.data import objectmasks
 from flmiseg.core.errors import UserError
 
-SOURCES = ('synthetic', 'lists')
+SOURCES = ('synthetic', 'lists', 'object_masks')
 
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-  train: dataset.PreparedSource
+  train: dataset.PreparedSource | mixing.MixedSource
   val: dataset.PreparedSource | None
   test: dataset.PreparedSource | None
 
@@ -111,20 +119,40 @@ def data_seed(config) -> int:
 
 
 def list_paths(config) -> tuple[pathlib.Path, pathlib.Path | None]:
-  """(train list, test list) that config.data points at; ValueError for an invalid source."""
+  """(train list, test list) that config.data points at; ValueError for an invalid source.
+  (source='object_masks': the folders of samples.)"""
   data_cfg = config.data
   if data_cfg.source == 'synthetic':
     folder = synthetic_dataset_dir(data_cfg, data_seed(config))
     return folder / 'train.txt', folder / 'test.txt'
-  if data_cfg.source != 'lists':
+  if data_cfg.source not in SOURCES:
     raise ValueError(f'config.data.source={data_cfg.source!r} is not a source; valid: '
                      f'{", ".join(SOURCES)}')
   if not data_cfg.train_list:
     # Not a bad value but a missing input (configs/finetune.py leaves it to the user).
-    raise UserError('config.data.source=lists needs config.data.train_list (a list file or '
-                    'a folder with images/ and masks/)')
+    what = ('a folder of <id>/images/ and <id>/masks/ folders'
+            if data_cfg.source == 'object_masks' else
+            'a list file or a folder with images/ and masks/')
+    raise UserError(f'config.data.source={data_cfg.source} needs config.data.train_list '
+                    f'({what})')
   test = pathlib.Path(data_cfg.test_list) if data_cfg.test_list else None
   return pathlib.Path(data_cfg.train_list), test
+
+
+def synthetic_fraction(config) -> float:
+  """config.data.synthetic_fraction (0 for configs made before it); UserError when it mixes
+  simulated images into a source that is simulated already."""
+  fraction = config.data.get('synthetic_fraction', 0.0)
+  if fraction and config.data.source == 'synthetic':
+    raise UserError(f'config.data.synthetic_fraction={fraction} mixes simulated images into '
+                    'real ones: it needs config.data.source=lists or object_masks')
+  return fraction
+
+
+def _pairs(config, spec, cache_dir: pathlib.Path) -> list[lists.Pair]:
+  if config.data.source == 'object_masks':
+    return objectmasks.load_pairs(spec, cache_dir)
+  return lists.load_pairs(spec)
 
 
 def load(config, cache_dir, need_train: bool = True) -> Datasets:
@@ -133,15 +161,25 @@ def load(config, cache_dir, need_train: bool = True) -> Datasets:
   if not data_cfg.pixel_size >= 0:
     raise ValueError(f'config.data.pixel_size={data_cfg.pixel_size}: must be >= 0 '
                      '(micrometres per pixel; 0 = unknown)')
+  cache_dir = pathlib.Path(cache_dir)
   train_spec, test_spec = list_paths(config)
-  prep = lambda spec, train: dataset.prepare(  # pylint: disable=g-long-lambda
-      lists.load_pairs(spec), data_cfg.normalization, data_cfg.kind, cache_dir,
-      require_foreground=train, ignore_value=data_cfg.ignore_value,
-      instance_targets=train and bool(config.model.get('instance_head')),
-      channel=data_cfg.channel)
+  instances = bool(config.model.get('instance_head'))
+  prep = lambda pairs, train, real=True: dataset.prepare(  # pylint: disable=g-long-lambda
+      pairs, data_cfg.normalization, data_cfg.kind, cache_dir, require_foreground=train,
+      # Simulated masks are label images with every pixel labelled, in one channel.
+      ignore_value=data_cfg.ignore_value if real else -1,
+      instance_targets=train and instances, channel=data_cfg.channel if real else -1)
   train = val = None
+  if data_cfg.get('val_list'):  # a fixed validation set (also for --mode=eval's calibration)
+    val = prep(_pairs(config, data_cfg.val_list, cache_dir), False)
   if need_train:
-    train, val = dataset.split_validation(prep(train_spec, True), data_cfg.val_fraction,
-                                          config.seed)
-  test = prep(test_spec, False) if test_spec is not None else None
+    train = prep(_pairs(config, train_spec, cache_dir), True)
+    if val is None:
+      train, val = dataset.split_validation(train, data_cfg.val_fraction, config.seed)
+    fraction = synthetic_fraction(config)  # training only: eval may name another source
+    if fraction:
+      folder = synthetic_dataset_dir(data_cfg, data_seed(config))
+      simulated = prep(lists.load_pairs(folder / 'train.txt'), True, real=False)
+      train = mixing.MixedSource(train, simulated, fraction)
+  test = prep(_pairs(config, test_spec, cache_dir), False) if test_spec is not None else None
   return Datasets(train, val, test)

@@ -45,6 +45,8 @@ import cv2
 import grain
 import numpy as np
 
+from flmiseg.data import mixing
+
 
 DIHEDRAL_ORDER = 8
 AUGMENT_GROUPS = ('intensity', 'noise', 'blur', 'scale', 'illumination')
@@ -276,7 +278,8 @@ def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, 
                   process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                   flips: bool = True, augment: str = '',
                   mirror: float | None = None) -> grain.IterDataset:
-  """Training batches for `num_steps` steps: seeded shuffle, reshuffled every epoch.
+  """Training batches for `num_steps` steps: seeded shuffle, reshuffled every epoch (a
+  mixing.MixedSource: its seeded mixture of real and simulated images).
 
   `augment` is config.data.augment ('' = crop and D4 only; see `parse_augment`); `mirror`
   the 'invert' group's mirror point (preprocess.mirror_point of the normalisation).
@@ -289,8 +292,12 @@ def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, 
   """
   groups = parse_augment(augment)
   local_batch = global_batch // process_count
-  epochs = math.ceil(num_steps * global_batch / len(source)) + 1
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)
+  if isinstance(source, mixing.MixedSource):  # real and simulated images in a ratio
+    # As many whole global batches as the steps and one epoch more, as below.
+    ds = source.stream(seed, (num_steps + math.ceil(len(source) / global_batch)) * global_batch)
+  else:
+    epochs = math.ceil(num_steps * global_batch / len(source)) + 1
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)
   ds = ds.random_map(Augment(crop_size, flips, groups, mirror), seed=seed + 1)
   # Local batch k of the stream is block k % P of global batch k // P (batching is lazy, so
   # each process only loads and augments its own elements).

@@ -4,8 +4,9 @@ input whatever the file's bit depth, container or exposure.
 Methods (`config.data.normalization`):
   'auto'          by `config.data.kind`: 'clahe_zscore' for er/mito, 'clahe_unit' for nucleus
                   (the reference's choices, made bit-depth invariant).
-  'clahe_zscore'  robust stretch, CLAHE, then per-image z-score.
-  'clahe_unit'    robust stretch, CLAHE, output in [0, 1].
+  'clahe_zscore'  robust stretch (bounded for bright debris: `clahe_range`), CLAHE, then
+                  per-image z-score.
+  'clahe_unit'    the same stretch, CLAHE, output in [0, 1].
   'percentile'    map the 1st..99.8th percentiles to 0..1 (not clipped), as CSBDeep/StarDist;
                   bounded for sparse fields and for bright debris (`percentile_normalize`).
   'zscore'        per-image z-score only.
@@ -86,10 +87,11 @@ def robust_range(image: np.ndarray, low: float = LOW_PERCENTILE,
   return float(lo), float(hi)
 
 
-def stretch_to_uint8(image: np.ndarray) -> np.ndarray:
-  """uint8 (H, W): the image's robust range (`robust_range`) mapped onto 0..255, saturating
-  outside it; all zeros for a constant image."""
-  lo, hi = robust_range(image)
+def stretch_to_uint8(image: np.ndarray,
+                     bounds: tuple[float, float] | None = None) -> np.ndarray:
+  """uint8 (H, W): `bounds` (lo, hi), by default the image's robust range (`robust_range`),
+  mapped onto 0..255, saturating outside it; all zeros for a constant image."""
+  lo, hi = robust_range(image) if bounds is None else bounds
   if hi <= lo:
     return np.zeros(image.shape, np.uint8)
   unit = (np.asarray(image, np.float64) - lo) / (hi - lo)
@@ -106,8 +108,8 @@ def clahe_grid(shape: tuple[int, int]) -> tuple[int, int]:
 
 def clahe(image: np.ndarray) -> np.ndarray:
   """float32 (H, W) in [0, 1]: CLAHE (clip 2, tiles of ~32 px) of the robustly stretched
-  image."""
-  stretched = stretch_to_uint8(image)
+  image (`clahe_range`)."""
+  stretched = stretch_to_uint8(image, clahe_range(image))
   if not stretched.any():  # a constant image: CLAHE would lift it to a uniform grey
     return np.zeros(image.shape, np.float32)
   op = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=clahe_grid(image.shape))
@@ -168,6 +170,19 @@ def noise_sigma(x: np.ndarray, where: np.ndarray | None = None) -> float:
   return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 
+def _dense_structure(x: np.ndarray) -> tuple[float, float, float] | None:
+  """(median, 99th percentile, SPARSE_NOISE_SIGMAS noise sigmas) of a 2-D image, or None
+  for other arrays and for an image without measurable noise (sigma 0: noise-free or flat,
+  which keeps the plain stretch)."""
+  if x.ndim != 2 or x.shape[1] < 2:
+    return None
+  noise = SPARSE_NOISE_SIGMAS * noise_sigma(x)
+  if noise <= 0:
+    return None
+  median, p99 = np.percentile(x, (50.0, 99.0))
+  return float(median), float(p99), noise
+
+
 def percentile_normalize(x: np.ndarray, low: float = LOW_PERCENTILE,
                          high: float = HIGH_PERCENTILE) -> np.ndarray:
   """float32: the `low`..`high` percentiles mapped to 0..1 (not clipped); in a 2-D image
@@ -175,16 +190,31 @@ def percentile_normalize(x: np.ndarray, low: float = LOW_PERCENTILE,
   dense structure the `high` percentile's stretch to at most DEBRIS_RATIO times the 99th's."""
   lo, hi = robust_range(x, low, high)
   x = np.asarray(x, np.float64)
-  if x.ndim == 2 and x.shape[1] > 1:
-    median, p99 = np.percentile(x, (50.0, 99.0))
-    # sigma 0: no noise to measure (a noise-free or flat image): the plain stretch.
-    noise = SPARSE_NOISE_SIGMAS * noise_sigma(x)
-    if noise > 0 and hi - median < noise:  # a sparse field
+  stats = _dense_structure(x)
+  if stats is not None:
+    median, p99, noise = stats
+    if hi - median < noise:  # a sparse field
       top = float(np.percentile(cv2.medianBlur(x.astype(np.float32), 3), 99.99))
       hi = max(hi, lo + (top - lo) / SPARSE_TOP_RATIO)
-    elif noise > 0 and p99 - median >= noise:  # a dense structure: debris is capped
+    elif p99 - median >= noise:  # a dense structure: debris is capped
       hi = min(hi, lo + DEBRIS_RATIO * (p99 - lo))
   return ((x - lo) / max(hi - lo, _EPS)).astype(np.float32)
+
+
+def clahe_range(image: np.ndarray) -> tuple[float, float]:
+  """(lo, hi) that the CLAHE methods stretch onto 0..255 before CLAHE: `robust_range`, its
+  top bounded over a dense structure as `percentile_normalize` bounds it for bright debris
+  (at most DEBRIS_RATIO times the 99th percentile's stretch). Without the bound, debris
+  over 0.2 % of an image (6 discs of radius 8 in 512x512 at 10x the brightest nuclei) took
+  the 8-bit stretch's top: nuclei at a tenth of the brightest kept about 6 grey levels above
+  a background whose noise rounded away (0.022 in clahe_unit, the bright ones 0.12; now 0.11
+  and 0.42; docs/datasets.md). It applies in none of the default simulated images (240
+  checked) and in 1 of 60 'wide' nucleus ones."""
+  lo, hi = robust_range(image)
+  stats = _dense_structure(np.asarray(image, np.float64))
+  if stats is not None and stats[1] - stats[0] >= stats[2]:
+    hi = min(hi, lo + DEBRIS_RATIO * (stats[1] - lo))
+  return lo, hi
 
 
 def normalize(image: np.ndarray, method: str, kind: str = 'er') -> np.ndarray:

@@ -7,9 +7,9 @@ Kinds:
              peripheral sheets (filled irregular patches); denser near a nucleus-shaped hole.
   'mito'     rods and curved tubules (10-80 px long, 3-7 px wide), some branched, some
              fragmented into puncta, clustered in the cytoplasm of a cell.
-  'nucleus'  irregular ellipses (perturbed radius) of varied size and brightness with
-             textured interiors (chromatin), touching and overlapping, a few small bright
-             mitotic ones.
+  'nucleus'  irregular ellipses (perturbed radius) of varied size and brightness (up to
+             2.9x, or `brightness_range`: 10x and more) with textured interiors (chromatin),
+             touching and overlapping, a few small bright mitotic ones.
 Image formation (all kinds): structure (er, mito: optionally ending at a cell's edge, beyond
 which no light but debris reaches the camera: `outside`) -> fluorophore density varying along
 the structure (+ debris) -> blur by a point spread function (Gaussian or Airy) (+ an
@@ -90,6 +90,13 @@ class Params:
   # flattened ellipsoid's thickness does, by this fraction at the edge (0: flat, the original),
   # so touching nuclei meet in a dimmer seam, as in widefield images of real ones.
   thickness: float = 0.0
+  # Nucleus brightness spread (nucleus): the brightest nucleus's fluorophore over the dimmest's
+  # in one image, the others log-uniformly between in the order they were drawn (a few small
+  # bright mitotic ones still above all). 0: the original levels, uniform 0.35-1 (up to 2.9x).
+  brightness_range: float = 0.0
+  # The brightest debris relative to a structure's fluorophore: debris levels are log-uniform
+  # from 0.2 to it. 4: the original.
+  debris_brightness: float = 4.0
   gain: float = 1.0  # camera counts per photon
   # 'uint8', 'uint12' (0-4095 in a uint16 container) or 'uint16'; None: uint16 (er, mito) or
   # uint8 (nucleus). Counts are clipped at the container's maximum.
@@ -112,7 +119,8 @@ RANGES = {
     'scale': (0.25, 4.0), 'heterogeneity': (0.0, 1.5), 'out_of_focus': (0.0, 5.0),
     'defocus': (1.5, 10.0), 'debris': (0.0, 200.0), 'autofluorescence': (0.0, 5.0),
     'vignetting': (0.0, 0.9), 'hot_pixels': (0.0, 1000.0), 'gain': (0.001, 1000.0),
-    'outside': (0.0, 0.9), 'thickness': (0.0, 1.0),
+    'outside': (0.0, 0.9), 'thickness': (0.0, 1.0), 'brightness_range': (0.0, 1000.0),
+    'debris_brightness': (0.2, 1000.0),
 }
 # bit_depth -> (container dtype, largest count).
 BIT_DEPTHS = {'uint8': (np.uint8, 255), 'uint12': (np.uint16, 4095),
@@ -138,6 +146,11 @@ def resolve(kind: str, params: Params | None) -> Params:
   if filled['thickness'] > 0 and kind != 'nucleus':
     raise UserError(f'simulator knob thickness applies to nucleus (a nucleus\'s profile), not '
                     f'{kind}')
+  if filled['brightness_range'] > 0 and kind != 'nucleus':
+    raise UserError(f'simulator knob brightness_range applies to nucleus, not {kind}')
+  if 0 < filled['brightness_range'] < 1:
+    raise UserError(f'simulator knob brightness_range={filled["brightness_range"]}: 0 (off) '
+                    'or a ratio >= 1')
   if filled['psf'] not in ('gaussian', 'airy'):
     raise UserError(f'simulator knob psf={filled["psf"]!r}; valid: gaussian, airy')
   if filled['bit_depth'] not in BIT_DEPTHS:
@@ -265,6 +278,8 @@ def _nucleus(rng, h, w, p: Params):
   s = p.scale
   n = max(1, int(rng.poisson(p.density / s**2 * h * w / 256.0**2)))
   texture = np.exp(p.heterogeneity * _smooth_noise(rng, (h, w), 1.5 * s))
+  # brightness_range: each pixel's drawn level too, mapped at the end (draws unchanged).
+  levels = np.zeros((h, w), np.float32) if p.brightness_range > 0 else None
   for k in range(n):
     mitotic = rng.random() < 0.08
     radius = rng.uniform(p.min_width, p.max_width) * (0.45 if mitotic else 1.0) * s
@@ -275,10 +290,32 @@ def _nucleus(rng, h, w, p: Params):
     level = rng.uniform(2.0, 3.0) if mitotic else rng.uniform(0.35, 1.0)
     if p.thickness > 0:  # on top of what it covers, as its mask is, its dim edge a seam
       brightness = np.where(blob > 0, level * _thickness(blob, p.thickness), brightness)
+      if levels is not None:
+        levels = np.where(blob > 0, level, levels)
     else:
       brightness = np.where(blob > 0, np.maximum(brightness, level), brightness)
+      if levels is not None:
+        levels = np.where(blob > 0, np.maximum(levels, level), levels)
     mask[blob > 0] = k + 1.0  # a later nucleus lies on top of an earlier one
+  if levels is not None:
+    spread = spread_levels(levels, p.brightness_range)
+    brightness = np.where(levels > 0, brightness * spread / np.maximum(levels, 1e-9), 0.0)
   return mask, brightness * texture
+
+
+def spread_levels(levels: np.ndarray, brightness_range: float) -> np.ndarray:
+  """Nucleus levels (the original draws: 0.35-1, mitotic 2-3, 0 background) mapped so that
+  the drawn 0.35-1 levels span exactly 1 / brightness_range to 1, log-linearly in the order
+  they were drawn (the dimmest drawn to 1 / brightness_range, the brightest to 1); mitotic
+  levels (above 1) and the background (0) unchanged. Monotone, so which nucleus is on top
+  where they overlap does not change."""
+  normal = levels[(levels > 0) & (levels <= 1.0)]
+  if not normal.size:
+    return levels
+  lo, hi = float(normal.min()), float(normal.max())
+  t = (levels - hi) / (hi - lo) if hi > lo else np.zeros_like(levels)
+  mapped = np.power(brightness_range, t, dtype=np.float64)
+  return np.where((levels > 0) & (levels <= 1.0), mapped, levels).astype(np.float32)
 
 
 def _thickness(blob: np.ndarray, falloff: float) -> np.ndarray:
@@ -363,12 +400,12 @@ def _wide_blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 def _debris(rng, h, w, p: Params):
   """Non-structure spots (dust, vesicles, cell fragments): (sharp, diffuse) fluorophore maps
-  (H, W), the diffuse ones lying out of focus. Radii 0.6-3.5 px x scale, brightness 0.2-4x a
-  structure's; about a third of them out of focus."""
+  (H, W), the diffuse ones lying out of focus. Radii 0.6-3.5 px x scale, brightness 0.2 to
+  debris_brightness (default 4) x a structure's; about a third of them out of focus."""
   sharp, diffuse = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
   for _ in range(rng.poisson(p.debris * h * w / 256.0**2)):
     radius = np.exp(rng.uniform(np.log(0.6), np.log(3.5))) * p.scale
-    level = float(np.exp(rng.uniform(np.log(0.2), np.log(4.0))))
+    level = float(np.exp(rng.uniform(np.log(0.2), np.log(p.debris_brightness))))
     radii = radius * np.array([1.0, rng.uniform(0.5, 1.0)])
     contour = _blob_contour(rng, rng.uniform(0, 1, 2) * [w, h], radii, rng.uniform(0, np.pi),
                             0.4, n=16)

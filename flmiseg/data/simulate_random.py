@@ -30,6 +30,13 @@ images meets many microscopes (noise, PSF, pixel size, background, camera) rathe
                      (~5% of images saturate > 0.1% of their pixels)
   read_noise         gain x log-uniform 0.5-5 e-       gain x log-uniform 2-4 e-
   (min_width, max_width: the kind's defaults; scale sizes them.)
+  nucleus only (KIND_PRESETS; after the others, so they keep their stream):
+  brightness_range   50%: uniform 10-40, else 0        0 (the original levels)
+                     (the brightest nucleus over the
+                     dimmest; photons raised to at
+                     least DIM_PHOTONS x it)
+  debris_brightness  log-uniform 4-20 (x the          4 (the original)
+                     brightest nucleus)
 
 Every 'shifted' range lies inside the 'wide' one (tests check it), so 'shifted' measures
 robustness to a change of microscope that training covered, away from the kind's defaults
@@ -93,12 +100,22 @@ PRESETS = {
     },
 }
 # Per kind, entries that replace a preset's (each draws as many numbers as the one it
-# replaces, so the other knobs keep their stream). Nuclei are imaged from 10x to 100x
-# objectives (BBBC038 has both): scale 0.35-2.5 draws nuclei 6 to 110 px across (radius
-# 9-22 px x scale).
+# replaces, so the other knobs keep their stream) or add knobs (drawn after all others, for
+# the same reason). Nuclei are imaged from 10x to 100x objectives (BBBC038 has both): scale
+# 0.35-2.5 draws nuclei 6 to 110 px across (radius 9-22 px x scale). Dim nuclei beside
+# bright ones, and debris brighter than any nucleus, are what real fields show and the
+# default levels (0.35-1) do not: brightness_range and debris_brightness. 'shifted' draws
+# them too (the same number of draws) at the original values: its images are unchanged.
 KIND_PRESETS = {
-    ('wide', 'nucleus'): {'scale': ('loguniform', 0.35, 2.5)},
+    ('wide', 'nucleus'): {'scale': ('loguniform', 0.35, 2.5),
+                          'brightness_range': ('maybe', 0.5, 10.0, 40.0),
+                          'debris_brightness': ('loguniform', 4.0, 20.0)},
+    ('shifted', 'nucleus'): {'brightness_range': ('uniform', 0.0, 0.0),
+                             'debris_brightness': ('uniform', 4.0, 4.0)},
 }
+# With brightness_range, photons are at least this many times it: the dimmest nucleus still
+# gets DIM_PHOTONS photons at its peak (a signal a person sees), not one.
+DIM_PHOTONS = 10.0
 GAIN_RANGE = (0.005, 50.0)  # counts per photon that random_params allows
 PSF_SIGMA_RANGE = (0.6, 3.5)  # pixels, that random_params allows
 
@@ -151,6 +168,8 @@ def random_params(kind: str, rng: np.random.Generator, preset: str = 'wide') -> 
     # of field), so an out-of-focus nucleus missing from the mask would teach the model to
     # miss real ones. Drawn above all the same, so the other knobs keep their stream.
     draws['out_of_focus'] = 0.0
+  if draws.get('brightness_range'):
+    draws['photons'] = max(draws['photons'], DIM_PHOTONS * draws['brightness_range'])
   top = simulate.BIT_DEPTHS[draws['bit_depth']][1]
   offset = draws.pop('offset_fraction') * top
   gain = float(np.clip(draws.pop('fill') * (top - offset) / draws['photons'], *GAIN_RANGE))

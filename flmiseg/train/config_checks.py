@@ -155,6 +155,8 @@ RULES: dict[str, Rule] = {
     'data.kind': text,  # a kind where it matters: `_check_consistency`
     'data.train_list': text,
     'data.test_list': text,
+    'data.val_list': text,
+    'data.synthetic_fraction': number(0, 1, high_open=True, note=' (0: real images only)'),
     'data.synthetic_dir': text,
     'data.num_synthetic_train': integer(1),
     'data.num_synthetic_test': integer(1),
