@@ -58,12 +58,16 @@ def inverted_pairs(pairs, folder: pathlib.Path):
 
 
 def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str = '',
-                   lr: float = 0.0, masks: str = '') -> dict:
-  """Trains the recipe `common.pretrained_config(kind, steps, init_from, lr, masks)` in
-  `workdir` and packs it as the shipped model `kind` (pack_shipped)."""
+                   lr: float = 0.0, masks: str = '', pack: bool = True) -> dict:
+  """Trains the recipe `common.pretrained_config(kind, steps, init_from, lr, masks, --real,
+  --synthetic_fraction, --width)` in `workdir` and, with `pack`, packs it as the shipped model
+  `kind` (pack_shipped); returns weights.json's content, or the test summary without `pack`."""
   start = time.perf_counter()
-  config = common.pretrained_config(kind, steps, init_from, lr, masks)
+  config = common.pretrained_config(kind, steps, init_from, lr, masks, FLAGS.real,
+                                    FLAGS.synthetic_fraction, FLAGS.width)
   result = trainer.train_and_evaluate(config, workdir)
+  if not pack:
+    return result
   return pack_shipped(kind, workdir, steps, time.perf_counter() - start, result.get('iou'),
                       init_from, lr, masks)
 
@@ -105,8 +109,10 @@ def main(argv):
   for kind in FLAGS.kinds:
     if not FLAGS.measure:
       info = train_and_pack(kind, pathlib.Path(FLAGS.workdir) / kind, FLAGS.steps,
-                            FLAGS.init_from, FLAGS.lr, FLAGS.masks)
-      print(f'{kind}: packed, {json.dumps(info)}')
+                            FLAGS.init_from, FLAGS.lr, FLAGS.masks, FLAGS.pack)
+      print(f'{kind}: {"packed" if FLAGS.pack else "trained"}, {json.dumps(info)}')
+      if not FLAGS.pack:
+        continue
     folder = pretrained.PRETRAINED_DIR / kind
     row = {'kind': kind, 'tta': FLAGS.tta, **common.test_scores(folder, kind, FLAGS.tta)}
     if 'invert' in common.pretrained_config(kind, 1).data.augment:
@@ -134,5 +140,11 @@ if __name__ == '__main__':
   flags.DEFINE_float('lr', 0.0, 'Peak learning rate (0: the recipe\'s, 2e-3).')
   flags.DEFINE_enum('masks', '', ['', 'geometry', 'visible'], 'How the training masks are '
                     "drawn ('': the kind's recipe; simulate.MASKS).")
+  flags.DEFINE_string('real', '', 'Also train on this real dataset (a folder python -m '
+                      'flmiseg.data.public wrote), validating and testing on its val/ and test/.')
+  flags.DEFINE_float('synthetic_fraction', 0.5, 'With --real: the share of simulated draws.')
+  flags.DEFINE_integer('width', 0, 'The U-Net\'s width (0: the recipe\'s, 16).')
+  flags.DEFINE_bool('pack', True, 'Pack the trained model into flmiseg/pretrained/KIND and '
+                    'measure it (--nopack: train only).')
   flags.DEFINE_bool('tta', False, 'Measure with --tta (the 8 flips/rotations averaged).')
   app.run(main)
