@@ -11,9 +11,11 @@ import jax
 import numpy as np
 import pytest
 
+from flmiseg import models
 from flmiseg.configs import default
 from flmiseg.store import checkpoint
 from flmiseg.train import losses
+from flmiseg.train import optim
 from flmiseg.core import sharding
 from flmiseg.train import steps
 from flmiseg.models import summary
@@ -110,7 +112,7 @@ def test_sharded_step_equals_single_device(data_root, tmp_path):
     mesh = sharding.make_mesh(devices)
     setup = trainer.build(config, (32, 32), 9)
     model, schedule = setup.model, setup.schedule
-    state = steps.create_train_state(model, train.optim.make_optimizer(
+    state = steps.create_train_state(model, optim.make_optimizer(
         config.optim, schedule), (32, 32), 0, mesh)
     step = jax.jit(functools.partial(
         steps.train_step, loss_fn=losses.make_loss('bce+dice'), schedule=schedule,
@@ -128,7 +130,7 @@ def test_sharded_step_equals_single_device(data_root, tmp_path):
 def test_summary_reports_reference_unet_count():
   config = default.get_config()
   config.model.width = 64
-  assert summary.count_params(train.models.create_model(config.model, np.float32)) == 31042369
+  assert summary.count_params(models.create_model(config.model, np.float32)) == 31042369
 
 
 def test_every_config_loads():
@@ -180,7 +182,7 @@ def _scripted_train_steps(monkeypatch, edit):
       state, scalars = train_step(state, batch)
       return state, edit(calls[0], scalars)
     return scripted, predict
-  monkeypatch.setattr(train.steps_lib, 'jit_steps', jit_steps)
+  monkeypatch.setattr(trainer.steps_lib, 'jit_steps', jit_steps)
 
 
 def test_nan_is_caught_before_a_validation_or_checkpoint_off_the_log_steps(
@@ -202,7 +204,7 @@ def test_nan_is_caught_before_a_validation_or_checkpoint_off_the_log_steps(
 def test_images_per_second_counts_training_time_only(data_root, tmp_path, monkeypatch):
   # A fake clock: each training step takes 1 s, each validation and checkpoint 100 s.
   clock = [0.0]
-  monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  monkeypatch.setattr(trainer, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
   def tick(call, scalars):
     clock[0] += 1.0
