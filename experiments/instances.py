@@ -20,6 +20,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from flmiseg.evaluation import best_checkpoint
 from flmiseg.evaluation import calibration
 from flmiseg.core import console
 from flmiseg.evaluation import evaluate
@@ -44,7 +45,7 @@ def score(config, workdir) -> dict:
   mesh = sharding.make_mesh()
   state, step = tiling.load(config, workdir, mesh)
   threshold = calibration.calibrated_threshold(workdir, step) or config.eval.threshold
-  dynamic = trainer.seed_dynamic(config, calibration.read_calibration(workdir))
+  dynamic = best_checkpoint.seed_dynamic(config, calibration.read_calibration(workdir))
   predict = steps.jit_predict(config.eval.threshold)
   found = {'distance': [], 'connected_components': []}
   for i, outputs, _ in evaluate.predictions(predict, state, data.test, mesh,
