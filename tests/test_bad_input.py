@@ -269,6 +269,9 @@ def test_paths_with_spaces_quotes_tabs_relative_and_absolute(odd_run):
   assert len(list((odd_run['workdir'] / 'cache').glob('*_image.npy'))) == 4 + 2
   assert ('warning: config.data.crop_size=48 is larger than every training image (largest '
           'side 32): training on crops of 32\n') in result.stderr
+  # DIR/config.json records what it trained.
+  saved = json.loads((odd_run['workdir'] / 'config.json').read_text())
+  assert saved['data']['crop_size'] == 32
 
 
 def test_constant_image_trains_and_predicts(odd_run):

@@ -1,5 +1,6 @@
 """`config_checks.validate`: every stock config passes; each bad value stops with one line
-naming the field, the value and what is valid (no training, no JAX compilation)."""
+naming the field, the value and what is valid (no training, no JAX compilation); the rules'
+roles say which fields eval/predict and a resumed run may change."""
 
 import importlib
 import math
@@ -8,6 +9,7 @@ import pathlib
 import pytest
 
 from flmiseg.train import config_checks
+from flmiseg.train import trainer
 from flmiseg.store import rundir
 from flmiseg.configs import default
 from flmiseg.core.errors import UserError
@@ -34,8 +36,11 @@ def _with(**changes):
 
 
 def _error(config) -> str:
+  """The one-line error of `config` as training meets it: `validate`, then the loss
+  (`trainer.make_loss`, which resolves its names)."""
   with pytest.raises(UserError) as e:
     config_checks.validate(config)
+    trainer.make_loss(config)
   message = str(e.value)
   assert '\n' not in message
   return message
@@ -59,6 +64,32 @@ def test_every_default_field_has_a_rule():
       else:
         yield f'{prefix}{key}'
   assert set(fields(default.get_config().to_dict())) == set(config_checks.RULES)
+  roles = (config_checks.MODEL, config_checks.TRAINING, config_checks.INFERENCE,
+           config_checks.RUN)
+  for field, rule in config_checks.RULES.items():
+    assert isinstance(rule, config_checks.Rule) and rule.role in roles, field
+    assert callable(rule.check), field
+
+
+@pytest.mark.parametrize('field, inference, resume, model', [
+    # field: may eval/predict set it; may a resumed run change it; does it define the model.
+    ('eval.threshold', True, True, False),
+    ('eval.calibrate_metric', True, True, False),
+    ('data.num_workers', True, True, False),
+    ('data.test_list', True, False, False),
+    ('license', True, False, False),
+    ('optim.lr', False, False, False),
+    ('train.loss', False, False, False),
+    ('imports', False, False, False),
+    ('data.crop_size', False, False, True),
+    ('model.width', False, False, True),
+    ('model.fusion_kwargs.reduction', False, False, True),  # a free section's field
+    ('eval.a_field_of_another_version', True, True, False),  # its section's role
+])
+def test_each_rules_role_says_who_may_change_the_field(field, inference, resume, model):
+  assert config_checks.matches(field, config_checks.INFERENCE_FIELDS) == inference
+  assert config_checks.may_differ_on_resume(field) == resume
+  assert field.startswith(config_checks.MODEL_FIELDS) == model
 
 
 BAD = {

@@ -12,6 +12,7 @@ from matplotlib import image as mpimg
 import numpy as np
 import pytest
 
+from flmiseg.evaluation import best_checkpoint
 from flmiseg.evaluation import calibration as calibration_lib
 from flmiseg.evaluation import evaluate
 from flmiseg.evaluation import metrics
@@ -20,6 +21,7 @@ from flmiseg.train import steps
 from flmiseg.train import trainer
 from flmiseg.data import dataset
 from flmiseg.data import loader
+from flmiseg.core.errors import UserError
 from tests import helpers
 
 
@@ -79,7 +81,7 @@ def test_bad_calibrate_metric_is_refused_before_training(tmp_path):
   calibration_lib.check_calibrate_metric('')
   calibration_lib.check_calibrate_metric('miou')
   config = helpers.tiny_config(tmp_path, **{'eval.calibrate_metric': 'auc'})
-  with pytest.raises(ValueError, match='config.eval.calibrate_metric'):
+  with pytest.raises(UserError, match="^config.eval.calibrate_metric='auc' is not a per-image"):
     trainer.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'run' / 'checkpoints').exists()  # refused before training
 
@@ -138,21 +140,23 @@ def test_training_calibrates_and_writes_the_report(tmp_path, monkeypatch):
   assert _png_height(workdir / 'eval/worst_best.png') == _expected_height(4)
   # --mode=eval calibrates when calibration.json is missing ...
   (workdir / 'calibration.json').unlink()
-  again = trainer.evaluate_best(config, workdir)
+  again = best_checkpoint.evaluate_best(config, workdir,
+                                        steps.jit_predict(config.eval.threshold))
   assert json.loads((workdir / 'calibration.json').read_text()) == calibration
   assert again['calibrated'] == tuned
   # ... and reuses it for the same best checkpoint, without sweeping again.
   monkeypatch.setattr(calibration_lib, 'calibrate_source', None)
-  assert trainer.calibrate_best(config, workdir, None, None, None, None, 2) == calibration
+  assert best_checkpoint.calibrate_best(config, workdir, None, None, None, None,
+                                        2) == calibration
 
 
 def test_no_validation_split_means_no_calibration(tmp_path):
   config = helpers.tiny_config(tmp_path, **{'data.val_fraction': 0.0})
   no_val = loader.Datasets(train=object(), val=None, test=None)
-  assert trainer.calibrate_best(config, tmp_path, no_val, None, None, None, 6) is None
+  assert best_checkpoint.calibrate_best(config, tmp_path, no_val, None, None, None, 6) is None
   assert not (tmp_path / 'calibration.json').exists()
   config.eval.calibrate_metric = ''
-  assert trainer.calibrate_best(config, tmp_path, None, None, None, None, 6) is None
+  assert best_checkpoint.calibrate_best(config, tmp_path, None, None, None, None, 6) is None
   summary = {'iou': 0.5, 'pooled_iou': 0.625, 'auc': float('nan'), 'num_images': 2,
              'threshold': 0.5, 'checkpoint_step': 6}
   assert 'calibrated' not in report.format_table(summary)

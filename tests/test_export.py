@@ -26,6 +26,8 @@ pytest.importorskip('bioimageio.core')
 from flmiseg import models
 from flmiseg.cli import predict
 from flmiseg.core import sharding
+from flmiseg.evaluation import best_checkpoint
+from flmiseg.train import steps as steps_lib
 from flmiseg.data import io
 from flmiseg.data import preprocess
 from flmiseg.export import bioimage
@@ -184,8 +186,9 @@ def test_onnx_backend_masks_equal_jax_masks(unet_run, tmp_path, tta):
 
 def test_onnx_backend_eval_equals_jax_eval(unet_run):
   config, workdir = unet_run
-  jax_summary = trainer.evaluate_best(config, workdir)
-  onnx_summary = trainer.evaluate_best(config, workdir, predict=onnx_backend.predict_step(
+  jax_summary = best_checkpoint.evaluate_best(config, workdir,
+                                              steps_lib.jit_predict(config.eval.threshold))
+  onnx_summary = best_checkpoint.evaluate_best(config, workdir, onnx_backend.predict_step(
       config, workdir, config.eval.threshold))
   assert onnx_summary['num_images'] == jax_summary['num_images']
   assert onnx_summary['iou'] == pytest.approx(jax_summary['iou'], abs=0.01)

@@ -24,6 +24,7 @@ from flmiseg.data import dataset
 from flmiseg.data import lists
 from flmiseg.data import pipeline
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 from tests import helpers
 
 
@@ -82,13 +83,13 @@ def test_from_distance_keeps_unseeded_objects_and_drops_small_ones():
 
 
 def test_simulator_writes_label_images_with_the_same_union(tmp_path):
-  out = simulate.write_dataset('nucleus', tmp_path / 'n', 1, 0, size=160, seed=3)
+  out = synthetic.write_dataset('nucleus', tmp_path / 'n', 1, 0, size=160, seed=3)
   mask = tifffile.imread(out / 'train' / 'masks' / 'nucleus_00000.tif')
   assert mask.dtype == np.uint16 and mask.max() >= 2
   np.testing.assert_array_equal(np.unique(mask), np.arange(mask.max() + 1))  # no gaps
-  _, binary = simulate.simulate('nucleus', 160, simulate.image_rng(3, 'train', 0))
+  _, binary = simulate.simulate('nucleus', 160, synthetic.image_rng(3, 'train', 0))
   np.testing.assert_array_equal(mask > 0, binary > 0)
-  er = simulate.write_dataset('er', tmp_path / 'e', 1, 0, size=64)
+  er = synthetic.write_dataset('er', tmp_path / 'e', 1, 0, size=64)
   assert tifffile.imread(er / 'train' / 'masks' / 'er_00000.tif').dtype == np.uint8
 
 

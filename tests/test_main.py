@@ -2,9 +2,12 @@
 
 import json
 
+import ml_collections
 import pytest
 
-from flmiseg import main
+from flmiseg.cli import flags as cli_flags
+from flmiseg.configs import default
+from flmiseg.train import config_checks
 from tests import helpers
 
 
@@ -64,7 +67,19 @@ def test_bad_settings_give_one_line_errors(data_root, tmp_path, flag, message):
 def test_a_stock_config_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   (tmp_path / 'default').mkdir()  # e.g. a run directory called default
-  argv = main.resolve_config_arg(['flmiseg', '--config=default'])
-  assert argv == ['flmiseg', f'--config={main.CONFIGS_DIR / "default.py"}']
+  argv = cli_flags.resolve_config_arg(['flmiseg', '--config=default'])
+  assert argv == ['flmiseg', f'--config={cli_flags.CONFIGS_DIR / "default.py"}']
   (tmp_path / 'mine').write_text('')  # a file of that name is the user's config
-  assert main.resolve_config_arg(['flmiseg', '--config=mine']) == ['flmiseg', '--config=mine']
+  assert cli_flags.resolve_config_arg(['flmiseg', '--config=mine']) == ['flmiseg',
+                                                                        '--config=mine']
+
+
+def test_free_sections_are_the_config_sections_left_empty():
+  # The command line takes --config.<section>.<field>=... for exactly the sections whose rule
+  # is a free section, and a section a config adds empty is one (model.backbone_kwargs).
+  assert set(cli_flags.FREE_SECTIONS) == {
+      f for f, rule in config_checks.RULES.items() if rule.check is config_checks.section}
+  assert 'model.fusion_kwargs' in cli_flags.FREE_SECTIONS
+  config = default.get_config()
+  config.model.backbone_kwargs = ml_collections.ConfigDict()
+  assert set(cli_flags.free_sections(config)) == {'model.fusion_kwargs', 'model.backbone_kwargs'}

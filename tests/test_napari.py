@@ -23,6 +23,7 @@ import pytest
 
 import flmiseg
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 
 napari = pytest.importorskip(
     'napari', reason='the napari extra is not installed (pip install "flmiseg[napari]")')
@@ -99,7 +100,7 @@ def make_napari_viewer(qtbot):
 @pytest.fixture(scope='module')
 def cells():
   """(a simulated 128x128 nucleus image, its ground-truth mask as bool)."""
-  image, truth = simulate.simulate('nucleus', 128, simulate.image_rng(3, 'test', 0))
+  image, truth = simulate.simulate('nucleus', 128, synthetic.image_rng(3, 'test', 0))
   return image, truth > 0
 
 

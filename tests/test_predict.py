@@ -13,6 +13,7 @@ from flmiseg.cli import predict
 from flmiseg.data import io
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 from flmiseg.core.errors import UserError
 
 
@@ -367,7 +368,7 @@ def test_a_fill_value_border_is_no_data_but_a_dark_background_is_not():
   # image, inverted; its brightest nuclei were saturated): the pixels around the clipped ones
   # are dark too. (A test of the whole plane, not of those neighbours, read 503 pixels here
   # as no data, and cost the shipped nucleus model 0.012 IoU on inverted images.)
-  image, _ = simulate.simulate('nucleus', 256, simulate.image_rng(1000, 'test', 0))
+  image, _ = simulate.simulate('nucleus', 256, synthetic.image_rng(1000, 'test', 0))
   dark = 255 - image
   assert (dark == 0).sum() == 503
   planes, missing, notes = preprocess.repair(dark[None], 'd.tif')

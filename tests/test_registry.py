@@ -295,12 +295,13 @@ def test_fusion_kwargs_apply_to_a_models_default_operator():
 
 
 def test_cli_splits_free_fields_as_ml_collections_parses_literals():
-  from flmiseg import main  # pylint: disable=g-import-not-at-top  # defines absl flags
+  # pylint: disable-next=g-import-not-at-top  # defines absl flags
+  from flmiseg.cli import flags as cli_flags
   argv = ['prog', '--config=c.py', '--config.model.fusion_kwargs.reduction=8',
           '--config.model.fusion_kwargs.gain=0.5', '--config.model.fusion_kwargs.kind=mean',
           '--config.model.fusion_kwargs.on', '--noconfig.model.fusion_kwargs.off',
           '--config.model.fusion_kwargs.flag=false', '--config.model.width=4']
-  rest, fields = main.split_free_fields(argv)
+  rest, fields = cli_flags.split_free_fields(argv)
   assert rest == ['prog', '--config=c.py', '--config.model.width=4']
   assert fields == [('model.fusion_kwargs', 'reduction', 8),
                     ('model.fusion_kwargs', 'gain', 0.5),
@@ -309,7 +310,7 @@ def test_cli_splits_free_fields_as_ml_collections_parses_literals():
                     ('model.fusion_kwargs', 'off', False),
                     ('model.fusion_kwargs', 'flag', False)]
   config = default.get_config().lock()
-  main.set_free_fields(config, fields[:2])
+  cli_flags.set_free_fields(config, fields[:2])
   assert config.model.fusion_kwargs.to_dict() == {'reduction': 8, 'gain': 0.5}
   assert config.is_locked and config.model.fusion_kwargs.is_locked
 

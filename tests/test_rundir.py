@@ -8,6 +8,7 @@ import pytest
 
 from flmiseg.store import rundir
 from flmiseg.configs import default
+from flmiseg.train import config_checks
 from flmiseg.core.errors import UserError
 
 
@@ -18,6 +19,13 @@ def _run_dir(tmp_path, **changes):
     config[section][field] = value
   (tmp_path / 'config.json').write_text(json.dumps(config))
   return tmp_path
+
+
+def _inference_config(workdir, given):
+  """rundir.inference_config as --mode=eval|predict|summary calls it (flmiseg/cli/modes.py):
+  with the fields whose rules make them inference settings, or model fields."""
+  return rundir.inference_config(workdir, given, config_checks.INFERENCE_FIELDS,
+                                 config_checks.MODEL_FIELDS)
 
 
 def test_an_old_run_gets_defaults_for_fields_added_since(tmp_path):
@@ -37,7 +45,7 @@ def test_only_inference_settings_may_differ(tmp_path):
   given.eval.batch_size = 3
   given.eval.threshold = 0.4
   given.data.test_list = '/data/other_test.txt'
-  config = rundir.inference_config(workdir, given)
+  config = _inference_config(workdir, given)
   assert (config.eval.batch_size, config.eval.threshold, config.data.test_list) == (
       3, 0.4, '/data/other_test.txt')
   assert config.model.width == 8
@@ -45,10 +53,10 @@ def test_only_inference_settings_may_differ(tmp_path):
   given.data.normalization = 'zscore'  # both differ: the model's field is named first
   with pytest.raises(UserError, match=r"^--config.data.normalization='zscore', but the "
                      r"model in .* was trained with 'auto'"):
-    rundir.inference_config(workdir, given)
+    _inference_config(workdir, given)
   given.data.normalization = 'auto'
   with pytest.raises(UserError, match=r'^--config.train.num_steps=31, .* trained with 30;'):
-    rundir.inference_config(workdir, given)
+    _inference_config(workdir, given)
 
 
 def test_a_folder_without_a_trained_model_is_named(tmp_path):

@@ -16,6 +16,7 @@ from flmiseg.cli import predict
 from flmiseg.core.errors import UserError
 from flmiseg.data import io
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 from flmiseg.inference import model
 from flmiseg.inference import segment
 from flmiseg.inference import tiling
@@ -32,7 +33,7 @@ def nucleus():
 @pytest.fixture(scope='module')
 def cells():
   """(a simulated 128x128 8-bit nucleus image, its ground-truth mask as bool)."""
-  image, truth = simulate.simulate('nucleus', 128, simulate.image_rng(3, 'test', 0))
+  image, truth = simulate.simulate('nucleus', 128, synthetic.image_rng(3, 'test', 0))
   return image, truth > 0
 
 

@@ -9,6 +9,7 @@ import pytest
 import flmiseg
 from flmiseg.data import loader
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 from flmiseg.inference import segment
 from flmiseg.store import pretrained
 
@@ -41,7 +42,7 @@ def test_shipped_model_segments_simulated_images_out_of_the_box(kind, inverted):
   ious = []
   for index in range(4):
     image, mask = simulate.simulate(  # masks drawn as the model learned (er, mito: visible)
-        kind, 192, simulate.image_rng(77, 'test', index),
+        kind, 192, synthetic.image_rng(77, 'test', index),
         masks=loader.synthetic_masks(predictor.config.data))
     stored = image.astype(np.uint16) * 16 if image.dtype == np.uint8 else image  # 12 bits
     if inverted:
@@ -60,7 +61,7 @@ def test_an_image_smaller_than_a_tile_segments_as_well_as_inside_a_larger_image(
   iou = lambda a, b: (a & b).sum() / max((a | b).sum(), 1)  # noqa: E731
   crop_ious, whole_ious = [], []
   for index in range(3):
-    image, mask = simulate.simulate('mito', 192, simulate.image_rng(78, 'test', index))
+    image, mask = simulate.simulate('mito', 192, synthetic.image_rng(78, 'test', index))
     truth = mask[:100, :100] > 0
     whole = predictor.plane(image)[0][:100, :100, 0] > threshold
     crop = predictor.plane(image[:100, :100])[0][..., 0] > threshold
@@ -77,7 +78,7 @@ def test_shipped_nucleus_model_segments_nuclei_a_third_of_the_default_size():
   predictor, threshold, _ = _shipped_predictor('nucleus')
   ious = []
   for index in range(4):
-    image, mask = simulate.simulate('nucleus', 192, simulate.image_rng(79, 'test', index),
+    image, mask = simulate.simulate('nucleus', 192, synthetic.image_rng(79, 'test', index),
                                     simulate.Params(scale=0.35))
     pred, truth = predictor.plane(image)[0][..., 0] > threshold, mask > 0
     ious.append((pred & truth).sum() / max((pred | truth).sum(), 1))

@@ -19,6 +19,7 @@ from flmiseg.configs import default as default_config
 from flmiseg.data import lists
 from flmiseg.data import loader
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 from flmiseg.data import simulate_random
 from flmiseg.core.errors import UserError
 
@@ -63,7 +64,7 @@ def test_knobs_change_the_image_and_are_validated():
 
 
 def test_write_dataset_layout_lists_and_refusal(tmp_path):
-  out = simulate.write_dataset('nucleus', tmp_path / 'ds', num_train=3, num_test=2, size=48,
+  out = synthetic.write_dataset('nucleus', tmp_path / 'ds', num_train=3, num_test=2, size=48,
                                seed=4)
   train, test = lists.read_list(out / 'train.txt'), lists.read_list(out / 'test.txt')
   assert len(train) == 3 and len(test) == 2
@@ -71,9 +72,9 @@ def test_write_dataset_layout_lists_and_refusal(tmp_path):
   assert not list(tmp_path.glob('.ds.partial*'))
   first = (out / 'train/images/nucleus_00001.tif').read_bytes()
   with pytest.raises(UserError, match='is not empty.*--overwrite'):
-    simulate.write_dataset('nucleus', out, 1, 1, size=48)
+    synthetic.write_dataset('nucleus', out, 1, 1, size=48)
   assert (out / 'train/images/nucleus_00001.tif').read_bytes() == first  # untouched
-  simulate.write_dataset('nucleus', out, 2, 1, size=48, seed=4, overwrite=True)
+  synthetic.write_dataset('nucleus', out, 2, 1, size=48, seed=4, overwrite=True)
   assert len(lists.read_list(out / 'train.txt')) == 2
   # Each image depends only on (seed, split, index).
   assert (out / 'train/images/nucleus_00001.tif').read_bytes() == first
@@ -306,24 +307,24 @@ def _tree(folder):
 
 def test_randomized_dataset_is_reproducible_and_records_its_knobs(tmp_path):
   args = dict(num_train=4, num_test=2, size=48, seed=3)
-  a = simulate.write_dataset('mito', tmp_path / 'a', randomize='wide', **args)
-  b = simulate.write_dataset('mito', tmp_path / 'b', randomize='wide', **args)
+  a = synthetic.write_dataset('mito', tmp_path / 'a', randomize='wide', **args)
+  b = synthetic.write_dataset('mito', tmp_path / 'b', randomize='wide', **args)
   assert _tree(a) == _tree(b)
   knobs = [json.loads(line) for line in (a / 'train_params.jsonl').read_text().splitlines()]
   assert [k['image'] for k in knobs] == [
       str(pair.image.relative_to(a.resolve())) for pair in lists.read_list(a / 'train.txt')]
   assert len({k['photons'] for k in knobs}) == 4
   # Each image is reproducible on its own: its knobs come from params_rng(seed, split, i).
-  p = simulate_random.random_params('mito', simulate.params_rng(3, 'test', 1), 'wide')
-  image, mask = simulate.simulate('mito', 48, simulate.image_rng(3, 'test', 1), p, labels=True)
+  p = simulate_random.random_params('mito', synthetic.params_rng(3, 'test', 1), 'wide')
+  image, mask = simulate.simulate('mito', 48, synthetic.image_rng(3, 'test', 1), p, labels=True)
   assert np.array_equal(tifffile.imread(a / 'test/images/mito_00001.tif'), image)
   assert np.array_equal(tifffile.imread(a / 'test/masks/mito_00001.tif'), mask)
-  shifted = simulate.write_dataset('mito', tmp_path / 's', randomize='shifted', **args)
+  shifted = synthetic.write_dataset('mito', tmp_path / 's', randomize='shifted', **args)
   assert _tree(shifted)['train/images/mito_00000.tif'] != _tree(a)['train/images/mito_00000.tif']
   with pytest.raises(UserError, match="randomize='wild' is not a preset"):
-    simulate.write_dataset('mito', tmp_path / 'c', randomize='wild', **args)
+    synthetic.write_dataset('mito', tmp_path / 'c', randomize='wild', **args)
   with pytest.raises(UserError, match='pass it or params, not both'):
-    simulate.write_dataset('mito', tmp_path / 'c', randomize='wide', params=simulate.Params(),
+    synthetic.write_dataset('mito', tmp_path / 'c', randomize='wide', params=simulate.Params(),
                            **args)
 
 
@@ -342,14 +343,14 @@ def test_loader_synthetic_params_names_the_cache_and_is_validated(tmp_path):
   assert wide.name == 'nucleus_2+1_32px_seed0_wide' and (wide / 'train_params.jsonl').is_file()
   # Drawn from an older preset (here: its stamp says so): made again, the same images.
   image = (wide / 'train/images/nucleus_00000.tif').read_bytes()
-  (wide / simulate.PRESET_FILE).write_text('{"scale": ["loguniform", 0.6, 1.6]}\n')
+  (wide / synthetic.PRESET_FILE).write_text('{"scale": ["loguniform", 0.6, 1.6]}\n')
   assert loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0) == wide
-  assert (wide / simulate.PRESET_FILE).read_text() == simulate.preset_stamp('nucleus', 'wide')
-  assert '"scale": ["loguniform", 0.35, 2.5]' in simulate.preset_stamp('nucleus', 'wide')
+  assert (wide / synthetic.PRESET_FILE).read_text() == synthetic.preset_stamp('nucleus', 'wide')
+  assert '"scale": ["loguniform", 0.35, 2.5]' in synthetic.preset_stamp('nucleus', 'wide')
   assert (wide / 'train/images/nucleus_00000.tif').read_bytes() == image
-  stamp_time = (wide / simulate.PRESET_FILE).stat().st_mtime_ns
+  stamp_time = (wide / synthetic.PRESET_FILE).stat().st_mtime_ns
   loader.synthetic_dataset_dir(_data_cfg(tmp_path, 'wide'), seed=0)  # current: reused
-  assert (wide / simulate.PRESET_FILE).stat().st_mtime_ns == stamp_time
+  assert (wide / synthetic.PRESET_FILE).stat().st_mtime_ns == stamp_time
   data = _data_cfg(tmp_path, 'wide')
   data.synthetic_masks = 'visible'
   assert loader.synthetic_dataset_dir(data, seed=0).name == 'nucleus_2+1_32px_seed0_wide_visible'
@@ -382,7 +383,7 @@ def test_cli_randomize(tmp_path):
   assert result.returncode == 0, result.stderr[-1000:]
   assert len((tmp_path / 'er' / 'train_params.jsonl').read_text().splitlines()) == 2
   knobs = json.loads((tmp_path / 'er' / 'test_params.jsonl').read_text())
-  _, visible = simulate.simulate('er', 32, simulate.image_rng(0, 'test', 0), simulate.Params(
+  _, visible = simulate.simulate('er', 32, synthetic.image_rng(0, 'test', 0), simulate.Params(
       **{k: v for k, v in knobs.items() if k != 'image'}), masks='visible')
   np.testing.assert_array_equal(tifffile.imread(tmp_path / 'er' / knobs['image'].replace(
       'images', 'masks')), visible)

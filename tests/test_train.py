@@ -11,9 +11,11 @@ import jax
 import numpy as np
 import pytest
 
+from flmiseg import models
 from flmiseg.configs import default
 from flmiseg.store import checkpoint
 from flmiseg.train import losses
+from flmiseg.train import optim
 from flmiseg.core import sharding
 from flmiseg.train import steps
 from flmiseg.models import summary
@@ -96,6 +98,52 @@ def test_workdir_of_another_config_is_refused(data_root, tmp_path):
   trainer.prepare_workdir(other, tmp_path / 'w')
 
 
+def _saved(workdir) -> dict:
+  return json.loads((workdir / 'config.json').read_text())
+
+
+def test_config_json_records_the_completed_config_and_resumes(data_root, tmp_path):
+  # The blob images are 32 px: a crop of 48 trains on crops of 32, and config.json says so.
+  workdir = tmp_path / 'w'
+  trainer.complete_config(helpers.tiny_config(data_root, **{'data.crop_size': 48}), workdir)
+  assert _saved(workdir)['data']['crop_size'] == 32
+  # The same command again (resume): its completed config equals the one written.
+  config = helpers.tiny_config(data_root, **{'data.crop_size': 48})
+  trainer.complete_config(config, workdir)
+  assert config.data.crop_size == 32 and _saved(workdir)['data']['crop_size'] == 32
+  # A run written before the completed config was recorded (config.json: the crop as given)
+  # resumes too, and then records it.
+  saved = _saved(workdir)
+  saved['data']['crop_size'] = 48
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  trainer.complete_config(helpers.tiny_config(data_root, **{'data.crop_size': 48}), workdir)
+  assert _saved(workdir)['data']['crop_size'] == 32
+  # Another crop is another config, completed or not.
+  with pytest.raises(UserError, match=r'made by a different config \(data.crop_size differ'):
+    trainer.complete_config(helpers.tiny_config(data_root, **{'data.crop_size': 16}), workdir)
+
+
+def test_fine_tuning_on_binary_masks_records_the_untrained_instance_head(data_root, tmp_path):
+  # The shipped nucleus model has an instance head; binary masks do not train it.
+  given = {'train.init_from': 'nucleus', 'train.instance_weight': 8.0}
+  trainer.complete_config(helpers.tiny_config(data_root, **given), tmp_path / 'w')
+  saved = _saved(tmp_path / 'w')
+  assert saved['model']['instance_head'] == 'distance' and saved['data']['kind'] == 'nucleus'
+  assert saved['train']['instance_weight'] == 0.0
+  trainer.complete_config(helpers.tiny_config(data_root, **given), tmp_path / 'w')  # resumes
+  saved['train']['instance_weight'] = 8.0  # as a run written before recorded it
+  (tmp_path / 'w' / 'config.json').write_text(json.dumps(saved))
+  trainer.complete_config(helpers.tiny_config(data_root, **given), tmp_path / 'w')
+  assert _saved(tmp_path / 'w')['train']['instance_weight'] == 0.0
+
+
+def test_the_loss_is_checked_before_anything_is_written(data_root, tmp_path):
+  config = helpers.tiny_config(data_root, **{'train.loss': 'bce+dcie'})
+  with pytest.raises(UserError, match=r"^config.train.loss='bce\+dcie': 'dcie' is not a loss"):
+    trainer.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_sharded_step_equals_single_device(data_root, tmp_path):
   assert jax.device_count() == 8
   # SGD, not Adam: Adam's first step is lr * sign(grad), which amplifies float noise in the
@@ -110,7 +158,7 @@ def test_sharded_step_equals_single_device(data_root, tmp_path):
     mesh = sharding.make_mesh(devices)
     setup = trainer.build(config, (32, 32), 9)
     model, schedule = setup.model, setup.schedule
-    state = steps.create_train_state(model, train.optim.make_optimizer(
+    state = steps.create_train_state(model, optim.make_optimizer(
         config.optim, schedule), (32, 32), 0, mesh)
     step = jax.jit(functools.partial(
         steps.train_step, loss_fn=losses.make_loss('bce+dice'), schedule=schedule,
@@ -128,7 +176,7 @@ def test_sharded_step_equals_single_device(data_root, tmp_path):
 def test_summary_reports_reference_unet_count():
   config = default.get_config()
   config.model.width = 64
-  assert summary.count_params(train.models.create_model(config.model, np.float32)) == 31042369
+  assert summary.count_params(models.create_model(config.model, np.float32)) == 31042369
 
 
 def test_every_config_loads():
@@ -180,7 +228,7 @@ def _scripted_train_steps(monkeypatch, edit):
       state, scalars = train_step(state, batch)
       return state, edit(calls[0], scalars)
     return scripted, predict
-  monkeypatch.setattr(train.steps_lib, 'jit_steps', jit_steps)
+  monkeypatch.setattr(trainer.steps_lib, 'jit_steps', jit_steps)
 
 
 def test_nan_is_caught_before_a_validation_or_checkpoint_off_the_log_steps(
@@ -202,7 +250,7 @@ def test_nan_is_caught_before_a_validation_or_checkpoint_off_the_log_steps(
 def test_images_per_second_counts_training_time_only(data_root, tmp_path, monkeypatch):
   # A fake clock: each training step takes 1 s, each validation and checkpoint 100 s.
   clock = [0.0]
-  monkeypatch.setattr(train, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
+  monkeypatch.setattr(trainer, 'time', types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
   def tick(call, scalars):
     clock[0] += 1.0

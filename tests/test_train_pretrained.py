@@ -14,6 +14,7 @@ from experiments.shipped import pretrained_scale
 from experiments.shipped import train_pretrained
 from flmiseg.data import lists
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 
 
 def test_recipes_learn_both_contrasts_for_nuclei_only():
@@ -69,7 +70,7 @@ def test_scale_pairs_are_the_simulators_images_at_that_object_scale(tmp_path):
     pairs = pretrained_scale.scale_pairs('nucleus', scale, 2, tmp_path / str(scale))
     assert len(pairs) == 2
     for i, pair in enumerate(pairs):
-      image, mask = simulate.simulate('nucleus', 256, simulate.image_rng(
+      image, mask = simulate.simulate('nucleus', 256, synthetic.image_rng(
           common.TEST_SEED, 'test', i), simulate.Params(scale=scale))
       np.testing.assert_array_equal(tifffile.imread(pair.image), image)
       np.testing.assert_array_equal(tifffile.imread(pair.mask), mask)
@@ -99,7 +100,7 @@ def test_rescaled_real_images_keep_their_type_and_label_values():
 
 def test_the_nucleus_recipe_records_the_simulators_nucleus_diameter():
   from flmiseg.inference import segment  # pylint: disable=g-import-not-at-top
-  label_images = [simulate.simulate('nucleus', 256, simulate.image_rng(5, 'test', index),
+  label_images = [simulate.simulate('nucleus', 256, synthetic.image_rng(5, 'test', index),
                                     labels=True)[1] for index in range(12)]
   # Over 40 images 31.0 px; 12 images land within 2 px of it.
   assert abs(segment.object_diameter(label_images) - common.NUCLEUS_DIAMETER) < 2.0

@@ -123,7 +123,7 @@ def time_steps(config, repeats: int, steps: int, with_predict: bool = True) -> d
   """Compile times and images/s of the jitted train (and predict) steps for `config`."""
   setup = trainer.build(config, (config.data.crop_size,) * 2, 1)
   model, schedule, mesh, state = setup.model, setup.schedule, setup.mesh, setup.state
-  loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
+  loss_fn = losses.from_config(config)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   train_step, predict_step = steps_lib.jit_steps(config, loss_fn, schedule, mesh, shardings)
   batch = random_batch(config, mesh)

@@ -27,6 +27,7 @@ from flmiseg.inference import model as model_lib
 from flmiseg.data import loader
 from flmiseg.data import preprocess
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 
 flags.DEFINE_list('models', ['er', 'mito', 'nucleus'], 'Shipped models or run folders.')
 flags.DEFINE_integer('num_images', 8, 'Simulated test images per model.')
@@ -43,7 +44,7 @@ def measure(model: str, num_images: int, seed: int) -> dict:
   kind = config.data.kind if config.data.kind in simulate.KINDS else 'er'
   scores = {'flmiseg': [], 'package': []}
   for i in range(num_images):
-    image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', i),
+    image, mask = simulate.simulate(kind, 256, synthetic.image_rng(seed, 'test', i),
                                     masks=loader.synthetic_masks(config.data))
     inputs = {'flmiseg': preprocess.normalize(image, config.data.normalization, config.data.kind),
               'package': bioimage.apply_steps(image, steps)}

@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments import common
-from flmiseg.data import simulate
+from flmiseg.data import synthetic
 
 FLAGS = flags.FLAGS
 
@@ -66,7 +66,7 @@ def write_data(root: pathlib.Path) -> pathlib.Path:
   """A tiny simulated nucleus dataset (8 train, 2 test images of 32x32), made once."""
   out = root / 'data'
   if not (out / 'train.txt').is_file():
-    simulate.write_dataset('nucleus', out, num_train=8, num_test=2, size=32, seed=0,
+    synthetic.write_dataset('nucleus', out, num_train=8, num_test=2, size=32, seed=0,
                            overwrite=True)
   return out
 

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from flmiseg.data import simulate  # noqa: E402  pylint: disable=g-import-not-at-top
 from flmiseg.data import simulate_random  # noqa: E402  pylint: disable=g-import-not-at-top
+from flmiseg.data import synthetic  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def define_flags():
@@ -55,7 +56,7 @@ def randomized(kinds, preset: str):
   for row, kind in enumerate(kinds):
     for s in range(6):
       index = 6 * row + s  # each row its own draws (a dataset of each kind repeats them)
-      p = simulate_random.random_params(kind, simulate.params_rng(FLAGS.seed, 'train', index),
+      p = simulate_random.random_params(kind, synthetic.params_rng(FLAGS.seed, 'train', index),
                                         preset)
       image, mask = simulate.simulate(kind, FLAGS.size,
                                       simulate.image_rng(FLAGS.seed, 'train', index), p)

@@ -29,6 +29,7 @@ import numpy as np
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from flmiseg.evaluation import best_checkpoint
 from flmiseg.evaluation import evaluate
 from flmiseg.train import losses
 from flmiseg.evaluation import metrics
@@ -94,8 +95,8 @@ def run(workdir: pathlib.Path, imports: str | None = None, trust_imports: bool =
   crop = config.data.crop_size
   setup = trainer.build(config, (crop, crop), 1)
   model, schedule, mesh, state = setup.model, setup.schedule, setup.mesh, setup.state
-  state, step = trainer.restore_best(workdir, state)
-  loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
+  state, step = best_checkpoint.restore_best(workdir, state)
+  loss_fn = losses.from_config(config)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   _, predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh, shardings)
   rows = []

@@ -27,6 +27,7 @@ from flmiseg.store import rundir
 from flmiseg.data import lists
 from flmiseg.data import loader
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +40,7 @@ def scale_pairs(kind: str, scale: float, num: int, folder: pathlib.Path,
   pairs = []
   for i in range(num):
     image, mask = simulate.simulate(
-        kind, 256, simulate.image_rng(common.TEST_SEED, 'test', i),
+        kind, 256, synthetic.image_rng(common.TEST_SEED, 'test', i),
         simulate.Params(scale=scale), masks=masks)
     paths = folder / f'{i:03d}.tif', folder / f'{i:03d}_mask.tif'
     tifffile.imwrite(paths[0], image)

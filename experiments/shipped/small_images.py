@@ -18,6 +18,7 @@ from flmiseg.core import console
 from flmiseg.evaluation import metrics
 from flmiseg.store import pretrained
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 
 
 def measure(kind: str, size: int, images: int, seed: int) -> dict:
@@ -25,7 +26,7 @@ def measure(kind: str, size: int, images: int, seed: int) -> dict:
   model = flmiseg.load(kind)
   crop, whole = [], []
   for index in range(images):
-    image, mask = simulate.simulate(kind, 256, simulate.image_rng(seed, 'test', index))
+    image, mask = simulate.simulate(kind, 256, synthetic.image_rng(seed, 'test', index))
     truth = mask[:size, :size] > 0
     whole.append(metrics.mask_iou(model.segment(image).mask[:size, :size] > 0, truth))
     crop.append(metrics.mask_iou(model.segment(image[:size, :size]).mask > 0, truth))

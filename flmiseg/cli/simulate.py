@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 from flmiseg.core.errors import UserError
 
 flags.DEFINE_string('kind', 'er', "What to simulate: er, mito, nucleus, or all.")
@@ -42,16 +43,16 @@ def main(argv):
   del argv
   kinds = simulate.KINDS if FLAGS.kind == 'all' else (FLAGS.kind,)
   try:
-    if FLAGS.randomize not in ('',) + simulate.RANDOMIZE:
+    if FLAGS.randomize not in ('',) + synthetic.RANDOMIZE:
       raise UserError(f'--randomize={FLAGS.randomize!r} is not a preset; valid: '
-                      f'{", ".join(simulate.RANDOMIZE)}')
+                      f'{", ".join(synthetic.RANDOMIZE)}')
     for kind in kinds:
       if kind not in simulate.KINDS:
         raise UserError(f'--kind={kind!r} is not a kind; valid: {", ".join(simulate.KINDS)}, '
                         'all')
       out = pathlib.Path(FLAGS.out) / kind if FLAGS.kind == 'all' else pathlib.Path(FLAGS.out)
       start = time.perf_counter()
-      simulate.write_dataset(kind, out, FLAGS.num_train, FLAGS.num_test, FLAGS.size,
+      synthetic.write_dataset(kind, out, FLAGS.num_train, FLAGS.num_test, FLAGS.size,
                              FLAGS.seed, FLAGS.overwrite, randomize=FLAGS.randomize,
                              masks=FLAGS.masks)
       n = FLAGS.num_train + FLAGS.num_test

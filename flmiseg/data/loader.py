@@ -60,13 +60,13 @@ def _without_labels(folder: pathlib.Path, kind: str) -> bool:
 def _older_preset(folder: pathlib.Path, kind: str, knobs: str) -> bool:
   """Whether a cached randomised dataset was drawn from other distributions than the
   current preset's (simulate_random.PRESETS, KIND_PRESETS changed since, or a dataset made
-  before simulate.PRESET_FILE was written): it is made again, else a run would silently
+  before synthetic.PRESET_FILE was written): it is made again, else a run would silently
   train on the old ones."""
-  from flmiseg.data import simulate  # pylint: disable=g-import-not-at-top
+  from flmiseg.data import synthetic  # pylint: disable=g-import-not-at-top
   if knobs == 'default':
     return False
-  stamp = folder / simulate.PRESET_FILE
-  return not stamp.is_file() or stamp.read_text() != simulate.preset_stamp(kind, knobs)
+  stamp = folder / synthetic.PRESET_FILE
+  return not stamp.is_file() or stamp.read_text() != synthetic.preset_stamp(kind, knobs)
 
 
 def synthetic_masks(data_cfg) -> str:
@@ -82,10 +82,11 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
   """
   # Imported here: the simulator is only needed on this path.
   from flmiseg.data import simulate  # pylint: disable=g-import-not-at-top
+  from flmiseg.data import synthetic  # pylint: disable=g-import-not-at-top
   knobs = data_cfg.get('synthetic_params', 'default')  # absent from configs made before it
-  if knobs not in ('default',) + simulate.RANDOMIZE:
+  if knobs not in ('default',) + synthetic.RANDOMIZE:
     raise ValueError(f'config.data.synthetic_params={knobs!r} is not valid; valid: default, '
-                     f'{", ".join(simulate.RANDOMIZE)}')
+                     f'{", ".join(synthetic.RANDOMIZE)}')
   masks = synthetic_masks(data_cfg)
   if masks not in simulate.MASKS:
     raise ValueError(f'config.data.synthetic_masks={masks!r} is not valid; valid: '
@@ -104,7 +105,7 @@ def synthetic_dataset_dir(data_cfg, seed: int) -> pathlib.Path:
       raise ValueError(f'config.data.kind={data_cfg.kind!r} is not a kind; valid: '
                        f'{", ".join(simulate.KINDS)}')
     logging.info('Simulating %s into %s (once; later runs reuse it)', name, out)
-    simulate.write_dataset(data_cfg.kind, out, num_train=data_cfg.num_synthetic_train,
+    synthetic.write_dataset(data_cfg.kind, out, num_train=data_cfg.num_synthetic_train,
                            num_test=data_cfg.num_synthetic_test,
                            size=data_cfg.synthetic_size, seed=seed, overwrite=True,
                            randomize='' if knobs == 'default' else knobs, masks=masks)

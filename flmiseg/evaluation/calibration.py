@@ -28,13 +28,14 @@ from flmiseg.store.settings import (  # noqa: F401 pylint: disable=unused-import
     write_calibration)
 
 # A fine-tuned run with fewer validation images keeps its source model's threshold
-# (train.keep_source_calibration).
+# (best_checkpoint.keep_source_calibration).
 MIN_IMAGES_TO_RECALIBRATE = 10
 
 
 def check_calibrate_metric(name: str) -> None:
-  """Raises ValueError unless `name` is '' (off) or a per-image overlap metric."""
-  if name and name not in metrics.OVERLAP_NAMES:
+  """Raises ValueError unless `name` is '' (off) or a per-image overlap metric (the rule of
+  config.eval.calibrate_metric, flmiseg/train/config_checks.py)."""
+  if not isinstance(name, str) or (name and name not in metrics.OVERLAP_NAMES):
     raise ValueError(f'config.eval.calibrate_metric={name!r} is not a per-image overlap '
                      f'metric; valid: {", ".join(metrics.OVERLAP_NAMES)}, or \'\' to keep '
                      'config.eval.threshold')

@@ -31,6 +31,8 @@ decorated definition in a file of yours that `config.imports` names (docs/fusion
   BACKBONES  `@register_backbone(name, stride=...)` on build(model_config, dtype, **kwargs)
              -> encoder, for every model that takes one (lowlevel, deeplabv3p); kwargs are
              `config.model.backbone_kwargs` (backbones.py).
+summary.py counts a model's parameters and FLOPs without running it. May import
+flmiseg.objects and core.
 """
 
 import flax.linen as nn

@@ -2,6 +2,7 @@
 (flmiseg/data/simulate.py, the kind's default microscope)."""
 
 from flmiseg.data import simulate
+from flmiseg.data import synthetic
 
 SIZE = 256  # pixels per side
 SEED = 0
@@ -9,7 +10,7 @@ SEED = 0
 
 def sample(kind: str) -> list[tuple]:
   """napari layer data: the simulated image and its ground-truth labels (hidden)."""
-  image, labels = simulate.simulate(kind, SIZE, simulate.image_rng(SEED, 'test', 0),
+  image, labels = simulate.simulate(kind, SIZE, synthetic.image_rng(SEED, 'test', 0),
                                     labels=True)
   return [(image, {'name': f'simulated {kind}'}, 'image'),
           (labels, {'name': f'simulated {kind} truth', 'visible': False}, 'labels')]

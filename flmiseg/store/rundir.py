@@ -9,10 +9,10 @@
   DIR/checkpoints/      the weights (the best checkpoint; runs written before kept it in
                         DIR/checkpoints_best/, still read).
 
-On the inference modes the command line may change only inference settings
-(`INFERENCE_FIELDS`: the eval batch size and thresholds, the test list); any other field that
-differs from the run's is refused, naming the field and both values, because it would
-silently change the preprocessing or the network.
+On the inference modes the command line may change only inference settings (the eval batch
+size and thresholds, the test list: the fields whose rule says so in config_checks.RULES,
+passed to `inference_config`); any other field that differs from the run's is refused, naming
+the field and both values, because it would silently change the preprocessing or the network.
 
 `config.imports` (code of the user's own that registers models, fusion operators, backbones or
 losses: flmiseg/core/registry.py) is neither kind of field (`CODE_FIELDS`): it is code, and a run
@@ -36,15 +36,6 @@ from flmiseg.core.errors import UserError
 
 CONFIG_FILE = 'config.json'
 STATS_FILE = 'input_stats.json'
-# Config fields (prefixes) that an inference mode may take from the command line.
-# authors and license only describe the model (its exported package), so export may set them.
-INFERENCE_FIELDS = ('eval.', 'data.test_list', 'data.source', 'data.synthetic_dir',
-                    'data.synthetic_params', 'data.synthetic_masks', 'data.num_synthetic_test',
-                    'data.ignore_value', 'data.channel', 'data.num_workers',
-                    'train.log_every_steps', 'train.resume_mismatch', 'authors', 'license')
-# Fields (prefixes) that define the network and what it sees.
-MODEL_FIELDS = ('model.', 'data.kind', 'data.normalization', 'data.pixel_size',
-                'data.crop_size', 'train.dtype')
 # Fields that name code to import (see the module docstring): the command line's value is
 # neither refused nor copied by `inference_config`; `imports_to_run` decides.
 CODE_FIELDS = ('imports',)
@@ -121,15 +112,18 @@ def set_field(config: ml_collections.ConfigDict, key: str, value) -> None:
   node[field] = value
 
 
-def _is_inference_field(key: str) -> bool:
-  return any(key == f or (f.endswith('.') and key.startswith(f)) for f in INFERENCE_FIELDS)
+def _is_field(key: str, fields: tuple[str, ...]) -> bool:
+  return any(key == f or (f.endswith('.') and key.startswith(f)) for f in fields)
 
 
-def inference_config(workdir, given: ml_collections.ConfigDict | None):
+def inference_config(workdir, given: ml_collections.ConfigDict | None,
+                     inference_fields: tuple[str, ...], model_fields: tuple[str, ...]):
   """The run's config, with the inference settings of `given` (the command line's) applied.
 
-  Raises UserError naming the first field where `given` would change the model or its
-  preprocessing.
+  `inference_fields` are the fields (a prefix ending in '.': a whole section) an inference
+  mode may take from the command line, `model_fields` the prefixes of those that define the
+  network and what it sees (config_checks.fields_with_role). Raises UserError naming the
+  first field where `given` would change the model or its preprocessing.
   """
   workdir = pathlib.Path(workdir)
   config = read_config(workdir)
@@ -138,11 +132,11 @@ def inference_config(workdir, given: ml_collections.ConfigDict | None):
   trained = flatten(json.loads(config.to_json()))
   # The fields that change the network's input or output are named first.
   given_fields = sorted(flatten(json.loads(given.to_json())).items(),
-                        key=lambda kv: not kv[0].startswith(MODEL_FIELDS))
+                        key=lambda kv: not kv[0].startswith(model_fields))
   for key, value in given_fields:
-    if _is_inference_field(key) or key in CODE_FIELDS:
+    if _is_field(key, inference_fields) or key in CODE_FIELDS:
       continue
-    if key not in trained and key.startswith(MODEL_FIELDS):  # a free-form field, as
+    if key not in trained and key.startswith(model_fields):  # a free-form field, as
       # config.model.fusion_kwargs.<name>, that the run does not set
       raise UserError(
           f'--config.{key}={value!r}, but the model in {workdir} was trained without it; '
@@ -154,7 +148,7 @@ def inference_config(workdir, given: ml_collections.ConfigDict | None):
           f'{trained[key]!r}; eval/predict/summary take the model settings from '
           f'{workdir / CONFIG_FILE}: leave --config out, or change only inference settings')
   for key, value in given_fields:
-    if _is_inference_field(key):
+    if _is_field(key, inference_fields):
       set_field(config, key, value)
   return config
 

@@ -1,9 +1,14 @@
-"""Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate_best`.
+"""Training: `train_and_evaluate(config, workdir)`.
 
-Trains with validation every `config.eval.every_steps`, keeps the latest checkpoints and the
-best one by validation IoU, calibrates the best one's probability threshold on the validation
-split (DIR/calibration.json), then evaluates the best on the test set. Rerunning the same command
-resumes from the latest checkpoint (a finished run does not retrain).
+Checks the config (`config_checks.validate`) and builds the loss once, before anything is
+loaded or written; completes the config (a fine-tuned run adopts its source model's
+preprocessing and instance head, flmiseg/train/finetune.py; the crops and the instance head's
+weight fit the loaded training data, `fit_to_data`), and only then writes it as DIR/config.json
+(`prepare_workdir`, which refuses a workdir made by another config). Trains with validation
+every `config.eval.every_steps`, keeps the latest checkpoints and the best one by validation
+IoU, then calibrates and evaluates the best one (flmiseg/evaluation/best_checkpoint.py).
+Rerunning the same command resumes from the latest checkpoint (a finished run does not
+retrain).
 """
 
 import dataclasses
@@ -18,71 +23,71 @@ import numpy as np
 import optax
 import tqdm
 
-from flmiseg.evaluation import calibration as calibration_lib
-from flmiseg.store import checkpoint
-from flmiseg.evaluation import evaluate
-from flmiseg.core import files
-from flmiseg.store import settings
-from flmiseg.store import weights
-from flmiseg.train import losses
 from flmiseg import models
-from flmiseg.train import optim
-from flmiseg.core import sharding
-from flmiseg.train import steps as steps_lib
+from flmiseg.core import files
 from flmiseg.core import logs
-from flmiseg.store import rundir
 from flmiseg.core import runlock
-from flmiseg.data import loader
-from flmiseg.data import preprocess
-from flmiseg.data import pipeline
+from flmiseg.core import sharding
 from flmiseg.core.errors import UserError
-
-# Fields that may differ between runs on one workdir without mixing incompatible work.
-_FREE_FIELDS = ('eval', 'train.log_every_steps', 'train.resume_mismatch', 'data.num_workers',
-                'data.synthetic_dir')
-
-
-RESUME_MISMATCH = ('refuse', 'allow')
+from flmiseg.data import loader
+from flmiseg.data import pipeline
+from flmiseg.data import preprocess
+from flmiseg.evaluation import best_checkpoint
+from flmiseg.evaluation import evaluate
+from flmiseg.store import checkpoint
+from flmiseg.store import rundir
+from flmiseg.store import weights
+from flmiseg.train import config_checks
+from flmiseg.train import finetune
+from flmiseg.train import losses
+from flmiseg.train import optim
+from flmiseg.train import steps as steps_lib
 
 
 class TrainingDiverged(UserError):
   """The loss became NaN or inf."""
 
 
-def prepare_workdir(config, workdir) -> pathlib.Path:
+def prepare_workdir(config, workdir, as_given: dict | None = None) -> pathlib.Path:
   """Creates workdir, refuses one made by a different config, writes config.json.
 
-  config.json is only ever parsed as JSON, and written by process 0 only. Raises UserError
-  when the workdir cannot be created or written, or holds the work of another config;
-  ValueError for an invalid config.train.resume_mismatch.
+  `config` is the completed config (`complete_config`), `as_given` the same config before
+  completion, as JSON: a field of an existing config.json matches when it holds either value,
+  so runs written before the completed values were recorded resume too. Fields whose rule lets
+  them differ on resume (config_checks) are not compared. config.json is only ever parsed as
+  JSON, and written by process 0 only. Raises UserError when the workdir cannot be created or
+  written, or holds the work of another config.
   """
-  if config.train.resume_mismatch not in RESUME_MISMATCH:
-    raise ValueError(f'config.train.resume_mismatch={config.train.resume_mismatch!r}; valid: '
-                     f'{", ".join(RESUME_MISMATCH)}')
   workdir = make_workdir(workdir)
   new = json.loads(config.to_json())
   path = workdir / 'config.json'
   if path.exists() and config.train.resume_mismatch != 'allow':
-    try:
-      saved = rundir.flatten(json.loads(path.read_text()))
-    except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON, not a dict.
-      raise UserError(f'{path}: unreadable ({e}); use a new --workdir, or '
-                      '--config.train.resume_mismatch=allow to overwrite it') from e
-    # Fields absent from the old config were added to flmiseg since; their defaults keep the
-    # old behaviour (or `rundir.with_legacy_fields` gives their old meaning).
-    old = rundir.with_legacy_fields(saved)
-    diff = [k for k, v in rundir.flatten(new).items()
-            if k in old and old[k] != v and not k.startswith(_FREE_FIELDS)]
-    if diff:
-      hint = (f' (a run made before config.data.seed existed simulated its data with '
-              f'config.seed: add --config.data.seed={old["data.seed"]})'
-              if 'data.seed' in diff and 'data.seed' not in saved else '')
-      raise UserError(f'{workdir} was made by a different config ({", ".join(diff[:4])} '
-                      'differ); use a new --workdir, or --config.train.resume_mismatch=allow'
-                      + hint)
+    _check_same_config(path, rundir.flatten(new), rundir.flatten(as_given or new))
   if jax.process_index() == 0:
     files.write_json_atomic(path, new, failure=f'--workdir={workdir}: not writable')
   return workdir
+
+
+def _check_same_config(path: pathlib.Path, new: dict, given: dict) -> None:
+  """Raises UserError unless the config.json at `path` holds, in every field it has that may
+  not differ on resume, the value of `new` (completed) or of `given` (flattened configs)."""
+  try:
+    saved = rundir.flatten(json.loads(path.read_text()))
+  except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON, not a dict.
+    raise UserError(f'{path}: unreadable ({e}); use a new --workdir, or '
+                    '--config.train.resume_mismatch=allow to overwrite it') from e
+  # Fields absent from the old config were added to flmiseg since; their defaults keep the
+  # old behaviour (or `rundir.with_legacy_fields` gives their old meaning).
+  old = rundir.with_legacy_fields(saved)
+  diff = [k for k, v in new.items() if k in old and old[k] != v and old[k] != given.get(k, v)
+          and not config_checks.may_differ_on_resume(k)]
+  if diff:
+    hint = (f' (a run made before config.data.seed existed simulated its data with '
+            f'config.seed: add --config.data.seed={old["data.seed"]})'
+            if 'data.seed' in diff and 'data.seed' not in saved else '')
+    raise UserError(f'{path.parent} was made by a different config ({", ".join(diff[:4])} '
+                    'differ); use a new --workdir, or --config.train.resume_mismatch=allow'
+                    + hint)
 
 
 def make_workdir(workdir) -> pathlib.Path:
@@ -130,7 +135,6 @@ def build(config, sample_hw, num_train: int) -> TrainSetup:
   images of crops `sample_hw` (H, W)."""
   dtype = weights.compute_dtype(config)
   sharding.check_batch_size(config.train.batch_size)
-  losses.make_loss(config.train.loss, config.train.loss_weights)  # a bad name fails here
   model = models.create_model(config.model, dtype)
   per_epoch = optim.steps_per_epoch(num_train, config.train.batch_size)
   total = config.train.num_steps or config.train.num_epochs * per_epoch
@@ -141,18 +145,30 @@ def build(config, sample_hw, num_train: int) -> TrainSetup:
   return TrainSetup(model, schedule, mesh, state, total)
 
 
+def make_loss(config) -> losses.Loss:
+  """The training loss of `config` (config.train.loss, .loss_weights, and the instance head's
+  term weighted by config.train.instance_weight: `losses.from_config`): the one place a
+  training builds it, once (`train_and_evaluate`, before anything is loaded); `_Trainer`
+  gives it to `steps.jit_steps`. A name that is no registered loss, or weights that do not
+  fit its terms, raise a one-line UserError naming the setting."""
+  try:
+    return losses.from_config(config)
+  except (ValueError, TypeError) as e:
+    raise UserError(' '.join(str(e).split())) from e
+
+
 class _Trainer:
   """The loop's mutable pieces: state, data iterator, pending metrics, best IoU."""
 
-  def __init__(self, config, workdir, data, state, schedule, mesh, total_steps):
-    self.config, self.workdir, self.data, self.mesh = config, workdir, data, mesh
-    self.state, self.total_steps = state, total_steps
+  def __init__(self, config, workdir, data, setup: TrainSetup, loss_fn: losses.LossFn):
+    self.config, self.workdir, self.data, self.mesh = config, workdir, data, setup.mesh
+    self.state, self.total_steps = setup.state, setup.total_steps
     self.ckpt = checkpoint.Checkpointer(workdir, config.train.max_checkpoints)
     self.logger = logs.MetricsLogger(workdir, enabled=jax.process_index() == 0)
-    loss_fn = losses.make_loss(config.train.loss, config.train.loss_weights)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    self.train_step, self.predict = steps_lib.jit_steps(config, loss_fn, schedule, mesh,
-                                                        shardings)
+    # The training's one loss (`make_loss`) is bound into the jitted train step here.
+    shardings = jax.tree.map(lambda x: x.sharding, setup.state)
+    self.train_step, self.predict = steps_lib.jit_steps(config, loss_fn, setup.schedule,
+                                                        setup.mesh, shardings)
     self.best_iou, self.last_good = -1.0, None
     # Step metrics: still on the device (pending), and fetched but not yet logged.
     self.pending, self.fetched = [], []
@@ -266,41 +282,22 @@ def train_and_evaluate(config, workdir) -> dict:
   """Trains per `config` in `workdir` (resuming if possible), calibrates the threshold of the
   best checkpoint on the validation split, then evaluates it on the test set.
 
-  Returns the test summary (also written to DIR/eval/summary.json), or {} without a test set.
-  The run directory is locked meanwhile (DIR/run.lock, flmiseg/core/runlock.py): a second training
-  started on it while this one lives is refused (runlock.RunDirectoryInUse).
+  `config` is checked first (`config_checks.validate`: a UserError of one line naming the
+  first invalid field) and completed in place before it is written to DIR/config.json (the
+  module docstring). Returns the test summary (also written to DIR/eval/summary.json), or {}
+  without a test set. The run directory is locked meanwhile (DIR/run.lock,
+  flmiseg/core/runlock.py): a second training started on it while this one lives is refused
+  (runlock.RunDirectoryInUse).
   """
+  config_checks.validate(config)
+  loss_fn = make_loss(config)
   with lock_run(make_workdir(workdir)):
-    return _train_and_evaluate(config, pathlib.Path(workdir))
+    return _train_and_evaluate(config, pathlib.Path(workdir), loss_fn)
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
+def _train_and_evaluate(config, workdir: pathlib.Path, loss_fn) -> dict:
   """`train_and_evaluate` in a run directory that this process has locked."""
-  if config.train.init_from:
-    adopt_source_settings(config)
-  workdir = prepare_workdir(config, workdir)
-  calibration_lib.check_calibrate_metric(config.eval.calibrate_metric)  # before training
-  data = loader.load(config, workdir / 'cache')
-  largest = max(max(shape) for shape in data.train.shapes)
-  if config.data.crop_size > largest:
-    # Every crop would be mostly padding (a user's small annotated crops under a recipe made
-    # for larger images): train on crops that fit, a multiple of pipeline.SIZE_MULTIPLE (so
-    # no stock network pads them inside). The networks take any size, so predict's default
-    # tile (the configured crop) still works.
-    multiple = pipeline.SIZE_MULTIPLE
-    crop = largest if largest < multiple else largest // multiple * multiple
-    logging.warning('config.data.crop_size=%d is larger than every training image (largest '
-                    'side %d): training on crops of %d', config.data.crop_size, largest, crop)
-    config.data.crop_size = crop
-  if (config.train.init_from and config.model.get('instance_head') and
-      config.train.instance_weight and not data.train.has_labels):
-    # Binary masks give touching objects one distance peak: training the head on them would
-    # teach it to merge what the source model separates.
-    logging.warning('config.train.init_from=%s: the training masks are binary, not label '
-                    'images, so the instance head is not trained (config.train.'
-                    'instance_weight=0); give label images to fine-tune it',
-                    config.train.init_from)
-    config.train.instance_weight = 0.0
+  data = complete_config(config, workdir)
   # The 'invert' augmentation's mirror point: images seen as mirror - x count as training
   # images for the domain warnings too.
   mirror = (preprocess.mirror_point(config.data.normalization, config.data.kind)
@@ -309,13 +306,12 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     rundir.write_input_stats(workdir, rundir.input_stats(data.train, mirror=mirror))
   crop = config.data.crop_size
   setup = build(config, (crop, crop), len(data.train))
-  mesh, total = setup.mesh, setup.total_steps
   checkpoint.check_disk_space(workdir, setup.state, config.train.max_checkpoints)
-  trainer = _Trainer(config, workdir, data, setup.state, setup.schedule, mesh, total)
+  trainer = _Trainer(config, workdir, data, setup, loss_fn)
   data_state = trainer.restore()
-  start = int(trainer.state.step)
+  start, total = int(trainer.state.step), setup.total_steps
   if data_state is None and config.train.init_from:
-    trainer.state = initialize_from(config, trainer.state, mesh)
+    trainer.state = finetune.initialize_from(config, trainer.state, setup.mesh)
   if start < total and not trainer.stopped_early:
     it = iter(pipeline.train_dataset(
         data.train, crop_size=crop, global_batch=config.train.batch_size, num_steps=total,
@@ -335,166 +331,60 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     logging.info('%s already finished training (%d steps); not retraining.', workdir, total)
   trainer.ckpt.close()
   trainer.logger.close()
+  return _evaluate_best(config, workdir, data, trainer)
+
+
+def _evaluate_best(config, workdir: pathlib.Path, data, trainer: _Trainer) -> dict:
+  """Calibrates the best checkpoint and evaluates it on the test set ({} without one)."""
   if data.test is None:
-    state, step = restore_best(workdir, trainer.state)
-    calibrate_best(config, workdir, data, mesh, state, trainer.predict, step)
+    state, step = best_checkpoint.restore_best(workdir, trainer.state)
+    best_checkpoint.calibrate_best(config, workdir, data, trainer.mesh, state, trainer.predict,
+                                   step)
     return {}
-  return evaluate_best(config, workdir, data=data, mesh=mesh, state=trainer.state,
-                       predict=trainer.predict)
+  return best_checkpoint.evaluate_best(config, workdir, trainer.predict, data=data,
+                                       mesh=trainer.mesh, state=trainer.state)
 
 
-def _init_source(config):
-  """(folder, config) of the model config.train.init_from names."""
-  from flmiseg.store import pretrained  # pylint: disable=g-import-not-at-top
-  folder = rundir.check_trained(pretrained.resolve_model(config.train.init_from,
-                                                         'config.train.init_from'))
-  return folder, rundir.read_config(folder)
+def complete_config(config, workdir: pathlib.Path) -> loader.Datasets:
+  """Completes `config` in place and writes it to DIR/config.json; returns the loaded data.
 
-
-def adopt_source_settings(config) -> None:
-  """With config.train.init_from, sets config.data.kind and .normalization to the source
-  model's when they would give its weights other inputs than it was trained on, and
-  config.model.instance_head to the source's (a one-line warning says so for each):
-  fine-tuning a nucleus model must see nucleus preprocessing and keep its instance head. A
-  config that records no object diameter takes the source's (config.data.object_diameter),
-  so predict's --diameter works on the fine-tuned model as on its source."""
-  _, source = _init_source(config)
-  if not config.data.get('object_diameter') and source.data.get('object_diameter'):
-    config.data.object_diameter = source.data.object_diameter
-  head = source.model.get('instance_head', '')
-  if config.model.get('instance_head', '') != head:
-    logging.warning('config.train.init_from=%s: using its instance head (%r) instead of %r',
-                    config.train.init_from, head, config.model.get('instance_head', ''))
-    config.model.instance_head = head
-  resolve = lambda data: preprocess.resolve(data.normalization, data.kind)
-  if resolve(source.data) != resolve(config.data):
-    logging.warning('config.train.init_from=%s: using its preprocessing (kind %s, '
-                    'normalization %s) instead of %s/%s', config.train.init_from,
-                    source.data.kind, source.data.normalization, config.data.kind,
-                    config.data.normalization)
-    config.data.kind, config.data.normalization = source.data.kind, source.data.normalization
-
-
-def initialize_from(config, state, mesh):
-  """`state` with the params and batch_stats of config.train.init_from (a shipped model's
-  name, or a run or packed folder), for fine-tuning; the optimizer state stays fresh. The
-  preprocessing was matched before by `adopt_source_settings`."""
-  folder, source = _init_source(config)
-  mine = rundir.flatten(config.model.to_dict())
-  for key, value in rundir.flatten(source.model.to_dict()).items():
-    if mine.get(key) != value:
-      raise UserError(f'config.train.init_from={config.train.init_from}: its '
-                      f'config.model.{key}={value!r}, this run\'s is {mine.get(key)!r}; '
-                      'fine-tuning needs the same architecture')
-  loaded, step = weights.load(source, folder, mesh)
-  logging.info('Initialised from %s (step %d)', folder, step)
-  return state.replace(params=loaded.params, batch_stats=loaded.batch_stats)
-
-
-def restore_best(workdir, state):
-  """(`state` with the params and batch_stats of the best checkpoint of `workdir`, its step).
-
-  Evaluation needs the weights only: the optimizer state (twice the parameters for Adam) is
-  not read, and `state` keeps its own."""
-  wanted = {'params': state.params}
-  if state.batch_stats:
-    wanted['batch_stats'] = state.batch_stats
-  target = checkpoint.abstract(wanted)
-  restored = checkpoint.restore_best_variables(workdir, target)
-  if restored is None:
-    raise UserError(f'{workdir}: no trained checkpoint (train first with --mode=train)')
-  variables, step = restored
-  return state.replace(**variables), step
-
-
-def calibrate_best(config, workdir, data, mesh, state, predict, step: int) -> dict | None:
-  """The threshold calibration of the best checkpoint (step `step`, weights `state`).
-
-  Reuses DIR/calibration.json when it was made for this checkpoint, metric and default
-  threshold; otherwise sweeps the validation split and writes it. Returns None when
-  config.eval.calibrate_metric is '' or there is no validation split.
+  A fine-tuned run first takes its source model's preprocessing and instance head
+  (`finetune.adopt_source_settings`, which the data loading depends on), then the crops and the
+  instance head's weight are fitted to the loaded training data (`fit_to_data`); only the
+  completed config is written (`prepare_workdir`, which compares it with an existing
+  config.json first).
   """
-  ev = config.eval
-  calibration_lib.check_calibrate_metric(ev.calibrate_metric)
-  if not ev.calibrate_metric:
-    return None
-  stored = calibration_lib.read_calibration(workdir)
-  head = bool(config.model.get('instance_head'))
-  if stored is not None and (stored.get('checkpoint_step'), stored.get('metric'),
-                             stored.get('default_threshold')) == (
-                                 step, ev.calibrate_metric, ev.threshold) and (
-                                     not head or 'seed_dynamic' in stored):
-    logging.info('Reusing the threshold %g calibrated for step %d (%s)', stored['threshold'],
-                 step, workdir / calibration_lib.CALIBRATION_FILE)
-    return stored
-  if data.val is None and data.train is None and config.data.val_fraction > 0:
-    data = loader.load(config, workdir / 'cache')  # --mode=eval loaded only the test set
-  if data.val is None:
-    logging.info('No validation split (config.data.val_fraction=0): not calibrating the '
-                 'threshold; config.eval.threshold=%g is used.', ev.threshold)
-    return None
-  result = calibration_lib.calibrate_source(predict, state, data.val, mesh, ev.batch_size,
-                                            ev.calibrate_metric, ev.threshold)
-  result['checkpoint_step'] = step
-  if head:  # the seeds of the instance head, at the calibrated threshold
-    result['seed_dynamic'] = None  # binary validation masks: no true instances to tune on
-    if data.val.has_labels:
-      result.update(calibration_lib.calibrate_dynamic(
-          predict, state, data.val, mesh, ev.batch_size, result['threshold'],
-          settings.min_size(config), settings.configured_dynamic(config)))
-      logging.info('Calibrated the instance seeds\' dynamic %g on the validation split '
-                   '(instance AP@0.5 %.4f)', result['seed_dynamic'],
-                   result['seed_dynamic_ap_0.5'][f'{result["seed_dynamic"]:g}'])
+  as_given = json.loads(config.to_json())
   if config.train.init_from:
-    keep_source_calibration(config, result, head)
-  if jax.process_index() == 0:
-    calibration_lib.write_calibration(workdir, result)
-  if 'swept_threshold' not in result:
-    logging.info('Calibrated threshold %g on %d validation images: mean %s %.4f (%.4f at %g)',
-                 result['threshold'], result['num_val_images'], result['metric'],
-                 result['val_score'], result['val_score_at_default'], ev.threshold)
-  return result
+    finetune.adopt_source_settings(config)
+  data = loader.load(config, workdir / 'cache')
+  fit_to_data(config, data.train)
+  prepare_workdir(config, workdir, as_given)
+  return data
 
 
-def keep_source_calibration(config, result: dict, head: bool) -> None:
-  """A fine-tuned run keeps its source model's calibrated threshold when its validation
-  split has fewer than calibration.MIN_IMAGES_TO_RECALIBRATE images (a threshold chosen on
-  three crops follows their noise), and the source's seed dynamic when its validation masks
-  give none; `result` (calibrate_best's) records both values."""
-  folder, _ = _init_source(config)
-  source = calibration_lib.read_calibration(folder) or {}
-  if (source.get('threshold') is not None and
-      result['num_val_images'] < calibration_lib.MIN_IMAGES_TO_RECALIBRATE):
-    logging.info('Keeping the threshold %g of config.train.init_from=%s (%d validation images '
-                 'are too few to recalibrate; the sweep chose %g)', source['threshold'],
-                 config.train.init_from, result['num_val_images'], result['threshold'])
-    result['swept_threshold'], result['threshold'] = result['threshold'], source['threshold']
-    result['threshold_from'] = 'config.train.init_from'
-  if head and result.get('seed_dynamic') is None and source.get('seed_dynamic') is not None:
-    result['seed_dynamic'] = source['seed_dynamic']
-
-
-def evaluate_best(config, workdir, data=None, mesh=None, state=None, predict=None) -> dict:
-  """Evaluates the best checkpoint of `workdir` on the test set; writes DIR/eval/.
-
-  Every metric is computed at config.eval.threshold and, when the threshold is calibrated
-  (`calibrate_best`, done here if it is missing), again at the calibrated one.
+def fit_to_data(config, train) -> None:
+  """Fits `config` to the training source `train` (a dataset.PreparedSource), with a
+  one-line warning for each change: crops no larger than its largest image, and an instance
+  head that a fine-tuned run does not train on binary masks (config.train.instance_weight=0).
   """
-  workdir = pathlib.Path(workdir)
-  calibration_lib.check_calibrate_metric(config.eval.calibrate_metric)
-  if data is None:
-    data = loader.load(config, workdir / 'cache', need_train=False)
-  if data.test is None:
-    raise UserError('config.data.test_list is empty: nothing to evaluate')
-  if state is None:  # --mode=eval: the weights alone, no optimizer or training batch
-    mesh = sharding.make_mesh()
-    state, step = weights.load(config, workdir, mesh)
-  else:
-    state, step = restore_best(workdir, state)
-  predict = predict or steps_lib.jit_predict(config.eval.threshold)
-  calibration = calibrate_best(config, workdir, data, mesh, state, predict, step)
-  return evaluate.evaluate(predict, state, data.test, mesh, config.eval.batch_size,
-                           config.eval.threshold, out_dir=workdir / 'eval',
-                           extra={'checkpoint_step': step}, calibration=calibration,
-                           dynamic=settings.seed_dynamic(config, calibration, step),
-                           min_size=settings.min_size(config))
+  largest = max(max(shape) for shape in train.shapes)
+  if config.data.crop_size > largest:
+    # Every crop would be mostly padding (a user's small annotated crops under a recipe made
+    # for larger images): train on crops that fit, a multiple of pipeline.SIZE_MULTIPLE (so
+    # no stock network pads them inside). The networks take any size, so predict's default
+    # tile (the configured crop) still works.
+    multiple = pipeline.SIZE_MULTIPLE
+    crop = largest if largest < multiple else largest // multiple * multiple
+    logging.warning('config.data.crop_size=%d is larger than every training image (largest '
+                    'side %d): training on crops of %d', config.data.crop_size, largest, crop)
+    config.data.crop_size = crop
+  if (config.train.init_from and config.model.get('instance_head') and
+      config.train.instance_weight and not train.has_labels):
+    # Binary masks give touching objects one distance peak: training the head on them would
+    # teach it to merge what the source model separates.
+    logging.warning('config.train.init_from=%s: the training masks are binary, not label '
+                    'images, so the instance head is not trained (config.train.'
+                    'instance_weight=0); give label images to fine-tune it',
+                    config.train.init_from)
+    config.train.instance_weight = 0.0
