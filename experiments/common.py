@@ -36,6 +36,7 @@ from flmiseg.objects import instances
 from flmiseg.objects import matching
 from flmiseg.store import pretrained
 from flmiseg.store import rundir
+from flmiseg.store import settings as stored
 from flmiseg.train import trainer
 
 KINDS = pretrained.SHIPPED
@@ -143,7 +144,7 @@ def image_scores(config, threshold: float, dynamic: float, pair, out: np.ndarray
   pred = out[..., 0] > threshold
   result = {'pred': pred, 'truth': truth > 0, 'iou': metrics.mask_iou(pred, truth)}
   if config.model.get('instance_head') and len(np.unique(truth)) > 2:
-    min_size = config.eval.get('min_size', 16)
+    min_size = stored.min_size(config)
     result['found'] = matching.match(truth, instances.from_outputs(
         out, threshold, dynamic, min_size), (0.5,))
     result['merged'] = matching.match(truth, instances.connected_components(pred, min_size),
