@@ -196,6 +196,12 @@ def test_a_bad_value_is_one_line_naming_field_and_valid_range(field):
     ({'train__num_steps': 0, 'train__num_epochs': 0}, 'config.train.num_steps=0 and '
      'config.train.num_epochs=0: no training; set one of them to at least 1'),
     ({'train__loss_weights': (1.0,)}, 'config.train.loss_weights=(1.0,) has 1 weights'),
+    ({'data__synthetic_fraction': 0.5}, 'config.data.synthetic_fraction=0.5 mixes simulated '
+     "images into real ones: it needs config.data.source=lists or object_masks (not "
+     "'synthetic')"),
+    ({'data__source': 'lists', 'data__train_list': 'l.txt', 'data__kind': 'golgi',
+      'data__normalization': 'zscore', 'data__synthetic_fraction': 0.5},
+     'config.data.synthetic_fraction=0.5 mixes simulated images'),
 ])
 def test_fields_that_go_together(changes, line):
   assert _error(_with(**changes)).startswith(line)

@@ -333,6 +333,11 @@ def _check_consistency(config) -> None:
     why = 'simulated data' if synthetic else 'config.data.normalization=auto'
     raise UserError(f'config.data.kind={data.kind!r} is not a kind; valid: '
                     f'{", ".join(simulate.KINDS)} ({why} needs one)')
+  if data.get('synthetic_fraction', 0.0) and (synthetic or data.kind not in simulate.KINDS):
+    raise UserError(f'config.data.synthetic_fraction={data.synthetic_fraction:g} mixes '
+                    'simulated images into real ones: it needs config.data.source=lists or '
+                    f'object_masks (not {data.source!r}) and a simulated kind '
+                    f'(config.data.kind: {", ".join(simulate.KINDS)})')
   if synthetic and data.crop_size > data.synthetic_size:
     raise UserError(f'config.data.crop_size={data.crop_size} is larger than the simulated '
                     f'images (config.data.synthetic_size={data.synthetic_size}); set it to at '

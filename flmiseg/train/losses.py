@@ -208,19 +208,26 @@ def _split(spec: str) -> list[str]:
   return [n.strip() for n in spec.split('+')]
 
 
-def make_loss(spec: str, weights: Sequence[float] = ()) -> Loss:
-  """The `Loss` of 'name' or 'name+name+...' (registered names), with optional weights
-  (default 1 each). Raises UserError naming config.train.loss or .loss_weights when a name is
-  not registered or the weights do not match the terms."""
+def check_spec(spec: str, weights: Sequence[float] = ()) -> None:
+  """Raises UserError naming config.train.loss or .loss_weights when a term of `spec` ('name'
+  or 'name+name+...') is not a registered loss, or the weights (none: 1 each) do not match
+  the terms; builds nothing (config_checks calls it before a training loads its data)."""
   names = _split(spec)
   for name in names:
     if name not in LOSSES:
       raise UserError(f'config.train.loss={spec!r}: {name!r} is not a loss; valid names: '
                       f'{", ".join(LOSSES)} (combine with +, e.g. bce+dice)')
-  weights = tuple(weights) or (1.0,) * len(names)
-  if len(weights) != len(names):
+  if weights and len(weights) != len(names):
     raise UserError(f'config.train.loss_weights={tuple(weights)} has {len(weights)} weights '
                     f'for the {len(names)} terms of {spec!r}')
+
+
+def make_loss(spec: str, weights: Sequence[float] = ()) -> Loss:
+  """The `Loss` of 'name' or 'name+name+...' (registered names), with optional weights
+  (default 1 each); `check_spec`'s errors for a bad name or weights."""
+  check_spec(spec, weights)
+  names = _split(spec)
+  weights = tuple(weights) or (1.0,) * len(names)
   return Loss(tuple(Term(n, w, LOSSES[n], sees_outputs(LOSSES[n]))
                     for n, w in zip(names, weights)))
 
@@ -238,7 +245,8 @@ def as_loss(loss_fn: Loss | LossFn) -> Loss:
 def from_config(config, loss: Loss | LossFn | None = None) -> Loss:
   """The loss `config` trains: config.train.loss weighted by config.train.loss_weights, plus
   the loss of the instance head config.model.instance_head names (HEAD_LOSSES) weighted by
-  config.train.instance_weight.
+  config.train.instance_weight (no such term at weight 0: a fine-tuning on binary masks
+  trains no head, and its batches carry no distance target).
 
   Args:
     config: the whole config (reads .train.loss, .loss_weights, .instance_weight and
@@ -259,8 +267,9 @@ def from_config(config, loss: Loss | LossFn | None = None) -> Loss:
                       'weighted by config.train.instance_weight); leave it out')
   loss = make_loss(spec, config.train.loss_weights) if loss is None else as_loss(loss)
   head_loss = HEAD_LOSSES.get(config.model.get('instance_head', ''))
-  if head_loss and head_loss not in loss.names:
-    loss = loss.plus(head_loss, config.train.get('instance_weight', 1.0))
+  weight = config.train.get('instance_weight', 1.0)
+  if head_loss and weight and head_loss not in loss.names:
+    loss = loss.plus(head_loss, weight)
   return loss
 
 

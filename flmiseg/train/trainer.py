@@ -148,8 +148,9 @@ def build(config, sample_hw, num_train: int) -> TrainSetup:
 def make_loss(config) -> losses.Loss:
   """The training loss of `config` (config.train.loss, .loss_weights, and the instance head's
   term weighted by config.train.instance_weight: `losses.from_config`): the one place a
-  training builds it, once (`train_and_evaluate`, before anything is loaded); `_Trainer`
-  gives it to `steps.jit_steps`. A name that is no registered loss, or weights that do not
+  training builds it, once (`train_and_evaluate`, once the config is complete; its names
+  were checked before the data was loaded: `config_checks.validate`); `_Trainer` gives it
+  to `steps.jit_steps`. A name that is no registered loss, or weights that do not
   fit its terms, raise a one-line UserError naming the setting."""
   try:
     return losses.from_config(config)
@@ -290,14 +291,15 @@ def train_and_evaluate(config, workdir) -> dict:
   (runlock.RunDirectoryInUse).
   """
   config_checks.validate(config)
-  loss_fn = make_loss(config)
+  losses.check_spec(config.train.loss, config.train.loss_weights)  # before the data loads
   with lock_run(make_workdir(workdir)):
-    return _train_and_evaluate(config, pathlib.Path(workdir), loss_fn)
+    return _train_and_evaluate(config, pathlib.Path(workdir))
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, loss_fn) -> dict:
+def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
   """`train_and_evaluate` in a run directory that this process has locked."""
   data = complete_config(config, workdir)
+  loss_fn = make_loss(config)  # of the completed config (its instance weight)
   # The 'invert' augmentation's mirror point: images seen as mirror - x count as training
   # images for the domain warnings too.
   mirror = (preprocess.mirror_point(config.data.normalization, config.data.kind)
