@@ -3,7 +3,8 @@
   * The shipped models' recipe (`pretrained_config`) and the simulated test sets they are
     measured on (`test_pairs`, an unseen seed).
   * Scoring a packed or run model through the predict path, as `--mode=predict` segments:
-    `outputs`, `predictions`, `image_scores`, `pooled`, `scores`, `test_scores`, `mean_iou`.
+    `outputs`, `predictions`, `image_scores` (`mask_scores` for masks and labels already
+    predicted), `pooled`, `scores`, `test_scores`, `mean_iou`.
   * Training one fine-tuning cell and measuring it the same way (`run_cell`), the wall time of
     a cold prediction (`cold_predict_seconds`) and the machine's name (`machine`).
   * The XLA flags of a CPU process with N fake devices (`cpu_xla_flags`).
@@ -142,11 +143,22 @@ def image_scores(config, threshold: float, dynamic: float, pair, out: np.ndarray
   components of its mask ('merged')."""
   truth = io.read_mask_values(pair.mask)  # a label image for instance kinds
   pred = out[..., 0] > threshold
+  min_size = stored.min_size(config)
+  found = (instances.from_outputs(out, threshold, dynamic, min_size)
+           if config.model.get('instance_head') and len(np.unique(truth)) > 2 else None)
+  return mask_scores(truth, pred, found, min_size)
+
+
+def mask_scores(truth: np.ndarray, pred: np.ndarray, found: np.ndarray | None = None,
+                min_size: int = 0) -> dict:
+  """One image's scores from its annotation `truth` (H, W) (a mask or a label image), its
+  predicted mask `pred` (bool (H, W)) and, when `truth` is a label image, its predicted
+  instance labels `found` (else None): 'pred' and 'truth' (bool masks), 'iou', and with
+  `found` the `matching.match` results at IoU 0.5 of `found` ('found') and of the connected
+  components of `pred` of at least `min_size` pixels ('merged'), which `pooled` pools."""
   result = {'pred': pred, 'truth': truth > 0, 'iou': metrics.mask_iou(pred, truth)}
-  if config.model.get('instance_head') and len(np.unique(truth)) > 2:
-    min_size = stored.min_size(config)
-    result['found'] = matching.match(truth, instances.from_outputs(
-        out, threshold, dynamic, min_size), (0.5,))
+  if found is not None:
+    result['found'] = matching.match(truth, found, (0.5,))
     result['merged'] = matching.match(truth, instances.connected_components(pred, min_size),
                                       (0.5,))
   return result

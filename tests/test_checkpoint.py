@@ -76,6 +76,38 @@ def test_without_a_validation_split_the_latest_is_the_best(tmp_path):
       {'step': 9, 'val_iou': 0.0})
 
 
+def test_instance_models_rank_by_the_mean_of_iou_and_ap(tmp_path):
+  """With an instance AP@0.5 a checkpoint ranks by (IoU + AP) / 2, not by its IoU; metrics
+  without one (semantic models, and every record written before) rank by their IoU, in the
+  same order as before, among the others. The figures are binary fractions: exact means."""
+  assert checkpoint.best_metrics(3, 0.75) == {'step': 3, 'val_iou': 0.75}  # semantic: as before
+  assert checkpoint.best_metrics(3, 0.75, 0.25) == {'step': 3, 'val_iou': 0.75,
+                                                    'val_ap_0.5': 0.25}
+  assert checkpoint.best_key(checkpoint.best_metrics(3, 0.75, 0.25)) == (0.5, -3)
+  assert checkpoint.best_key({'step': 3, 'val_iou': 0.75}) == (0.75, -3)
+  ckpt = checkpoint.Checkpointer(tmp_path, max_to_keep=1)
+  # (IoU, AP) per step and the best after each save: step 2 (score 0.5625) beats step 1's
+  # higher IoU (score 0.5) by its AP, step 3's still higher IoU does not (0.5), step 4 ties
+  # step 2 (the earlier stays), step 5 wins by its AP (0.625) with the lowest IoU.
+  saves = {1: (0.75, 0.25), 2: (0.625, 0.5), 3: (0.875, 0.125), 4: (0.5625, 0.5625),
+           5: (0.5, 0.75)}
+  best = {1: 1, 2: 2, 3: 2, 4: 2, 5: 5}
+  for step, (iou, ap) in saves.items():
+    ckpt.save(step, _state(step), {'position': step}, {'step': step, 'val_iou': iou},
+              checkpoint.best_metrics(step, iou, ap))
+    assert ckpt.best_step() == best[step], step
+  assert _steps(tmp_path / 'checkpoints') == [5]
+  # Metrics written before (IoU only) compete by their IoU: 0.625 ties step 5's score (the
+  # earlier stays), 0.6875 beats it.
+  _save(ckpt, 6, 0.625)
+  assert ckpt.best_step() == 5
+  _save(ckpt, 7, 0.6875)
+  assert ckpt.best_step() == 7
+  ckpt.close()
+  nan = checkpoint.best_metrics(8, 0.875, float('nan'))
+  assert checkpoint.best_key(nan) < checkpoint.best_key(checkpoint.best_metrics(9, 0.0, 0.0))
+
+
 def test_a_deletion_cut_short_is_never_restored_and_is_deleted_again(tmp_path):
   """A kill while orbax deletes an old checkpoint leaves part of its folder: it is older than
   the latest and ranks below the best, so it is never restored, and the next save deletes it."""

@@ -25,6 +25,12 @@ from flmiseg.data import lists
 from flmiseg.data import pipeline
 from flmiseg.data import simulate
 from flmiseg.data import synthetic
+from flmiseg.core import sharding
+from flmiseg.data import loader
+from flmiseg.evaluation import evaluate
+from flmiseg.store import checkpoint
+from flmiseg.store import rundir
+from flmiseg.store import settings
 from tests import helpers
 
 
@@ -213,10 +219,34 @@ def test_eval_reports_instances(instance_run):
   assert set(scores) == {f'{h:g}' for h in instances.DYNAMIC_GRID}
 
 
+def test_validation_scores_instances_and_the_best_follows_the_score(instance_run):
+  """Each validation of the instance model logs its IoU, its pooled instance AP@0.5 (what the
+  test-set evaluation computes on the same images, weights and settings) and their mean; the
+  best checkpoint is the one with the highest mean."""
+  _, work, summary = instance_run
+  records = [json.loads(l) for l in (work / 'metrics.jsonl').read_text().splitlines()]
+  vals = {r['step']: r for r in records if r['kind'] == 'val'}
+  assert sorted(vals) == [20, 40]
+  for r in vals.values():
+    assert r['score'] == (r['iou'] + r['ap_0.5']) / 2 and 0 <= r['ap_0.5'] <= 1
+  assert summary['checkpoint_step'] == -max((r['score'], -s) for s, r in vals.items())[1]
+  # The last validation, again through the test-set evaluation of the last checkpoint.
+  config = rundir.read_config(work)
+  data = loader.load(config, work / 'cache')
+  ckpt = checkpoint.Checkpointer(work, read_only=True)
+  state, _, _ = ckpt.restore_last(checkpoint.abstract(
+      trainer.build(config, (32, 32), len(data.train)).state))
+  ckpt.close()
+  found = evaluate.evaluate(steps.jit_predict(config.eval.threshold), state, data.val,
+                            sharding.make_mesh(), 8, config.eval.threshold, min_size=4,
+                            dynamic=settings.configured_dynamic(config))
+  assert found['instances']['ap_0.5'] == pytest.approx(vals[40]['ap_0.5'], abs=1e-12)
+  assert found['iou'] == pytest.approx(vals[40]['iou'], abs=1e-6)
+
+
 def test_predict_writes_instances_and_objects(instance_run, tmp_path):
   data, work, _ = instance_run
   config = json.loads((work / 'config.json').read_text())
-  from flmiseg.store import rundir  # pylint: disable=g-import-not-at-top
   run_config = rundir.read_config(work)
   image = data / 'test' / 'images' / 'test_000.tif'
   options = predict.Options(input=str(image), output=str(tmp_path / 'out'), instances=True,

@@ -271,3 +271,49 @@ def test_images_per_second_counts_training_time_only(data_root, tmp_path, monkey
   records = [json.loads(l) for l in (tmp_path / 'run/metrics.jsonl').read_text().splitlines()]
   rates = {r['step']: r['images_per_s'] for r in records if r['kind'] == 'train'}
   assert rates == {3: 8.0, 4: 8.0, 6: 8.0}  # batch 8 per 1 s step
+
+
+class _Saves:
+  """A Checkpointer stand-in that keeps what `_Trainer.checkpoint` saves."""
+
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step, state, data_state, record, metrics):
+    self.saved.append((record, metrics))
+
+
+def test_the_validation_score_drives_the_best_and_early_stopping():
+  """An instance model's validations count as better by (IoU + AP@0.5) / 2: a higher IoU with
+  a lower score is no improvement for early stopping; a semantic model counts its IoU as
+  before; a record written before (best_iou, no best_score) resumes with its best."""
+  def fake_trainer(patience):
+    config = types.SimpleNamespace(train=types.SimpleNamespace(early_stop_patience=patience))
+    return types.SimpleNamespace(config=config, data=types.SimpleNamespace(val=object()),
+                                 best_score=-1.0, since_best=0, stopped_early=False,
+                                 ckpt=_Saves(), state=None, last_good=None)
+
+  data_iter = types.SimpleNamespace(get_state=dict)
+  run = fake_trainer(patience=2)
+  for step, val in enumerate([{'iou': 0.75, 'ap_0.5': 0.25}, {'iou': 0.625, 'ap_0.5': 0.5},
+                              {'iou': 0.875, 'ap_0.5': 0.125}, None,
+                              {'iou': 0.9375, 'ap_0.5': 0.125}], start=1):
+    trainer._Trainer.checkpoint(run, step, data_iter, val)
+  records = [r for r, _ in run.ckpt.saved]
+  assert [r['best_score'] for r in records] == [0.5, 0.5625, 0.5625, 0.5625, 0.5625]
+  assert [r['since_best'] for r in records] == [0, 0, 1, 1, 2]
+  assert run.stopped_early and [r['stopped_early'] for r in records] == [False] * 4 + [True]
+  assert records[1]['val_ap_0.5'] == 0.5 and records[3]['val_iou'] is None
+  assert run.ckpt.saved[1][1] == {'step': 2, 'val_iou': 0.625, 'val_ap_0.5': 0.5}
+  semantic = fake_trainer(patience=0)
+  for step, iou in enumerate([0.5, 0.75, 0.625], start=1):
+    trainer._Trainer.checkpoint(semantic, step, data_iter, {'iou': iou})
+  assert [r for r, _ in semantic.ckpt.saved][-1] == {
+      'step': 3, 'val_iou': 0.625, 'best_score': 0.75, 'since_best': 1, 'stopped_early': False}
+  assert semantic.ckpt.saved[-1][1] == {'step': 3, 'val_iou': 0.625}
+  old = fake_trainer(patience=0)
+  old.workdir = 'old_run'
+  old.ckpt.restore_last = lambda _: (None, {'position': 4}, {'step': 4, 'val_iou': 0.5,
+                                                              'best_iou': 0.75, 'since_best': 1})
+  assert trainer._Trainer.restore(old) == {'position': 4}
+  assert (old.best_score, old.since_best, old.last_good) == (0.75, 1, 4)

@@ -124,7 +124,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Fine-tuning: start from the weights of a shipped model (er, mito, nucleus) or of a run or
   # packed folder with the same config.model ('' = from scratch).
   train.init_from = ''
-  train.early_stop_patience = 0  # Validations without a better IoU before stopping (0: off).
+  # Validations without a better score (the IoU; with an instance head and label images the
+  # mean of IoU and AP@0.5) before stopping (0: off).
+  train.early_stop_patience = 0
   # Train with the BatchNorm statistics frozen (the layers in inference mode, dropout off):
   # fine-tuning on a few crops keeps the source model's statistics.
   train.freeze_batch_stats = False

@@ -3,7 +3,9 @@
 `predictions` batches a source's images in order and pads the last batch with masked entries,
 so every image counts exactly once whatever the batch size; the predict step
 (`steps.predict_step`) returns each image's outputs and its confusion counts at the fixed
-threshold, computed on device. `validation_iou` needs nothing more. Each image's padding
+threshold, computed on device. A training's validation (`validation_scores`) needs nothing
+more, except for a model with an instance head on label images: the instance AP@0.5 of its
+outputs, matched on the host as the test set's are (`match_instances`). Each image's padding
 pixels are excluded, and so are the pixels a sparse mask leaves unlabelled
 (config.data.ignore_value): from the counts, the calibration (flmiseg/evaluation/calibration.py), every
 host-side metric and the errors drawn in worst_best.png.
@@ -69,9 +71,32 @@ def drain(outputs) -> None:
 
 def validation_iou(predict, state, source, mesh, batch_size: int) -> float:
   """Mean per-image IoU over `source` at the predict step's threshold."""
-  rows = [c for _, _, c in predictions(predict, state, source, mesh, batch_size, False)]
+  return validation_scores(predict, state, source, mesh, batch_size)['iou']
+
+
+def validation_scores(predict, state, source, mesh, batch_size: int,
+                      instances_at: tuple[float, float, int] | None = None) -> dict:
+  """What a training validates on `source` (its validation split), in one prediction pass.
+
+  Returns {'iou': the mean per-image IoU at the predict step's threshold, from the device's
+  counts}; with `instances_at` = (threshold, seed dynamic, min size), the predict step's
+  threshold and the instance settings of `instances.from_outputs`, also 'ap_0.5': the
+  instance AP at IoU 0.5 pooled over the images (`matching.combine`), as `evaluate` scores the
+  test set. The instances are matched on the host, by process 0 alone, which shares the AP.
+  """
+  primary, rows, matches = files.is_primary(), [], []
+  for i, output, counts in predictions(predict, state, source, mesh, batch_size,
+                                       with_probs=instances_at is not None):
+    rows.append(counts)
+    if instances_at is not None and primary:
+      matches.append(match_instances(source, i, output, *instances_at, valid_map(source, i),
+                                     thresholds=(0.5,)))
   counts = {k: np.array([r[k] for r in rows]) for k in metrics.COUNT_NAMES}
-  return float(np.mean(metrics.overlap_metrics(**counts)['iou']))
+  scores = {'iou': float(np.mean(metrics.overlap_metrics(**counts)['iou']))}
+  if instances_at is not None:
+    ap = matching.combine(matches)[0]['ap'] if primary else None
+    scores['ap_0.5'] = float(sharding.from_primary(ap))
+  return scores
 
 
 # ------------------------------------------------------------------ ground truth
@@ -100,6 +125,24 @@ def instance_truth(source, index: int, mask: np.ndarray | None = None) -> np.nda
   if mask is None or (source.labels and source.labels[index]):
     return source.label_image(index)
   return instances.connected_components(mask).astype(np.int32)
+
+
+def match_instances(source, index: int, output: np.ndarray, threshold: float, dynamic: float,
+                    min_size: int, valid: np.ndarray | None, mask=None,
+                    thresholds=matching.THRESHOLDS) -> list[dict]:
+  """`matching.match` of image `index`'s predicted instances against its true ones.
+
+  Args:
+    source: a PreparedSource.
+    index: the image.
+    output: (h, w, C) its model outputs (`predictions`).
+    threshold, dynamic, min_size: `instances.from_outputs`'s.
+    valid: its `valid_map` (None: every pixel counts).
+    mask: its cached mask, if already read (`instance_truth`).
+    thresholds: the IoU thresholds to match at.
+  """
+  found = instances.from_outputs(output, threshold, dynamic, min_size)
+  return matching.match(instance_truth(source, index, mask), found, thresholds, valid=valid)
 
 
 # ------------------------------------------------------------------ test-set evaluation
@@ -149,8 +192,8 @@ def _score_images(outputs, source, threshold: float, tuned: float | None, extrem
       tuned_rows.append(row if tuned == threshold else
                         image_row(prob, target, valid, tuned, auc=row['auc']))
     if with_instances:
-      found = instances.from_outputs(output, shown_at, dynamic, min_size)
-      matches.append(matching.match(instance_truth(source, i, target), found, valid=valid))
+      matches.append(match_instances(source, i, output, shown_at, dynamic, min_size, valid,
+                                     target))
       rows[-1].update(matching.summary(matches[-1]))
       rows[-1].update(num_true=matches[-1][0]['n_true'], num_found=matches[-1][0]['n_pred'])
     # Unlabelled pixels are neither right nor wrong: the figure draws no error there.

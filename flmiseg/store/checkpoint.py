@@ -1,12 +1,14 @@
 """Checkpoints with orbax: one CheckpointManager in DIR/checkpoints keeps the latest few and the
-best one (by validation IoU).
+best one (by the validation score: IoU, with AP@0.5 for instance models).
 
 Each checkpoint holds the train state, the data iterator state (so a resumed run sees exactly
-the batches an uninterrupted run would), a small JSON record (step, validation IoU, the early
-stopping counters) and, when it competes for the best, orbax's metrics (`best_metrics`).
-Which checkpoints stay is orbax's preservation policy: the latest `max_to_keep`, or the best by
-`best_key` (the highest validation IoU, the earliest step on ties; without a validation split
-the latest). The threshold calibrated for the best checkpoint lives beside them in
+the batches an uninterrupted run would), a small JSON record (step, validation IoU and
+instance AP@0.5, the early stopping counters) and, when it competes for the best, orbax's
+metrics (`best_metrics`). Which checkpoints stay is orbax's preservation policy: the latest
+`max_to_keep`, or the best by `best_key` (the highest `selection_score`, the earliest step on
+ties; without a validation split the latest). The score is the validation IoU, or for a model
+with an instance head validated on label images the mean of its IoU and instance AP@0.5;
+metrics and records written before hold the IoU only and rank by it. The threshold calibrated for the best checkpoint lives beside them in
 DIR/calibration.json. Nothing is pickled: arrays go to tensorstore, the rest to JSON.
 
 Runs written before kept the best in a second folder, DIR/checkpoints_best (without the data
@@ -61,22 +63,37 @@ LEGACY_BEST = 'checkpoints_best'  # the best checkpoint of runs written before; 
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
-def best_metrics(step: int, val_iou: float | None) -> dict:
-  """The orbax metrics of a checkpoint that competes for the best (see `best_key`)."""
-  return {'step': step, 'val_iou': val_iou}
+def selection_score(val_iou: float, val_ap: float | None = None) -> float:
+  """The validation figure checkpoints are chosen by: the mean per-image IoU, or with an
+  instance AP@0.5 (a model with an instance head validated on label images) the mean of the
+  two. Both are in [0, 1] and weigh alike: IoU alone cannot see merged or split objects,
+  which AP@0.5 counts, and AP@0.5 alone cannot see boundaries drawn too tight or too wide."""
+  return val_iou if val_ap is None else (val_iou + val_ap) / 2
+
+
+def best_metrics(step: int, val_iou: float | None, val_ap: float | None = None) -> dict:
+  """The orbax metrics of a checkpoint that competes for the best (see `best_key`):
+  'step', 'val_iou' and, with an instance AP@0.5, 'val_ap_0.5'."""
+  metrics = {'step': step, 'val_iou': val_iou}
+  if val_ap is not None:
+    metrics['val_ap_0.5'] = val_ap
+  return metrics
 
 
 def best_key(metrics) -> tuple[float, float]:
   """The rank of a checkpoint by its metrics (or record): higher is better.
 
-  A validated checkpoint ranks by its IoU, the earlier step first on ties (training counts a
-  validation as better only when its IoU is higher); a NaN IoU ranks last. Without a validation
-  split every checkpoint competes with val_iou None, and the latest is the best.
+  A validated checkpoint ranks by its `selection_score` (its IoU, or the mean of its IoU and
+  'val_ap_0.5' where it has one; metrics written before hold the IoU only), the earlier step
+  first on ties (training counts a validation as better only when its score is higher); a
+  NaN score ranks last. Without a validation split every checkpoint competes with val_iou
+  None, and the latest is the best.
   """
   iou, step = metrics.get('val_iou'), metrics['step']
   if iou is None:
     return (-math.inf, step)
-  return (-math.inf, -math.inf) if math.isnan(iou) else (iou, -step)
+  score = selection_score(iou, metrics.get('val_ap_0.5'))
+  return (-math.inf, -math.inf) if math.isnan(score) else (score, -step)
 
 
 @functools.cache

@@ -5,8 +5,11 @@ loaded or written; completes the config (a fine-tuned run adopts its source mode
 preprocessing and instance head, flmiseg/train/finetune.py; the crops and the instance head's
 weight fit the loaded training data, `fit_to_data`), and only then writes it as DIR/config.json
 (`prepare_workdir`, which refuses a workdir made by another config). Trains with validation
-every `config.eval.every_steps`, keeps the latest checkpoints and the best one by validation
-IoU, then calibrates and evaluates the best one (flmiseg/evaluation/best_checkpoint.py).
+every `config.eval.every_steps`, keeps the latest checkpoints and the best one by the
+validation score (`checkpoint.selection_score`: the mean per-image IoU; for a model with an
+instance head validated on label images, the mean of the IoU and the pooled instance AP@0.5),
+which early stopping follows too, then calibrates and evaluates the best one
+(flmiseg/evaluation/best_checkpoint.py).
 Rerunning the same command resumes from the latest checkpoint (a finished run does not
 retrain).
 """
@@ -36,6 +39,7 @@ from flmiseg.evaluation import best_checkpoint
 from flmiseg.evaluation import evaluate
 from flmiseg.store import checkpoint
 from flmiseg.store import rundir
+from flmiseg.store import settings
 from flmiseg.store import weights
 from flmiseg.train import config_checks
 from flmiseg.train import finetune
@@ -158,8 +162,28 @@ def make_loss(config) -> losses.Loss:
     raise UserError(' '.join(str(e).split())) from e
 
 
+def instance_validation(config, val) -> tuple[float, float, int] | None:
+  """(threshold, seed dynamic, min size) of the instances a validation matches, or None.
+
+  A model with an instance head whose validation split has label images is validated on its
+  instance AP@0.5 too: instances at the predict step's threshold (config.eval.threshold) with
+  the configured seed dynamic and min size (flmiseg/store/settings.py); calibration comes
+  after training, on the best checkpoint."""
+  if not config.model.get('instance_head') or val is None or not val.has_labels:
+    return None
+  return (config.eval.threshold, settings.configured_dynamic(config), settings.min_size(config))
+
+
+def describe_validation(val: dict) -> str:
+  """'validation IoU 0.8123', with 'AP@0.5 0.7000 (score 0.7562)' added where it has one."""
+  text = f'validation IoU {val["iou"]:.4f}'
+  if 'ap_0.5' in val:
+    text += f', AP@0.5 {val["ap_0.5"]:.4f} (score {val["score"]:.4f})'
+  return text
+
+
 class _Trainer:
-  """The loop's mutable pieces: state, data iterator, pending metrics, best IoU."""
+  """The loop's mutable pieces: state, data iterator, pending metrics, best validation score."""
 
   def __init__(self, config, workdir, data, setup: TrainSetup, loss_fn: losses.LossFn):
     self.config, self.workdir, self.data, self.mesh = config, workdir, data, setup.mesh
@@ -170,7 +194,9 @@ class _Trainer:
     shardings = jax.tree.map(lambda x: x.sharding, setup.state)
     self.train_step, self.predict = steps_lib.jit_steps(config, loss_fn, setup.schedule,
                                                         setup.mesh, shardings)
-    self.best_iou, self.last_good = -1.0, None
+    self.instances_at = instance_validation(config, data.val)
+    self.score_name = 'score' if self.instances_at else 'IoU'
+    self.best_score, self.last_good = -1.0, None
     # Step metrics: still on the device (pending), and fetched but not yet logged.
     self.pending, self.fetched = [], []
     # Early stopping: validations since the best one, and whether the run stopped early.
@@ -181,7 +207,9 @@ class _Trainer:
     if restored is None:
       return None
     self.state, data_state, record = restored
-    self.best_iou, self.last_good = record.get('best_iou', -1.0), record['step']
+    # Records written before validation scores hold the best IoU (their score).
+    self.best_score = record.get('best_score', record.get('best_iou', -1.0))
+    self.last_good = record['step']
     self.since_best = record.get('since_best', 0)
     self.stopped_early = record.get('stopped_early', False)
     logging.info('Resuming from step %d of %s', record['step'], self.workdir)
@@ -208,37 +236,49 @@ class _Trainer:
     fetched, self.fetched = self.fetched, []
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
 
-  def checkpoint(self, step: int, data_iter, val_iou: float | None) -> None:
-    if val_iou is not None and val_iou > self.best_iou:
-      self.best_iou, self.since_best = val_iou, 0
-    elif val_iou is not None:
+  def checkpoint(self, step: int, data_iter, val: dict | None) -> None:
+    """Saves a checkpoint of `step` with its validation (`validate`'s dict, or None when
+    this step was not validated), and counts the validations since the best for early
+    stopping."""
+    iou, ap = (None, None) if val is None else (val['iou'], val.get('ap_0.5'))
+    score = None if val is None else checkpoint.selection_score(iou, ap)
+    if score is not None and score > self.best_score:
+      self.best_score, self.since_best = score, 0
+    elif score is not None:
       self.since_best += 1
     patience = self.config.train.early_stop_patience
     self.stopped_early = bool(patience and self.since_best >= patience)
     # Orbax keeps the best (checkpoint.best_key): the validated checkpoints compete by their
-    # IoU; without a validation split every one competes and the latest wins.
-    competes = val_iou is not None or self.data.val is None
-    self.ckpt.save(step, self.state, data_iter.get_state(),
-                   {'step': step, 'val_iou': val_iou, 'best_iou': self.best_iou,
-                    'since_best': self.since_best, 'stopped_early': self.stopped_early},
-                   checkpoint.best_metrics(step, val_iou) if competes else None)
+    # score; without a validation split every one competes and the latest wins.
+    competes = val is not None or self.data.val is None
+    record = {'step': step, 'val_iou': iou, 'best_score': self.best_score,
+              'since_best': self.since_best, 'stopped_early': self.stopped_early}
+    if ap is not None:
+      record['val_ap_0.5'] = ap
+    self.ckpt.save(step, self.state, data_iter.get_state(), record,
+                   checkpoint.best_metrics(step, iou, ap) if competes else None)
     self.last_good = step
 
-  def validate(self, step: int) -> float | None:
+  def validate(self, step: int) -> dict | None:
+    """{'iou'}, and for instance validation (`instance_validation`) 'ap_0.5' and 'score'
+    (`checkpoint.selection_score`), of the current weights on the validation split, logged
+    as a 'val' row of metrics.jsonl; None without a validation split."""
     if self.data.val is None:
       return None
-    iou = evaluate.validation_iou(self.predict, self.state, self.data.val, self.mesh,
-                                  self.config.eval.batch_size)
-    self.logger.write(step, 'val', {'iou': iou})
+    val = evaluate.validation_scores(self.predict, self.state, self.data.val, self.mesh,
+                                     self.config.eval.batch_size, self.instances_at)
+    if 'ap_0.5' in val:
+      val['score'] = checkpoint.selection_score(val['iou'], val['ap_0.5'])
+    self.logger.write(step, 'val', val)
     self.logger.plot()
-    return iou
+    return val
 
   def validate_source(self, data_iter) -> None:
     """Validates and checkpoints the fine-tuning source as step 0, so it competes for the
     best checkpoint: a fine-tuned run never ends worse on validation than its start."""
-    val_iou = self.validate(0)
-    logging.info('The source model (config.train.init_from): validation IoU %.4f', val_iou)
-    self.checkpoint(0, data_iter, val_iou)
+    val = self.validate(0)
+    logging.info('The source model (config.train.init_from): %s', describe_validation(val))
+    self.checkpoint(0, data_iter, val)
 
   def run(self, data_iter, start: int) -> None:
     cfg = self.config.train
@@ -266,15 +306,15 @@ class _Trainer:
         tick, tick_step = time.perf_counter(), step
       elif save_now:
         self.check_finite(step)  # never validate or save diverged weights, whatever the logging
-      val_iou = self.validate(step) if evaluate_now else None
-      if val_iou is not None:
-        bar.write(f'step {step}: validation IoU {val_iou:.4f}')
+      val = self.validate(step) if evaluate_now else None
+      if val is not None:
+        bar.write(f'step {step}: {describe_validation(val)}')
       if save_now:
-        self.checkpoint(step, data_iter, val_iou)
+        self.checkpoint(step, data_iter, val)
         tick, tick_step = time.perf_counter(), step
       if self.stopped_early:
-        bar.write(f'step {step}: stopping early, no better validation IoU in the last '
-                  f'{self.since_best} validations (config.train.early_stop_patience)')
+        bar.write(f'step {step}: stopping early, no better validation {self.score_name} in '
+                  f'the last {self.since_best} validations (config.train.early_stop_patience)')
         break
     bar.close()
 

@@ -1,0 +1,165 @@
+"""A model on a real annotated dataset that `python -m flmiseg.data.public` built, as users run
+it: `flmiseg.load(model).segment(image, instances=True)` with default settings.
+
+  python -m experiments.shipped.real_data --data=data/dsb --split=val --model=nucleus \
+      [--model=runs/nucleus_dsb] [--diameter=25] [--out=dsb_val.json]
+  python -m experiments.shipped.real_data --data=data/ernet --split=all --model=er
+
+--split names DATA/<split>/ (images/ + masks/, the DSB's train, val, test) or the list
+DATA/<split>.txt (ERNet's all, leave_out_stack1/test). Per stratum of the dataset (the DSB's
+acquisition types from DATA/manifest.csv, ERNet's stacks from DATA/summary.json) and over
+every image: the mean per-image IoU and, where the masks are label images (the DSB's), the
+instance AP@0.5 pooled over the images (StarDist's `matching_dataset`), of the model's
+instances and, for comparison, of the connected components of its mask. Each image is read
+as flmiseg reads it (grey stored as RGBA as its grey) and scored by `common.mask_scores`
+and `common.pooled`. Prints a table per model with the machine and the wall time (loading
+once, then segmenting every image); --out also writes the figures as JSON.
+"""
+
+import csv
+import json
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+import flmiseg
+from experiments import common
+from flmiseg.core import console
+from flmiseg.core.errors import UserError
+from flmiseg.data import io
+from flmiseg.data import lists
+from flmiseg.objects import matching
+from flmiseg.store import settings
+
+FLAGS = flags.FLAGS
+RECORDS = ('manifest.csv', 'summary.json')  # what flmiseg.data.public writes beside the data
+
+
+def split_pairs(data: pathlib.Path, split: str) -> list[lists.Pair]:
+  """The (image, mask) pairs of `split` of the dataset folder `data`: DATA/<split>/images and
+  masks, or the list DATA/<split>.txt. UserError (one line) when `data` is no dataset that
+  flmiseg.data.public wrote, or has no such split."""
+  if not data.is_dir():
+    raise UserError(f'--data={data}: not a folder')
+  if not any((data / name).is_file() for name in RECORDS):
+    raise UserError(f'--data={data}: not a dataset built by python -m flmiseg.data.public '
+                    f'(it has no {" or ".join(RECORDS)})')
+  folder, listed = data / split, data / f'{split}.txt'
+  if (folder / 'images').is_dir():
+    return lists.read_folder(folder)
+  if listed.is_file():
+    return lists.read_list(listed)
+  found = sorted([p.name for p in data.iterdir() if (p / 'images').is_dir()] +
+                 [p.relative_to(data).with_suffix('').as_posix() for p in data.rglob('*.txt')])
+  raise UserError(f'--split={split}: {data} has no {split}/images/ folder or {split}.txt '
+                  f'list; its splits: {", ".join(found) or "none"}')
+
+
+def strata(data: pathlib.Path) -> dict[str, str]:
+  """{image name (file stem): stratum} as the dataset records them: the DSB's manifest.csv
+  (its 'stratum' column), else ERNet's summary.json (each pair's 'stack'); {} if neither."""
+  if (data / 'manifest.csv').is_file():
+    with open(data / 'manifest.csv', newline='') as f:
+      return {row['id']: row['stratum'] for row in csv.DictReader(f)}
+  summary = json.loads((data / 'summary.json').read_text())
+  return {pair['name']: pair['stack'] for pair in summary.get('pairs', [])}
+
+
+def segment_all(model_name: str, pairs, diameter: float | None) -> tuple[list[dict], dict]:
+  """(per image `common.mask_scores` with 'name', timing {'load_s', 'segment_s'}) of the model
+  `model_name` (shipped name or folder) on `pairs`, each segmented as users do. When the
+  dataset's masks are label images (any one is) the instances are matched and each row
+  counts its annotated objects ('objects')."""
+  start = time.perf_counter()
+  model = flmiseg.load(model_name)
+  loaded = time.perf_counter()
+  truths = [io.read_mask_values(pair.mask) for pair in pairs]
+  labelled = any(matching.is_label_image(t) for t in truths)
+  min_size = settings.min_size(model.config)
+  seconds, rows = 0.0, []
+  for pair, truth in zip(pairs, truths):
+    image = io.read_image(pair.image)
+    begin = time.perf_counter()
+    found = model.segment(image, instances=True, diameter=diameter, name=pair.image.name)
+    seconds += time.perf_counter() - begin
+    one = common.mask_scores(truth, found.mask > 0, found.labels if labelled else None,
+                             min_size)
+    del one['pred'], one['truth']  # the scores alone: a split's masks need not stay in memory
+    counted = {'objects': int(len(np.unique(truth)) - 1)} if labelled else {}
+    rows.append({'name': pair.image.stem, **counted, **one})
+  return rows, {'load_s': loaded - start, 'segment_s': seconds}
+
+
+def summarize(rows: list[dict], named: dict[str, str]) -> dict:
+  """{stratum: figures, ..., 'all': figures}; figures: `common.pooled` of its images with
+  'images' and, for label images, 'objects' (annotated objects) added."""
+  groups = {}
+  for row in rows:
+    groups.setdefault(named.get(row['name'], 'unrecorded'), []).append(row)
+
+  def figures(group):
+    counted = ({'objects': sum(r['objects'] for r in group)} if 'objects' in group[0]
+               else {})
+    return {'images': len(group), **counted, **common.pooled(group)}
+
+  return {**{name: figures(group) for name, group in sorted(groups.items())},
+          'all': figures(rows)}
+
+
+def table(name: str, result: dict) -> str:
+  """The markdown table of one model's `summarize` result."""
+  lines = [f'| {name} | images | objects | IoU | AP@0.5 | AP@0.5, connected components |',
+           '|---|---|---|---|---|---|']
+  for stratum, f in result.items():
+    ap = lambda key: f'{f[key]:.3f}' if key in f else '-'  # noqa: E731
+    bold = '**' if stratum == 'all' else ''
+    lines.append(f'| {bold}{stratum}{bold} | {f["images"]} | {f.get("objects", "-")} | '
+                 f'{f["iou"]:.3f} | {ap("ap_0.5")} | {ap("ap_0.5_connected_components")} |')
+  return '\n'.join(lines)
+
+
+def measure(data: pathlib.Path, split: str, model_names, diameter: float | None) -> dict:
+  """Every model's figures on the split (`summarize`) with its timing, the machine and the
+  command's settings, as --out writes them."""
+  pairs = split_pairs(data, split)
+  named = strata(data)
+  result = {'data': str(data), 'split': split, 'diameter': diameter,
+            'machine': common.machine(), 'models': {}}
+  for name in model_names:
+    rows, timing = segment_all(name, pairs, diameter)
+    result['models'][name] = {**timing, 'figures': summarize(rows, named)}
+  return result
+
+
+def main(argv):
+  del argv
+  console.setup()
+  if FLAGS.diameter is not None and FLAGS.diameter < 0:
+    sys.exit(f'error: --diameter={FLAGS.diameter:g}: a size in pixels > 0, or 0 to measure it')
+  try:
+    result = measure(pathlib.Path(FLAGS.data), FLAGS.split, FLAGS.model, FLAGS.diameter)
+  except UserError as e:
+    sys.exit(f'error: {e}')
+  how = '' if FLAGS.diameter is None else f', --diameter={FLAGS.diameter:g}'
+  for name, one in result['models'].items():
+    print(f'\n{FLAGS.data} {FLAGS.split}, {name}{how}: load {one["load_s"]:.1f} s, segment '
+          f'{one["segment_s"]:.1f} s ({result["machine"]})\n')
+    print(table(name, one['figures']))
+  if FLAGS.out:
+    pathlib.Path(FLAGS.out).write_text(json.dumps(result, indent=1) + '\n')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('data', None, 'A dataset folder that python -m flmiseg.data.public '
+                      'wrote.', required=True)
+  flags.DEFINE_string('split', 'val', 'DATA/<split>/ (images/ + masks/) or DATA/<split>.txt.')
+  flags.DEFINE_multi_string('model', ['nucleus'], 'A shipped model (er, mito, nucleus) or a '
+                            'run or packed folder; repeat to measure several.')
+  flags.DEFINE_float('diameter', None, 'The objects\' diameter in pixels, as predict\'s '
+                     '--diameter (0: measured per image); default: none, as users run it.')
+  flags.DEFINE_string('out', '', 'Also write the figures to this JSON file.')
+  app.run(main)
