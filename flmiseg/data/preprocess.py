@@ -31,17 +31,26 @@ only: the same intensities stored as uint8, uint16, 12-bit-in-16, float in [0, 1
 camera counts give exactly the same input, and a different exposure nearly the same.
 
 All statistics are taken over the whole image, once (never per tile). A constant image maps to
-zeros. Output: float32 (H, W).
+zeros. Output: float32 (H, W). They are read through one interface (`Statistics`: percentiles
+of the pixels and of their 3x3 median, extent, pixel noise), which `ArrayStatistics` answers
+for a plane in memory and flmiseg/chunked/statistics.py block by block for a plane that is
+not; `normalization` turns them into a `Normalization` (method and bounds), and
+`apply_normalization` normalises any block of the plane with it (CLAHE through a window of the
+plane's own tiles, flmiseg/data/clahe.py), as `normalize` does the whole plane.
 
 Before normalisation, `repair` mends what is not the specimen (training, evaluation and
 predict alike): hot pixels, and pixels without data (NaN, a stitching border of fill values).
 """
+
+import dataclasses
+from typing import Protocol
 
 import cv2
 import numpy as np
 from scipy import ndimage
 
 from flmiseg.core.errors import UserError
+from flmiseg.data import clahe as clahe_window
 
 
 METHODS = ('auto', 'clahe_zscore', 'clahe_unit', 'percentile', 'zscore',
@@ -76,15 +85,63 @@ def resolve(method: str, kind: str) -> str:
   return method
 
 
+class Statistics(Protocol):
+  """What normalisation reads of a whole plane (`ArrayStatistics` for one in memory)."""
+
+  def percentiles(self, q: list[float]) -> list[float]:
+    """The plane's q-th percentiles (np.percentile's linear interpolation)."""
+
+  def extent(self) -> tuple[float, float]:
+    """(min, max) of the plane."""
+
+  def noise(self) -> float | None:
+    """`noise_sigma` of the plane; None when it is not a 2-D plane at least 2 pixels wide."""
+
+  def blurred_percentile(self, q: float) -> float:
+    """The q-th percentile of the plane's 3x3 median (cv2.medianBlur of its float32)."""
+
+  def moments(self) -> tuple[float, float]:
+    """(mean, standard deviation) of the plane's float32 pixels, in float64."""
+
+
+class ArrayStatistics:
+  """`Statistics` of an array held in memory, as the functions below always measured it."""
+
+  def __init__(self, image: np.ndarray):
+    self.image = image
+    self.x = np.asarray(image, np.float64)
+
+  def percentiles(self, q):
+    return list(np.percentile(self.x, q))
+
+  def extent(self):
+    return self.x.min(), self.x.max()
+
+  def noise(self):
+    if self.x.ndim != 2 or self.x.shape[1] < 2:
+      return None
+    return noise_sigma(self.x)
+
+  def blurred_percentile(self, q):
+    return float(np.percentile(cv2.medianBlur(self.x.astype(np.float32), 3), q))
+
+  def moments(self):
+    x = np.asarray(self.image).astype(np.float32)
+    return x.mean(dtype=np.float64), x.std(dtype=np.float64)
+
+
+def _robust_range(stats: Statistics, low: float, high: float) -> tuple[float, float]:
+  lo, hi = stats.percentiles([low, high])
+  if hi - lo <= 0:
+    lo, hi = stats.extent()
+  return float(lo), float(hi)
+
+
 def robust_range(image: np.ndarray, low: float = LOW_PERCENTILE,
                  high: float = HIGH_PERCENTILE) -> tuple[float, float]:
   """(lo, hi): the image's `low` and `high` percentiles, or its min and max when those
   coincide (a nearly constant image); lo == hi only for a constant image."""
-  x = np.asarray(image, np.float64)
-  lo, hi = np.percentile(x, [low, high])
-  if hi - lo <= 0:
-    lo, hi = x.min(), x.max()
-  return float(lo), float(hi)
+  return _robust_range(ArrayStatistics(image), low, high)
 
 
 def stretch_to_uint8(image: np.ndarray,
@@ -132,8 +189,13 @@ def reference_clahe(image: np.ndarray) -> np.ndarray:
 def zscore(x: np.ndarray) -> np.ndarray:
   """float32: (x - mean) / std over the whole array; zeros for a constant array."""
   x = x.astype(np.float32)
-  mean, std = x.mean(dtype=np.float64), x.std(dtype=np.float64)
-  return ((x - mean) / max(std, _EPS)).astype(np.float32)
+  return standardize(x, x.mean(dtype=np.float64), x.std(dtype=np.float64))
+
+
+def standardize(x: np.ndarray, mean: float, std: float) -> np.ndarray:
+  """float32 (x - mean) / std of float32 `x` with its whole image's float64 `mean`, `std`
+  (`zscore` of a block)."""
+  return ((x - np.float64(mean)) / max(std, _EPS)).astype(np.float32)
 
 
 # A sparse field, a few objects in a large image (under ~0.2 % of its pixels), puts the 99.8th
@@ -170,35 +232,48 @@ def noise_sigma(x: np.ndarray, where: np.ndarray | None = None) -> float:
   return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
 
 
-def _dense_structure(x: np.ndarray) -> tuple[float, float, float] | None:
+def _dense_structure(stats: Statistics) -> tuple[float, float, float] | None:
   """(median, 99th percentile, SPARSE_NOISE_SIGMAS noise sigmas) of a 2-D image, or None
   for other arrays and for an image without measurable noise (sigma 0: noise-free or flat,
   which keeps the plain stretch)."""
-  if x.ndim != 2 or x.shape[1] < 2:
+  sigma = stats.noise()
+  if sigma is None:
     return None
-  noise = SPARSE_NOISE_SIGMAS * noise_sigma(x)
+  noise = SPARSE_NOISE_SIGMAS * sigma
   if noise <= 0:
     return None
-  median, p99 = np.percentile(x, (50.0, 99.0))
+  median, p99 = stats.percentiles([50.0, 99.0])
   return float(median), float(p99), noise
+
+
+def percentile_range(stats: Statistics, low: float = LOW_PERCENTILE,
+                     high: float = HIGH_PERCENTILE) -> tuple[float, float]:
+  """(lo, hi) that 'percentile' maps to 0..1: the `low`..`high` percentiles; in a 2-D image
+  with noise, a sparse field's brightest structures to at most SPARSE_TOP_RATIO, and over a
+  dense structure the `high` percentile's stretch to at most DEBRIS_RATIO times the 99th's."""
+  lo, hi = _robust_range(stats, low, high)
+  dense = _dense_structure(stats)
+  if dense is not None:
+    median, p99, noise = dense
+    if hi - median < noise:  # a sparse field
+      top = stats.blurred_percentile(99.99)
+      hi = max(hi, lo + (top - lo) / SPARSE_TOP_RATIO)
+    elif p99 - median >= noise:  # a dense structure: debris is capped
+      hi = min(hi, lo + DEBRIS_RATIO * (p99 - lo))
+  return lo, hi
+
+
+def unit_range(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+  """float32 (x - lo) / (hi - lo), not clipped (the 'percentile' method's output)."""
+  return ((np.asarray(x, np.float64) - lo) / max(hi - lo, _EPS)).astype(np.float32)
 
 
 def percentile_normalize(x: np.ndarray, low: float = LOW_PERCENTILE,
                          high: float = HIGH_PERCENTILE) -> np.ndarray:
-  """float32: the `low`..`high` percentiles mapped to 0..1 (not clipped); in a 2-D image
-  with noise, a sparse field's brightest structures to at most SPARSE_TOP_RATIO, and over a
-  dense structure the `high` percentile's stretch to at most DEBRIS_RATIO times the 99th's."""
-  lo, hi = robust_range(x, low, high)
-  x = np.asarray(x, np.float64)
-  stats = _dense_structure(x)
-  if stats is not None:
-    median, p99, noise = stats
-    if hi - median < noise:  # a sparse field
-      top = float(np.percentile(cv2.medianBlur(x.astype(np.float32), 3), 99.99))
-      hi = max(hi, lo + (top - lo) / SPARSE_TOP_RATIO)
-    elif p99 - median >= noise:  # a dense structure: debris is capped
-      hi = min(hi, lo + DEBRIS_RATIO * (p99 - lo))
-  return ((x - lo) / max(hi - lo, _EPS)).astype(np.float32)
+  """float32: the `low`..`high` percentiles mapped to 0..1 (not clipped), bounded for sparse
+  fields and bright debris (`percentile_range`)."""
+  stats = ArrayStatistics(x)
+  return unit_range(stats.x, *percentile_range(stats, low, high))
 
 
 def clahe_range(image: np.ndarray) -> tuple[float, float]:
@@ -210,10 +285,15 @@ def clahe_range(image: np.ndarray) -> tuple[float, float]:
   a background whose noise rounded away (0.022 in clahe_unit, the bright ones 0.12; now 0.11
   and 0.42; docs/datasets.md). It applies in none of the default simulated images (240
   checked) and in 1 of 60 'wide' nucleus ones."""
-  lo, hi = robust_range(image)
-  stats = _dense_structure(np.asarray(image, np.float64))
-  if stats is not None and stats[1] - stats[0] >= stats[2]:
-    hi = min(hi, lo + DEBRIS_RATIO * (stats[1] - lo))
+  return clahe_bounds(ArrayStatistics(image))
+
+
+def clahe_bounds(stats: Statistics) -> tuple[float, float]:
+  """`clahe_range` of a plane's `Statistics`."""
+  lo, hi = _robust_range(stats, LOW_PERCENTILE, HIGH_PERCENTILE)
+  dense = _dense_structure(stats)
+  if dense is not None and dense[1] - dense[0] >= dense[2]:
+    hi = min(hi, lo + DEBRIS_RATIO * (dense[1] - lo))
   return lo, hi
 
 
@@ -231,6 +311,88 @@ def normalize(image: np.ndarray, method: str, kind: str = 'er') -> np.ndarray:
   if method == 'percentile':
     return percentile_normalize(image)
   return zscore(image)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+# The methods a plane can be normalised with block by block (the reference ones run CLAHE on
+# a fixed 8x8 grid of the raw plane, whose tiles grow with the plane).
+BLOCKWISE_METHODS = ('clahe_zscore', 'clahe_unit', 'percentile', 'zscore')
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """A plane's normalisation, measured once over the whole plane (`normalization`), so that
+  any block of it is normalised alone as `normalize` normalises the whole
+  (`apply_normalization`)."""
+  method: str  # resolved, one of BLOCKWISE_METHODS
+  shape: tuple[int, int]  # the plane's (H, W): CLAHE's tiles depend on it
+  lo: float = 0.0  # the stretch: onto 0..255 before CLAHE, onto 0..1 for 'percentile'
+  hi: float = 0.0
+  blank: bool = False  # CLAHE methods: the stretched plane is all 0 (constant): zeros out
+  mean: float = 0.0  # the z-score: of the plane ('zscore'), of its CLAHE ('clahe_zscore')
+  std: float = 1.0
+
+  @property
+  def tiling(self) -> clahe_window.Tiling:
+    return clahe_window.Tiling(self.shape, clahe_grid(self.shape))
+
+  def context(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[tuple, tuple]:
+    """(rows, cols) of the plane that normalising its pixels [rows) x [cols) reads."""
+    if not self.method.startswith('clahe'):
+      return rows, cols
+    need_y, need_x = self.tiling.rows_needed(*rows), self.tiling.cols_needed(*cols)
+    return ((min(rows[0], need_y[0]), max(rows[1], need_y[1])),
+            (min(cols[0], need_x[0]), max(cols[1], need_x[1])))
+
+
+def normalization(stats: Statistics, method: str, kind: str, shape: tuple[int, int],
+                  clahe_moments=None) -> Normalization:
+  """The `Normalization` of a plane of `shape` from its `stats`. 'clahe_zscore' z-scores the
+  CLAHE of the plane: `clahe_moments(normalization without them)` measures its (mean, std).
+  Raises ValueError for a method outside BLOCKWISE_METHODS."""
+  method = resolve(method, kind)
+  if method not in BLOCKWISE_METHODS:
+    raise ValueError(f'normalization {method!r} cannot be applied block by block (it runs '
+                     f'CLAHE on a fixed grid of the whole plane); these can: '
+                     f'{", ".join(BLOCKWISE_METHODS)}')
+  if method == 'percentile':
+    return Normalization(method, shape, *percentile_range(stats))
+  if method == 'zscore':
+    mean, std = stats.moments()
+    return Normalization(method, shape, mean=mean, std=std)
+  lo, hi = clahe_bounds(stats)
+  blank = not stretch_to_uint8(np.array([stats.extent()[1]]), (lo, hi)).any()
+  norm = Normalization(method, shape, lo, hi, blank)
+  if method == 'clahe_zscore':
+    mean, std = clahe_moments(norm)
+    norm = dataclasses.replace(norm, mean=mean, std=std)
+  return norm
+
+
+def apply_clahe(region: np.ndarray, origin: tuple[int, int], norm: Normalization,
+                rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+  """float32 in [0, 1]: `clahe` of the whole plane at its pixels [rows) x [cols), from
+  `region`, the plane's raw pixels from `origin` on, covering `norm.context(rows, cols)`."""
+  if norm.blank:
+    return np.zeros((rows[1] - rows[0], cols[1] - cols[0]), np.float32)
+  stretched = stretch_to_uint8(region, (norm.lo, norm.hi))
+  out = clahe_window.window(stretched, origin, norm.tiling, rows, cols, CLAHE_CLIP_LIMIT)
+  return out.astype(np.float32) / 255.0
+
+
+def apply_normalization(region: np.ndarray, origin: tuple[int, int], norm: Normalization,
+                        rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+  """float32: `normalize` of the whole plane at its pixels [rows) x [cols), from `region`,
+  the plane's raw pixels from `origin` (y, x) on, covering `norm.context(rows, cols)`."""
+  if norm.method.startswith('clahe'):
+    out = apply_clahe(region, origin, norm, rows, cols)
+    return standardize(out, norm.mean, norm.std) if norm.method == 'clahe_zscore' else out
+  window = region[rows[0] - origin[0]:rows[1] - origin[0],
+                  cols[0] - origin[1]:cols[1] - origin[1]]
+  if norm.method == 'percentile':
+    return unit_range(window, norm.lo, norm.hi)
+  return standardize(window.astype(np.float32), norm.mean, norm.std)
 
 
 # ----------------------------------------------------------------------------- repair
