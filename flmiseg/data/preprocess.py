@@ -443,10 +443,22 @@ def _mirror_fill(plane: np.ndarray, gone: np.ndarray) -> np.ndarray:
   return np.where(gone, mirrored, plane).astype(plane.dtype)
 
 
+# The percentiles of a plane's 3x3 median that bound its hot pixels (`_hot_pixels`).
+HOT_PIXEL_PERCENTILES = (1.0, 99.8)
+
+
 def _hot_pixels(plane: np.ndarray) -> np.ndarray:
   """The plane with its hot pixels replaced by the median of their 3x3 neighbourhood."""
   median = cv2.medianBlur(plane.astype(np.float32), 3)
-  lo, hi = np.percentile(median, (1.0, 99.8))  # not moved by the hot pixels, however many
+  lo, hi = np.percentile(median, HOT_PIXEL_PERCENTILES)  # not moved by the hot pixels
+  return replace_hot_pixels(plane, median, (lo, hi))
+
+
+def replace_hot_pixels(plane: np.ndarray, median: np.ndarray,
+                       bounds: tuple[float, float]) -> np.ndarray:
+  """`plane` (any block of a plane) with its hot pixels replaced by `median`, their 3x3
+  median, given the whole plane's HOT_PIXEL_PERCENTILES of that median (`bounds`)."""
+  lo, hi = bounds
   hot = (plane > hi) & (plane - median > HOT_PIXEL_STEP * (hi - lo))
   return np.where(hot, median, plane).astype(plane.dtype) if hot.any() else plane
 

@@ -92,6 +92,13 @@ def tile_note(tile: int, config) -> str | None:
   return None
 
 
+def tile_corners(h: int, w: int, tile: int, overlap: float) -> list[tuple[int, int]]:
+  """(y, x) of the tiles `sliding_window` cuts from an (h, w) image (padded to at least a tile
+  per side), in the order it predicts them: rows, then columns."""
+  return [(y, x) for y in tile_starts(max(h, tile), tile, overlap)
+          for x in tile_starts(max(w, tile), tile, overlap)]
+
+
 def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch_size: int,
                    progress: bool = False,
                    on_batch: Callable[[int, int], None] | None = None,
@@ -113,11 +120,23 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
   h, w = image.shape
   ph, pw = max(h, tile), max(w, tile)
   padded = np.pad(np.asarray(image, np.float32), ((0, ph - h), (0, pw - w)), mode='reflect')
-  corners = [(y, x) for y in tile_starts(ph, tile, overlap)
-             for x in tile_starts(pw, tile, overlap)]
+  total, norm = blend(probs_of, padded, tile_corners(h, w, tile, overlap), tile, batch_size,
+                      progress, on_batch, batch_multiple)
+  return (total / norm[..., None])[:h, :w]
+
+
+def blend(probs_of, image: np.ndarray, corners: list[tuple[int, int]], tile: int,
+          batch_size: int, progress: bool = False,
+          on_batch: Callable[[int, int], None] | None = None,
+          batch_multiple: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(sum of the tiles' outputs weighted by `gaussian_weight` (H, W, C), sum of the weights
+  (H, W)) of the tiles at `corners` (y, x) of a normalised float32 (H, W) image, predicted in
+  that order in batches (`sliding_window`'s arguments). A pixel's outputs are the first over
+  the second; every pixel that the same tiles cover gets the same sums, bit for bit, in a
+  block of a plane as in the whole plane (flmiseg/chunked/)."""
   weight = gaussian_weight(tile)
-  total = None  # (ph, pw, C) once the first outputs tell C
-  norm = np.zeros((ph, pw), np.float32)
+  total = None  # (H, W, C) once the first outputs tell C
+  norm = np.zeros(image.shape, np.float32)
   bar = tqdm.tqdm(total=len(corners), desc='tiles', unit='tile', leave=False,
                   disable=not progress or len(corners) <= batch_size)
   computed = math.ceil(len(corners) / batch_size) * batch_size
@@ -129,10 +148,10 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
       size = trimmed if 4 * (batch_size - trimmed) > computed else batch_size
     tiles = np.zeros((size, tile, tile, 1), np.float32)
     for j, (y, x) in enumerate(chunk):
-      tiles[j, ..., 0] = padded[y:y + tile, x:x + tile]
+      tiles[j, ..., 0] = image[y:y + tile, x:x + tile]
     probs = np.asarray(probs_of(tiles))
     if total is None:
-      total = np.zeros((ph, pw, probs.shape[-1]), np.float32)
+      total = np.zeros(image.shape + (probs.shape[-1],), np.float32)
     for j, (y, x) in enumerate(chunk):
       total[y:y + tile, x:x + tile] += probs[j] * weight[..., None]
       norm[y:y + tile, x:x + tile] += weight
@@ -140,4 +159,4 @@ def sliding_window(probs_of, image: np.ndarray, tile: int, overlap: float, batch
     if on_batch is not None:
       on_batch(start + len(chunk), len(corners))
   bar.close()
-  return (total / norm[..., None])[:h, :w]
+  return total, norm

@@ -84,8 +84,40 @@ def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 def connected_components(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
   """uint16 labels 1..n of the 8-connected components of at least min_size pixels."""
-  labels = measure.label(mask > 0, connectivity=2)
-  return _to_uint16(_drop_small(labels, min_size))
+  return _to_uint16(component_labels(mask, min_size))
+
+
+def component_labels(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
+  """`connected_components`' labels before renumbering, any integer dtype."""
+  return _drop_small(measure.label(mask > 0, connectivity=2), min_size)
+
+
+def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
+  """uint8 (H, W): `skimage.morphology.h_maxima(image, h)`, exactly, of a float64 image >= 0
+  whose zeros are background, computed object by object.
+
+  skimage reconstructs the image from itself lowered by h (reconstruction by dilation), which
+  sorts every pixel: 85 % of `from_distance`'s time on a 1024x1024 nucleus field. A pixel of
+  a connected object (8-connected pixels > 0) is reached through the background only with
+  values <= 0, and those reach every object alike: the lowered image's maximum, capped at 0
+  (`floor`). So each object's reconstruction is the one of its bounding box, raised to that
+  floor: the same values (reconstruction picks values, it does no arithmetic), from the
+  object's pixels only."""
+  if h > np.ptp(image):
+    return np.zeros(image.shape, np.uint8)
+  objects, count = ndimage.label(image > 0, structure=_EIGHT)
+  if count == 0 or np.all(objects):  # no background to pass through: skimage's own way
+    return morphology.h_maxima(image, h)
+  resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
+  lowered = image - h - resolution  # skimage's marker, to the bit
+  floor = min(0.0, lowered.max())
+  out = np.zeros(image.shape, np.uint8)
+  for index, box in enumerate(ndimage.find_objects(objects), start=1):
+    rebuilt = morphology.reconstruction(lowered[box], image[box], method='dilation')
+    inside = objects[box] == index
+    peaks = (image[box] - np.maximum(rebuilt, floor)) >= h
+    out[box][inside & peaks] = 1
+  return out
 
 
 def from_distance(mask: np.ndarray, distance: np.ndarray,
@@ -99,17 +131,24 @@ def from_distance(mask: np.ndarray, distance: np.ndarray,
     min_size: objects smaller than this many pixels are removed.
   Deterministic: the same inputs give the same labels.
   """
+  return _to_uint16(distance_labels(mask, distance, dynamic, min_size))
+
+
+def distance_labels(mask: np.ndarray, distance: np.ndarray, dynamic: float = SEED_DYNAMIC,
+                    min_size: int = 0) -> np.ndarray:
+  """`from_distance`'s labels as int32 (numbered as they come, with gaps where small objects
+  were removed), for images with more objects than a uint16 holds (flmiseg/chunked/)."""
   mask = np.asarray(mask, bool)
   smooth = ndimage.gaussian_filter(np.asarray(distance, np.float64), SEED_SMOOTHING)
   smooth = np.where(mask, smooth, 0.0)
-  seeds, _ = ndimage.label(morphology.h_maxima(smooth, dynamic) > 0, structure=_EIGHT)
+  seeds, _ = ndimage.label(h_maxima(smooth, dynamic) > 0, structure=_EIGHT)
   seeds = np.where(mask, seeds, 0)
   labels = segmentation.watershed(-smooth, markers=seeds, mask=mask)
   # Foreground that no seed reached (objects too thin or dim for a seed): objects of their own.
   orphans, num_orphans = ndimage.label(mask & (labels == 0), structure=_EIGHT)
   if num_orphans:
     labels = np.where(orphans > 0, orphans + labels.max(), labels)
-  return _to_uint16(_drop_small(labels, min_size))
+  return _drop_small(labels, min_size)
 
 
 def from_outputs(outputs: np.ndarray, threshold: float, dynamic: float,
@@ -117,10 +156,17 @@ def from_outputs(outputs: np.ndarray, threshold: float, dynamic: float,
   """uint16 instance labels of one image's model outputs (h, w, C): the mask (channel 0 >
   threshold) split by the instance head's distance (channel 1) where the model has one,
   else its connected components."""
+  return _to_uint16(output_labels(outputs, threshold, dynamic, min_size))
+
+
+def output_labels(outputs: np.ndarray, threshold: float, dynamic: float,
+                  min_size: int) -> np.ndarray:
+  """`from_outputs`' labels before they are renumbered 1..n as uint16 (gaps where small
+  objects were removed): int32 or int64, for blocks of any size (flmiseg/chunked/)."""
   mask = outputs[..., 0] > threshold
   if outputs.shape[-1] > 1:
-    return from_distance(mask, outputs[..., 1], dynamic, min_size)
-  return connected_components(mask, min_size)
+    return distance_labels(mask, outputs[..., 1], dynamic, min_size)
+  return component_labels(mask, min_size)
 
 
 def object_table(labels: np.ndarray, image: np.ndarray,
