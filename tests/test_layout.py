@@ -28,10 +28,11 @@ ALLOWED = {
     'train': _BASE | {'data', 'models', 'objects', 'store', 'inference', 'evaluation'},
     'export': _BASE | {'data', 'models', 'objects', 'store', 'inference', 'evaluation'},
     'napari': _BASE | {'data', 'objects', 'store', 'inference'},
+    'chunked': _BASE | {'data', 'models', 'objects', 'store', 'inference'},
     'cli': _BASE | {'data', 'models', 'objects', 'store', 'inference', 'evaluation', 'train',
-                    'export'},
+                    'export', 'chunked'},
     'main': _BASE | {'cli'},
-    '__init__': {'inference'},
+    '__init__': {'inference', 'chunked'},
 }
 
 

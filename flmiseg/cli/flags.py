@@ -88,6 +88,24 @@ flags.DEFINE_float('diameter', None, 'predict: typical diameter of the objects i
                    'the model\'s (config.data.object_diameter; the shipped nucleus model: '
                    '31 px).')
 flags.DEFINE_bool('overwrite', False, 'predict: replace existing results in --output.')
+# Chunked prediction (flmiseg/chunked/, docs/large_images.md): images bigger than memory.
+flags.DEFINE_bool('chunked', None, 'predict: block by block into an OME-Zarr (the default for '
+                  'a zarr --input; give it for a tiled or pyramidal TIFF).')
+flags.DEFINE_integer('level', 0, 'predict, chunked: the pyramid level to segment (0: full '
+                     'resolution; its pixel size comes from the metadata).')
+flags.DEFINE_string('scheduler', 'threads', 'predict, chunked: the Dask engine: threads, '
+                    'processes, or the address of a dask.distributed scheduler '
+                    '(tcp://host:8786).')
+flags.DEFINE_integer('workers', 0, 'predict, chunked: threads or processes of the local '
+                     'schedulers (0: the CPU count).')
+flags.DEFINE_integer('block', None, 'predict, chunked: side of the blocks and of the output '
+                     'chunks, pixels (default 2048).')
+flags.DEFINE_integer('halo', None, 'predict, chunked: pixels each block labels around its '
+                     'core (default: the tiles\' overlap and 2 object diameters, >= 32).')
+flags.DEFINE_bool('labels_into_input', False, 'predict, chunked: write the label images into '
+                  'the input OME-Zarr\'s labels/ group instead of a new OME-Zarr in --output.')
+flags.DEFINE_enum('ngff_version', None, ('0.4', '0.5'), 'predict, chunked: the NGFF version '
+                  'of a new OME-Zarr (default: the input\'s, else 0.5).')
 flags.DEFINE_bool('trust_imports', False, 'eval/predict/summary: import the code that the run '
                   "directory's config.imports names (never imported on its own).")
 flags.DEFINE_bool('verbose', False, 'Show the log lines of JAX, orbax and grain.')

@@ -88,8 +88,17 @@ def _predict(config, workdir: str) -> None:
       instances=FLAGS.instances, min_size=FLAGS.min_size, channel=FLAGS.channel,
       axes=FLAGS.axes, pixel_size=FLAGS.pixel_size, rescale=not FLAGS.no_rescale,
       diameter=FLAGS.diameter,
-      overwrite=FLAGS.overwrite, backend=FLAGS.backend or predict.DEFAULT_BACKEND)
+      overwrite=FLAGS.overwrite, backend=FLAGS.backend or predict.DEFAULT_BACKEND,
+      chunked=FLAGS.chunked, level=FLAGS.level, scheduler=FLAGS.scheduler,
+      workers=FLAGS.workers, block=FLAGS.block or 0, halo=FLAGS.halo,
+      labels_into_input=FLAGS.labels_into_input, ngff_version=FLAGS.ngff_version)
   result = predict.run(config, workdir, options)
+  if 'blocks' in result:  # chunked
+    resumed = f', {result["resumed"]} of them done before' if result['resumed'] else ''
+    objects = f'; {result["objects"]} objects in {result["table"]}' if result['table'] else ''
+    print(f'Predicted {result["blocks"]} block(s){resumed} into {result["output"]} at '
+          f'threshold {result["threshold"]:.3f} ({result["threshold_source"]}){objects}')
+    return
   skipped = f'; skipped {len(result["skipped"])} non-image file(s)' if result['skipped'] else ''
   print(f'Predicted {len(result["written"])} image(s) into {result["output"]} at threshold '
         f'{result["threshold"]:.3f} ({result["threshold_source"]}){skipped}')

@@ -51,8 +51,15 @@ outputs (the pictures and tables: flmiseg/cli/render.py). The model is loaded on
     config.eval.threshold (flmiseg/store/settings.py).
 A one-line warning names each image whose normalised statistics lie far outside the training
 images' (DIR/input_stats.json) or whose mask is empty or covers nearly everything.
-Never writes into an input folder, refuses to replace existing results unless --overwrite,
-and creates nothing when the run has no trained model. Files that are not images are skipped
+Images bigger than memory go block by block into an OME-Zarr (`run_chunked`,
+flmiseg/chunked/: the zarr extra): a zarr input (an OME-Zarr, NGFF 0.4 or 0.5, or a zarr array
+with --axes) always, a tiled or pyramidal TIFF with --chunked; --level picks the pyramid level,
+--scheduler the Dask engine (threads, processes or a dask.distributed address), --block the
+blocks' side; OUT receives <name>.ome.zarr (the probability image with labels/mask and, with
+--instances, labels/instances) and <name>_objects.csv; --labels_into_input writes the label
+images into the input's own labels/ group instead. A killed run started again continues.
+Never writes into an input folder (but for --labels_into_input), refuses to replace existing
+results unless --overwrite, and creates nothing when the run has no trained model. Files that are not images are skipped
 with a warning; images that cannot be read are skipped too and reported at the end as an
 error (exit status 2).
 """
@@ -94,10 +101,35 @@ class Options(segment.Settings):
   axes: str = ''  # Axes of files without metadata ('' = from the file).
   overwrite: bool = False
   backend: str = DEFAULT_BACKEND  # or 'onnx': ONNX Runtime (flmiseg/export/onnx_backend.py).
+  # Chunked prediction (flmiseg/chunked/): None: for zarr inputs only.
+  chunked: bool | None = None
+  level: int = 0  # The pyramid level.
+  scheduler: str = 'threads'  # threads, processes or a dask.distributed scheduler address.
+  workers: int = 0  # Threads or processes of the local schedulers; 0: the CPU count.
+  block: int = 0  # The blocks' side; 0: flmiseg/chunked/run.py's DEFAULT_BLOCK.
+  halo: int | None = None  # None: run.default_halo.
+  labels_into_input: bool = False
+  ngff_version: str | None = None  # '0.4' or '0.5'; None: the input's, else 0.5.
+
+  def is_chunked(self) -> bool:
+    """Whether the input is predicted block by block (a zarr input, or --chunked)."""
+    return self.chunked if self.chunked is not None else is_zarr(self.input)
 
   def check(self) -> None:
     """Raises UserError naming the first invalid option."""
     super().check()
+    if not self.is_chunked():
+      given = [f for f, v in (('--level', self.level), ('--block', self.block),
+                              ('--halo', self.halo is not None),
+                              ('--labels_into_input', self.labels_into_input),
+                              ('--ngff_version', self.ngff_version),
+                              ('--scheduler', self.scheduler != 'threads'),
+                              ('--workers', self.workers)) if v]
+      if given:
+        raise UserError(f'{given[0]} is for chunked prediction: a zarr --input, or --chunked '
+                        'for a tiled TIFF')
+    elif self.backend != DEFAULT_BACKEND:
+      raise UserError(f'--backend={self.backend}: chunked prediction runs on JAX')
     if self.axes:
       io.check_axes_flag(self.axes)
     if self.backend not in BACKENDS:
@@ -112,6 +144,14 @@ class Options(segment.Settings):
 
 
 # ----------------------------------------------------------------------------- inputs
+
+def is_zarr(spec: str) -> bool:
+  """Whether --input names a zarr image (X.zarr, X.ome.zarr, or a folder with zarr
+  metadata), predicted block by block."""
+  path = pathlib.Path(spec) if spec else None
+  return bool(path) and path.is_dir() and (path.name.lower().endswith('.zarr') or any(
+      (path / f).exists() for f in ('zarr.json', '.zgroup', '.zarray')))
+
 
 def find_inputs(spec: str) -> tuple[list[pathlib.Path], list[str]]:
   """(image files, skipped notes) for a file, folder or glob; raises if nothing matches."""
@@ -256,6 +296,8 @@ def run(config, workdir, options: Options) -> dict:
   """
   workdir = pathlib.Path(workdir)
   options.check()
+  if options.is_chunked():
+    return run_chunked(config, workdir, options)
   inputs, skipped = find_inputs(options.input)
   if jax.process_count() > 1:  # every process predicts its own share on its own devices
     inputs = inputs[jax.process_index()::jax.process_count()]
@@ -304,3 +346,35 @@ def _remove_if_empty(out: pathlib.Path, created: bool) -> None:
   """Removes the output folder this run created when nothing was written into it."""
   if created and out.is_dir() and not any(out.iterdir()):
     out.rmdir()
+
+
+def run_chunked(config, workdir: pathlib.Path, options: Options) -> dict:
+  """Predicts one image bigger than memory block by block (flmiseg/chunked/run.py); returns
+  predict's summary ({'written', 'skipped', 'failed', 'threshold', ...}) and the chunked
+  run's ('blocks', 'resumed', 'objects', 'table')."""
+  if not options.output:
+    raise UserError('--output is required with --mode=predict (a folder for the results)')
+  try:
+    from flmiseg.chunked import run as chunked  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f'--input={options.input}: chunked prediction needs the zarr extra '
+                    f'(pip install "flmiseg[zarr]"; {e})') from e
+  segment.check_diameter(config, options.diameter, workdir)
+  model = model_lib.Model(workdir, config)
+  if options.instances and (note := model.instance_note()):
+    logging.warning('%s', note)
+  result = chunked.segment_zarr(
+      model, options.input, options.output, axes=options.axes or None, level=options.level,
+      channel=options.channel, threshold=options.threshold, tta=options.tta,
+      instances=options.instances, min_size=options.min_size, pixel_size=options.pixel_size,
+      diameter=options.diameter, rescale=options.rescale, tile=options.tile,
+      overlap=options.overlap, save_prob=options.save_prob,
+      block=options.block or chunked.DEFAULT_BLOCK, halo=options.halo,
+      scheduler=options.scheduler, workers=options.workers, overwrite=options.overwrite,
+      into_input=options.labels_into_input, ngff_version=options.ngff_version)
+  for note in result['notes']:
+    logging.warning('%s', note)
+  source = '--threshold' if result['threshold_source'] == stored.GIVEN else (
+      result['threshold_source'])
+  return {**result, 'written': [result['output']], 'skipped': [], 'failed': [],
+          'threshold_source': source}

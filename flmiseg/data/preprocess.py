@@ -429,7 +429,7 @@ def _no_data(plane: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
   return at_min if high > fill and gap >= NO_DATA_GAP * (high - fill) else None
 
 
-def _mirror_fill(plane: np.ndarray, gone: np.ndarray) -> np.ndarray:
+def mirror_fill(plane: np.ndarray, gone: np.ndarray) -> np.ndarray:
   """The plane with its `gone` pixels filled by the image mirrored at the nearest pixel with
   data (that pixel itself where the mirror point has none), as a straight border is
   reflected. A flat fill made an edge: the shipped er model lost 0.13 IoU on the 32 columns
@@ -470,7 +470,7 @@ def repair(planes: np.ndarray, name) -> tuple[np.ndarray, np.ndarray | None, lis
   * NaN/inf pixels (ImageJ writes NaN where a 32-bit image has no data) and a block of fill
     values at a plane's minimum far below its other pixels (`_no_data`: the black border of
     a stitched or registered image) are no data: they take the image mirrored at the
-    nearest pixel with data (`_mirror_fill`) and get the outputs 0 (`segment.segment_planes`);
+    nearest pixel with data (`mirror_fill`) and get the outputs 0 (`segment.segment_planes`);
   * hot pixels (`_hot_pixels`) take the median of their 3x3 neighbourhood.
 
   Both were measured to wreck the shipped models' masks (docs/inference.md). `missing` is
@@ -494,7 +494,7 @@ def repair(planes: np.ndarray, name) -> tuple[np.ndarray, np.ndarray | None, lis
       gone |= block
       borders += int(np.count_nonzero(block))
     if gone.any():
-      plane = _mirror_fill(plane, gone)
+      plane = mirror_fill(plane, gone)
     out.append(_hot_pixels(plane))
     missing.append(gone)
   notes = []

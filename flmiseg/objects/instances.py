@@ -176,13 +176,27 @@ def object_table(labels: np.ndarray, image: np.ndarray,
   With a pixel size (micrometres), area is in um^2 and the centroid in um (columns named so);
   otherwise in pixels.
   """
-  unit = 'um' if pixel_size else 'px'
   scale = pixel_size or 1.0
-  header = ['label', f'area_{unit}2', f'centroid_y_{unit}', f'centroid_x_{unit}',
-            'mean_intensity']
+  header = object_header(pixel_size)
   rows = []
   for region in measure.regionprops(labels.astype(np.int32), intensity_image=image):
     y, x = region.centroid
     rows.append([int(region.label), float(region.area) * scale ** 2, y * scale, x * scale,
                  float(region.intensity_mean)])
   return header, rows
+
+
+def object_header(pixel_size: float | None) -> list[str]:
+  """The columns of `object_table` (in um with a pixel size, else in pixels)."""
+  unit = 'um' if pixel_size else 'px'
+  return ['label', f'area_{unit}2', f'centroid_y_{unit}', f'centroid_x_{unit}',
+          'mean_intensity']
+
+
+def object_row(label: int, area: float, sum_y: float, sum_x: float, sum_i: float,
+               pixel_size: float | None) -> list:
+  """`object_table`'s row of an object from its area and the sums of its pixels' y, x and
+  intensities (the same numbers: centroid and mean are those sums over the area)."""
+  scale = pixel_size or 1.0
+  return [int(label), float(area) * scale ** 2, sum_y / area * scale, sum_x / area * scale,
+          float(sum_i / area)]
