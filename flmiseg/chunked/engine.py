@@ -122,6 +122,6 @@ def run(fn, items: list, scheduler: str, client=None, workers: int = 0,
 def _run_distributed(fn, items, client, bar) -> list:
   import distributed  # pylint: disable=g-import-not-at-top
   futures = client.map(fn, items, pure=False)
-  for _ in distributed.as_completed(futures):
+  for _ in distributed.as_completed(futures, loop=client.loop):
     bar.update(1)
   return client.gather(futures)

@@ -9,7 +9,7 @@ A new OME-Zarr `<name>.ome.zarr` (the default):
   /labels/instances      label image, with instances: uint32 ids (uint64 past 2**32 pixels)
 
 or, as an explicit option, the two label images in the input image's own labels/ group. Each
-level halves Y and X by taking every other pixel (labels keep their values; the scale doubles,
+level (until one chunk holds it) halves Y and X by taking every other pixel (labels keep their values; the scale doubles,
 no translation), chunk by chunk, from the level before (`downsample_chunk`). The metadata are
 written last (`write_metadata`), so a reader never finds a half-written image complete.
 Written by hand (a few dictionaries): ome-zarr-py would do it, but pulls in fsspec's S3 stack
@@ -24,7 +24,6 @@ import zarr
 
 FORMATS = {'0.4': 2, '0.5': 3}  # NGFF version -> zarr format
 LABELS = ('mask', 'instances')
-MIN_LEVEL_SIDE = 256  # the pyramid stops when both sides would be below this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +44,21 @@ class Axes:
     return out
 
 
-def level_shapes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-  """The shapes of a pyramid's levels (the last two axes halved, rounding up) until both
-  sides fit MIN_LEVEL_SIDE."""
+def level_shapes(shape: tuple[int, ...], chunk: int) -> list[tuple[int, ...]]:
+  """The shapes of a pyramid's levels (the last two axes halved, rounding up) until one
+  chunk of `chunk` x `chunk` holds a whole level."""
   shapes = [tuple(shape)]
-  while max(shapes[-1][-2:]) > MIN_LEVEL_SIDE and min(shapes[-1][-2:]) > 1:
+  while max(shapes[-1][-2:]) > chunk and min(shapes[-1][-2:]) > 1:
     *lead, h, w = shapes[-1]
     shapes.append((*lead, math.ceil(h / 2), math.ceil(w / 2)))
   return shapes
 
 
 def create_multiscale(group, shape: tuple[int, ...], chunk: int, dtype) -> list:
-  """The arrays '0', '1', ... of a pyramid of `level_shapes(shape)` in `group`, chunked
+  """The arrays '0', '1', ... of a pyramid of `level_shapes(shape, chunk)` in `group`, chunked
   (1, ..., chunk, chunk), filled with 0 where nothing was written."""
   arrays = []
-  for level, level_shape in enumerate(level_shapes(shape)):
+  for level, level_shape in enumerate(level_shapes(shape, chunk)):
     chunks = (1,) * (len(shape) - 2) + (min(chunk, level_shape[-2]), min(chunk, level_shape[-1]))
     kwargs = {}
     if group.metadata.zarr_format == 2:  # NGFF 0.4 wants '/'-separated chunk keys

@@ -147,7 +147,7 @@ def _create(job: job_lib.Job, names: list[str], version: str) -> None:
 
 def _write_metadata(job: job_lib.Job, names: list[str], version: str) -> None:
   axes = _axes(job.source)
-  levels = len(ngff.level_shapes((*job.source.plane_shape, *job.grid.shape)))
+  levels = len(ngff.level_shapes((*job.source.plane_shape, *job.grid.shape), job.grid.size))
   if job.outputs.image is not None:
     root = ngff.open_group(job.outputs.image, 'r+')
     root.attrs.update(ngff.image_attrs(axes, levels, 'probability', version))
@@ -229,7 +229,7 @@ def _pyramids(job: job_lib.Job, names: list[str], run) -> None:
   groups = ([job.outputs.image] if job.outputs.image else []) + [
       job.outputs.label(n) for n in names]
   state = job_lib.State(job.outputs.state)
-  levels = len(ngff.level_shapes((*job.source.plane_shape, *job.grid.shape)))
+  levels = len(ngff.level_shapes((*job.source.plane_shape, *job.grid.shape), job.grid.size))
   for group in groups:
     for level in range(1, levels):
       key = f'{pathlib.Path(group).name}_{level}'
@@ -269,12 +269,13 @@ def _link(job: job_lib.Job, all_blocks: list, run) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 def _identity(model, source, settings, grid, outputs, save_prob, version) -> dict:
-  """What makes two runs the same run (run.json): a run continues only its own records."""
-  return {'input': str(pathlib.Path(source.layout.path).resolve()), 'level': source.level,
+  """What makes two runs the same run (run.json, as JSON reads it back): a run continues
+  only its own records."""
+  return json.loads(json.dumps({'input': str(pathlib.Path(source.layout.path).resolve()), 'level': source.level,
           'channel': source.channel, 'axes': source.layout.axes,
           'model': str(model.folder.resolve()), 'step': model.step,
           'settings': dataclasses.asdict(settings), 'grid': dataclasses.asdict(grid),
-          'outputs': dataclasses.asdict(outputs), 'save_prob': save_prob, 'ngff': version}
+          'outputs': dataclasses.asdict(outputs), 'save_prob': save_prob, 'ngff': version}))
 
 
 def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: int = 0,
