@@ -8,14 +8,13 @@
                a Slurm or Kubernetes cluster through dask-jobqueue or dask-kubernetes).
 
 Tasks are plain functions of a picklable `Job` and one item (a block, a chunk); each worker
-process loads the model once (`model_of`) and keeps it for every task it runs. `run` shows
-one progress bar over the items and returns their results in order. `connect` checks an
-address before anything is written. Dask and distributed are imported when used (the zarr
+process loads the model once (`model_of`) and keeps it for every task it runs. An `Engine`
+serves a whole run: its `map` shows one progress bar over the items and returns their results
+in order; it connects to an address when it is made, before anything is written. Dask and distributed are imported when used (the zarr
 extra), never by importing flmiseg.
 """
 
 import concurrent.futures
-import contextlib
 import multiprocessing
 import os
 import threading
@@ -72,7 +71,11 @@ def share_model(recipe, model) -> None:
 
 
 def _init_process(env: dict) -> None:
-  os.environ.update(env)  # before JAX starts its backend in this process
+  """Before JAX starts its backend in a worker process: its thread limits (added to the
+  XLA flags it inherited)."""
+  for key, value in env.items():
+    os.environ[key] = (f'{os.environ.get(key, "")} {value}'.strip() if key == 'XLA_FLAGS'
+                       else value)
 
 
 class _Bar:
@@ -92,31 +95,54 @@ class _Bar:
     self.callback = Callback()
 
 
-def run(fn, items: list, scheduler: str, client=None, workers: int = 0,
-        desc: str | None = None) -> list:
-  """[fn(item) for item in items], on `scheduler` (a `client` for an address), with a
-  progress bar `desc` over the items (none without). `workers`: threads or processes of the
-  local schedulers (0: the CPU count)."""
-  if not items:
-    return []
-  workers = workers or os.cpu_count() or 1
-  bar = tqdm.tqdm(total=len(items), desc=desc, unit='block', disable=desc is None,
-                  leave=False)
-  with bar:
-    if client is not None:
-      return _run_distributed(fn, items, client, bar)
-    import dask  # pylint: disable=g-import-not-at-top
-    tasks = [dask.delayed(fn, pure=False)(item) for item in items]
-    progress = _Bar(bar, [t.key for t in tasks])
-    with contextlib.ExitStack() as stack:
-      stack.enter_context(progress.callback)
-      options = {'scheduler': 'threads', 'num_workers': workers}
-      if scheduler == 'processes':
-        pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context('spawn'),
-            initializer=_init_process, initargs=(PROCESS_ENV,)))
-        options = {'scheduler': 'processes', 'pool': pool}
-      return list(dask.compute(*tasks, **options))
+class Engine:
+  """Runs tasks on one scheduler for a whole run: the 'processes' pool (spawned once, its
+  processes keep their model between passes) or the client of an address (`connect`).
+  Close it (or use it as a context manager) to end them."""
+
+  def __init__(self, scheduler: str, workers: int = 0):
+    self.scheduler = scheduler
+    self.workers = workers or os.cpu_count() or 1
+    self.client = connect(scheduler)
+    self._pool = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def close(self) -> None:
+    if self._pool is not None:
+      self._pool.shutdown()
+      self._pool = None
+    if self.client is not None:
+      self.client.close()
+      self.client = None
+
+  def _options(self) -> dict:
+    if self.scheduler != 'processes':
+      return {'scheduler': 'threads', 'num_workers': self.workers}
+    if self._pool is None:
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          self.workers, mp_context=multiprocessing.get_context('spawn'),
+          initializer=_init_process, initargs=(PROCESS_ENV,))
+    return {'scheduler': 'processes', 'pool': self._pool}
+
+  def map(self, fn, items: list, desc: str | None = None) -> list:
+    """[fn(item) for item in items] on the scheduler, with a progress bar `desc` over the
+    items (none without)."""
+    if not items:
+      return []
+    bar = tqdm.tqdm(total=len(items), desc=desc, unit='block', disable=desc is None,
+                    leave=False)
+    with bar:
+      if self.client is not None:
+        return _run_distributed(fn, items, self.client, bar)
+      import dask  # pylint: disable=g-import-not-at-top
+      tasks = [dask.delayed(fn, pure=False)(item) for item in items]
+      with _Bar(bar, [t.key for t in tasks]).callback:
+        return list(dask.compute(*tasks, **self._options()))
 
 
 def _run_distributed(fn, items, client, bar) -> list:

@@ -337,13 +337,9 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
   job = job_lib.Job(source, job_lib.ModelRecipe.of(model), settings, grid, (), outputs,
                     id_dtype, save_prob)
   identity = _identity(model, source, settings, grid, outputs, save_prob, version)
-  client = engine.connect(scheduler)
-  try:
-    return _run(model, job, names, version, identity, overwrite, scheduler, client, workers,
-                progress, threshold_source)
-  finally:
-    if client is not None:
-      client.close()
+  with engine.Engine(scheduler, workers) as runner:  # an unreachable address: UserError
+    return _run(model, job, names, version, identity, overwrite, runner, progress,
+                threshold_source)
 
 
 def _version(source: sources.Source, wanted: str | None, into_input: bool) -> str:
@@ -361,8 +357,8 @@ def _version(source: sources.Source, wanted: str | None, into_input: bool) -> st
   return source.layout.version if source.layout.version in ngff.FORMATS else '0.5'
 
 
-def _run(model, job, names, version, identity, overwrite, scheduler, client, workers,
-         progress, threshold_source) -> dict:
+def _run(model, job, names, version, identity, overwrite, runner, progress,
+         threshold_source) -> dict:
   resumed = _prepare(job.outputs, names, identity, overwrite)
   state = job_lib.State(job.outputs.state)
   pathlib.Path(job.outputs.state).parent.mkdir(parents=True, exist_ok=True)
@@ -372,7 +368,7 @@ def _run(model, job, names, version, identity, overwrite, scheduler, client, wor
   if not state.done('setup', 'outputs'):
     _create(job, names, version)
     state.mark('setup', 'outputs')
-  run = functools.partial(engine.run, scheduler=scheduler, client=client, workers=workers)
+  run = runner.map
   stats, notes = [], []
   for index in range(len(job.source.planes())):
     if not state.has('stats', f'p{index}'):
