@@ -4,6 +4,7 @@
                shared by the threads (the network runs on all the cores XLA gives it; the
                threads overlap reading, post-processing and writing with it);
   'processes'  Dask's multiprocessing scheduler on a pool of `workers` spawned processes;
+  'synchronous' one task at a time in this thread (for debugging and profiling);
   an address   ('tcp://host:8786') of a running dask.distributed scheduler: its workers (on
                a Slurm or Kubernetes cluster through dask-jobqueue or dask-kubernetes).
 
@@ -23,7 +24,7 @@ import tqdm
 
 from flmiseg.core.errors import UserError
 
-LOCAL = ('threads', 'processes')
+LOCAL = ('threads', 'processes', 'synchronous')
 CONNECT_TIMEOUT_S = 10
 # What each process of the 'processes' scheduler runs with: one XLA thread (the processes
 # share the cores), no numpy threads.
@@ -38,8 +39,8 @@ def check_scheduler(scheduler: str) -> None:
   """Raises UserError unless `scheduler` is 'threads', 'processes' or an address."""
   if scheduler in LOCAL or '://' in scheduler:
     return
-  raise UserError(f'--scheduler={scheduler!r}: valid: threads, processes, or the address of '
-                  'a dask.distributed scheduler (tcp://host:8786)')
+  raise UserError(f'--scheduler={scheduler!r}: valid: threads, processes, synchronous, or the '
+                  'address of a dask.distributed scheduler (tcp://host:8786)')
 
 
 def connect(scheduler: str):
@@ -121,6 +122,8 @@ class Engine:
       self.client = None
 
   def _options(self) -> dict:
+    if self.scheduler == 'synchronous':
+      return {'scheduler': 'synchronous'}
     if self.scheduler != 'processes':
       return {'scheduler': 'threads', 'num_workers': self.workers}
     if self._pool is None:

@@ -54,11 +54,12 @@ def level_shapes(shape: tuple[int, ...], chunk: int) -> list[tuple[int, ...]]:
   return shapes
 
 
-def create_multiscale(group, shape: tuple[int, ...], chunk: int, dtype) -> list:
-  """The arrays '0', '1', ... of a pyramid of `level_shapes(shape, chunk)` in `group`, chunked
-  (1, ..., chunk, chunk), filled with 0 where nothing was written."""
+def create_multiscale(group, shape: tuple[int, ...], chunk: int, dtype,
+                      levels: int | None = None) -> list:
+  """The arrays '0', '1', ... of a pyramid of `level_shapes(shape, chunk)` (its first
+  `levels`) in `group`, chunked (1, ..., chunk, chunk), 0 where nothing was written."""
   arrays = []
-  for level, level_shape in enumerate(level_shapes(shape, chunk)):
+  for level, level_shape in enumerate(level_shapes(shape, chunk)[:levels]):
     chunks = (1,) * (len(shape) - 2) + (min(chunk, level_shape[-2]), min(chunk, level_shape[-1]))
     kwargs = {}
     if group.metadata.zarr_format == 2:  # NGFF 0.4 wants '/'-separated chunk keys
