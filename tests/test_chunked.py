@@ -169,11 +169,15 @@ def test_outputs_are_ngff_label_images_with_pyramids(chunked_run):
 
 def test_a_killed_run_continues_to_the_uninterrupted_output(nucleus, inputs, chunked_run,
                                                             tmp_path):
-  """SIGKILL after a few blocks (NGFF 0.5 input, blocks of 96: 9 blocks), then the same
-  run again: it continues and writes what the uninterrupted run (blocks of 128) wrote."""
+  """SIGKILL after a few blocks, then the same run again: it continues and writes what the
+  uninterrupted run wrote, though with blocks of 96 (9 blocks) rather than 128, into an NGFF
+  0.5 input's own labels/ group (--labels_into_input) rather than a new OME-Zarr."""
+  image = tmp_path / 'discs05.ome.zarr'
+  shutil.copytree(inputs['0.5'], image)
+  pixels = zarr.open_group(str(image), mode='r')['0'][:]
   out = tmp_path / 'out'
   args = [sys.executable, '-m', 'flmiseg.main', '--mode=predict', '--model=nucleus',
-          f'--input={inputs["0.5"]}', f'--output={out}', '--instances', '--save_prob',
+          f'--input={image}', f'--output={out}', '--instances', '--labels_into_input',
           '--block=96', '--workers=1']
   process = subprocess.Popen(args, env=helpers.cli_env(8), cwd=helpers.REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -188,14 +192,19 @@ def test_a_killed_run_continues_to_the_uninterrupted_output(nucleus, inputs, chu
   assert process.returncode == -signal.SIGKILL, 'the run ended before it was killed'
   done = len(list(records.glob('*.npz')))
   assert 2 <= done < 9
-  with pytest.raises(UserError, match='exists'):  # other settings: never overwritten
-    chunked.segment_zarr(nucleus, str(inputs['0.5']), str(out), block=96, progress=False)
-  result = chunked.segment_zarr(nucleus, str(inputs['0.5']), str(out), instances=True,
-                                save_prob=True, block=96, workers=1, progress=False)
-  assert result['resumed'] == done
-  group = zarr.open_group(result['output'], mode='r')
-  assert group.metadata.zarr_format == 3 and group.attrs['ome']['version'] == '0.5'
-  _assert_same_outputs(_arrays(chunked_run[1]), _arrays(group))
+  with pytest.raises(UserError, match='labels/mask exists'):  # other settings: kept
+    chunked.segment_zarr(nucleus, str(image), str(out), block=96, into_input=True,
+                         progress=False)
+  result = chunked.segment_zarr(nucleus, str(image), str(out), instances=True, block=96,
+                                workers=1, into_input=True, progress=False)
+  assert result['resumed'] == done and result['output'] == str(image)
+  group = zarr.open_group(str(image), mode='r')
+  np.testing.assert_array_equal(group['0'][:], pixels)  # the image itself is untouched
+  assert group.attrs['ome']['version'] == '0.5' and 'multiscales' in group.attrs['ome']
+  assert group['labels'].attrs['ome'] == {'version': '0.5', 'labels': ['mask', 'instances']}
+  assert group['labels/instances'].metadata.zarr_format == 3
+  labels = {k: v for k, v in _arrays(chunked_run[1]).items() if k.startswith('labels')}
+  _assert_same_outputs(labels, {k: np.asarray(group[k][:]) for k in labels})
   # The same rows (in the order of the blocks, which differ here), to the last digit.
   rows = [sorted(pathlib.Path(r['table']).read_text().splitlines()) for r in (result,
                                                                              chunked_run[0])]

@@ -19,9 +19,9 @@ included), sampled every SAMPLE_S with psutil. With
 `_mask.tif` path) and once chunked (an OME-Zarr), and their ratio. Never time this beside
 other work on the machine (a training run, the test suite): the figures would be theirs too.
 
-`--profile=N`: cProfile of the chunked run (scheduler 'synchronous': in this thread) and of the in-memory
-`Model.segment` with instances on an N x N corner, each function's share of the run's time
-(relative shares only; absolute times of a profile are not the run's).
+`--profile=N`: cProfile of the chunked run (scheduler 'synchronous': in this thread) and of
+the in-memory `Model.segment` with instances on an N x N corner, each function's share of
+the run's time (relative shares only; absolute times of a profile are not the run's).
 """
 
 import cProfile

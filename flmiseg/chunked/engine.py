@@ -10,9 +10,9 @@
 
 Tasks are plain functions of a picklable `Job` and one item (a block, a chunk); each worker
 process loads the model once (`model_of`) and keeps it for every task it runs. An `Engine`
-serves a whole run: its `map` shows one progress bar over the items and returns their results
-in order; it connects to an address when it is made, before anything is written. Dask and distributed are imported when used (the zarr
-extra), never by importing flmiseg.
+serves a whole run: its `map` shows one progress bar over the items and returns their
+results in order; it connects to an address when it is made, before anything is written.
+Dask and distributed are imported when used (the zarr extra), never by importing flmiseg.
 """
 
 import concurrent.futures

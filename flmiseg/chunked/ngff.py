@@ -9,11 +9,12 @@ A new OME-Zarr `<name>.ome.zarr` (the default):
   /labels/instances      label image, with instances: uint32 ids (uint64 past 2**32 pixels)
 
 or, as an explicit option, the two label images in the input image's own labels/ group. Each
-level (until one chunk holds it) halves Y and X by taking every other pixel (labels keep their values; the scale doubles,
-no translation), chunk by chunk, from the level before (`downsample_chunk`). The metadata are
-written last (`write_metadata`), so a reader never finds a half-written image complete.
-Written by hand (a few dictionaries): ome-zarr-py would do it, but pulls in fsspec's S3 stack
-and pins a pydantic that the export extra cannot take (docs/large_images.md).
+level (until one chunk holds it) halves Y and X by taking every other pixel (labels keep
+their values; the scale doubles, no translation), chunk by chunk, from the level before
+(`downsample_chunk`). The metadata are written last (`write_metadata`), so a reader never
+finds a half-written image complete. Written by hand (a few dictionaries): ome-zarr-py would
+do it, but pulls in fsspec's S3 stack and pins a pydantic that the export extra cannot take
+(docs/large_images.md).
 """
 
 import dataclasses

@@ -28,7 +28,6 @@ import math
 import pathlib
 import shutil
 
-from absl import logging
 import numpy as np
 
 from flmiseg.chunked import blocks
@@ -271,11 +270,12 @@ def _link(job: job_lib.Job, all_blocks: list, run) -> dict:
 def _identity(model, source, settings, grid, outputs, save_prob, version) -> dict:
   """What makes two runs the same run (run.json, as JSON reads it back): a run continues
   only its own records."""
-  return json.loads(json.dumps({'input': str(pathlib.Path(source.layout.path).resolve()), 'level': source.level,
-          'channel': source.channel, 'axes': source.layout.axes,
-          'model': str(model.folder.resolve()), 'step': model.step,
-          'settings': dataclasses.asdict(settings), 'grid': dataclasses.asdict(grid),
-          'outputs': dataclasses.asdict(outputs), 'save_prob': save_prob, 'ngff': version}))
+  return json.loads(json.dumps({
+      'input': str(pathlib.Path(source.layout.path).resolve()), 'level': source.level,
+      'channel': source.channel, 'axes': source.layout.axes,
+      'model': str(model.folder.resolve()), 'step': model.step,
+      'settings': dataclasses.asdict(settings), 'grid': dataclasses.asdict(grid),
+      'outputs': dataclasses.asdict(outputs), 'save_prob': save_prob, 'ngff': version}))
 
 
 def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: int = 0,
@@ -319,13 +319,7 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
   _check(model, source, settings, pixel_size or source.pixel_size)
   settings, threshold_source = model.resolved(settings)
   halo = default_halo(model, settings) if halo is None else halo
-  if block < 16 or halo < 0:
-    raise UserError(f'--block={block}: use at least 16 pixels' if block < 16 else
-                    f'--halo={halo}: must be >= 0')
-  if halo > block:
-    raise UserError(f'--block={block}: smaller than the halo of {halo} px that each block '
-                    f'reads around it (the tiles\' overlap and 2 object diameters); use '
-                    f'--block={halo} or more')
+  _check_block(block, halo)
   version = _version(source, ngff_version, into_input)
   if into_input and save_prob:
     raise UserError('--save_prob with --labels_into_input: a probability is not a label '
@@ -340,6 +334,16 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
   with engine.Engine(scheduler, workers) as runner:  # an unreachable address: UserError
     return _run(model, job, names, version, identity, overwrite, runner, progress,
                 threshold_source)
+
+
+def _check_block(block: int, halo: int) -> None:
+  if block < 16 or halo < 0:
+    raise UserError(f'--block={block}: use at least 16 pixels' if block < 16 else
+                    f'--halo={halo}: must be >= 0')
+  if halo > block:  # an extended region would reach past the neighbouring blocks
+    raise UserError(f'--block={block}: smaller than the halo of {halo} px that each block '
+                    f'reads around it (the tiles\' overlap and 2 object diameters); use '
+                    f'--block={halo} or more')
 
 
 def _version(source: sources.Source, wanted: str | None, into_input: bool) -> str:

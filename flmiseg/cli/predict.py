@@ -52,16 +52,17 @@ outputs (the pictures and tables: flmiseg/cli/render.py). The model is loaded on
 A one-line warning names each image whose normalised statistics lie far outside the training
 images' (DIR/input_stats.json) or whose mask is empty or covers nearly everything.
 Images bigger than memory go block by block into an OME-Zarr (`run_chunked`,
-flmiseg/chunked/: the zarr extra): a zarr input (an OME-Zarr, NGFF 0.4 or 0.5, or a zarr array
-with --axes) always, a tiled or pyramidal TIFF with --chunked; --level picks the pyramid level,
---scheduler the Dask engine (threads, processes or a dask.distributed address), --block the
-blocks' side; OUT receives <name>.ome.zarr (the probability image with labels/mask and, with
---instances, labels/instances) and <name>_objects.csv; --labels_into_input writes the label
-images into the input's own labels/ group instead. A killed run started again continues.
-Never writes into an input folder (but for --labels_into_input), refuses to replace existing
-results unless --overwrite, and creates nothing when the run has no trained model. Files that are not images are skipped
-with a warning; images that cannot be read are skipped too and reported at the end as an
-error (exit status 2).
+flmiseg/chunked/: the zarr extra): a zarr input (an OME-Zarr, NGFF 0.4 or 0.5, or a zarr
+array with --axes) always, a tiled or pyramidal TIFF with --chunked; --level picks the
+pyramid level, --scheduler the Dask engine (threads, processes or a dask.distributed
+address), --block the blocks' side; OUT receives <name>.ome.zarr (the probability image with
+labels/mask and, with --instances, labels/instances) and <name>_objects.csv;
+--labels_into_input writes the label images into the input's own labels/ group instead. A
+killed run started again continues. Never writes into an input folder (but for
+--labels_into_input), refuses to replace existing results unless --overwrite, and creates
+nothing when the run has no trained model. Files that are not images are skipped with a
+warning; images that cannot be read are skipped too and reported at the end as an error
+(exit status 2).
 """
 
 import dataclasses
