@@ -60,7 +60,7 @@ def define_flags():
   flags.DEFINE_list('versions', ['0.4', '0.5'], 'NGFF versions to build and predict.')
   flags.DEFINE_bool('instances', True, 'Predict with --instances.')
   flags.DEFINE_string('scheduler', 'threads', 'predict --scheduler.')
-  flags.DEFINE_integer('workers', 0, 'predict --workers (0: the CPU count).')
+  flags.DEFINE_integer('workers', 0, 'predict --workers (0: its default).')
   flags.DEFINE_integer('block', 2048, 'predict --block.')
   flags.DEFINE_integer('baseline', 4096, 'Also time this corner in memory and chunked (0: no).')
   flags.DEFINE_integer('profile', 0, 'Only profile an N x N corner (0: no profile).')

@@ -1,8 +1,8 @@
 """The engine: Dask runs a function over blocks, on threads, processes or a cluster.
 
   'threads'    (the default) Dask's threaded scheduler in this process: the model loaded once,
-               shared by the threads (the network runs on all the cores XLA gives it; the
-               threads overlap reading, post-processing and writing with it);
+               shared by DEFAULT_THREADS threads (the network runs on all the cores XLA gives
+               it; the threads overlap reading, post-processing and writing with it);
   'processes'  Dask's multiprocessing scheduler on a pool of `workers` spawned processes;
   'synchronous' one task at a time in this thread (for debugging and profiling);
   an address   ('tcp://host:8786') of a running dask.distributed scheduler: its workers (on
@@ -25,6 +25,9 @@ import tqdm
 from flmiseg.core.errors import UserError
 
 LOCAL = ('threads', 'processes', 'synchronous')
+# Threads of the 'threads' scheduler by default: the network already runs on every core; a
+# second thread overlaps reading, post-processing and writing with it (each holds a block).
+DEFAULT_THREADS = 2
 CONNECT_TIMEOUT_S = 10
 # What each process of the 'processes' scheduler runs with: one XLA thread (the processes
 # share the cores), no numpy threads.
@@ -103,7 +106,8 @@ class Engine:
 
   def __init__(self, scheduler: str, workers: int = 0):
     self.scheduler = scheduler
-    self.workers = workers or os.cpu_count() or 1
+    self.workers = workers or (os.cpu_count() or 1 if scheduler == 'processes' else
+                               DEFAULT_THREADS)
     self.client = connect(scheduler)
     self._pool = None
 

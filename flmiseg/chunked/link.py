@@ -145,17 +145,18 @@ def write_table(job: job_lib.Job, all_blocks: list, maps: dict, path: pathlib.Pa
     for block in all_blocks:
       ids_map, roots_map = maps.get(block.plane, (np.zeros(0, np.uint64),) * 2)
       sums = state.load('blocks', block.name)
-      for values in zip(*(sums[k].tolist() for k in ('ids', 'area', 'sum_y', 'sum_x',
-                                                     'sum_i'))):
-        where = np.searchsorted(ids_map, values[0])
-        if where < ids_map.size and ids_map[where] == values[0]:
-          total = joined.setdefault((block.plane, int(roots_map[where])), [0, 0.0, 0.0, 0.0])
-          for i, v in enumerate(values[1:]):
-            total[i] += v
-          continue
-        writer.writerow([block.plane] + instances.object_row(values[0], *values[1:],
-                                                             pixel_size))
-        written += 1
+      where = np.searchsorted(ids_map, sums['ids'])
+      part = (where < ids_map.size) & (ids_map[np.minimum(where, ids_map.size - 1)] ==
+                                       sums['ids']) if ids_map.size else where < 0
+      columns = [sums[k] for k in ('ids', 'area', 'sum_y', 'sum_x', 'sum_i')]
+      writer.writerows([block.plane] + instances.object_row(*values, pixel_size)
+                       for values in zip(*(c[~part].tolist() for c in columns)))
+      written += int((~part).sum())
+      for root, *values in zip(roots_map[where[part]].tolist(),
+                               *(c[part].tolist() for c in columns[1:])):
+        total = joined.setdefault((block.plane, root), [0, 0.0, 0.0, 0.0])
+        for i, v in enumerate(values):
+          total[i] += v
     for (plane, root), total in sorted(joined.items()):
       writer.writerow([plane] + instances.object_row(root, *total, pixel_size))
   os.replace(tmp, path)

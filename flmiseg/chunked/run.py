@@ -298,7 +298,7 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
     save_prob: the probability image as float32 (else uint8, 255 x the probability).
     block: the blocks' (and chunks') side; halo: their extended region (None: default_halo).
     scheduler: 'threads', 'processes' or a dask.distributed scheduler's address;
-      workers: threads or processes of the local ones (0: the CPU count).
+      workers: threads or processes of the local ones (0: 2 threads, a process per CPU).
     overwrite: replace existing outputs (else they are an error; an unfinished run of the
       same arguments continues).
     into_input: write the label images into the input OME-Zarr's labels/ group.

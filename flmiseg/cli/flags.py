@@ -97,7 +97,7 @@ flags.DEFINE_string('scheduler', 'threads', 'predict, chunked: the Dask engine: 
                     'processes, or the address of a dask.distributed scheduler '
                     '(tcp://host:8786).')
 flags.DEFINE_integer('workers', 0, 'predict, chunked: threads or processes of the local '
-                     'schedulers (0: the CPU count).')
+                     'schedulers (0: 2 threads, or a process per CPU).')
 flags.DEFINE_integer('block', None, 'predict, chunked: side of the blocks and of the output '
                      'chunks, pixels (default 2048).')
 flags.DEFINE_integer('halo', None, 'predict, chunked: pixels each block labels around its '

@@ -106,7 +106,7 @@ class Options(segment.Settings):
   chunked: bool | None = None
   level: int = 0  # The pyramid level.
   scheduler: str = 'threads'  # threads, processes or a dask.distributed scheduler address.
-  workers: int = 0  # Threads or processes of the local schedulers; 0: the CPU count.
+  workers: int = 0  # Threads or processes of the local schedulers; 0: 2 threads, or a CPU each.
   block: int = 0  # The blocks' side; 0: flmiseg/chunked/run.py's DEFAULT_BLOCK.
   halo: int | None = None  # None: run.default_halo.
   labels_into_input: bool = False
