@@ -203,6 +203,7 @@ def test_a_killed_run_continues_to_the_uninterrupted_output(nucleus, inputs, chu
   assert group.attrs['ome']['version'] == '0.5' and 'multiscales' in group.attrs['ome']
   assert group['labels'].attrs['ome'] == {'version': '0.5', 'labels': ['mask', 'instances']}
   assert group['labels/instances'].metadata.zarr_format == 3
+  assert group['labels/instances/0'].metadata.dimension_names == ('y', 'x')
   labels = {k: v for k, v in _arrays(chunked_run[1]).items() if k.startswith('labels')}
   _assert_same_outputs(labels, {k: np.asarray(group[k][:]) for k in labels})
   # The same rows (in the order of the blocks, which differ here), to the last digit.

@@ -89,7 +89,7 @@ def build(path: pathlib.Path, size: int, version: str, copy_from: pathlib.Path |
   tmp = path.with_name(f'.{path.name}.tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   group = ngff.open_group(tmp, 'w-', version)
-  arrays = ngff.create_multiscale(group, (size, size), CHUNK, np.uint16, levels=3)
+  arrays = ngff.create_multiscale(group, (size, size), CHUNK, np.uint16, 'YX', levels=3)
   source = zarr.open_group(str(copy_from), mode='r') if copy_from else None
   steps = size // TILE
   for row in range(steps):
@@ -115,7 +115,7 @@ def corner(source: pathlib.Path, side: int, folder: pathlib.Path) -> tuple[pathl
   small = folder / f'corner{side}.ome.zarr'
   shutil.rmtree(small, ignore_errors=True)
   group = ngff.open_group(small, 'w-', '0.4')
-  ngff.create_multiscale(group, (side, side), CHUNK, np.uint16, levels=1)[0][:] = pixels
+  ngff.create_multiscale(group, (side, side), CHUNK, np.uint16, 'YX', levels=1)[0][:] = pixels
   group.attrs.update(_image_attrs(1, '0.4'))
   return tiff, small
 

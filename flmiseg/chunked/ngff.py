@@ -55,16 +55,18 @@ def level_shapes(shape: tuple[int, ...], chunk: int) -> list[tuple[int, ...]]:
   return shapes
 
 
-def create_multiscale(group, shape: tuple[int, ...], chunk: int, dtype,
+def create_multiscale(group, shape: tuple[int, ...], chunk: int, dtype, axes: str,
                       levels: int | None = None) -> list:
   """The arrays '0', '1', ... of a pyramid of `level_shapes(shape, chunk)` (its first
-  `levels`) in `group`, chunked (1, ..., chunk, chunk), 0 where nothing was written."""
+  `levels`) in `group`, chunked (1, ..., chunk, chunk), 0 where nothing was written; `axes`:
+  their letters (zarr v3 arrays carry them as dimension_names, as NGFF 0.5 asks)."""
   arrays = []
   for level, level_shape in enumerate(level_shapes(shape, chunk)[:levels]):
     chunks = (1,) * (len(shape) - 2) + (min(chunk, level_shape[-2]), min(chunk, level_shape[-1]))
-    kwargs = {}
     if group.metadata.zarr_format == 2:  # NGFF 0.4 wants '/'-separated chunk keys
-      kwargs['chunk_key_encoding'] = {'name': 'v2', 'separator': '/'}
+      kwargs = {'chunk_key_encoding': {'name': 'v2', 'separator': '/'}}
+    else:
+      kwargs = {'dimension_names': list(axes.lower())}
     arrays.append(group.create_array(str(level), shape=level_shape, chunks=chunks,
                                      dtype=dtype, fill_value=0, **kwargs))
   return arrays
@@ -77,7 +79,8 @@ def _multiscale(axes: Axes, levels: int, name: str, version: str) -> dict:
     scale = [s * f for s, f in zip(axes.scale, factor)]
     datasets.append({'path': str(level),
                      'coordinateTransformations': [{'type': 'scale', 'scale': scale}]})
-  multiscale = {'name': name, 'axes': axes.ngff(), 'datasets': datasets}
+  multiscale = {'name': name, 'axes': axes.ngff(), 'datasets': datasets, 'type': 'nearest',
+                'metadata': {'description': 'every other pixel of the level before'}}
   if version == '0.4':
     multiscale['version'] = '0.4'
   return multiscale

@@ -131,17 +131,18 @@ def _axes(source: sources.Source) -> ngff.Axes:
 def _create(job: job_lib.Job, names: list[str], version: str) -> None:
   """The output groups and arrays (all pyramid levels, empty); idempotent."""
   shape = (*job.source.plane_shape, *job.grid.shape)
-  chunk = job.grid.size
+  chunk, axes = job.grid.size, job.source.plane_axes
   if job.outputs.image is not None:
     root = ngff.open_group(job.outputs.image, 'a', version)
     if '0' not in root:
-      ngff.create_multiscale(root, shape, chunk, np.float32 if job.save_prob else np.uint8)
+      ngff.create_multiscale(root, shape, chunk, np.float32 if job.save_prob else np.uint8,
+                             axes)
   labels = ngff.open_group(job.outputs.labels, 'a', version)
   for name in names:
     if name not in labels:
       group = labels.create_group(name)
       ngff.create_multiscale(group, shape, chunk,
-                             np.uint8 if name == 'mask' else np.dtype(job.id_dtype))
+                             np.uint8 if name == 'mask' else np.dtype(job.id_dtype), axes)
 
 
 def _write_metadata(job: job_lib.Job, names: list[str], version: str) -> None:
