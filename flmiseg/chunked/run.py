@@ -88,9 +88,13 @@ def _outputs(source: sources.Source, dst: str, instances: bool,
   return job_lib.Outputs(str(image), str(image / 'labels'), table, state)
 
 
+def _existing_expected(outputs: job_lib.Outputs, names: list[str]) -> list[str]:
+  """The zarr groups a run creates before it predicts (its table comes at the end)."""
+  return [outputs.image] if outputs.image else [outputs.label(n) for n in names]
+
+
 def _existing(outputs: job_lib.Outputs, names: list[str]) -> list[str]:
-  paths = ([outputs.image] if outputs.image else [outputs.label(n) for n in names]) + (
-      [outputs.table] if outputs.table else [])
+  paths = _existing_expected(outputs, names) + ([outputs.table] if outputs.table else [])
   return [p for p in paths if pathlib.Path(p).exists()]
 
 
@@ -100,9 +104,13 @@ def _prepare(outputs: job_lib.Outputs, names: list[str], identity: dict,
   UserError (writing nothing) for outputs that exist without overwrite."""
   state = job_lib.State(outputs.state)
   previous = state.identity()
-  if previous == identity and not overwrite:
-    return True
   existing = _existing(outputs, names)
+  if previous == identity and not overwrite:
+    created = [pathlib.Path(p).exists() for p in _existing_expected(outputs, names)]
+    if state.done('setup', 'outputs') and not all(created):
+      state.remove()  # its outputs were deleted since: start again
+      return False
+    return True
   if (existing or previous is not None) and not overwrite:
     if previous is not None and not existing:
       raise UserError(f'{outputs.state} holds an unfinished run with other settings; use '
