@@ -27,7 +27,6 @@ from flmiseg.data import imagefile
 # NGFF space units, in micrometres.
 UNITS_UM = {'angstrom': 1e-4, 'nanometer': 1e-3, 'micrometer': 1.0, 'micron': 1.0,
             'millimeter': 1e3, 'centimeter': 1e4, 'meter': 1e6}
-ZARR_SUFFIXES = ('.zarr',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +128,6 @@ def output_stem(path: pathlib.Path) -> str:
     if name.lower().endswith(suffix):
       return name[:-len(suffix)]
   return path.stem
-
-
-def is_lazy_input(spec: str) -> bool:
-  """Whether --input names an image predicted block by block: a zarr folder (X.zarr,
-  X.ome.zarr, or any folder holding zarr metadata)."""
-  path = pathlib.Path(spec)
-  return path.is_dir() and (path.name.lower().endswith(ZARR_SUFFIXES) or any(
-      (path / f).exists() for f in ('zarr.json', '.zgroup', '.zarray')))
 
 
 # ----------------------------------------------------------------------------- NGFF
