@@ -146,6 +146,17 @@ def test_objects_across_borders_and_corners_get_one_label_each(chunked_run):
     assert count == 2, (cy, cx)  # one piece (background + it): no seam splits it
 
 
+def test_without_instances_blocks_need_no_halo_and_give_the_in_memory_mask(
+    nucleus, inputs, reference, tmp_path):
+  result = chunked.segment_zarr(nucleus, str(inputs['0.4']), str(tmp_path), block=BLOCK,
+                                progress=False)
+  group = zarr.open_group(result['output'], mode='r')
+  assert result['table'] is None and group['labels'].attrs['labels'] == ['mask']
+  np.testing.assert_array_equal(group['labels/mask/0'][:], reference.mask)
+  prob = np.rint(reference.prob * 255.0).astype(np.uint8)  # uint8 without --save_prob
+  np.testing.assert_array_equal(group['0'][:], prob)
+
+
 def test_outputs_are_ngff_label_images_with_pyramids(chunked_run):
   result, group = chunked_run
   assert group.metadata.zarr_format == 2

@@ -2,7 +2,8 @@
 
 A plane of (H, W) pixels is cut into blocks of `size` x `size` (the last ones shorter). A
 block *writes* its core and nothing else, so blocks never write the same chunk. It *labels*
-its extended region, the core and `halo` pixels around it, so an object that crosses the
+its extended region, the core and `halo` pixels around it (0 without instances), so an
+object that crosses the
 core's border is seen whole by each block it crosses (flmiseg/chunked/link.py joins them). It
 *predicts* the whole plane's tiles that cover its extended region: the tiles of
 `tiling.tile_corners` for the whole plane, blended in the same order, so every pixel of the

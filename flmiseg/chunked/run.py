@@ -329,6 +329,7 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
   settings, threshold_source = model.resolved(settings)
   halo = default_halo(model, settings) if halo is None else halo
   _check_block(block, halo)
+  halo = halo if instances else 0  # only instances look past a block's core
   version = _version(source, ngff_version, into_input)
   if into_input and save_prob:
     raise UserError('--save_prob with --labels_into_input: a probability is not a label '
