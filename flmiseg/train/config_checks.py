@@ -154,12 +154,17 @@ def choice(values, what: str = 'valid', label: str = 'valid') -> Check:
   return rule
 
 
-def augment(field, value) -> str:
+def _raised(check: Callable[[object], object], value) -> str:
+  """The message of the ValueError `check(value)` raises ('' when it raises none)."""
   try:
-    pipeline.parse_augment(value)
+    check(value)
   except ValueError as e:
     return str(e)
   return ''
+
+
+def augment(field, value) -> str:
+  return _raised(pipeline.parse_augment, value)
 
 
 def ignore_value(field, value) -> str:
@@ -170,11 +175,7 @@ def ignore_value(field, value) -> str:
 
 
 def calibrate_metric(field, value) -> str:
-  try:
-    calibration.check_calibrate_metric(value)
-  except ValueError as e:
-    return str(e)
-  return ''
+  return _raised(calibration.check_calibrate_metric, value)
 
 
 def loss_weights(field, value) -> str:
