@@ -228,11 +228,7 @@ def prepare(pairs: list[lists.Pair], normalization: str, kind: str,
   """
   method = preprocess.resolve(normalization, kind)
   ignore_value = check_ignore_value(ignore_value)
-  cache_dir = pathlib.Path(cache_dir)
-  try:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'{cache_dir}: cannot create the preprocessing cache ({e.strerror})') from e
+  cache_dir = io.make_cache_dir(cache_dir)
   missing = [p for p in pairs if not all(
       f.exists() for f in _cache_files(p, method, cache_dir, ignore_value, channel)[:2])]
   # With an ignore value, a mask may add a uint8 ignored map: one more byte per pixel.

@@ -238,3 +238,14 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str | None = No
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
+
+
+def make_cache_dir(cache_dir) -> pathlib.Path:
+  """`cache_dir` (a run's preprocessing cache) created with its parents; a UserError naming it
+  when it cannot be."""
+  cache_dir = pathlib.Path(cache_dir)
+  try:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'{cache_dir}: cannot create the preprocessing cache ({e.strerror})') from e
+  return cache_dir

@@ -146,11 +146,7 @@ def load_pairs(root, cache_dir) -> list[lists.Pair]:
   """(image, label image) Pairs of the object-mask dataset `root`, the label images merged
   once into `cache_dir` (directly in it, named by hash)."""
   samples = read_samples(root)
-  cache_dir = pathlib.Path(cache_dir)
-  try:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'{cache_dir}: cannot create the preprocessing cache ({e.strerror})') from e
+  cache_dir = io.make_cache_dir(cache_dir)
   # Decoding thousands of small PNGs: OpenCV releases the GIL, so threads help.
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
     return list(pool.map(lambda s: _cached_labels(s, cache_dir), samples))
