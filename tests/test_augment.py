@@ -137,6 +137,31 @@ def test_scale_keeps_image_mask_and_maps_aligned():
   assert boundary <= 0.01 * sum(b['mask'].size for b in scaled), boundary
 
 
+@pytest.mark.parametrize('factor', [0.5, 2.0])
+def test_scale_range_sets_the_zoom(factor, monkeypatch):
+  # Stripes 8 px wide: a zoom by exactly `factor` (scale_range (f, f)) makes them 8 * f wide,
+  # in the mask (nearest neighbour) and in the image.
+  monkeypatch.setattr(pipeline, 'SCALE_PROB', 1.0)  # every crop zoomed
+  stripes = ((np.arange(128) // 8) % 2).astype(np.float32)
+  image = np.tile(stripes, (128, 1))
+  aug = pipeline.Augment(32, False, ('scale',), scale_range=(factor, factor))
+  widths = set()
+  for seed in range(20):
+    out = aug.random_map({'image': image, 'mask': image.copy()}, np.random.default_rng(seed))
+    row = out['mask'][5, :, 0]
+    edges = np.flatnonzero(np.diff(row) != 0)
+    widths.update(np.diff(edges).tolist())
+    assert np.array_equal(out['image'] > 0.5, out['mask'] > 0.5)
+  assert widths == {int(8 * factor)}, widths
+
+
+def test_scale_range_is_checked():
+  from flmiseg.train import config_checks  # pylint: disable=import-outside-toplevel
+  assert config_checks.scale_range('data.scale_range', (0.5, 2.0)) == ''
+  for bad in [(2.0, 0.5), (0.0, 1.0), (1.0,), 'big']:
+    assert 'data.scale_range' in config_checks.scale_range('data.scale_range', bad)
+
+
 def test_scale_moves_the_ignored_map_with_the_image():
   # image = 2 on ignored pixels (the band), so valid = 0 must match image > 1.5 exactly
   # wherever the image is real.

@@ -60,11 +60,12 @@ def inverted_pairs(pairs, folder: pathlib.Path):
 def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str = '',
                    lr: float = 0.0, masks: str = '', pack: bool = True) -> dict:
   """Trains the recipe `common.pretrained_config(kind, steps, init_from, lr, masks, --real,
-  --synthetic_fraction, --width)` in `workdir` and, with `pack`, packs it as the shipped model
-  `kind` (pack_shipped); returns weights.json's content, or the test summary without `pack`."""
+  --synthetic_fraction, --width, --scale_range)` in `workdir` and, with `pack`, packs it as
+  the shipped model `kind` (pack_shipped); returns weights.json's content, or the test summary without `pack`."""
   start = time.perf_counter()
   config = common.pretrained_config(kind, steps, init_from, lr, masks, FLAGS.real,
-                                    FLAGS.synthetic_fraction, FLAGS.width)
+                                    FLAGS.synthetic_fraction, FLAGS.width,
+                                    [float(v) for v in FLAGS.scale_range] or None)
   result = trainer.train_and_evaluate(config, workdir)
   if not pack:
     return result
@@ -143,6 +144,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('real', '', 'Also train on this real dataset (a folder python -m '
                       'flmiseg.data.public wrote), validating and testing on its val/ and test/.')
   flags.DEFINE_float('synthetic_fraction', 0.5, 'With --real: the share of simulated draws.')
+  flags.DEFINE_list('scale_range', [], 'The scale augmentation\'s zoom factors LOW,HIGH (e.g. '
+                    '0.5,2; empty: the default\'s, 0.7,1.4).')
   flags.DEFINE_integer('width', 0, 'The U-Net\'s width (0: the recipe\'s, 16).')
   flags.DEFINE_bool('pack', True, 'Pack the trained model into flmiseg/pretrained/KIND and '
                     'measure it (--nopack: train only).')

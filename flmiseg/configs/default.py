@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Strengths: the constants in flmiseg/data/pipeline.py. Validation and test images are
   # never augmented.
   data.augment = ''
+  # The 'scale' group's zoom factors (low, high), drawn log-uniformly: 0.5-2 teaches a model
+  # objects from half to twice the sizes of its training images (magnifications it never saw).
+  data.scale_range = (0.7, 1.4)
   # A mask value (e.g. 2) whose pixels are excluded from the loss and the metrics (sparse
   # labels: unlabelled pixels); -1: none, every nonzero mask pixel is foreground.
   data.ignore_value = -1

@@ -15,7 +15,8 @@ than the crop are zero-padded, with valid=0 there) and one of the 8 symmetries o
 Optional robustness augmentation (`augment`, config.data.augment), so that models trained on
 simulated images hold up on real microscopes. Groups (AUGMENT_GROUPS), each applied to a crop
 with its probability below:
-  scale         zoom by a factor in SCALE_RANGE before cropping: image area/bilinear, mask and
+  scale         zoom by a factor in `scale_range` (config.data.scale_range, by default
+                SCALE_RANGE) before cropping: image area/bilinear, mask and
                 maps nearest neighbour, all from one resampling so they stay aligned;
   intensity     gamma on the crop's value range, contrast about its mean, an offset;
   illumination  a smooth random multiplicative field (of the signal above the crop minimum);
@@ -114,8 +115,9 @@ def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float
 
 
 def _scaled_crop(arrays: list[np.ndarray], size: int, top: int, left: int,
-                 rng: np.random.Generator) -> list[np.ndarray]:
-  """`crop_or_pad` of the arrays zoomed by a random factor in SCALE_RANGE.
+                 rng: np.random.Generator,
+                 scale_range: tuple[float, float] = SCALE_RANGE) -> list[np.ndarray]:
+  """`crop_or_pad` of the arrays zoomed by a random factor in `scale_range` (log-uniform).
 
   Args:
     arrays: (H, W) arrays: the image (area-averaged when shrinking, bilinear when growing),
@@ -129,7 +131,7 @@ def _scaled_crop(arrays: list[np.ndarray], size: int, top: int, left: int,
   array goes through the same cv2.resize geometry (pixel centres), so they stay aligned.
   """
   h, w = arrays[0].shape
-  factor = _log_uniform(rng, SCALE_RANGE)
+  factor = _log_uniform(rng, scale_range)
   windows = []
   for start, length, fraction in ((top, h, rng.random()), (left, w, rng.random())):
     zoomed = max(round(length * factor), 1)
@@ -245,6 +247,7 @@ class Augment(grain.transforms.RandomMap):
   flips: bool = True
   groups: tuple[str, ...] = ()
   mirror: float | None = None  # the 'invert' group's mirror point (photometric)
+  scale_range: tuple[float, float] = SCALE_RANGE  # the 'scale' group's zoom factors
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     """element: 'image' float32 (H, W), 'mask' (H, W) {0, 1}, optional 'ignored' (H, W)
@@ -258,7 +261,7 @@ class Augment(grain.transforms.RandomMap):
     extras = [key for key in ('ignored', 'distance') if key in element]
     arrays = [image, mask, np.ones((h, w), np.float32)] + [element[key] for key in extras]
     if 'scale' in self.groups and rng.random() < SCALE_PROB:
-      arrays = _scaled_crop(arrays, self.crop_size, top, left, rng)
+      arrays = _scaled_crop(arrays, self.crop_size, top, left, rng, self.scale_range)
     else:
       arrays = crop_or_pad(arrays, self.crop_size, top, left)
     image, mask, valid = arrays[:3]
@@ -276,13 +279,14 @@ class Augment(grain.transforms.RandomMap):
 
 def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, seed: int,
                   process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                  flips: bool = True, augment: str = '',
-                  mirror: float | None = None) -> grain.IterDataset:
+                  flips: bool = True, augment: str = '', mirror: float | None = None,
+                  scale_range: tuple[float, float] = SCALE_RANGE) -> grain.IterDataset:
   """Training batches for `num_steps` steps: seeded shuffle, reshuffled every epoch (a
   mixing.MixedSource: its seeded mixture of real and simulated images).
 
   `augment` is config.data.augment ('' = crop and D4 only; see `parse_augment`); `mirror`
-  the 'invert' group's mirror point (preprocess.mirror_point of the normalisation).
+  the 'invert' group's mirror point (preprocess.mirror_point of the normalisation);
+  `scale_range` the 'scale' group's zoom factors (config.data.scale_range).
 
   The element order, and each element's augmentation, depend only on the seed and the
   position in the global stream, not on the number of processes: process p of P takes the
@@ -298,7 +302,8 @@ def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, 
   else:
     epochs = math.ceil(num_steps * global_batch / len(source)) + 1
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)
-  ds = ds.random_map(Augment(crop_size, flips, groups, mirror), seed=seed + 1)
+  ds = ds.random_map(Augment(crop_size, flips, groups, mirror, tuple(scale_range)),
+                     seed=seed + 1)
   # Local batch k of the stream is block k % P of global batch k // P (batching is lazy, so
   # each process only loads and augments its own elements).
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]

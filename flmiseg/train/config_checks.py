@@ -167,6 +167,13 @@ def augment(field, value) -> str:
   return _raised(pipeline.parse_augment, value)
 
 
+def scale_range(field, value) -> str:
+  ok = (isinstance(value, (tuple, list)) and len(value) == 2 and
+        all(_is_number(v) and v > 0 for v in value) and value[0] <= value[1])
+  return '' if ok else (f'config.{field}={value!r}: must be two zoom factors (low, high) with '
+                        '0 < low <= high, e.g. (0.5, 2.0)')
+
+
 def ignore_value(field, value) -> str:
   if _is_int(value) and (value == -1 or value >= 1):
     return ''
@@ -220,6 +227,7 @@ RULES: dict[str, Rule] = {
     'data.object_diameter': training(number(0, note=' (pixels; 0 = not recorded)')),
     'data.flips': training(boolean),
     'data.augment': training(augment),
+    'data.scale_range': training(scale_range),
     'data.ignore_value': inference(ignore_value),
     'data.channel': inference(integer(-1, note=' (a channel number; -1: single-channel '
                                                'images)')),

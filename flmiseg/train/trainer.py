@@ -359,8 +359,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         data.train, crop_size=crop, global_batch=config.train.batch_size, num_steps=total,
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.data.num_workers,
-        flips=config.data.flips, augment=config.data.augment,
-        mirror=mirror))
+        flips=config.data.flips, augment=config.data.augment, mirror=mirror,
+        scale_range=tuple(config.data.get('scale_range', pipeline.SCALE_RANGE))))
     if data_state is not None:
       it.set_state(data_state)
     elif config.train.init_from and data.val is not None:
