@@ -48,14 +48,19 @@ def _discs() -> np.ndarray:
 
 
 def write_ome_zarr(path, image, version: str, scale=(1.0, 1.0), unit=None, chunks=64):
-  """An OME-Zarr of one 2-D level as another tool would write it (NGFF 0.4: zarr v2, '/'
-  chunk keys; 0.5: zarr v3, metadata under 'ome')."""
+  """An OME-Zarr of a 2-D image (or of a list of them: levels 0, 1, ..., each of twice the
+  scale before) as another tool would write it (NGFF 0.4: zarr v2, '/' chunk keys; 0.5: zarr
+  v3, metadata under 'ome')."""
   group = zarr.open_group(str(path), mode='w', zarr_format=2 if version == '0.4' else 3)
   extra = {'chunk_key_encoding': {'name': 'v2', 'separator': '/'}} if version == '0.4' else {}
-  group.create_array('0', data=image, chunks=(chunks, chunks), **extra)
+  levels = image if isinstance(image, list) else [image]
+  for level, pixels in enumerate(levels):
+    group.create_array(str(level), data=pixels, chunks=(chunks, chunks), **extra)
   axes = [dict(name=n, type='space', **({'unit': unit} if unit else {})) for n in 'yx']
-  multiscale = {'axes': axes, 'datasets': [{'path': '0', 'coordinateTransformations': [
-      {'type': 'scale', 'scale': list(scale)}]}]}
+  multiscale = {'axes': axes, 'datasets': [
+      {'path': str(level), 'coordinateTransformations': [
+          {'type': 'scale', 'scale': [s * 2 ** level for s in scale]}]}
+      for level in range(len(levels))]}
   if version == '0.4':
     group.attrs['multiscales'] = [{'version': '0.4', **multiscale}]
   else:

@@ -12,6 +12,12 @@ by two blocks gets its two parts' anchors, which flmiseg/chunked/link.py joins i
 smaller: the object's first pixel in the plane. Its record (`State.save`, after the writes)
 holds the extended region's ids outside the core (the halo, for linking) and each object's
 sums for the objects table (area, coordinates, intensity).
+
+A block resized for the model (the grid's factor != 1) is normalised the same way, at the
+image's pixels, then resized, tiled and resized back as `segment.Predictor.plane` does a whole
+plane (`resized_outputs`): its outputs are close to the in-memory path's with the same
+resizing, not equal (the resized pixels depend on where the plane is cut, and 'percentile'
+and 'zscore' statistics are the image's, not the resized image's).
 """
 
 import threading
@@ -24,6 +30,7 @@ from flmiseg.chunked import engine
 from flmiseg.chunked import job as job_lib
 from flmiseg.chunked import statistics
 from flmiseg.data import preprocess
+from flmiseg.inference import segment
 from flmiseg.inference import tiling
 from flmiseg.objects import instances
 
@@ -61,17 +68,32 @@ def outputs_of(job: job_lib.Job, block) -> tuple[np.ndarray, np.ndarray]:
       lambda ys, xs: job.source.read(plane, ys, xs), (h, w), *context, stats.hot)
   origin = (context[0][0], context[1][0])
   x = preprocess.apply_normalization(fixed, origin, stats.norm, rows, cols)
-  # A plane smaller than a tile is mirrored to a tile, as sliding_window mirrors it.
-  x = np.pad(x, ((0, r1 - rows[1]), (0, c1 - cols[1])), mode='reflect')
-  total, weight = tiling.blend(predictor.probs_of, x, list(block.corners), predictor.tile,
-                               predictor.batch_size)
   (e0, e1), (f0, f1) = block.extended
   inside = (slice(e0 - r0, e1 - r0), slice(f0 - c0, f1 - c0))
-  out = total[inside] / weight[inside][..., None]
+  if job.grid.factor != 1.0:
+    out = resized_outputs(predictor, x, job.grid.factor)[inside]
+  else:
+    # A plane smaller than a tile is mirrored to a tile, as sliding_window mirrors it.
+    x = np.pad(x, ((0, r1 - rows[1]), (0, c1 - cols[1])), mode='reflect')
+    total, weight = tiling.blend(predictor.probs_of, x, list(block.corners), predictor.tile,
+                                 predictor.batch_size)
+    out = total[inside] / weight[inside][..., None]
   if missing is not None:
     out[missing[e0 - origin[0]:e1 - origin[0], f0 - origin[1]:f1 - origin[1]]] = 0.0
   (y0, y1), (x0, x1) = block.core
   return out, fixed[y0 - origin[0]:y1 - origin[0], x0 - origin[1]:x1 - origin[1]]
+
+
+def resized_outputs(predictor: segment.Predictor, x: np.ndarray, factor: float) -> np.ndarray:
+  """float32 outputs (h, w, C) of a normalised region (h, w), resized by `factor` for the
+  network, tiled on its own (`tiling.sliding_window`) and resized back, with the sizes,
+  interpolations and clipping of `segment.Predictor.plane`."""
+  h, w = x.shape
+  scaled = segment.resize(x, (max(1, round(h * factor)), max(1, round(w * factor))))
+  out = tiling.sliding_window(predictor.probs_of, scaled, predictor.tile, predictor.overlap,
+                              predictor.batch_size, batch_multiple=predictor.batch_multiple)
+  return np.stack([np.clip(segment.resize(c, (h, w)), 0.0, 1.0) for c in np.moveaxis(out, -1, 0)],
+                  axis=-1)
 
 
 def anchors(core: np.ndarray, origin: tuple[int, int], width: int, dtype,

@@ -10,6 +10,13 @@ core's border is seen whole by each block it crosses (flmiseg/chunked/link.py jo
 extended region gets the sums the whole plane would give it, bit for bit, and the halo costs
 the tiles it adds, not a blend of its own. A block *reads* those tiles' pixels plus what
 normalising them reads (`preprocess.Normalization.context`: CLAHE's tiles).
+
+A grid whose blocks are resized for the model (`factor` != 1: the image's pixel size or
+objects differ from the model's) has no whole-plane tiles to share: the resized plane's pixels
+depend on how it is cut. Each block then predicts its extended region alone, as the in-memory
+path predicts a whole plane (resized, tiled, resized back: flmiseg/chunked/blocks.py), and its
+halo, there even without instances, gives the core's pixels the context the whole plane would
+(flmiseg/chunked/run.py: `default_halo`).
 """
 
 import dataclasses
@@ -27,8 +34,9 @@ class Block:
   index: tuple[int, int]  # (row, column) in the grid
   core: tuple[Span, Span]
   extended: tuple[Span, Span]
-  region: tuple[Span, Span]  # the tiles' union (past the plane only when it is < a tile)
-  corners: tuple[tuple[int, int], ...]  # the tiles, relative to region's start
+  # The tiles' union (past the plane only when it is < a tile); resized: the extended region.
+  region: tuple[Span, Span]
+  corners: tuple[tuple[int, int], ...]  # the tiles, relative to region's start; resized: ()
 
   @property
   def name(self) -> str:
@@ -39,12 +47,14 @@ class Block:
 @dataclasses.dataclass(frozen=True)
 class Grid:
   """Blocks of `size` over a plane of `shape`, with `halo` pixels of extended region, for a
-  network tile of `tile` pixels overlapping by `overlap`."""
+  network tile of `tile` pixels overlapping by `overlap`, each block resized by `factor` for
+  the network (1.0: not resized). Spans are in the plane's own pixels, whatever the factor."""
   shape: tuple[int, int]
   size: int
   halo: int
   tile: int
   overlap: float
+  factor: float = 1.0
 
   @property
   def counts(self) -> tuple[int, int]:
@@ -61,6 +71,8 @@ class Grid:
   def block(self, plane: int, row: int, col: int) -> Block:
     core = (self._span(0, row, 0), self._span(1, col, 0))
     extended = (self._span(0, row, self.halo), self._span(1, col, self.halo))
+    if self.factor != 1.0:  # tiled alone, after resizing (the module docstring)
+      return Block(plane, (row, col), core, extended, extended, ())
     starts = []
     for axis, (lo, hi) in enumerate(extended):
       starts.append([s for s in self._starts(axis) if s < hi and s + self.tile > lo])

@@ -47,34 +47,37 @@ MIN_HALO = 32  # pixels of extended region around a core, at least
 HALO_DIAMETERS = 2.0  # and this many of the model's object diameters (object_diameter)
 
 
-def default_halo(model, settings: segment.Settings) -> int:
-  """The halo for `model`: at least the tiles' overlap, MIN_HALO and HALO_DIAMETERS object
-  diameters (so that an object crossing a core's border is seen whole by both blocks),
-  rounded up to a multiple of 16."""
+def default_halo(model, settings: segment.Settings, factor: float = 1.0) -> int:
+  """The halo for `model`, in the image's pixels: at least the tiles' overlap, MIN_HALO and
+  HALO_DIAMETERS object diameters (so that an object crossing a core's border is seen whole by
+  both blocks), and with blocks resized by `factor` half a tile (so that the network sees
+  every core pixel with the context the whole plane gives it), all in the model's pixels,
+  divided by `factor` and rounded up to a multiple of 16."""
   tile = model.predictor(settings).tile
   diameter = model.object_diameter or 0.0
-  halo = max(MIN_HALO, math.ceil(tile * settings.overlap), math.ceil(HALO_DIAMETERS * diameter))
+  halo = max(MIN_HALO, math.ceil(tile * settings.overlap), math.ceil(HALO_DIAMETERS * diameter),
+             tile // 2 if factor != 1.0 else 0)
+  halo = math.ceil(halo / factor)
   return -(-halo // 16) * 16
 
 
-def _check(model, source: sources.Source, settings: segment.Settings, pixel_size) -> None:
-  """Raises UserError for what the chunked path does not do (yet): a first pass to measure
-  the objects, resizing to the model, a normalisation of the whole plane's fixed grid."""
+def _check(model, source: sources.Source, settings: segment.Settings,
+           pixel_size) -> tuple[float, str | None]:
+  """(how much each block is resized for the model, a note saying so or None), as the
+  in-memory path decides it (`segment.model_factor`: by --diameter, else by the pixel size of
+  the level, `pixel_size`). Raises UserError for what the chunked path does not do: a first
+  pass to measure the objects, a normalisation of the whole plane's fixed grid."""
   if settings.diameter == segment.AUTO_DIAMETER:
     raise UserError('--diameter=0 (measured on a first pass) needs the whole image: give the '
                     'objects\' diameter in pixels for a zarr input')
-  factor, _ = segment.model_factor(model.config, pixel_size, settings.diameter,
-                                   settings.rescale)
-  if factor != 1.0:
-    raise UserError(
-        f'{source.layout.path}: level {source.level} would be resized x{factor:.3g} for the '
-        'model (its pixel size or --diameter), which chunked prediction does not do yet: '
-        'choose the --level closest to the model\'s pixel size, or --no_rescale')
   data = model.config.data
   method = preprocess.resolve(data.normalization, data.kind)
   if method not in preprocess.BLOCKWISE_METHODS:
     raise UserError(f'config.data.normalization={method}: runs CLAHE on a fixed grid of the '
                     'whole plane, which chunked prediction cannot split into blocks')
+  factor, note = segment.model_factor(model.config, pixel_size, settings.diameter,
+                                      settings.rescale)
+  return factor, f'{source.layout.path} (level {source.level}): {note}' if note else None
 
 
 def _outputs(source: sources.Source, dst: str, instances: bool,
@@ -303,9 +306,12 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
     model: a flmiseg Model.
     src, dst: the input; the output folder (its <name>.ome.zarr, <name>_objects.csv).
     axes, level, channel: how to read the input (sources.open_source).
-    threshold ... overlap: as Model.segment (the in-memory path's settings).
+    threshold ... overlap: as Model.segment (the in-memory path's settings); pixel_size
+      None: the level's, from the input's metadata. With a pixel size or diameter that calls
+      for it, each block is resized for the model and its outputs back (grid.py).
     save_prob: the probability image as float32 (else uint8, 255 x the probability).
-    block: the blocks' (and chunks') side; halo: their extended region (None: default_halo).
+    block: the blocks' (and chunks') side; halo: their extended region (None: default_halo),
+      in the image's pixels.
     scheduler: 'threads', 'processes' or a dask.distributed scheduler's address;
       workers: threads or processes of the local ones (0: 2 threads, a process per CPU).
     overwrite: replace existing outputs (else they are an error; an unfinished run of the
@@ -325,16 +331,18 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
   settings.check()
   segment.check_diameter(model.config, diameter, model.folder)
   source = sources.open_source(src, axes, level, channel)
-  _check(model, source, settings, pixel_size or source.pixel_size)
+  factor, resized = _check(model, source, settings, pixel_size or source.pixel_size)
   settings, threshold_source = model.resolved(settings)
-  halo = default_halo(model, settings) if halo is None else halo
+  halo = default_halo(model, settings, factor) if halo is None else halo
   _check_block(block, halo)
-  halo = halo if instances else 0  # only instances look past a block's core
+  # Only instances, and the network's context of resized blocks, look past a block's core.
+  halo = halo if instances or factor != 1.0 else 0
   version = _version(source, ngff_version, into_input)
   if into_input and save_prob:
     raise UserError('--save_prob with --labels_into_input: a probability is not a label '
                     'image; write a new OME-Zarr instead')
-  grid = grid_lib.Grid(source.shape, block, halo, model.predictor(settings).tile, overlap)
+  grid = grid_lib.Grid(source.shape, block, halo, model.predictor(settings).tile, overlap,
+                       factor)
   outputs = _outputs(source, dst, instances, into_input)
   names = ['mask'] + (['instances'] if instances else [])
   id_dtype = 'uint32' if grid.shape[0] * grid.shape[1] < 2 ** 32 - 1 else 'uint64'
@@ -342,8 +350,9 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
                     id_dtype, save_prob)
   identity = _identity(model, source, settings, grid, outputs, save_prob, version)
   with engine.Engine(scheduler, workers) as runner:  # an unreachable address: UserError
-    return _run(model, job, names, version, identity, overwrite, runner, progress,
-                threshold_source)
+    result = _run(model, job, names, version, identity, overwrite, runner, progress,
+                  threshold_source)
+  return {**result, 'notes': ([resized] if resized else []) + result['notes']}
 
 
 def _check_block(block: int, halo: int) -> None:
@@ -352,8 +361,8 @@ def _check_block(block: int, halo: int) -> None:
                     f'--halo={halo}: must be >= 0')
   if halo > block:  # an extended region would reach past the neighbouring blocks
     raise UserError(f'--block={block}: smaller than the halo of {halo} px that each block '
-                    f'reads around it (the tiles\' overlap and 2 object diameters); use '
-                    f'--block={halo} or more')
+                    f'reads around it (the tiles\' overlap and 2 object diameters, in the '
+                    f'image\'s pixels); use --block={halo} or more')
 
 
 def _version(source: sources.Source, wanted: str | None, into_input: bool) -> str:
