@@ -91,7 +91,7 @@ def inputs(tmp_path_factory, image):
 
 @pytest.fixture(scope='module')
 def reference(nucleus, image):
-  return nucleus.segment(image, instances=True)
+  return nucleus.segment(image, instances=True, rescale=False)
 
 
 @pytest.fixture(scope='module')
@@ -115,6 +115,8 @@ def _assert_same_outputs(a: dict, b: dict) -> None:
 def test_chunked_gives_the_in_memory_outputs_bit_for_bit(chunked_run, reference):
   result, group = chunked_run
   assert result['blocks'] == 4 and result['threshold'] == reference.threshold
+  # The shipped nucleus model measures its objects on a first pass in memory; not here.
+  assert any('not resized by the size of its objects' in note for note in result['notes'])
   np.testing.assert_array_equal(group['0'][:], reference.prob)
   np.testing.assert_array_equal(group['labels/mask/0'][:], reference.mask)
   labels = group['labels/instances/0'][:]

@@ -202,6 +202,9 @@ def test_a_bad_value_is_one_line_naming_field_and_valid_range(field):
     ({'data__source': 'lists', 'data__train_list': 'l.txt', 'data__kind': 'golgi',
       'data__normalization': 'zscore', 'data__synthetic_fraction': 0.5},
      'config.data.synthetic_fraction=0.5 mixes simulated images'),
+    ({'eval__measure_diameter': True}, 'config.eval.measure_diameter=True resizes images so '
+     'their objects match config.data.object_diameter, which is 0 (not recorded); set it in '
+     'pixels'),
 ])
 def test_fields_that_go_together(changes, line):
   assert _error(_with(**changes)).startswith(line)

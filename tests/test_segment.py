@@ -27,7 +27,12 @@ from tests import helpers
 
 @pytest.fixture(scope='module')
 def nucleus():
-  return flmiseg.load('nucleus')
+  """The shipped nucleus model, at each image's own size unless a test asks for resizing (its
+  config.eval.measure_diameter off), so each test sees the one setting it varies;
+  `test_the_shipped_nucleus_model_measures_its_objects_by_default` checks the default."""
+  config = rundir.read_config(pretrained.resolve_model('nucleus'))
+  config.eval.measure_diameter = False
+  return flmiseg.load('nucleus', config=config)
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +55,7 @@ def test_model_segment_gives_the_files_of_predict(nucleus, cells, tmp_path):
       input=str(tmp_path / 'in'), output=str(tmp_path / 'out'), instances=True,
       save_prob=True))
   fractions = []
-  result = nucleus.segment(image, instances=True, progress=fractions.append)
+  result = flmiseg.load('nucleus').segment(image, instances=True, progress=fractions.append)
   assert result.axes == 'YX' and result.mask.dtype == np.uint8
   np.testing.assert_array_equal(result.mask, io.read_image(tmp_path / 'out' / 'cells_mask.tif')
                                 // 255)
@@ -185,18 +190,37 @@ def test_diameter_zero_measures_the_objects_on_a_first_pass(nucleus, cells):
   measured = nucleus.segment(big, diameter=0)
   note, resized = measured.warnings[:2]
   size = float(note.split('measure ')[1].split(' px')[0])
-  assert note == f'image: its objects measure {size:.3g} px across (--diameter=0, a first pass)'
+  assert note == f'image: its objects measure {size:.3g} px across (a first pass)'
   assert size > 1.1 * nucleus.config.data.object_diameter
   assert resized.startswith('image: resized x0.')
   first_pass, _ = nucleus.predictor(segment.Settings()).planes(big[None])
   settings, _ = nucleus.resolved(segment.Settings())
   given = nucleus.segment(big, diameter=segment.estimated_diameter(first_pass, settings)[0])
   np.testing.assert_array_equal(measured.mask, given.mask)
-  plain = nucleus.segment(big)
+  plain = nucleus.segment(big, rescale=False)
   assert _iou(measured.mask > 0, big_truth) > _iou(plain.mask > 0, big_truth) + 0.05
   with pytest.raises(UserError, match=r'^--diameter=-1: must be a positive size in pixels, '
                      'or 0 to measure it$'):
     nucleus.segment(image, diameter=-1)
+
+
+def test_the_shipped_nucleus_model_measures_its_objects_by_default(nucleus, cells):
+  # Nuclei enlarged 2x: the shipped model measures them and shrinks the image, as
+  # diameter=0 does; rescale=False, a pixel size or a diameter given leave its size alone.
+  image, _ = cells
+  big = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+  shipped = flmiseg.load('nucleus')
+  assert shipped.config.eval.measure_diameter
+  default = shipped.segment(big)
+  assert default.warnings[0].startswith('image: its objects measure ')
+  assert default.warnings[1].startswith('image: resized x0.')
+  np.testing.assert_array_equal(default.mask, nucleus.segment(big, diameter=0).mask)
+  plain = nucleus.segment(big)
+  assert not plain.warnings
+  for kwargs in ({'rescale': False}, {'pixel_size': 0.3}, {'diameter': 62}):
+    other = shipped.segment(big, **kwargs)
+    assert not any('measure' in w for w in other.warnings), (kwargs, other.warnings)
+  np.testing.assert_array_equal(shipped.segment(big, rescale=False).mask, plain.mask)
 
 
 def test_diameter_needs_a_model_that_records_one_and_goes_alone(nucleus, cells, tmp_path):
@@ -304,6 +328,5 @@ def test_diameter_zero_reuses_its_first_pass_when_no_resizing_follows(nucleus, c
   monkeypatch.setattr(segment, 'object_diameter', lambda _: 31.0)
   measured = nucleus.segment(image, diameter=0)
   assert len(passes) == 1
-  assert measured.warnings[0] == ('image: its objects measure 31 px across (--diameter=0, a '
-                                  'first pass)')
+  assert measured.warnings[0] == 'image: its objects measure 31 px across (a first pass)'
   np.testing.assert_array_equal(measured.prob, nucleus.segment(image).prob)

@@ -41,3 +41,19 @@ def test_an_unreadable_calibration_counts_as_none(tmp_path):
   assert settings.calibrated_threshold(tmp_path, 6) is None
   (tmp_path / settings.CALIBRATION_FILE).write_text('{"checkpoint_step": 6}')
   assert settings.calibrated_dynamic(tmp_path, 6) is None
+
+
+def test_diameter_given_else_measured_where_the_config_says_and_nothing_else_decides():
+  config = default.get_config()
+  assert settings.diameter(config, None) is None  # measure_diameter off
+  assert settings.diameter(config, 12.0) == 12.0
+  config.eval.measure_diameter = True
+  assert settings.diameter(config, None) is None  # no object_diameter recorded
+  config.data.object_diameter = 31.0
+  assert settings.diameter(config, None) == settings.MEASURED == 0.0
+  assert settings.diameter(config, 20.0) == 20.0
+  assert settings.diameter(config, None, pixel_size=0.3) is None
+  assert settings.diameter(config, None, rescale=False) is None
+  assert settings.diameter(config, None, measure=False) is None  # block by block
+  config.data.pixel_size = 0.5  # the model's own pixel size decides the resizing
+  assert settings.diameter(config, None) is None

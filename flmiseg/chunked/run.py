@@ -332,7 +332,11 @@ def segment_zarr(model, src: str, dst: str, *, axes: str | None = None, level: i
   segment.check_diameter(model.config, diameter, model.folder)
   source = sources.open_source(src, axes, level, channel)
   factor, resized = _check(model, source, settings, pixel_size or source.pixel_size)
-  settings, threshold_source = model.resolved(settings)
+  if factor == 1.0 and model.resolved(settings)[0].diameter == segment.AUTO_DIAMETER:
+    # The model measures objects on a first pass in memory: not over a whole image here.
+    resized = (f'{source.layout.path}: not resized by the size of its objects, which the '
+               'model measures on a first pass in memory; give --diameter to resize')
+  settings, threshold_source = model.resolved(settings, measure=False)
   halo = default_halo(model, settings, factor) if halo is None else halo
   _check_block(block, halo)
   # Only instances, and the network's context of resized blocks, look past a block's core.

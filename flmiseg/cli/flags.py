@@ -81,12 +81,13 @@ flags.DEFINE_string('axes', '', 'predict: axes of the input files, e.g. CYX or T
                     'files without OME/ImageJ metadata (default: read from the file).')
 flags.DEFINE_float('pixel_size', None, 'predict: pixel size of the inputs in micrometres '
                    '(default: read from the file).')
-flags.DEFINE_bool('no_rescale', False, 'predict: never rescale images to the pixel size the '
-                  'model was trained at.')
+flags.DEFINE_bool('no_rescale', False, 'predict: never rescale images (to the pixel size the '
+                  'model was trained at, or by the size of their objects).')
 flags.DEFINE_float('diameter', None, 'predict: typical diameter of the objects in the inputs, '
                    'pixels (0: measured on a first pass); images are resized so they match '
                    'the model\'s (config.data.object_diameter; the shipped nucleus model: '
-                   '31 px).')
+                   '31 px). Default: the model\'s choice (config.eval.measure_diameter: the '
+                   'shipped nucleus model measures them on a first pass).')
 flags.DEFINE_bool('overwrite', False, 'predict: replace existing results in --output.')
 # Chunked prediction (flmiseg/chunked/, docs/large_images.md): images bigger than memory.
 flags.DEFINE_bool('chunked', None, 'predict: block by block into an OME-Zarr (the default for '

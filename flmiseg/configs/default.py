@@ -157,4 +157,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (flmiseg/objects/instances.py); calibrated on the validation split when it has label images.
   ev.seed_dynamic = 0.1
   ev.min_size = 16  # Instances: objects smaller than this many pixels are dropped.
+  # Predict measures the objects of each image on a first pass and resizes it so they match
+  # config.data.object_diameter, unless --diameter, --pixel_size or --no_rescale say otherwise
+  # (Cellpose's default; needs an object_diameter). The shipped nucleus model does.
+  ev.measure_diameter = False
   return config

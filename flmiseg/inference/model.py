@@ -176,15 +176,19 @@ class Model:
     """Micrometres per pixel of the training images (config.data.pixel_size), or None."""
     return self.config.data.pixel_size or None
 
-  def resolved(self, settings: core.Settings) -> tuple[core.Settings, str]:
-    """(`settings` with the threshold, seed dynamic and min size it leaves to the model filled
-    in (flmiseg/store/settings.py), where the threshold came from)."""
+  def resolved(self, settings: core.Settings,
+               measure: bool = True) -> tuple[core.Settings, str]:
+    """(`settings` with the threshold, seed dynamic, min size and diameter it leaves to the
+    model filled in (flmiseg/store/settings.py), where the threshold came from). `measure`:
+    whether a first pass may measure the objects (not block by block, flmiseg/chunked/)."""
     threshold, source = stored.threshold(self.config, self.calibration, self.step,
                                          settings.threshold)
     return dataclasses.replace(
         settings, threshold=threshold, min_size=stored.min_size(self.config, settings.min_size),
         seed_dynamic=stored.seed_dynamic(self.config, self.calibration, self.step,
-                                         settings.seed_dynamic)), source
+                                         settings.seed_dynamic),
+        diameter=stored.diameter(self.config, settings.diameter, settings.pixel_size,
+                                 settings.rescale, measure)), source
 
   def predictor(self, settings: core.Settings) -> core.Predictor:
     """The JAX Predictor of `settings`' TTA, tile (`tiling.network_tile`), overlap and batch
@@ -208,8 +212,8 @@ class Model:
   def segment(self, image: np.ndarray, axes: str | None = None, channel: int | None = None,
               threshold: float | None = None, tta: bool = False, instances: bool = False,
               min_size: int | None = None, pixel_size: float | None = None,
-              diameter: float | None = None, tile: int = 0, overlap: float = 0.25,
-              progress: Callable[[float], None] | None = None,
+              diameter: float | None = None, rescale: bool = True, tile: int = 0,
+              overlap: float = 0.25, progress: Callable[[float], None] | None = None,
               name: str = 'image') -> Segmentation:
     """Segments one image.
 
@@ -227,7 +231,11 @@ class Model:
         by more than 10 %, the image is resized to it and the results back.
       diameter: the typical diameter of the image's objects in pixels (not with pixel_size;
         0: measured on a first pass): the image is resized so they match the model's
-        (config.data.object_diameter).
+        (config.data.object_diameter). None: the model's choice, measured on a first pass
+        where its config.eval.measure_diameter says so (the shipped nucleus model), else
+        not resized by its objects.
+      rescale: False: never resize the image (no pixel size, diameter or measurement), as
+        predict's --no_rescale.
       tile, overlap: the tiling (0: the training crop size; rounded up to a multiple of 32),
         as predict's --tile, --overlap.
       progress: called with the fraction done (0..1) after each batch of tiles.
@@ -238,7 +246,7 @@ class Model:
     """
     settings = core.Settings(tile=tile, overlap=overlap, tta=tta, threshold=threshold,
                              instances=instances, min_size=min_size, channel=channel,
-                             pixel_size=pixel_size, diameter=diameter)
+                             pixel_size=pixel_size, diameter=diameter, rescale=rescale)
     settings.check()
     core.check_diameter(self.config, diameter, self.folder)
     image = imagefile.from_array(image, axes or default_axes(np.shape(image), channel), name,

@@ -27,10 +27,12 @@ from flmiseg.data import preprocess
 from flmiseg.inference import tiling
 from flmiseg.objects import instances
 from flmiseg.store import rundir
+from flmiseg.store import settings as stored
 
 # Pixel sizes (and object diameters) within this relative difference count as equal.
 RESCALE_TOLERANCE = 0.1
-AUTO_DIAMETER = 0.0  # diameter=0: measured on a first pass at the image's own size
+# diameter=0: measured on a first pass at the image's own size
+AUTO_DIAMETER = stored.MEASURED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +188,8 @@ def estimated_diameter(outputs: np.ndarray, settings: Settings,
     outputs[missing] = 0.0
   diameter = object_diameter([_instances(o, settings) for o in outputs])
   if diameter is None:
-    return None, 'no object found to measure (--diameter=0): not resized'
-  return diameter, f'its objects measure {diameter:.3g} px across (--diameter=0, a first pass)'
+    return None, 'no object found to measure (a first pass): not resized'
+  return diameter, f'its objects measure {diameter:.3g} px across (a first pass)'
 
 
 def planes_factor(predictor: Predictor, planes: np.ndarray, settings: Settings,

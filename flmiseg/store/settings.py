@@ -7,7 +7,10 @@ one calibrated for this checkpoint, else the config's.
                  calibrated, else config.eval.seed_dynamic (instances.SEED_DYNAMIC when the
                  config has none);
   min size:      the smallest instance kept, pixels (`min_size`): given, else
-                 config.eval.min_size.
+                 config.eval.min_size;
+  diameter:      the image's objects' diameter it is resized by (`diameter`): given, else
+                 MEASURED (a first pass measures them) where config.eval.measure_diameter
+                 says so and nothing else decides the image's size, else None.
 
 DIR/calibration.json holds what calibration chose on the validation split
 (flmiseg/evaluation/calibration.py computes it): the threshold, the seeds' dynamic (models
@@ -102,6 +105,25 @@ def configured_dynamic(config) -> float:
   """The config's seed dynamic: config.eval.seed_dynamic, instances.SEED_DYNAMIC without one
   (also where calibration starts from)."""
   return config.eval.get('seed_dynamic', instances.SEED_DYNAMIC)
+
+
+MEASURED = 0.0  # a diameter of 0: measured on a first pass (segment.AUTO_DIAMETER)
+
+
+def diameter(config, given: float | None, pixel_size: float | None = None,
+             rescale: bool = True, measure: bool = True) -> float | None:
+  """The objects' diameter (pixels) an image is resized by so they match the model's: `given`
+  (MEASURED: measured), else MEASURED when config.eval.measure_diameter is set, the model
+  records an object diameter and nothing else decides the size: no `pixel_size` given, no
+  pixel size of the model's, `rescale` allowed and `measure` (a first pass) possible; else
+  None (no resizing by objects)."""
+  if given is not None:
+    return given
+  data = config.data
+  if (measure and rescale and pixel_size is None and not data.pixel_size and
+      data.get('object_diameter', 0.0) and config.eval.get('measure_diameter', False)):
+    return MEASURED
+  return None
 
 
 def min_size(config, given: int | None = None) -> int:

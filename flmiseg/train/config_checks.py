@@ -272,6 +272,7 @@ RULES: dict[str, Rule] = {
     'eval.calibrate_metric': run_setting(calibrate_metric),
     'eval.seed_dynamic': run_setting(number(0, 1, note=' (of the normalised distance)')),
     'eval.min_size': run_setting(integer(0, note=' (pixels)')),
+    'eval.measure_diameter': run_setting(boolean),
 }
 
 
@@ -351,6 +352,9 @@ def _check_consistency(config) -> None:
     raise UserError(f'config.data.crop_size={data.crop_size} is larger than the simulated '
                     f'images (config.data.synthetic_size={data.synthetic_size}); set it to at '
                     f'most {data.synthetic_size}')
+  if config.eval.get('measure_diameter', False) and not data.get('object_diameter', 0.0):
+    raise UserError('config.eval.measure_diameter=True resizes images so their objects match '
+                    'config.data.object_diameter, which is 0 (not recorded); set it in pixels')
   if not train.num_steps and not train.num_epochs:
     raise UserError('config.train.num_steps=0 and config.train.num_epochs=0: no training; '
                     'set one of them to at least 1')
