@@ -141,6 +141,8 @@ def predict(input_path: pathlib.Path, output: pathlib.Path, pixels: int,
   if chunked:
     args += [f'--scheduler={FLAGS.scheduler}', f'--workers={FLAGS.workers}',
              f'--block={FLAGS.block}']
+  else:  # as the chunked path: no first pass measuring the nuclei (config.eval.measure_diameter)
+    args += ['--no_rescale']
   start = time.perf_counter()
   process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -164,6 +166,24 @@ def predict(input_path: pathlib.Path, output: pathlib.Path, pixels: int,
           'printed': stdout.strip().splitlines()[-1:]}
 
 
+def agreement(memory: pathlib.Path, blocks: pathlib.Path, name: str) -> dict:
+  """{'mask_iou', 'instances_identical_up_to_renumbering', 'objects'} of the in-memory
+  outputs in `memory` (TIFFs) against the chunked ones in `blocks` (an OME-Zarr)."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  mask = tifffile.imread(memory / f'{name}_mask.tif') > 0
+  group = zarr.open_group(str(blocks / f'{name}.ome.zarr'), mode='r')
+  other = group['labels/mask/0'][:] > 0
+  out = {'mask_iou': round(float((mask & other).sum() / max((mask | other).sum(), 1)), 6)}
+  if FLAGS.instances:
+    labels = tifffile.imread(memory / f'{name}_instances.tif').ravel()
+    linked = group['labels/instances/0'][:].ravel()
+    pairs = np.unique(np.stack([labels, linked]), axis=1)  # one pair per (in memory, chunked)
+    out['instances_identical_up_to_renumbering'] = bool(
+        pairs.shape[1] == len(np.unique(pairs[0])) == len(np.unique(pairs[1])))
+    out['objects'] = int(len(np.unique(labels)) - 1)
+  return out
+
+
 def profile(workdir: pathlib.Path, side: int) -> str:
   """The shares of the chunked run's and the in-memory path's time, by function."""
   import flmiseg  # pylint: disable=g-import-not-at-top
@@ -177,7 +197,7 @@ def profile(workdir: pathlib.Path, side: int) -> str:
                                                instances=True, overwrite=True,
                                                scheduler='synchronous',
                                                block=min(FLAGS.block, side))),
-      ('in memory', lambda: model.segment(pixels, instances=True))]:
+      ('in memory', lambda: model.segment(pixels, instances=True, rescale=False))]:
     call()  # compile first
     profiler = cProfile.Profile()
     profiler.runcall(call)
@@ -219,7 +239,9 @@ def main(argv):
     blocks = predict(small, workdir / 'out_corner', FLAGS.baseline ** 2, True)
     results['baseline'] = {'in_memory': memory, 'chunked': blocks,
                            'chunked_over_in_memory_speed': round(
-                               memory['seconds'] / blocks['seconds'], 3)}
+                               memory['seconds'] / blocks['seconds'], 3),
+                           **agreement(workdir / 'out_memory', workdir / 'out_corner',
+                                       tiff.stem)}
     print(json.dumps(results['baseline']))
   if FLAGS.out:
     pathlib.Path(FLAGS.out).write_text(json.dumps(results, indent=1) + '\n')
