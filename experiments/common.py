@@ -85,6 +85,9 @@ def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.
     # nucleus_instances.py (its weight), trained on the simulator's label images.
     config.model.instance_head = 'distance'
     config.train.instance_weight = 8.0
+    # Real images come at every magnification: predict measures each image's nuclei on a
+    # first pass and resizes it to the learned diameter (docs/inference.md).
+    config.eval.measure_diameter = True
   if real:
     folder = pathlib.Path(real).resolve()
     config.data.source = 'lists'

@@ -107,3 +107,19 @@ def test_the_nucleus_recipe_records_the_simulators_nucleus_diameter():
   recorded = {kind: common.pretrained_config(kind, 10).data.object_diameter
               for kind in ('er', 'mito', 'nucleus')}
   assert recorded == {'er': 0.0, 'mito': 0.0, 'nucleus': common.NUCLEUS_DIAMETER}
+
+
+def test_a_packed_config_names_the_real_lists_as_built_and_the_recipes_inference(tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  real = tmp_path / 'somewhere' / 'dsb'
+  config = common.pretrained_config('nucleus', 10, real=str(real)).to_dict()
+  config['eval']['measure_diameter'] = False  # as a run made before the field was set
+  path = tmp_path / 'config.json'
+  path.write_text(json.dumps(config))
+  train_pretrained.portable_config(path, 'nucleus', real)
+  saved = json.loads(path.read_text())
+  assert [saved['data'][f'{s}_list'] for s in ('train', 'val', 'test')] == [
+      'data/dsb/train', 'data/dsb/val', 'data/dsb/test']
+  assert saved['eval']['measure_diameter'] is True
+  train_pretrained.portable_config(path, 'er', None)
+  assert json.loads(path.read_text())['eval']['measure_diameter'] is False

@@ -35,7 +35,9 @@ import tifffile
 
 from experiments import common
 from flmiseg.core import console
+from flmiseg.core import files
 from flmiseg.store import pretrained
+from flmiseg.store import rundir
 from flmiseg.store import weights
 from flmiseg.train import trainer
 
@@ -82,14 +84,19 @@ def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
   out = pretrained.PRETRAINED_DIR / kind
   staged = out.with_name(f'.{kind}.new')
   shutil.rmtree(staged, ignore_errors=True)
+  real = pathlib.Path(FLAGS.real) if FLAGS.real else None
   command = (f'python -m experiments.shipped.train_pretrained --workdir={workdir.parent} '
              f'--kinds={kind} --steps={steps}' + (f' --init_from={init_from}' if init_from
                                                   else '') + (f' --lr={lr:g}' if lr else '')
-             + (f' --masks={masks}' if masks else ''))
+             + (f' --masks={masks}' if masks else '')
+             + (f' --real=data/{real.name} --synthetic_fraction={FLAGS.synthetic_fraction:g}'
+                if real else '') + (f' --width={FLAGS.width}' if FLAGS.width else '')
+             + (f' --scale_range={",".join(FLAGS.scale_range)}' if FLAGS.scale_range else ''))
   info = weights.pack(workdir, staged, 'float16', provenance={
       'command': command, 'train_seconds': round(seconds), 'steps': steps,
       'machine': common.machine(), 'date': time.strftime('%Y-%m-%d'),
       'test_iou_wide': test_iou_wide})
+  portable_config(staged / rundir.CONFIG_FILE, kind, real)
   # Swap the finished folder in, so a reader never sees a half-written shipped model.
   old = out.with_name(f'.{kind}.old')
   shutil.rmtree(old, ignore_errors=True)
@@ -101,6 +108,20 @@ def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
 
 
 FLAGS = flags.FLAGS
+
+
+def portable_config(path: pathlib.Path, kind: str, real: pathlib.Path | None) -> None:
+  """Makes a packed model's config.json what the package needs on any machine: the real
+  dataset's lists as the documented command builds them (data/<name>/<split>, not the training
+  machine's folders) and the recipe's inference settings (config.eval.measure_diameter)."""
+  saved = json.loads(path.read_text())
+  if real is not None:
+    for split in ('train', 'val', 'test'):
+      if saved['data'].get(f'{split}_list', '').startswith(str(real.resolve())):
+        saved['data'][f'{split}_list'] = f'data/{real.name}/{split}'
+  saved['eval']['measure_diameter'] = bool(
+      common.pretrained_config(kind, 1).eval.get('measure_diameter', False))
+  files.write_json_atomic(path, saved)
 
 
 def main(argv):
