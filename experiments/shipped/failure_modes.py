@@ -1,0 +1,238 @@
+"""The three failure modes an issue names for the shipped nucleus model on real images, one by
+one: dim nuclei beside bright ones missed, large nuclei split, dense small nuclei merged.
+
+  python -m experiments.shipped.failure_modes --data=/work/data/dsb --split=val \
+      --model=nucleus [--model=runs/nucleus_dsb] [--diameter=0 | --no_rescale] \
+      [--simulated=20] [--out=failure_modes.json]
+
+Each model segments every image of the split as users do (`flmiseg.load(model).segment(image,
+instances=True)`; --diameter as predict's, --no_rescale never resizes: the model's 'before'
+and 'after' measuring each image's object size), and, with --simulated=N, N simulated
+256x256 nucleus images ('wide' knobs, an unseen seed: `common.test_pairs`). The annotated
+nuclei (label images) fall into groups, per image:
+  dim     relative brightness < DIM (0.25): the nucleus's mean raw intensity minus the image's
+          background (the median of the pixels outside every nucleus), over the BRIGHT
+          (90th) percentile of that difference among the image's nuclei;
+  large   equivalent diameter sqrt(4 area / pi) >= LARGE (40) px;
+  dense   equivalent diameter < SMALL (20) px and another nucleus within NEAR (2) px
+          (a pixel of another label inside the nucleus dilated by a disc of radius 2).
+Per nucleus, against the predicted instances (labels) and mask:
+  matched   matched one-to-one at IoU >= 0.5 (as `matching.match` counts tp);
+  found     its pixels inside the predicted mask (pooled over a group: 'pixels found');
+  split     two or more predicted instances each cover >= SPLIT_SHARE (20 %) of its pixels;
+  merged    one predicted instance covers >= MERGE_SHARE (50 %) of it and >= 50 % of another
+            annotated nucleus (of any group) too.
+A table per model and data: each group's nuclei, recall@0.5 (matched / nuclei), pixels found,
+split rate and merge rate; the mode's own rate is the dim row's pixels found, the large row's
+split rate and the dense row's merge rate. --out also writes the figures as JSON.
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+from scipy import ndimage
+
+import flmiseg
+from experiments import common
+from experiments.shipped import real_data
+from flmiseg.core import console
+from flmiseg.core.errors import UserError
+from flmiseg.data import io
+from flmiseg.objects import matching
+
+FLAGS = flags.FLAGS
+DIM = 0.25  # relative brightness below which a nucleus is dim
+BRIGHT = 90  # the percentile of an image's nucleus brightness that counts as its bright ones
+LARGE = 40.0  # equivalent diameter (px) from which a nucleus is large
+SMALL = 20.0  # equivalent diameter (px) below which a nucleus is small
+NEAR = 2  # px: a small nucleus with another this close is dense
+SPLIT_SHARE = 0.2  # an instance covering this share of a nucleus is one of its pieces
+MERGE_SHARE = 0.5  # an instance covering this share of two nuclei merges them
+IOU = 0.5
+GROUPS = ('all', 'dim', 'large', 'dense')
+NAMES = {'all': 'all nuclei', 'dim': f'dim (< {DIM:g} of bright)',
+         'large': f'large (>= {LARGE:g} px)', 'dense': f'dense small (< {SMALL:g} px)'}
+
+
+def diameters(truth: np.ndarray) -> np.ndarray:
+  """(N,) the equivalent diameter sqrt(4 area / pi) in px of each object of the label image
+  `truth` (H, W), in `matching.relabel` order."""
+  truth = matching.relabel(truth)
+  return np.sqrt(4 * np.bincount(truth.ravel())[1:] / np.pi)
+
+
+def brightness(image: np.ndarray, truth: np.ndarray) -> np.ndarray:
+  """(N,) each object's mean intensity in `image` (H, W) minus the background (the median
+  outside every object), over the BRIGHT percentile of that among the image's objects; NaN
+  where that percentile is not above 0 (no contrast to compare with)."""
+  truth = matching.relabel(truth)
+  image = np.asarray(image, np.float64)
+  count = truth.max()
+  if not count:
+    return np.zeros(0)
+  background = np.median(image[truth == 0]) if (truth == 0).any() else 0.0
+  means = ndimage.mean(image, truth, np.arange(1, count + 1)) - background
+  top = np.percentile(means, BRIGHT)
+  return means / top if top > 0 else np.full(count, np.nan)
+
+
+def crowded(truth: np.ndarray, distance: int = NEAR) -> np.ndarray:
+  """(N,) bool: another object lies within `distance` px (Euclidean) of each object of the
+  label image `truth`, touching ones included."""
+  truth = matching.relabel(truth)
+  y, x = np.mgrid[-distance:distance + 1, -distance:distance + 1]
+  disc = y ** 2 + x ** 2 <= distance ** 2
+  # The largest and smallest label within the disc of each pixel: an object's pixel that
+  # sees a label other than its own has a neighbour that close.
+  top = ndimage.maximum_filter(truth, footprint=disc, mode='constant')
+  lowest = ndimage.minimum_filter(np.where(truth > 0, truth, np.iinfo(np.int32).max),
+                                  footprint=disc, mode='constant',
+                                  cval=np.iinfo(np.int32).max)
+  other = (truth > 0) & ((top != truth) | (lowest != truth))
+  return np.bincount(truth[other], minlength=truth.max() + 1)[1:] > 0
+
+
+def groups(image: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+  """{group: (N,) bool} of the objects of `truth` in each of GROUPS (module docstring)."""
+  size = diameters(truth)
+  return {'all': np.ones(size.size, bool), 'dim': brightness(image, truth) < DIM,
+          'large': size >= LARGE, 'dense': (size < SMALL) & crowded(truth)}
+
+
+def outcomes(truth: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None) -> dict:
+  """Per annotated object of `truth` (N,): 'matched', 'split', 'merged' (bool), 'area' and
+  'found' (its pixels in `mask`, default labels > 0) against the predicted instances
+  `labels`, all (H, W); see the module docstring."""
+  truth, labels = matching.relabel(truth), matching.relabel(labels)
+  n, m = int(truth.max()), int(labels.max())
+  mask = labels > 0 if mask is None else np.asarray(mask) > 0
+  # Pixels of each (object, instance) pair, background row and column 0 included.
+  table = np.bincount(truth.ravel().astype(np.int64) * (m + 1) + labels.ravel(),
+                      minlength=(n + 1) * (m + 1)).reshape(n + 1, m + 1)
+  area, inter = table[1:].sum(axis=1), table[1:, 1:]
+  cover = inter / np.maximum(area, 1)[:, None]
+  iou = inter / np.maximum(area[:, None] + table[:, 1:].sum(axis=0) - inter, 1)
+  holds = cover >= MERGE_SHARE
+  return {'matched': _matched(iou), 'split': (cover >= SPLIT_SHARE).sum(axis=1) >= 2,
+          'merged': (holds & (holds.sum(axis=0) >= 2)).any(axis=1), 'area': area,
+          'found': np.bincount(truth[mask], minlength=n + 1)[1:]}
+
+
+def _matched(iou: np.ndarray) -> np.ndarray:
+  """(N,) bool: the objects (rows of `iou`) matched one-to-one at IoU >= IOU. For IOU >= 0.5
+  the candidates are disjoint pairs but for exact halves; `matching._assign`'s pick (first
+  per object, then first per instance) keeps its tp."""
+  rows, cols = np.nonzero(iou >= IOU)
+  _, first = np.unique(rows, return_index=True)
+  rows, cols = rows[first], cols[first]
+  _, first = np.unique(cols, return_index=True)
+  matched = np.zeros(iou.shape[0], bool)
+  matched[rows[first]] = True
+  return matched
+
+
+def tally(per_image) -> dict:
+  """{group: {'nuclei', 'recall', 'pixels_found', 'split_rate', 'merge_rate'}} pooled over
+  the images, from (groups, outcomes) of each; rates of an empty group are NaN."""
+  result = {}
+  for name in GROUPS:
+    picked = [(g[name], o) for g, o in per_image]
+    total = lambda key: sum(int(o[key][g].sum()) for g, o in picked)  # noqa: E731
+    count = sum(int(g.sum()) for g, _ in picked)
+    rate = lambda k, d: total(k) / d if d else float('nan')  # noqa: E731
+    result[name] = {'nuclei': count, 'recall': rate('matched', count),
+                    'pixels_found': rate('found', total('area')),
+                    'split_rate': rate('split', count), 'merge_rate': rate('merged', count)}
+  return result
+
+
+def evaluate(model, pairs, diameter: float | None, rescale: bool) -> tuple[dict, float]:
+  """(`tally` of `model` (a flmiseg Model) on the (image, label image) `pairs`, seconds spent
+  segmenting); UserError when no mask is a label image."""
+  truths = [io.read_mask_values(pair.mask) for pair in pairs]
+  if not any(matching.is_label_image(truth) for truth in truths):
+    raise UserError(f'{pairs[0].mask.parent}: binary masks; the failure modes need label '
+                    'images (one value per nucleus)')
+  per_image, seconds = [], 0.0
+  for pair, truth in zip(pairs, truths):
+    image = io.read_image(pair.image)
+    begin = time.perf_counter()
+    found = model.segment(image, instances=True, diameter=diameter, rescale=rescale,
+                          name=pair.image.name)
+    seconds += time.perf_counter() - begin
+    per_image.append((groups(image, truth), outcomes(truth, found.labels, found.mask)))
+  return tally(per_image), seconds
+
+
+def table(name: str, figures: dict) -> str:
+  """The markdown table of one model's `tally` on one dataset."""
+  lines = [f'| {name} | nuclei | recall@0.5 | pixels found | split rate | merge rate |',
+           '|---|---|---|---|---|---|']
+  for group, f in figures.items():
+    lines.append(f'| {NAMES[group]} | {f["nuclei"]} | {f["recall"]:.3f} | '
+                 f'{f["pixels_found"]:.3f} | {f["split_rate"]:.3f} | {f["merge_rate"]:.3f} |')
+  return '\n'.join(lines)
+
+
+def measure(data: pathlib.Path, split: str, model_names, diameter: float | None,
+            rescale: bool, simulated: int) -> dict:
+  """Every model's `tally` on the split and, with `simulated`, on that many simulated images,
+  with its timing, the machine and the command's settings, as --out writes them."""
+  sets = {f'{data.name} {split}': real_data.split_pairs(data, split)}
+  if simulated:
+    sets[f'simulated wide x{simulated}'] = common.test_pairs('nucleus', 'wide', simulated)
+  result = {'data': str(data), 'split': split, 'diameter': diameter, 'rescale': rescale,
+            'simulated': simulated, 'machine': common.machine(), 'models': {}}
+  for name in model_names:
+    model = flmiseg.load(name)
+    one = result['models'][name] = {}
+    for label, pairs in sets.items():
+      figures, seconds = evaluate(model, pairs, diameter, rescale)
+      one[label] = {'images': len(pairs), 'segment_s': seconds, 'figures': figures}
+  return result
+
+
+def main(argv):
+  del argv
+  console.setup()
+  if FLAGS.diameter is not None and FLAGS.diameter < 0:
+    sys.exit(f'error: --diameter={FLAGS.diameter:g}: a size in pixels > 0, or 0 to measure it')
+  if FLAGS.diameter is not None and FLAGS.no_rescale:
+    sys.exit(f'error: --diameter={FLAGS.diameter:g} with --no_rescale: give one')
+  if FLAGS.simulated < 0:
+    sys.exit(f'error: --simulated={FLAGS.simulated}: a number of images >= 0')
+  try:
+    result = measure(pathlib.Path(FLAGS.data), FLAGS.split, FLAGS.model, FLAGS.diameter,
+                     not FLAGS.no_rescale, FLAGS.simulated)
+  except UserError as e:
+    sys.exit(f'error: {e}')
+  how = (', --no_rescale' if FLAGS.no_rescale else '' if FLAGS.diameter is None
+         else f', --diameter={FLAGS.diameter:g}')
+  for name, sets in result['models'].items():
+    for label, one in sets.items():
+      print(f'\n{label}, {name}{how}: {one["images"]} images, segment {one["segment_s"]:.1f} s '
+            f'({result["machine"]})\n')
+      print(table(name, one['figures']))
+  if FLAGS.out:
+    pathlib.Path(FLAGS.out).write_text(json.dumps(result, indent=1) + '\n')
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('data', None, 'A dataset folder that python -m flmiseg.data.public '
+                      'wrote, with label-image masks (the DSB).', required=True)
+  flags.DEFINE_string('split', 'val', 'DATA/<split>/ (images/ + masks/) or DATA/<split>.txt.')
+  flags.DEFINE_multi_string('model', ['nucleus'], 'The shipped nucleus model or a run or '
+                            'packed folder; repeat to measure several.')
+  flags.DEFINE_float('diameter', None, 'The nuclei\'s diameter in pixels, as predict\'s '
+                     '--diameter (0: measured per image); default: the model\'s choice.')
+  flags.DEFINE_bool('no_rescale', False, 'Never resize the images, as predict\'s '
+                    '--no_rescale (the model before it measured object size).')
+  flags.DEFINE_integer('simulated', 0, 'Also measure on this many simulated 256x256 nucleus '
+                       'images (\'wide\' knobs, an unseen seed).')
+  flags.DEFINE_string('out', '', 'Also write the figures to this JSON file.')
+  app.run(main)
