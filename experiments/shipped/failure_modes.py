@@ -1,7 +1,7 @@
 """The three failure modes an issue names for the shipped nucleus model on real images, one by
 one: dim nuclei beside bright ones missed, large nuclei split, dense small nuclei merged.
 
-  python -m experiments.shipped.failure_modes --data=/work/data/dsb --split=val \
+  python -m experiments.shipped.failure_modes --data=data/dsb --split=val \
       --model=nucleus [--model=runs/nucleus_dsb] [--diameter=0 | --no_rescale] \
       [--simulated=20] [--out=failure_modes.json]
 
