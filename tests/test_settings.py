@@ -52,8 +52,10 @@ def test_diameter_given_else_measured_where_the_config_says_and_nothing_else_dec
   config.data.object_diameter = 31.0
   assert settings.diameter(config, None) == settings.MEASURED == 0.0
   assert settings.diameter(config, 20.0) == 20.0
-  assert settings.diameter(config, None, pixel_size=0.3) is None
+  # The image's pixel size alone cannot decide: the model knows none.
+  assert settings.diameter(config, None, pixel_size=0.3) == 0.0
   assert settings.diameter(config, None, rescale=False) is None
   assert settings.diameter(config, None, measure=False) is None  # block by block
-  config.data.pixel_size = 0.5  # the model's own pixel size decides the resizing
-  assert settings.diameter(config, None) is None
+  config.data.pixel_size = 0.5  # with the image's, the model's own pixel size decides
+  assert settings.diameter(config, None, pixel_size=0.3) is None
+  assert settings.diameter(config, None) == 0.0

@@ -114,14 +114,15 @@ def diameter(config, given: float | None, pixel_size: float | None = None,
              rescale: bool = True, measure: bool = True) -> float | None:
   """The objects' diameter (pixels) an image is resized by so they match the model's: `given`
   (MEASURED: measured), else MEASURED when config.eval.measure_diameter is set, the model
-  records an object diameter and nothing else decides the size: no `pixel_size` given, no
-  pixel size of the model's, `rescale` allowed and `measure` (a first pass) possible; else
-  None (no resizing by objects)."""
+  records an object diameter and nothing else decides the size (pixel sizes decide it when
+  both the image's, `pixel_size`, and the model's are known), `rescale` is allowed and
+  `measure` (a first pass) possible; else None (no resizing by objects)."""
   if given is not None:
     return given
   data = config.data
-  if (measure and rescale and pixel_size is None and not data.pixel_size and
-      data.get('object_diameter', 0.0) and config.eval.get('measure_diameter', False)):
+  by_pixel_size = bool(pixel_size and data.pixel_size)
+  if (measure and rescale and not by_pixel_size and data.get('object_diameter', 0.0) and
+      config.eval.get('measure_diameter', False)):
     return MEASURED
   return None
 
