@@ -157,7 +157,13 @@ def _training_text(config) -> str:
              f'knobs `{data.get("synthetic_params", "default")}`, masks drawn '
              f'`{data.get("synthetic_masks", "geometry")}`)')
   else:
-    where = 'the user\'s own annotated images (a list of image/mask pairs)'
+    listed = data.get('train_list', '')
+    where = ('annotated images' + (f' (`{listed}`, image/mask pairs)' if listed else ''))
+    fraction = data.get('synthetic_fraction', 0.0)
+    if fraction:
+      where += (f', each draw a simulated {data.kind} image of the simulator\'s '
+                f'`{data.get("synthetic_params", "default")}` knobs with probability '
+                f'{fraction:g}')
   steps = f'{train.num_steps} steps' if train.num_steps else f'{train.num_epochs} epochs'
   return (f'Trained by flmiseg on {where}: {data.crop_size}x{data.crop_size} crops, batch '
           f'{train.batch_size}, {steps}, loss `{train.loss}`, optimiser `{config.optim.name}` '
