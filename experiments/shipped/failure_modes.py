@@ -200,10 +200,7 @@ def measure(data: pathlib.Path, split: str, model_names, diameter: float | None,
 def main(argv):
   del argv
   console.setup()
-  if FLAGS.diameter is not None and FLAGS.diameter < 0:
-    sys.exit(f'error: --diameter={FLAGS.diameter:g}: a size in pixels > 0, or 0 to measure it')
-  if FLAGS.diameter is not None and FLAGS.no_rescale:
-    sys.exit(f'error: --diameter={FLAGS.diameter:g} with --no_rescale: give one')
+  real_data.check_resizing_flags()
   if FLAGS.simulated < 0:
     sys.exit(f'error: --simulated={FLAGS.simulated}: a number of images >= 0')
   try:
@@ -211,8 +208,7 @@ def main(argv):
                      not FLAGS.no_rescale, FLAGS.simulated)
   except UserError as e:
     sys.exit(f'error: {e}')
-  how = (', --no_rescale' if FLAGS.no_rescale else '' if FLAGS.diameter is None
-         else f', --diameter={FLAGS.diameter:g}')
+  how = real_data.resizing_label()
   for name, sets in result['models'].items():
     for label, one in sets.items():
       print(f'\n{label}, {name}{how}: {one["images"]} images, segment {one["segment_s"]:.1f} s '
@@ -223,16 +219,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('data', None, 'A dataset folder that python -m flmiseg.data.public '
-                      'wrote, with label-image masks (the DSB).', required=True)
-  flags.DEFINE_string('split', 'val', 'DATA/<split>/ (images/ + masks/) or DATA/<split>.txt.')
-  flags.DEFINE_multi_string('model', ['nucleus'], 'The shipped nucleus model or a run or '
-                            'packed folder; repeat to measure several.')
-  flags.DEFINE_float('diameter', None, 'The nuclei\'s diameter in pixels, as predict\'s '
-                     '--diameter (0: measured per image); default: the model\'s choice.')
-  flags.DEFINE_bool('no_rescale', False, 'Never resize the images, as predict\'s '
-                    '--no_rescale (the model before it measured object size).')
+  real_data.define_flags('A dataset folder that python -m flmiseg.data.public wrote, with '
+                         'label-image masks (the DSB).',
+                         'The shipped nucleus model or a run or packed folder; repeat to '
+                         'measure several.')
   flags.DEFINE_integer('simulated', 0, 'Also measure on this many simulated 256x256 nucleus '
                        'images (\'wide\' knobs, an unseen seed).')
-  flags.DEFINE_string('out', '', 'Also write the figures to this JSON file.')
   app.run(main)

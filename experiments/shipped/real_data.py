@@ -2,7 +2,7 @@
 it: `flmiseg.load(model).segment(image, instances=True)` with default settings.
 
   python -m experiments.shipped.real_data --data=data/dsb --split=val --model=nucleus \
-      [--model=runs/nucleus_dsb] [--diameter=25] [--out=dsb_val.json]
+      [--model=runs/nucleus_dsb] [--diameter=25 | --no_rescale] [--out=dsb_val.json]
   python -m experiments.shipped.real_data --data=data/ernet --split=all --model=er
 
 --split names DATA/<split>/ (images/ + masks/, the DSB's train, val, test) or the list
@@ -69,7 +69,8 @@ def strata(data: pathlib.Path) -> dict[str, str]:
   return {pair['name']: pair['stack'] for pair in summary.get('pairs', [])}
 
 
-def segment_all(model_name: str, pairs, diameter: float | None) -> tuple[list[dict], dict]:
+def segment_all(model_name: str, pairs, diameter: float | None,
+                rescale: bool = True) -> tuple[list[dict], dict]:
   """(per image `common.mask_scores` with 'name', timing {'load_s', 'segment_s'}) of the model
   `model_name` (shipped name or folder) on `pairs`, each segmented as users do. When the
   dataset's masks are label images (any one is) the instances are matched and each row
@@ -84,7 +85,8 @@ def segment_all(model_name: str, pairs, diameter: float | None) -> tuple[list[di
   for pair, truth in zip(pairs, truths):
     image = io.read_image(pair.image)
     begin = time.perf_counter()
-    found = model.segment(image, instances=True, diameter=diameter, name=pair.image.name)
+    found = model.segment(image, instances=True, diameter=diameter, rescale=rescale,
+                          name=pair.image.name)
     seconds += time.perf_counter() - begin
     one = common.mask_scores(truth, found.mask > 0, found.labels if labelled else None,
                              min_size)
@@ -122,29 +124,45 @@ def table(name: str, result: dict) -> str:
   return '\n'.join(lines)
 
 
-def measure(data: pathlib.Path, split: str, model_names, diameter: float | None) -> dict:
+def measure(data: pathlib.Path, split: str, model_names, diameter: float | None,
+            rescale: bool = True) -> dict:
   """Every model's figures on the split (`summarize`) with its timing, the machine and the
   command's settings, as --out writes them."""
   pairs = split_pairs(data, split)
   named = strata(data)
-  result = {'data': str(data), 'split': split, 'diameter': diameter,
+  result = {'data': str(data), 'split': split, 'diameter': diameter, 'rescale': rescale,
             'machine': common.machine(), 'models': {}}
   for name in model_names:
-    rows, timing = segment_all(name, pairs, diameter)
+    rows, timing = segment_all(name, pairs, diameter, rescale)
     result['models'][name] = {**timing, 'figures': summarize(rows, named)}
   return result
+
+
+def check_resizing_flags() -> None:
+  """Exits with one line for a negative --diameter, or --diameter with --no_rescale."""
+  if FLAGS.diameter is not None and FLAGS.diameter < 0:
+    sys.exit(f'error: --diameter={FLAGS.diameter:g}: a size in pixels > 0, or 0 to measure it')
+  if FLAGS.diameter is not None and FLAGS.no_rescale:
+    sys.exit(f'error: --diameter={FLAGS.diameter:g} with --no_rescale: give one')
+
+
+def resizing_label() -> str:
+  """', --no_rescale', ', --diameter=D' or '' for the printed tables' titles."""
+  if FLAGS.no_rescale:
+    return ', --no_rescale'
+  return '' if FLAGS.diameter is None else f', --diameter={FLAGS.diameter:g}'
 
 
 def main(argv):
   del argv
   console.setup()
-  if FLAGS.diameter is not None and FLAGS.diameter < 0:
-    sys.exit(f'error: --diameter={FLAGS.diameter:g}: a size in pixels > 0, or 0 to measure it')
+  check_resizing_flags()
   try:
-    result = measure(pathlib.Path(FLAGS.data), FLAGS.split, FLAGS.model, FLAGS.diameter)
+    result = measure(pathlib.Path(FLAGS.data), FLAGS.split, FLAGS.model, FLAGS.diameter,
+                     not FLAGS.no_rescale)
   except UserError as e:
     sys.exit(f'error: {e}')
-  how = '' if FLAGS.diameter is None else f', --diameter={FLAGS.diameter:g}'
+  how = resizing_label()
   for name, one in result['models'].items():
     print(f'\n{FLAGS.data} {FLAGS.split}, {name}{how}: load {one["load_s"]:.1f} s, segment '
           f'{one["segment_s"]:.1f} s ({result["machine"]})\n')
@@ -153,13 +171,21 @@ def main(argv):
     pathlib.Path(FLAGS.out).write_text(json.dumps(result, indent=1) + '\n')
 
 
-if __name__ == '__main__':
-  flags.DEFINE_string('data', None, 'A dataset folder that python -m flmiseg.data.public '
-                      'wrote.', required=True)
+def define_flags(data_help: str, model_help: str) -> None:
+  """The flags this script shares with experiments/shipped/failure_modes.py."""
+  flags.DEFINE_string('data', None, data_help, required=True)
   flags.DEFINE_string('split', 'val', 'DATA/<split>/ (images/ + masks/) or DATA/<split>.txt.')
-  flags.DEFINE_multi_string('model', ['nucleus'], 'A shipped model (er, mito, nucleus) or a '
-                            'run or packed folder; repeat to measure several.')
+  flags.DEFINE_multi_string('model', ['nucleus'], model_help)
   flags.DEFINE_float('diameter', None, 'The objects\' diameter in pixels, as predict\'s '
-                     '--diameter (0: measured per image); default: none, as users run it.')
+                     '--diameter (0: measured per image); default: the model\'s choice, as '
+                     'users run it (the shipped nucleus model measures them).')
+  flags.DEFINE_bool('no_rescale', False, 'Never resize the images, as predict\'s '
+                    '--no_rescale (the images at their own size).')
   flags.DEFINE_string('out', '', 'Also write the figures to this JSON file.')
+
+
+if __name__ == '__main__':
+  define_flags('A dataset folder that python -m flmiseg.data.public wrote.',
+               'A shipped model (er, mito, nucleus) or a run or packed folder; repeat to '
+               'measure several.')
   app.run(main)

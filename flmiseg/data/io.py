@@ -240,12 +240,18 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str | None = No
     raise
 
 
+def make_dir(path, label: str, what: str) -> pathlib.Path:
+  """`path` created with its parents; a UserError '<label>: cannot create <what> (<why>)'
+  when it cannot be."""
+  path = pathlib.Path(path)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'{label}: cannot create {what} ({e.strerror})') from e
+  return path
+
+
 def make_cache_dir(cache_dir) -> pathlib.Path:
   """`cache_dir` (a run's preprocessing cache) created with its parents; a UserError naming it
   when it cannot be."""
-  cache_dir = pathlib.Path(cache_dir)
-  try:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'{cache_dir}: cannot create the preprocessing cache ({e.strerror})') from e
-  return cache_dir
+  return make_dir(cache_dir, str(cache_dir), 'the preprocessing cache')

@@ -32,6 +32,7 @@ from flmiseg.core import logs
 from flmiseg.core import runlock
 from flmiseg.core import sharding
 from flmiseg.core.errors import UserError
+from flmiseg.data import io
 from flmiseg.data import loader
 from flmiseg.data import pipeline
 from flmiseg.data import preprocess
@@ -96,12 +97,7 @@ def _check_same_config(path: pathlib.Path, new: dict, given: dict) -> None:
 
 def make_workdir(workdir) -> pathlib.Path:
   """Creates the run directory (and its parents); UserError when it cannot."""
-  workdir = pathlib.Path(workdir)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'--workdir={workdir}: cannot create it ({e.strerror})') from e
-  return workdir
+  return io.make_dir(workdir, f'--workdir={workdir}', 'it')
 
 
 def lock_run(workdir) -> runlock.RunLock:
