@@ -150,3 +150,71 @@ def test_a_new_workdir_finishes_the_table_from_recorded_cells(tmp_path):
   sweep = json.loads((workdir / 'er' / 'unet_original' / 'sweep.json').read_text())
   assert sweep['chosen_lr'] == 3e-3 and not (workdir / 'er' / 'unet_original' / 'lr0.003').exists()
   assert '| er | unet | original | 0.800 ± 0.000 |' in (workdir / 'table.md').read_text()
+
+
+def _val(best):
+  return {'val_curve': [[40, best - 0.1], [80, best]]}
+
+
+def test_a_climbing_sweep_stops_at_the_first_rung_that_does_not_improve():
+  tried = []
+
+  def run_at(best_by_lr):
+    def run(lr):
+      tried.append(lr)
+      return _val(best_by_lr[lr])
+    return run
+
+  runs = paper_table.climb(1e-2, run_at({1e-2: .80, 3e-2: .85, 1e-1: .84}))
+  assert tried == [1e-2, 3e-2, 1e-1] and paper_table.choose_lr(runs) == 3e-2
+  tried.clear()
+  runs = paper_table.climb(1e-2, run_at({1e-2: .80, 3e-2: .80}))  # a tie is no improvement
+  assert tried == [1e-2, 3e-2] and paper_table.choose_lr(runs) == 1e-2
+  tried.clear()
+  paper_table.climb(3e-2, run_at({3e-2: .7, 1e-1: .9}))  # the ladder ends at 1e-1
+  assert tried == [3e-2, 1e-1]
+  tried.clear()
+  paper_table.climb(5e-3, run_at({5e-3: .7, 1e-2: .6}))  # off the ladder: joins it above
+  assert tried == [5e-3, 1e-2]
+
+
+def test_sweeps_start_where_other_kinds_chose_and_reuse_a_rate_they_agree_on(tmp_path):
+  def record(kind, model, lr, best):
+    path = tmp_path / kind / model / f'lr{lr:g}' / 'seed0' / 'result.json'
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(_val(best)))
+
+  record('er', 'fcn_original', 1e-3, .70)
+  record('er', 'fcn_original', 1e-2, .83)
+  record('er', 'fcn_original', 3e-3, .83)  # a tie goes to the smaller rate
+  record('mito', 'fcn_original', 3e-3, .6)
+  record('er', 'segnet_original', 1e-2, .6)
+  er, mito = tmp_path / 'er', tmp_path / 'mito'
+  assert paper_table.recorded_choice(er, 'fcn', 'original') == 3e-3
+  assert paper_table.recorded_choice(er, 'fcn', 'lowlevel') is None
+  choices = [paper_table.recorded_choice(d, 'fcn', 'original') for d in (er, mito)]
+  assert paper_table.sweep_start(choices) == (3e-3, True)  # two kinds agree: reused
+  choices = [paper_table.recorded_choice(d, 'segnet', 'original') for d in (er, mito)]
+  assert paper_table.sweep_start(choices) == (1e-2, False)  # one kind: climb from it
+  assert paper_table.sweep_start([1e-2, 3e-2]) == (1e-2, False)  # disagree: from the smaller
+  assert paper_table.sweep_start([None, None]) is None
+
+
+def test_mito_climbs_from_the_rate_er_chose_on_recorded_cells(tmp_path):
+  cells = tmp_path / 'cells'
+  for kind, lr, best in (('er', 1e-3, .6), ('er', 3e-3, .8), ('er', 1e-2, .7),
+                         ('mito', 3e-3, .7), ('mito', 1e-2, .75), ('mito', 3e-2, .74),
+                         ('mito', 1e-3, .9)):  # below the start: never looked at
+    record = cells / kind / 'unet_original' / f'lr{lr:g}' / 'seed0' / 'result.json'
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps(_cell(best, {'a': best}) | {'val_curve': [[40, best]]}))
+  workdir = tmp_path / 'fresh'
+  result = helpers.run_cli(['--preset=converged', '--kinds=mito', '--models=unet', '--seeds=1',
+                            f'--workdir={workdir}', f'--results={cells}',
+                            f'--lrs_from={cells / "er"}'],
+                           module='experiments.paper.paper_table', devices=1, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  sweep = json.loads((workdir / 'mito' / 'unet_original' / 'sweep.json').read_text())
+  assert sweep == {'chosen_lr': 1e-2, 'best_val_iou': {'0.003': .7, '0.01': .75, '0.03': .74}}
+  table = (workdir / 'table.md').read_text()
+  assert '| mito | unet | original | 0.750 ± 0.000 |' in table and 'a climb from' in table

@@ -24,7 +24,12 @@ Presets:
              3e-3, 1e-2) by its seed-0 best validation IoU, never the test set. Each cell
              reports whether its validation IoU plateaued (PLATEAU_RULE). Sweep cells live in
              <model>_<variant>/lr<lr>/seed0; the chosen learning rate's seed 0 is a cell of
-             the table. WORKDIR/curves.png: validation IoU against steps per pair.
+             the table. With --lrs_from (the recorded cells of kinds already run) each
+             sweep instead starts at the rate those kinds chose and climbs LR_LADDER while
+             validation improves, or reuses a rate that two or more kinds agree on:
+               --kinds=mito --lrs_from=docs/paper_table_converged/cells/er
+               --kinds=nucleus --lrs_from=docs/paper_table_converged/cells/er,...cells/mito
+             WORKDIR/curves.png: validation IoU against steps per pair.
   cpu        width 8 for every model, 128x128 crops, batch 8, Adam 2e-3 cosine, 60 steps,
              3 seeds: 1 h 50 min on the 2-core CPU (configs/default.py otherwise).
   reference  the reference recipe (configs/unet_<kind>.py: 256x256, batch 16, 30 epochs,
@@ -55,6 +60,8 @@ KINDS = ('er', 'mito', 'nucleus')
 PRESETS = ('cpu', 'converged', 'reference', 'tiny')
 SWEEPS = ('converged',)  # presets that choose each model's learning rate on validation
 CONVERGED_LRS = (1e-3, 3e-3, 1e-2)
+# The rungs a climbing sweep (--lrs_from) moves along: steps of about x3, 1e-3 to 1e-1.
+LR_LADDER = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 CONVERGED_STEPS, CONVERGED_EVERY = 400, 40
 # A cell has plateaued when its last PLATEAU_LAST validation IoUs lie within PLATEAU_TOL.
 PLATEAU_LAST, PLATEAU_TOL = 3, 0.005
@@ -66,6 +73,12 @@ def define_flags():
   flags.DEFINE_enum('preset', 'cpu', PRESETS, 'Training recipe.')
   flags.DEFINE_list('lrs', [], 'Learning rates swept at seed 0 (preset converged; empty = '
                     f'{",".join(map(str, CONVERGED_LRS))}).')
+  flags.DEFINE_list('lrs_from', [], 'Recorded cells of other kinds (e.g. '
+                    'docs/paper_table_converged/cells/er): each model-variant\'s sweep starts at '
+                    'the rate they chose and climbs the ladder '
+                    f'{",".join(map(str, LR_LADDER))} while the seed-0 best validation IoU '
+                    'improves; where two or more kinds chose one rate, it is reused unswept '
+                    '(preset converged; replaces --lrs).')
   flags.DEFINE_string('workdir', 'runs/paper_table', 'Folder for every cell and the table.')
   flags.DEFINE_list('kinds', list(KINDS), 'Dataset kinds (er, mito, nucleus).')
   flags.DEFINE_list('models', list(GENERAL + SPECIFIC), 'Models to train.')
@@ -165,6 +178,42 @@ def best_val(result: dict) -> float:
 def choose_lr(sweep: dict[float, dict]) -> float:
   """The learning rate whose seed-0 cell reached the best validation IoU (ties: the smaller)."""
   return max(sorted(sweep), key=lambda lr: (best_val(sweep[lr]), -lr))
+
+
+def recorded_choice(cells: pathlib.Path, name: str, variant: str) -> float | None:
+  """The learning rate a finished sweep chose (`choose_lr` over its recorded seed-0 cells
+  cells/<name>_<variant>/lr<lr>/seed0/result.json), or None when it has none."""
+  sweep = {}
+  for record in sorted((cells / f'{name}_{variant}').glob('lr*/seed0/result.json')):
+    sweep[float(record.parent.parent.name[2:])] = json.loads(record.read_text())
+  return choose_lr(sweep) if sweep else None
+
+
+def climb(start: float, run_at) -> dict[float, dict]:
+  """A climbing sweep: `run_at(lr)` (a seed-0 result) at `start`, then at each next rung of
+  LR_LADDER while the best validation IoU improves; returns {lr: result} of every rate run.
+
+  The rate below the start is not tried: the starting rate is what an earlier sweep of the
+  same model-variant chose on another kind."""
+  rungs = [lr for lr in LR_LADDER if lr >= start * (1 - 1e-9)]
+  if not rungs or abs(rungs[0] - start) > 1e-9 * start:
+    rungs = [start] + rungs
+  runs = {rungs[0]: run_at(rungs[0])}
+  for lr in rungs[1:]:
+    runs[lr] = run_at(lr)
+    if best_val(runs[lr]) <= max(best_val(r) for r in list(runs.values())[:-1]):
+      break
+  return runs
+
+
+def sweep_start(choices: list[float | None]) -> tuple[float, bool] | None:
+  """(start rate, reuse) from the rates other kinds chose for one model-variant: reuse (no
+  sweep) when two or more kinds chose the same rate; otherwise climb from the smallest
+  chosen. None when no kind recorded a choice."""
+  known = [c for c in choices if c is not None]
+  if not known:
+    return None
+  return min(known), len(known) >= 2 and len({f'{c:g}' for c in known}) == 1
 
 
 def paired_test(original: list[dict], lowlevel: list[dict],
@@ -335,8 +384,16 @@ def main(argv):
   except ValueError:
     raise app.UsageError(f'--lrs: numbers, e.g. 1e-3,3e-3 (got {",".join(FLAGS.lrs)})') \
         from None
-  if FLAGS.lrs and not sweep:
-    raise app.UsageError(f'--lrs: only preset {" or ".join(SWEEPS)} sweeps learning rates')
+  if (FLAGS.lrs or FLAGS.lrs_from) and not sweep:
+    raise app.UsageError(f'--lrs, --lrs_from: only preset {" or ".join(SWEEPS)} sweeps '
+                         'learning rates')
+  if FLAGS.lrs and FLAGS.lrs_from:
+    raise app.UsageError('--lrs and --lrs_from: give one (a fixed grid, or a climb from '
+                         'the rates other kinds chose)')
+  lrs_from = [pathlib.Path(d) for d in FLAGS.lrs_from]
+  missing = [str(d) for d in lrs_from if not d.is_dir()]
+  if missing:
+    raise app.UsageError(f'--lrs_from: no folder {", ".join(missing)}')
 
   def run(kind, name, variant, seed, lr=None):
     cell = pathlib.Path(kind, f'{name}_{variant}')
@@ -368,7 +425,13 @@ def main(argv):
           if not sweep:
             results.setdefault(key, []).append(run(kind, name, variant, seed))
           elif seed == 0:  # the sweep: its winner is seed 0 of the table
-            by_lr = {lr: run(kind, name, variant, 0, lr) for lr in sweep_lrs}
+            start = sweep_start([recorded_choice(d, name, variant) for d in lrs_from])
+            if start is None:  # a fixed grid (--lrs), or no other kind to start from
+              by_lr = {lr: run(kind, name, variant, 0, lr) for lr in sweep_lrs}
+            elif start[1]:  # every other kind chose this rate: reused, not swept
+              by_lr = {start[0]: run(kind, name, variant, 0, start[0])}
+            else:
+              by_lr = climb(start[0], lambda lr: run(kind, name, variant, 0, lr))
             chosen[key] = choose_lr(by_lr)
             results[key] = [by_lr[chosen[key]]]
             sweep_file = root / kind / f'{name}_{variant}' / 'sweep.json'
@@ -383,8 +446,10 @@ def main(argv):
                                     same_data=FLAGS.preset == 'converged')
   header = (f'Preset `{FLAGS.preset}`, {num_seeds} seed(s); mean ± std over seeds of the '
             'test-set mean per-image IoU / F1.' +
-            (f' Learning rate chosen among {", ".join(f"{lr:g}" for lr in sweep_lrs)} on '
-             f'validation; plateau: {PLATEAU_RULE}.' if sweep else '') + '\n\n')
+            (f' Learning rate chosen on validation among '
+             + (f'{", ".join(f"{lr:g}" for lr in sweep_lrs)}' if not lrs_from else
+                'a climb from the rates chosen in ' + ', '.join(map(str, lrs_from)))
+             + f'; plateau: {PLATEAU_RULE}.' if sweep else '') + '\n\n')
   (root / 'table.md').write_text(header + table + '\n\n' + verdict + '\n')
   with open(root / 'table.csv', 'w', newline='') as f:
     fields = ['kind', 'model', 'variant', 'seeds', 'iou_mean', 'iou_std', 'f1_mean', 'f1_std',
