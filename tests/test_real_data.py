@@ -75,8 +75,25 @@ def test_ernet_is_measured_by_iou_per_stack_and_written_as_json(tmp_path):
   figures = json.loads(out.read_text())['models']['er']['figures']
   assert {k: f['images'] for k, f in figures.items()} == {'stack1': 2, 'stack2': 2, 'stack3': 1,
                                                            'all': 5}
-  assert all(set(f) == {'images', 'iou'} for f in figures.values())
+  assert all(set(f) == {'images', 'iou', *real_data.DISAGREEMENT} for f in figures.values())
   assert f'| **all** | 5 | - | {figures["all"]["iou"]:.3f} | - | - |' in run.stdout
+  assert 0 <= figures['all']['precision'] <= 1 and figures['all']['pred_to_truth'] >= 0
+
+
+def test_disagreement_counts_pixels_and_leaves_out_what_lies_beyond_the_annotated_region():
+  truth = np.zeros((60, 60), bool)
+  truth[10:20, 10:12] = truth[10:12, 10:20] = True  # an L of 36 px
+  pred = np.zeros_like(truth)
+  pred[10:20, 10:11] = True  # 10 px of the annotation
+  pred[40:44, 50:55] = True  # 20 px in a cell nobody annotated, 20+ px from the hull
+  pred[25, 10] = True  # 1 px inside the margin (5 px below the annotation)
+  region = real_data.annotated_region(truth, margin=10)
+  assert region[25, 10] and not region[40:44, 50:55].any()
+  assert not real_data.annotated_region(truth, margin=0)[25, 10]
+  d = real_data.disagreement(truth, pred)
+  assert d['precision'] == pytest.approx(10 / 31) and d['recall'] == pytest.approx(10 / 36)
+  assert d['pred_to_truth'] == pytest.approx(31 / 36)
+  assert d['iou_in_region'] == pytest.approx(10 / (36 + 1))  # the 20 far pixels left out
 
 
 def test_bad_data_or_split_is_one_line(tmp_path):

@@ -10,7 +10,11 @@ DATA/<split>.txt (ERNet's all, leave_out_stack1/test). Per stratum of the datase
 acquisition types from DATA/manifest.csv, ERNet's stacks from DATA/summary.json) and over
 every image: the mean per-image IoU and, where the masks are label images (the DSB's), the
 instance AP@0.5 pooled over the images (StarDist's `matching_dataset`), of the model's
-instances and, for comparison, of the connected components of its mask. Each image is read
+instances and, for comparison, of the connected components of its mask. Where the masks are
+binary (ERNet's, one annotated cell per image) also where the prediction disagrees: the
+pixel precision and recall, the predicted over the annotated pixels, and the IoU inside the
+annotated region (`annotated_region`: the annotation's convex hull grown by REGION_MARGIN px),
+which leaves out whatever is predicted in cells nobody annotated. Each image is read
 as flmiseg reads it (grey stored as RGBA as its grey) and scored by `common.mask_scores`
 and `common.pooled`. Prints a table per model with the machine and the wall time (loading
 once, then segmenting every image); --out also writes the figures as JSON.
@@ -25,6 +29,8 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
+from scipy import ndimage
+from skimage import morphology
 
 import flmiseg
 from experiments import common
@@ -36,6 +42,7 @@ from flmiseg.objects import matching
 from flmiseg.store import settings
 
 FLAGS = flags.FLAGS
+REGION_MARGIN = 10  # px the annotated region reaches beyond the annotation's convex hull
 RECORDS = ('manifest.csv', 'summary.json')  # what flmiseg.data.public writes beside the data
 
 
@@ -69,6 +76,27 @@ def strata(data: pathlib.Path) -> dict[str, str]:
   return {pair['name']: pair['stack'] for pair in summary.get('pairs', [])}
 
 
+def annotated_region(truth: np.ndarray, margin: int = REGION_MARGIN) -> np.ndarray:
+  """bool (H, W): the convex hull of the annotated pixels, grown by `margin` px (a disc)."""
+  hull = morphology.convex_hull_image(truth > 0)
+  return ndimage.binary_dilation(hull, morphology.disk(margin)) if margin else hull
+
+
+def disagreement(truth: np.ndarray, pred: np.ndarray) -> dict:
+  """Of a binary annotation `truth` and a predicted mask `pred` (H, W): 'precision' and
+  'recall' of the pixels, 'pred_to_truth' (predicted over annotated pixels) and
+  'iou_in_region' (the IoU inside `annotated_region(truth)`)."""
+  truth, pred = truth > 0, pred > 0
+  tp, n_pred, n_truth = (truth & pred).sum(), pred.sum(), truth.sum()
+  inside = pred & annotated_region(truth)
+  return {'precision': float(tp / max(n_pred, 1)), 'recall': float(tp / max(n_truth, 1)),
+          'pred_to_truth': float(n_pred / max(n_truth, 1)),
+          'iou_in_region': float((inside & truth).sum() / max((inside | truth).sum(), 1))}
+
+
+DISAGREEMENT = ('iou_in_region', 'precision', 'recall', 'pred_to_truth')
+
+
 def segment_all(model_name: str, pairs, diameter: float | None,
                 rescale: bool = True) -> tuple[list[dict], dict]:
   """(per image `common.mask_scores` with 'name', timing {'load_s', 'segment_s'}) of the model
@@ -91,7 +119,8 @@ def segment_all(model_name: str, pairs, diameter: float | None,
     one = common.mask_scores(truth, found.mask > 0, found.labels if labelled else None,
                              min_size)
     del one['pred'], one['truth']  # the scores alone: a split's masks need not stay in memory
-    counted = {'objects': int(len(np.unique(truth)) - 1)} if labelled else {}
+    counted = ({'objects': int(len(np.unique(truth)) - 1)} if labelled else
+               disagreement(truth, found.mask))
     rows.append({'name': pair.image.stem, **counted, **one})
   return rows, {'load_s': loaded - start, 'segment_s': seconds}
 
@@ -106,21 +135,28 @@ def summarize(rows: list[dict], named: dict[str, str]) -> dict:
   def figures(group):
     counted = ({'objects': sum(r['objects'] for r in group)} if 'objects' in group[0]
                else {})
-    return {'images': len(group), **counted, **common.pooled(group)}
+    means = {key: float(np.mean([r[key] for r in group])) for key in DISAGREEMENT
+             if key in group[0]}
+    return {'images': len(group), **counted, **common.pooled(group), **means}
 
   return {**{name: figures(group) for name, group in sorted(groups.items())},
           'all': figures(rows)}
 
 
 def table(name: str, result: dict) -> str:
-  """The markdown table of one model's `summarize` result."""
-  lines = [f'| {name} | images | objects | IoU | AP@0.5 | AP@0.5, connected components |',
-           '|---|---|---|---|---|---|']
+  """The markdown table of one model's `summarize` result (binary masks: with the means of
+  DISAGREEMENT over the images)."""
+  binary = 'precision' in result['all']
+  extra = (' IoU in the annotated region | pixel precision | pixel recall | predicted / '
+           'annotated pixels |' if binary else '')
+  lines = [f'| {name} | images | objects | IoU | AP@0.5 | AP@0.5, connected components |' +
+           extra, '|---|---|---|---|---|---|' + '---|' * (4 * binary)]
   for stratum, f in result.items():
     ap = lambda key: f'{f[key]:.3f}' if key in f else '-'  # noqa: E731
     bold = '**' if stratum == 'all' else ''
     lines.append(f'| {bold}{stratum}{bold} | {f["images"]} | {f.get("objects", "-")} | '
-                 f'{f["iou"]:.3f} | {ap("ap_0.5")} | {ap("ap_0.5_connected_components")} |')
+                 f'{f["iou"]:.3f} | {ap("ap_0.5")} | {ap("ap_0.5_connected_components")} |' +
+                 ''.join(f' {f[key]:.3f} |' for key in DISAGREEMENT if binary))
   return '\n'.join(lines)
 
 
