@@ -30,7 +30,6 @@ split rate and the dense row's merge rate. --out also writes the figures as JSON
 import json
 import pathlib
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -159,12 +158,9 @@ def evaluate(model, pairs, diameter: float | None, rescale: bool) -> tuple[dict,
     raise UserError(f'{pairs[0].mask.parent}: binary masks; the failure modes need label '
                     'images (one value per nucleus)')
   per_image, seconds = [], 0.0
-  for pair, truth in zip(pairs, truths):
-    image = io.read_image(pair.image)
-    begin = time.perf_counter()
-    found = model.segment(image, instances=True, diameter=diameter, rescale=rescale,
-                          name=pair.image.name)
-    seconds += time.perf_counter() - begin
+  for _, image, truth, found, spent in real_data.segmented(model, pairs, truths, diameter,
+                                                           rescale):
+    seconds += spent
     per_image.append((groups(image, truth), outcomes(truth, found.labels, found.mask)))
   return tally(per_image), seconds
 

@@ -97,6 +97,18 @@ def disagreement(truth: np.ndarray, pred: np.ndarray) -> dict:
 DISAGREEMENT = ('iou_in_region', 'precision', 'recall', 'pred_to_truth')
 
 
+def segmented(model, pairs, truths, diameter: float | None, rescale: bool = True):
+  """Yields (pair, image, truth, found, seconds) for each pair and its annotation in
+  `truths`: the image as flmiseg reads it, segmented by `model` (a flmiseg Model) as users
+  run it (instances on; `diameter` and `rescale` as predict's), and the seconds that took."""
+  for pair, truth in zip(pairs, truths):
+    image = io.read_image(pair.image)
+    begin = time.perf_counter()
+    found = model.segment(image, instances=True, diameter=diameter, rescale=rescale,
+                          name=pair.image.name)
+    yield pair, image, truth, found, time.perf_counter() - begin
+
+
 def segment_all(model_name: str, pairs, diameter: float | None,
                 rescale: bool = True) -> tuple[list[dict], dict]:
   """(per image `common.mask_scores` with 'name', timing {'load_s', 'segment_s'}) of the model
@@ -110,12 +122,8 @@ def segment_all(model_name: str, pairs, diameter: float | None,
   labelled = any(matching.is_label_image(t) for t in truths)
   min_size = settings.min_size(model.config)
   seconds, rows = 0.0, []
-  for pair, truth in zip(pairs, truths):
-    image = io.read_image(pair.image)
-    begin = time.perf_counter()
-    found = model.segment(image, instances=True, diameter=diameter, rescale=rescale,
-                          name=pair.image.name)
-    seconds += time.perf_counter() - begin
+  for pair, _, truth, found, spent in segmented(model, pairs, truths, diameter, rescale):
+    seconds += spent
     one = common.mask_scores(truth, found.mask > 0, found.labels if labelled else None,
                              min_size)
     del one['pred'], one['truth']  # the scores alone: a split's masks need not stay in memory
