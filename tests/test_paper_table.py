@@ -217,4 +217,4 @@ def test_mito_climbs_from_the_rate_er_chose_on_recorded_cells(tmp_path):
   sweep = json.loads((workdir / 'mito' / 'unet_original' / 'sweep.json').read_text())
   assert sweep == {'chosen_lr': 1e-2, 'best_val_iou': {'0.003': .7, '0.01': .75, '0.03': .74}}
   table = (workdir / 'table.md').read_text()
-  assert '| mito | unet | original | 0.750 ± 0.000 |' in table and 'a climb from' in table
+  assert '| mito | unet | original | 0.750 ± 0.000 |' in table and 'climbing from the rates chosen in' in table

@@ -444,12 +444,12 @@ def main(argv):
   table, rows, verdict = make_table(results, FLAGS.kinds, FLAGS.models, num_seeds,
                                     chosen if sweep else None,
                                     same_data=FLAGS.preset == 'converged')
+  how_swept = (f'among {", ".join(f"{lr:g}" for lr in sweep_lrs)}' if not lrs_from else
+               'climbing from the rates chosen in ' + ', '.join(map(str, lrs_from)))
   header = (f'Preset `{FLAGS.preset}`, {num_seeds} seed(s); mean ± std over seeds of the '
             'test-set mean per-image IoU / F1.' +
-            (f' Learning rate chosen on validation among '
-             + (f'{", ".join(f"{lr:g}" for lr in sweep_lrs)}' if not lrs_from else
-                'a climb from the rates chosen in ' + ', '.join(map(str, lrs_from)))
-             + f'; plateau: {PLATEAU_RULE}.' if sweep else '') + '\n\n')
+            (f' Learning rate chosen on validation, {how_swept}; plateau: {PLATEAU_RULE}.'
+             if sweep else '') + '\n\n')
   (root / 'table.md').write_text(header + table + '\n\n' + verdict + '\n')
   with open(root / 'table.csv', 'w', newline='') as f:
     fields = ['kind', 'model', 'variant', 'seeds', 'iou_mean', 'iou_std', 'f1_mean', 'f1_std',
