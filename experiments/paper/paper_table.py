@@ -199,10 +199,12 @@ def climb(start: float, run_at) -> dict[float, dict]:
   if not rungs or abs(rungs[0] - start) > 1e-9 * start:
     rungs = [start] + rungs
   runs = {rungs[0]: run_at(rungs[0])}
+  best = best_val(runs[rungs[0]])
   for lr in rungs[1:]:
     runs[lr] = run_at(lr)
-    if best_val(runs[lr]) <= max(best_val(r) for r in list(runs.values())[:-1]):
+    if best_val(runs[lr]) <= best:
       break
+    best = best_val(runs[lr])
   return runs
 
 
