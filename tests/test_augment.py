@@ -5,6 +5,7 @@ aligned under scale jitter, masks stay binary, and resuming gives the same batch
 import dataclasses
 import math
 
+import cv2
 import grain
 import numpy as np
 import pytest
@@ -254,3 +255,51 @@ def test_invert_mirrors_the_crop_about_its_range_and_keeps_the_mask():
   for p, a in zip(plain, inverted):
     np.testing.assert_array_equal(p['mask'], a['mask'])
   assert any(not np.array_equal(p['image'], a['image']) for p, a in zip(plain, inverted))
+
+
+def test_dim_scales_whole_objects_about_the_background_and_keeps_the_rest():
+  crop = np.full((40, 40), 1.0, np.float32)
+  mask = np.zeros((40, 40), np.float32)
+  mask[5:13, 5:13] = mask[25:35, 24:34] = 1  # two objects, 12 px apart
+  crop[mask > 0] = 5.0
+  inside = np.ones(crop.shape, bool)
+  inside[:, 38:] = False  # padding keeps its values
+  crop[:, 38:] = 0.0
+  low, high = pipeline.DIM_RANGE
+  seen = set()
+  for seed in range(60):
+    out = pipeline.dim_objects(crop, mask, inside, np.random.default_rng(seed))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 38:], 0.0)
+    far = np.ones(crop.shape, bool)  # past the edge: 2 * DIM_EDGE px
+    far[:22, :22] = far[17:, 16:38] = False
+    np.testing.assert_array_equal(out[far], crop[far])
+    for box in ((slice(5, 13), slice(5, 13)), (slice(25, 35), slice(24, 34))):
+      values = out[box]
+      assert np.ptp(values) < 1e-5  # one factor per object, whole
+      factor = (values[0, 0] - 1.0) / 4.0  # background 1: the median of unmasked pixels
+      if factor == 1.0:
+        seen.add('kept')
+      else:
+        assert low - 1e-6 <= factor <= high + 1e-6
+        seen.add('dimmed')
+  assert seen == {'kept', 'dimmed'}
+  a = pipeline.dim_objects(crop, mask, inside, np.random.default_rng(7))
+  np.testing.assert_array_equal(a, pipeline.dim_objects(crop, mask, inside,
+                                                        np.random.default_rng(7)))
+
+
+def test_dim_is_opt_in_and_changes_only_pixels_near_objects():
+  assert 'dim' not in pipeline.parse_augment('all')
+  assert pipeline.parse_augment('dim,all,invert') == pipeline.AUGMENT_GROUPS + ('invert', 'dim')
+  source = _Blobs(5)
+  plain, dimmed = _batches(source, 6), _batches(source, 6, augment='dim')
+  changed = 0
+  for p, d in zip(plain, dimmed):  # the same crops and flips: dim draws after them
+    np.testing.assert_array_equal(p['mask'], d['mask'])
+    np.testing.assert_array_equal(p['valid'], d['valid'])
+    for image, want, mask in zip(d['image'][..., 0], p['image'][..., 0], p['mask'][..., 0]):
+      near = cv2.dilate(mask.astype(np.uint8), np.ones((19, 19), np.uint8)) > 0
+      np.testing.assert_array_equal(image[~near], want[~near])
+      changed += int(not np.array_equal(image, want))
+  assert changed > 0

@@ -2,8 +2,10 @@
 (matched, split, merged, pixels found) of hand-made label images with known answers."""
 
 import numpy as np
+import tifffile
 
 from experiments.shipped import failure_modes
+from flmiseg.data import lists
 from flmiseg.objects import matching
 
 # (top, left, height, width) of each annotated nucleus of a 128 x 128 image, labels 1..11.
@@ -86,3 +88,35 @@ def test_tally_pools_the_images():
                           'merge_rate': 0.5}
   empty = failure_modes.tally([])['dim']
   assert empty['nuclei'] == 0 and np.isnan(empty['recall'])
+
+
+def test_dimmed_pairs_dim_half_the_nuclei_by_the_factor(tmp_path):
+  image, truth, _, _ = _scene()
+  image = image.astype(np.uint8)
+  src = tmp_path / 'src'
+  src.mkdir()
+  tifffile.imwrite(src / 'a.tif', image)
+  tifffile.imwrite(src / 'a_mask.tif', truth.astype(np.uint16))
+  pair = lists.Pair(src / 'a.tif', src / 'a_mask.tif', 'test')
+  out_dir = tmp_path / 'out'
+  out_dir.mkdir()
+  (got,) = failure_modes.dimmed_pairs([pair], 0.1, out_dir)
+  assert got.mask == pair.mask and got.image.parent == out_dir
+  dimmed = tifffile.imread(got.image)
+  assert dimmed.dtype == np.float32 and dimmed.shape == image.shape
+  kept = changed = 0
+  for label in range(1, truth.max() + 1):
+    values = dimmed[truth == label]
+    original = image[truth == label].astype(np.float32)
+    if np.array_equal(values, original):
+      kept += 1
+    elif label - 1 not in (INDEX['touch_a'], INDEX['touch_b'], INDEX['gap1_a'],
+                           INDEX['gap1_b'], INDEX['gap2_a'], INDEX['gap2_b']):
+      # Neighbours of a dimmed nucleus within 2 * DIM_EDGE px share its fade: not exact.
+      np.testing.assert_allclose(values, 10.0 + 0.1 * (original - 10.0), rtol=1e-6)
+      changed += 1
+  assert kept > 0 and changed > 0
+  again = tmp_path / 'again'
+  again.mkdir()
+  (second,) = failure_modes.dimmed_pairs([pair], 0.1, again)
+  np.testing.assert_array_equal(tifffile.imread(second.image), dimmed)

@@ -3,12 +3,16 @@ one: dim nuclei beside bright ones missed, large nuclei split, dense small nucle
 
   python -m experiments.shipped.failure_modes --data=data/dsb --split=val \
       --model=nucleus [--model=runs/nucleus_dsb] [--diameter=0 | --no_rescale] \
-      [--simulated=20] [--out=failure_modes.json]
+      [--simulated=20] [--dimmed=0.1] [--out=failure_modes.json]
 
 Each model segments every image of the split as users do (`flmiseg.load(model).segment(image,
 instances=True)`; --diameter as predict's, --no_rescale never resizes: the model's 'before'
 and 'after' measuring each image's object size), and, with --simulated=N, N simulated
-256x256 nucleus images ('wide' knobs, an unseen seed: `common.test_pairs`). The annotated
+256x256 nucleus images ('wide' knobs, an unseen seed: `common.test_pairs`), and with
+--dimmed=F the split again with half its nuclei (drawn with a fixed seed) keeping only F of
+their signal above the background (`flmiseg.data.pipeline.dimmed`, the 'dim' augmentation's
+arithmetic at a fixed factor): real dim nuclei beside bright ones, many more than the split's
+own (the DSB validation split has 48). The annotated
 nuclei (label images) fall into groups, per image:
   dim     relative brightness < DIM (0.25): the nucleus's mean raw intensity minus the image's
           background (the median of the pixels outside every nucleus), over the BRIGHT
@@ -27,14 +31,17 @@ split rate and merge rate; the mode's own rate is the dim row's pixels found, th
 split rate and the dense row's merge rate. --out also writes the figures as JSON.
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
 import numpy as np
 from scipy import ndimage
+import tifffile
 
 import flmiseg
 from experiments import common
@@ -42,6 +49,7 @@ from experiments.shipped import real_data
 from flmiseg.core import console
 from flmiseg.core.errors import UserError
 from flmiseg.data import io
+from flmiseg.data import pipeline
 from flmiseg.objects import matching
 
 FLAGS = flags.FLAGS
@@ -53,6 +61,7 @@ NEAR = 2  # px: a small nucleus with another this close is dense
 SPLIT_SHARE = 0.2  # an instance covering this share of a nucleus is one of its pieces
 MERGE_SHARE = 0.5  # an instance covering this share of two nuclei merges them
 IOU = 0.5
+DIMMED_SEED = 0  # which nuclei --dimmed dims
 GROUPS = ('all', 'dim', 'large', 'dense')
 NAMES = {'all': 'all nuclei', 'dim': f'dim (< {DIM:g} of bright)',
          'large': f'large (>= {LARGE:g} px)', 'dense': f'dense small (< {SMALL:g} px)'}
@@ -165,6 +174,28 @@ def evaluate(model, pairs, diameter: float | None, rescale: bool) -> tuple[dict,
   return tally(per_image), seconds
 
 
+def dimmed_pairs(pairs, factor: float, folder: pathlib.Path):
+  """`pairs` with each image's nuclei (its label image), each with probability 1/2, keeping
+  `factor` of their signal (`pipeline.dimmed`), written into `folder` as float32 TIFFs; masks
+  unchanged."""
+  rng = np.random.default_rng(DIMMED_SEED)
+  out = []
+  for pair in pairs:
+    image = io.read_image(pair.image).astype(np.float32)
+    truth = io.read_mask_values(pair.mask)
+    count = int(truth.max())
+    factors = np.where(rng.random(count + 1) < 0.5, factor, 1.0)
+    if image.ndim == 3:  # channels last: each channel alike
+      image = np.stack([pipeline.dimmed(c, truth, factors) for c in np.moveaxis(image, -1, 0)],
+                       axis=-1)
+    else:
+      image = pipeline.dimmed(image, truth, factors)
+    path = folder / f'{pathlib.Path(pair.image).stem}.tif'
+    tifffile.imwrite(path, image)
+    out.append(dataclasses.replace(pair, image=path))
+  return out
+
+
 def table(name: str, figures: dict) -> str:
   """The markdown table of one model's `tally` on one dataset."""
   lines = [f'| {name} | nuclei | recall@0.5 | pixels found | split rate | merge rate |',
@@ -176,20 +207,27 @@ def table(name: str, figures: dict) -> str:
 
 
 def measure(data: pathlib.Path, split: str, model_names, diameter: float | None,
-            rescale: bool, simulated: int) -> dict:
+            rescale: bool, simulated: int, dimmed: float = 0.0) -> dict:
   """Every model's `tally` on the split and, with `simulated`, on that many simulated images,
+  and with `dimmed`, on the split with half its nuclei dimmed to that factor (`dimmed_pairs`),
   with its timing, the machine and the command's settings, as --out writes them."""
-  sets = {f'{data.name} {split}': real_data.split_pairs(data, split)}
+  split_pairs = real_data.split_pairs(data, split)
+  sets = {f'{data.name} {split}': split_pairs}
   if simulated:
     sets[f'simulated wide x{simulated}'] = common.test_pairs('nucleus', 'wide', simulated)
   result = {'data': str(data), 'split': split, 'diameter': diameter, 'rescale': rescale,
-            'simulated': simulated, 'machine': common.machine(), 'models': {}}
-  for name in model_names:
-    model = flmiseg.load(name)
-    one = result['models'][name] = {}
-    for label, pairs in sets.items():
-      figures, seconds = evaluate(model, pairs, diameter, rescale)
-      one[label] = {'images': len(pairs), 'segment_s': seconds, 'figures': figures}
+            'simulated': simulated, 'dimmed': dimmed, 'machine': common.machine(),
+            'models': {}}
+  with tempfile.TemporaryDirectory() as tmp:
+    if dimmed:
+      sets[f'{data.name} {split}, half the nuclei dimmed x{dimmed:g}'] = dimmed_pairs(
+          split_pairs, dimmed, pathlib.Path(tmp))
+    for name in model_names:
+      model = flmiseg.load(name)
+      one = result['models'][name] = {}
+      for label, pairs in sets.items():
+        figures, seconds = evaluate(model, pairs, diameter, rescale)
+        one[label] = {'images': len(pairs), 'segment_s': seconds, 'figures': figures}
   return result
 
 
@@ -199,9 +237,11 @@ def main(argv):
   real_data.check_resizing_flags()
   if FLAGS.simulated < 0:
     sys.exit(f'error: --simulated={FLAGS.simulated}: a number of images >= 0')
+  if not 0.0 <= FLAGS.dimmed < 1.0:
+    sys.exit(f'error: --dimmed={FLAGS.dimmed}: a factor in (0, 1), or 0 for none')
   try:
     result = measure(pathlib.Path(FLAGS.data), FLAGS.split, FLAGS.model, FLAGS.diameter,
-                     not FLAGS.no_rescale, FLAGS.simulated)
+                     not FLAGS.no_rescale, FLAGS.simulated, FLAGS.dimmed)
   except UserError as e:
     sys.exit(f'error: {e}')
   how = real_data.resizing_label()
@@ -221,4 +261,6 @@ if __name__ == '__main__':
                          'measure several.')
   flags.DEFINE_integer('simulated', 0, 'Also measure on this many simulated 256x256 nucleus '
                        'images (\'wide\' knobs, an unseen seed).')
+  flags.DEFINE_float('dimmed', 0.0, 'Also measure on the split with half its nuclei keeping '
+                     'this factor of their signal (e.g. 0.1; 0: not).')
   app.run(main)

@@ -62,12 +62,13 @@ def inverted_pairs(pairs, folder: pathlib.Path):
 def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str = '',
                    lr: float = 0.0, masks: str = '', pack: bool = True) -> dict:
   """Trains the recipe `common.pretrained_config(kind, steps, init_from, lr, masks, --real,
-  --synthetic_fraction, --width, --scale_range)` in `workdir` and, with `pack`, packs it as
+  --synthetic_fraction, --width, --scale_range, --augment)` in `workdir` and, with `pack`, packs it as
   the shipped model `kind` (pack_shipped); returns weights.json's content, or the test summary without `pack`."""
   start = time.perf_counter()
   config = common.pretrained_config(kind, steps, init_from, lr, masks, FLAGS.real,
                                     FLAGS.synthetic_fraction, FLAGS.width,
-                                    [float(v) for v in FLAGS.scale_range] or None)
+                                    [float(v) for v in FLAGS.scale_range] or None,
+                                    ','.join(FLAGS.augment))
   result = trainer.train_and_evaluate(config, workdir)
   if not pack:
     return result
@@ -91,7 +92,8 @@ def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
              + (f' --masks={masks}' if masks else '')
              + (f' --real=data/{real.name} --synthetic_fraction={FLAGS.synthetic_fraction:g}'
                 if real else '') + (f' --width={FLAGS.width}' if FLAGS.width else '')
-             + (f' --scale_range={",".join(FLAGS.scale_range)}' if FLAGS.scale_range else ''))
+             + (f' --scale_range={",".join(FLAGS.scale_range)}' if FLAGS.scale_range else '')
+             + (f' --augment={",".join(FLAGS.augment)}' if FLAGS.augment else ''))
   info = weights.pack(workdir, staged, 'float16', provenance={
       'command': command, 'train_seconds': round(seconds), 'steps': steps,
       'machine': common.machine(), 'date': time.strftime('%Y-%m-%d'),
@@ -167,6 +169,8 @@ if __name__ == '__main__':
   flags.DEFINE_float('synthetic_fraction', 0.5, 'With --real: the share of simulated draws.')
   flags.DEFINE_list('scale_range', [], 'The scale augmentation\'s zoom factors LOW,HIGH (e.g. '
                     '0.5,2; empty: the default\'s, 0.7,1.4).')
+  flags.DEFINE_list('augment', [], 'More augmentation groups on top of the recipe\'s (e.g. '
+                    'dim: real nuclei dimmed 1.4-14x, flmiseg/data/pipeline.py).')
   flags.DEFINE_integer('width', 0, 'The U-Net\'s width (0: the recipe\'s, 16).')
   flags.DEFINE_bool('pack', True, 'Pack the trained model into flmiseg/pretrained/KIND and '
                     'measure it (--nopack: train only).')

@@ -29,6 +29,12 @@ with its probability below:
                 on bright, as nuclei look in brightfield and in the luminance of H&E images;
                 so a model learns both contrasts. (No mirror point: about the middle of the
                 crop's range.)
+  dim           (opt-in) before the others, with probability DIM_PROB, each object of the
+                crop (an 8-connected component of its mask) with probability DIM_SHARE
+                keeps only a factor in DIM_RANGE of its signal above the background (the
+                median of the crop's unmasked pixels), with a soft edge so its blurred light
+                dims too: dim nuclei beside bright ones, from real annotated images, as
+                fluorescence shows them (DNA content, stain uptake, focus). The mask stays.
 Amounts are relative to each crop's own statistics (min, max, mean, std of its real pixels),
 so they mean the same under every normalisation. The cached images are normalised already,
 so these emulate what per-image normalisation does not remove. Evaluation never augments.
@@ -51,7 +57,7 @@ from flmiseg.data import mixing
 
 DIHEDRAL_ORDER = 8
 AUGMENT_GROUPS = ('intensity', 'noise', 'blur', 'scale', 'illumination')
-OPT_IN_GROUPS = ('invert',)  # named explicitly; 'all' leaves them out
+OPT_IN_GROUPS = ('invert', 'dim')  # named explicitly; 'all' leaves them out
 PHOTOMETRIC_GROUPS = ('intensity', 'noise', 'blur', 'illumination', 'invert')  # values only
 # Robustness augmentation strengths (see the module docstring). Ranges are sampled uniformly,
 # factors log-uniformly (a zoom by 1/2 is as likely as by 2).
@@ -70,6 +76,10 @@ NOISE_PROB = 0.5  # for each of the two noises
 POISSON_NOISE = 0.3  # largest signal-dependent sigma at the crop mean, in crop stds
 GAUSSIAN_NOISE = 0.3  # largest additive sigma, in crop stds
 INVERT_PROB = 0.3
+DIM_PROB = 0.5  # share of crops whose objects may be dimmed
+DIM_SHARE = 0.5  # each object of such a crop is dimmed with this probability
+DIM_RANGE = (0.07, 0.7)  # the factor on its signal: with bright ones, spreads of up to 14x
+DIM_EDGE = 4  # pixels past the mask dimmed alike (its blurred light), softened as far
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
@@ -205,6 +215,43 @@ def _standard_normal(rng: np.random.Generator, shape: tuple[int, int]) -> np.nda
   return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:size].reshape(shape)
 
 
+def dim_objects(image: np.ndarray, mask: np.ndarray, inside: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+  """The 'dim' group on one (S, S) float32 crop: with probability DIM_PROB, every object
+  (8-connected component of `mask` > 0) with probability DIM_SHARE gets a factor log-uniform
+  in DIM_RANGE (`dimmed`); padding (`inside` False) keeps its values."""
+  if rng.random() >= DIM_PROB:
+    return image
+  count, labels = cv2.connectedComponents((mask > 0).astype(np.uint8), connectivity=8)
+  chosen = rng.random(count - 1) < DIM_SHARE
+  factors = np.exp(rng.uniform(*np.log(DIM_RANGE), count - 1))
+  return dimmed(image, labels, np.concatenate([[1.0], np.where(chosen, factors, 1.0)]), inside)
+
+
+def dimmed(image: np.ndarray, labels: np.ndarray, factors: np.ndarray,
+           inside: np.ndarray | None = None) -> np.ndarray:
+  """float32 (H, W): each object k of the label image `labels` (0 background) keeps
+  `factors[k]` of its signal, `background + factors[k] * (image - background)`, background
+  the median of the real (`inside`; None: all) unlabelled pixels. The factor holds on the
+  object and DIM_EDGE px past it (its blurred light), then fades within DIM_EDGE more; the
+  other pixels and the padding keep their values. factors: (labels.max() + 1,), factors[0]
+  unused."""
+  inside = np.ones(image.shape, bool) if inside is None else inside
+  outside = inside & (labels == 0)
+  loss = 1.0 - np.asarray(factors, np.float32)
+  loss[0] = 0.0
+  if not loss.any() or not outside.any():
+    return image.astype(np.float32, copy=False)
+  side = 2 * DIM_EDGE + 1
+  field = cv2.dilate(loss[labels], np.ones((side, side), np.uint8))  # grows each dimmed object
+  # A Gaussian that reaches DIM_EDGE px (sigma half that): the object itself keeps its factor.
+  field = cv2.GaussianBlur(field, (side, side), DIM_EDGE / 2,
+                           borderType=cv2.BORDER_REFLECT_101)
+  background = np.float32(np.median(image[outside]))
+  out = image - (image - background) * field
+  return np.where(inside, out, image).astype(np.float32, copy=False)
+
+
 def photometric(image: np.ndarray, inside: np.ndarray, groups: tuple[str, ...],
                 rng: np.random.Generator, mirror: float | None = None) -> np.ndarray:
   """The intensity-type groups of `groups` on one (S, S) float32 crop.
@@ -266,6 +313,8 @@ class Augment(grain.transforms.RandomMap):
       arrays = crop_or_pad(arrays, self.crop_size, top, left)
     image, mask, valid = arrays[:3]
     extra = dict(zip(extras, arrays[3:]))
+    if 'dim' in self.groups:  # the sample's brightness comes before the microscope's groups
+      image = dim_objects(image, mask, valid > 0, rng)
     if any(g in PHOTOMETRIC_GROUPS for g in self.groups):
       image = photometric(image, valid > 0, self.groups, rng, self.mirror)
     if 'ignored' in extra:  # unlabelled pixels: mask is 0 there already
