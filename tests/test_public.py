@@ -195,6 +195,24 @@ def test_ernet_build_writes_pairs_and_leave_one_stack_out_lists(tmp_path):
     train = [p.image.stem for p in lists.read_list(fold / 'train.txt')]
     assert test == test_names
     assert sorted(train + test) == [p['name'] for p in summary['pairs']]
+    regions = lists.read_list(fold / 'train_region.txt')
+    assert [p.image.stem for p in regions] == train
+    for pair in regions:  # the mask inside the annotated region, UNLABELLED outside it
+      region = cv2.imread(str(pair.mask), cv2.IMREAD_UNCHANGED)
+      mask = cv2.imread(str(out / 'masks' / pair.mask.name), cv2.IMREAD_UNCHANGED)
+      inside = public.annotated_region(mask)
+      np.testing.assert_array_equal(region[inside], mask[inside])
+      assert np.all(region[~inside] == public.UNLABELLED)
+
+
+def test_the_annotated_region_is_the_hull_grown_by_the_margin():
+  truth = np.zeros((40, 60), np.uint8)
+  truth[10, 10] = truth[10, 30] = truth[20, 20] = 255  # a triangle's corners
+  hull = public.annotated_region(truth, margin=0)
+  assert hull[10, 10:31].all() and hull[15, 15:26].all() and not hull[10, 31]
+  grown = public.annotated_region(truth, margin=5)
+  assert grown[5, 10] and grown[10, 35] and not grown[4, 10] and not grown[10, 36]
+  assert grown[25, 20] and not grown[26, 20]
 
 
 def test_ernet_build_errors_name_the_file(tmp_path):

@@ -87,9 +87,9 @@ def test_disagreement_counts_pixels_and_leaves_out_what_lies_beyond_the_annotate
   pred[10:20, 10:11] = True  # 10 px of the annotation
   pred[40:44, 50:55] = True  # 20 px in a cell nobody annotated, 20+ px from the hull
   pred[25, 10] = True  # 1 px inside the margin (5 px below the annotation)
-  region = real_data.annotated_region(truth, margin=10)
+  region = public.annotated_region(truth, margin=10)
   assert region[25, 10] and not region[40:44, 50:55].any()
-  assert not real_data.annotated_region(truth, margin=0)[25, 10]
+  assert not public.annotated_region(truth, margin=0)[25, 10]
   d = real_data.disagreement(truth, pred)
   assert d['precision'] == pytest.approx(10 / 31) and d['recall'] == pytest.approx(10 / 36)
   assert d['pred_to_truth'] == pytest.approx(31 / 36)

@@ -13,8 +13,8 @@ instance AP@0.5 pooled over the images (StarDist's `matching_dataset`), of the m
 instances and, for comparison, of the connected components of its mask. Where the masks are
 binary (ERNet's, one annotated cell per image) also where the prediction disagrees: the
 pixel precision and recall, the predicted over the annotated pixels, and the IoU inside the
-annotated region (`annotated_region`: the annotation's convex hull grown by REGION_MARGIN px),
-which leaves out whatever is predicted in cells nobody annotated. Each image is read
+annotated region (`flmiseg.data.public.annotated_region`: the annotation's convex hull grown
+by 10 px), which leaves out whatever is predicted in cells nobody annotated. Each image is read
 as flmiseg reads it (grey stored as RGBA as its grey) and scored by `common.mask_scores`
 and `common.pooled`. Prints a table per model with the machine and the wall time (loading
 once, then segmenting every image); --out also writes the figures as JSON.
@@ -29,8 +29,6 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
-from scipy import ndimage
-from skimage import morphology
 
 import flmiseg
 from experiments import common
@@ -38,11 +36,11 @@ from flmiseg.core import console
 from flmiseg.core.errors import UserError
 from flmiseg.data import io
 from flmiseg.data import lists
+from flmiseg.data import public
 from flmiseg.objects import matching
 from flmiseg.store import settings
 
 FLAGS = flags.FLAGS
-REGION_MARGIN = 10  # px the annotated region reaches beyond the annotation's convex hull
 RECORDS = ('manifest.csv', 'summary.json')  # what flmiseg.data.public writes beside the data
 
 
@@ -76,21 +74,13 @@ def strata(data: pathlib.Path) -> dict[str, str]:
   return {pair['name']: pair['stack'] for pair in summary.get('pairs', [])}
 
 
-def annotated_region(truth: np.ndarray, margin: int = REGION_MARGIN) -> np.ndarray:
-  """bool (H, W): the convex hull of the annotated pixels, grown by `margin` px (a disc)."""
-  hull = morphology.convex_hull_image(truth > 0)
-  # Within `margin` of the hull, as a dilation by disk(margin) grows it: one distance
-  # transform instead of a dilation by a (2 margin + 1)^2 disc.
-  return ndimage.distance_transform_edt(~hull) <= margin if margin else hull
-
-
 def disagreement(truth: np.ndarray, pred: np.ndarray) -> dict:
   """Of a binary annotation `truth` and a predicted mask `pred` (H, W): 'precision' and
   'recall' of the pixels, 'pred_to_truth' (predicted over annotated pixels) and
   'iou_in_region' (the IoU inside `annotated_region(truth)`)."""
   truth, pred = truth > 0, pred > 0
   tp, n_pred, n_truth = (truth & pred).sum(), pred.sum(), truth.sum()
-  inside = pred & annotated_region(truth)
+  inside = pred & public.annotated_region(truth)
   return {'precision': float(tp / max(n_pred, 1)), 'recall': float(tp / max(n_truth, 1)),
           'pred_to_truth': float(n_pred / max(n_truth, 1)),
           'iou_in_region': float((inside & truth).sum() / max((inside | truth).sum(), 1))}

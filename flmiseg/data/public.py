@@ -33,7 +33,11 @@ OUT/images/<stack>_<frame>.<ext> (the files as they are), OUT/masks/<stack>_<fra
 (0/255), OUT/all.txt (every pair: evaluation) and, for leave-one-stack-out fine-tuning,
 OUT/leave_out_<stack>/{train,test}.txt (train on the other stacks, test on it), and
 OUT/summary.json. Only one cell per image is annotated: ER in the other cells counts as
-background.
+background. So the build also writes OUT/regions/<stack>_<frame>.png, the mask with the
+pixels outside the annotated region (`annotated_region`: the annotation's convex hull grown
+by REGION_MARGIN px) set to UNLABELLED (128), and OUT/leave_out_<stack>/train_region.txt
+listing them: fine-tuning with --config.data.ignore_value=128 learns from the annotated cell
+only, not from the unannotated ones as background.
 
 Both refuse a non-empty --out unless --overwrite, and build in a folder beside it that
 replaces it at the end (an interrupted build leaves nothing half-written).
@@ -53,6 +57,8 @@ import sys
 
 import cv2
 import numpy as np
+from scipy import ndimage
+from skimage import morphology
 
 from flmiseg.core.errors import UserError
 from flmiseg.data import io
@@ -78,6 +84,8 @@ ERNET_PAIRS = (
     ('stack3', 'raw_0000.jpg', 'segmented_0.png'),
 )
 ERNET_ALPHA_THRESHOLD = 10  # ERNet's: foreground where the alpha channel exceeds it
+REGION_MARGIN = 10  # px the annotated region reaches beyond the annotation's convex hull
+UNLABELLED = 128  # the region masks' value outside it (--config.data.ignore_value=128)
 
 
 def describe(path: pathlib.Path) -> tuple[str, tuple[int, int]]:
@@ -236,6 +244,14 @@ def _ernet_mask(path: pathlib.Path) -> np.ndarray:
   return np.where(pixels[..., 3] > ERNET_ALPHA_THRESHOLD, 255, 0).astype(np.uint8)
 
 
+def annotated_region(truth: np.ndarray, margin: int = REGION_MARGIN) -> np.ndarray:
+  """bool (H, W): the convex hull of the annotated pixels, grown by `margin` px (a disc)."""
+  hull = morphology.convex_hull_image(truth > 0)
+  # Within `margin` of the hull, as a dilation by disk(margin) grows it: one distance
+  # transform instead of a dilation by a (2 margin + 1)^2 disc.
+  return ndimage.distance_transform_edt(~hull) <= margin if margin else hull
+
+
 def build_ernet(src, out, *, overwrite: bool = False) -> dict:
   """Builds the ERNet pairs (module docstring) into `out`; returns the summary it writes:
   {'pairs': [{name, stack, image, mask, height, width, foreground}], 'stacks': [...]}."""
@@ -246,8 +262,8 @@ def build_ernet(src, out, *, overwrite: bool = False) -> dict:
       if not path.is_file():
         raise UserError(f'{path}: not found (--src should be a clone of charlesnchr/ERNet)')
   with _building(out, overwrite) as tmp:
-    (tmp / 'images').mkdir()
-    (tmp / 'masks').mkdir()
+    for folder in ('images', 'masks', 'regions'):
+      (tmp / folder).mkdir()
     pairs = [_write_ernet_pair(tmp, root / stack, image, mask)
              for stack, image, mask in ERNET_PAIRS]
     line = lambda p, up='': f'{up}{p["image"]} {up}{p["mask"]}\n'  # noqa: E731
@@ -260,6 +276,8 @@ def build_ernet(src, out, *, overwrite: bool = False) -> dict:
                                               if p['stack'] != stack))
       (fold / 'test.txt').write_text(''.join(line(p, '../') for p in pairs
                                              if p['stack'] == stack))
+      (fold / 'train_region.txt').write_text(''.join(
+          line({**p, 'mask': p['region']}, '../') for p in pairs if p['stack'] != stack))
     summary = {'source': str(src), 'pairs': pairs, 'stacks': stacks}
     (tmp / 'summary.json').write_text(json.dumps(summary, indent=1, sort_keys=True) + '\n')
   return summary
@@ -268,7 +286,8 @@ def build_ernet(src, out, *, overwrite: bool = False) -> dict:
 def _write_ernet_pair(tmp: pathlib.Path, folder: pathlib.Path, image_name: str,
                       mask_name: str) -> dict:
   """Copies an ERNet image into tmp/images/<stack>_<frame>.<ext> and writes its mask into
-  tmp/masks/<stack>_<frame>.png; returns its summary entry."""
+  tmp/masks/<stack>_<frame>.png and its region mask (UNLABELLED outside
+  `annotated_region`) into tmp/regions/; returns its summary entry."""
   frame = re.search(r'\d+', image_name).group().zfill(4)  # raw_0126.jpg, 126_input_0.png
   name = f'{folder.name}_{frame}'
   shape = objectmasks.image_shape(folder / image_name)
@@ -279,7 +298,10 @@ def _write_ernet_pair(tmp: pathlib.Path, folder: pathlib.Path, image_name: str,
   image = f'images/{name}{pathlib.Path(image_name).suffix.lower()}'
   shutil.copyfile(folder / image_name, tmp / image)
   cv2.imwrite(str(tmp / 'masks' / f'{name}.png'), mask)
+  region = np.where(annotated_region(mask), mask, UNLABELLED).astype(np.uint8)
+  cv2.imwrite(str(tmp / 'regions' / f'{name}.png'), region)
   return dict(name=name, stack=folder.name, image=image, mask=f'masks/{name}.png',
+              region=f'regions/{name}.png',
               height=shape[0], width=shape[1], foreground=round(float(np.mean(mask > 0)), 4))
 
 
