@@ -57,7 +57,7 @@ CROP = 128  # the side of the fine-tuning crops (shipped/finetune.py, shipped/re
 def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.0,
                       masks: str = '', real: str = '', synthetic_fraction: float = 0.5,
                       width: int = 0, scale_range: tuple[float, float] | None = None,
-                      augment: str = ''):
+                      augment: str = '', dim_range: tuple[float, float] | None = None):
   """The recipe of a shipped model; with `init_from` (a run folder or shipped model) a further
   training cycle that starts from its weights, at learning rate `lr` (0: the recipe's); with
   `masks` ('geometry' or 'visible') its masks drawn so instead of the recipe's way. With
@@ -65,7 +65,8 @@ def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.
   training draws real images too, simulated ones with probability `synthetic_fraction`, and
   validates and tests on the real val/ and test/ splits. `width`: the U-Net's (0: 16);
   `scale_range`: the 'scale' augmentation's zoom factors (None: the default's); `augment`:
-  more augmentation groups (e.g. 'dim') on top of the recipe's."""
+  more augmentation groups (e.g. 'dim') on top of the recipe's; `dim_range`: the 'dim'
+  group's factors (None: the default's)."""
   config = default.get_config()
   config.data.kind = kind
   config.data.synthetic_params = 'wide'
@@ -102,6 +103,8 @@ def pretrained_config(kind: str, steps: int, init_from: str = '', lr: float = 0.
     config.data.augment = f'{config.data.augment},{augment}'
   if scale_range:
     config.data.scale_range = tuple(scale_range)
+  if dim_range:
+    config.data.dim_range = tuple(dim_range)
   config.train.num_steps = steps
   config.train.init_from = init_from
   config.optim.lr = lr or config.optim.lr

@@ -303,3 +303,21 @@ def test_dim_is_opt_in_and_changes_only_pixels_near_objects():
       np.testing.assert_array_equal(image[~near], want[~near])
       changed += int(not np.array_equal(image, want))
   assert changed > 0
+
+
+def test_dim_range_sets_the_factor_and_is_checked():
+  crop = np.full((24, 24), 2.0, np.float32)
+  mask = np.zeros((24, 24), np.float32)
+  mask[8:16, 8:16] = 1
+  crop[mask > 0] = 12.0
+  inside = np.ones(crop.shape, bool)
+  aug = pipeline.Augment(24, False, ('dim',), dim_range=(0.3, 0.3))
+  factors = set()
+  for seed in range(30):
+    out = aug.random_map({'image': crop, 'mask': mask}, np.random.default_rng(seed))['image']
+    factors.add(round(float((out[12, 12, 0] - 2.0) / 10.0), 5))
+  assert factors == {1.0, 0.3}  # kept, or dimmed by exactly the range's one factor
+  from flmiseg.train import config_checks  # pylint: disable=import-outside-toplevel
+  assert config_checks.dim_range('data.dim_range', (0.15, 0.7)) == ''
+  for bad in ((0.0, 0.5), (0.5, 0.2), (0.5, 1.5), (0.5,), 'low'):
+    assert 'data.dim_range' in config_checks.dim_range('data.dim_range', bad)

@@ -121,7 +121,9 @@ BAD = {
     'data__flips': (1, 'config.data.flips=1: must be True or False'),
     'data__augment': ('noise,sharpen', "config.data.augment='noise,sharpen': 'sharpen' is not "
                       'an augmentation; valid: intensity, noise, blur, scale, illumination, '
-                      "invert or all (all but invert), comma-separated ('' = off)"),
+                      "invert, dim or all (all but invert, dim), comma-separated ('' = off)"),
+    'data__dim_range': ((0.5, 0.2), 'config.data.dim_range=(0.5, 0.2): must be two factors '
+                        '(low, high) with 0 < low <= high <= 1, e.g. (0.15, 0.7)'),
     'data__ignore_value': (0, 'config.data.ignore_value=0: must be -1 (none) or a positive '
                            'integer mask value (e.g. 2) marking unlabelled pixels'),
     'data__num_workers': (-1, 'config.data.num_workers=-1: must be an integer >= 0'),

@@ -62,13 +62,14 @@ def inverted_pairs(pairs, folder: pathlib.Path):
 def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str = '',
                    lr: float = 0.0, masks: str = '', pack: bool = True) -> dict:
   """Trains the recipe `common.pretrained_config(kind, steps, init_from, lr, masks, --real,
-  --synthetic_fraction, --width, --scale_range, --augment)` in `workdir` and, with `pack`, packs it as
+  --synthetic_fraction, --width, --scale_range, --augment, --dim_range)` in `workdir` and, with `pack`, packs it as
   the shipped model `kind` (pack_shipped); returns weights.json's content, or the test summary without `pack`."""
   start = time.perf_counter()
   config = common.pretrained_config(kind, steps, init_from, lr, masks, FLAGS.real,
                                     FLAGS.synthetic_fraction, FLAGS.width,
                                     [float(v) for v in FLAGS.scale_range] or None,
-                                    ','.join(FLAGS.augment))
+                                    ','.join(FLAGS.augment),
+                                    [float(v) for v in FLAGS.dim_range] or None)
   result = trainer.train_and_evaluate(config, workdir)
   if not pack:
     return result
@@ -93,7 +94,8 @@ def pack_shipped(kind: str, workdir: pathlib.Path, steps: int, seconds: float,
              + (f' --real=data/{real.name} --synthetic_fraction={FLAGS.synthetic_fraction:g}'
                 if real else '') + (f' --width={FLAGS.width}' if FLAGS.width else '')
              + (f' --scale_range={",".join(FLAGS.scale_range)}' if FLAGS.scale_range else '')
-             + (f' --augment={",".join(FLAGS.augment)}' if FLAGS.augment else ''))
+             + (f' --augment={",".join(FLAGS.augment)}' if FLAGS.augment else '')
+             + (f' --dim_range={",".join(FLAGS.dim_range)}' if FLAGS.dim_range else ''))
   info = weights.pack(workdir, staged, 'float16', provenance={
       'command': command, 'train_seconds': round(seconds), 'steps': steps,
       'machine': common.machine(), 'date': time.strftime('%Y-%m-%d'),
@@ -171,6 +173,8 @@ if __name__ == '__main__':
                     '0.5,2; empty: the default\'s, 0.7,1.4).')
   flags.DEFINE_list('augment', [], 'More augmentation groups on top of the recipe\'s (e.g. '
                     'dim: real nuclei dimmed 1.4-14x, flmiseg/data/pipeline.py).')
+  flags.DEFINE_list('dim_range', [], 'The dim augmentation\'s factors LOW,HIGH (e.g. '
+                    '0.15,0.7; default: config.data.dim_range\'s).')
   flags.DEFINE_integer('width', 0, 'The U-Net\'s width (0: the recipe\'s, 16).')
   flags.DEFINE_bool('pack', True, 'Pack the trained model into flmiseg/pretrained/KIND and '
                     'measure it (--nopack: train only).')

@@ -31,7 +31,8 @@ with its probability below:
                 crop's range.)
   dim           (opt-in) before the others, with probability DIM_PROB, each object of the
                 crop (an 8-connected component of its mask) with probability DIM_SHARE
-                keeps only a factor in DIM_RANGE of its signal above the background (the
+                keeps only a factor in `dim_range` (config.data.dim_range, by default
+                DIM_RANGE) of its signal above the background (the
                 median of the crop's unmasked pixels), with a soft edge so its blurred light
                 dims too: dim nuclei beside bright ones, from real annotated images, as
                 fluorescence shows them (DNA content, stain uptake, focus). The mask stays.
@@ -78,7 +79,7 @@ GAUSSIAN_NOISE = 0.3  # largest additive sigma, in crop stds
 INVERT_PROB = 0.3
 DIM_PROB = 0.5  # share of crops whose objects may be dimmed
 DIM_SHARE = 0.5  # each object of such a crop is dimmed with this probability
-DIM_RANGE = (0.07, 0.7)  # the factor on its signal: with bright ones, spreads of up to 14x
+DIM_RANGE = (0.07, 0.7)  # its factor (config.data.dim_range): with bright ones, up to 14x
 DIM_EDGE = 4  # pixels past the mask dimmed alike (its blurred light), softened as far
 
 
@@ -216,15 +217,16 @@ def _standard_normal(rng: np.random.Generator, shape: tuple[int, int]) -> np.nda
 
 
 def dim_objects(image: np.ndarray, mask: np.ndarray, inside: np.ndarray,
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator,
+                dim_range: tuple[float, float] = DIM_RANGE) -> np.ndarray:
   """The 'dim' group on one (S, S) float32 crop: with probability DIM_PROB, every object
   (8-connected component of `mask` > 0) with probability DIM_SHARE gets a factor log-uniform
-  in DIM_RANGE (`dimmed`); padding (`inside` False) keeps its values."""
+  in `dim_range` (`dimmed`); padding (`inside` False) keeps its values."""
   if rng.random() >= DIM_PROB:
     return image
   count, labels = cv2.connectedComponents((mask > 0).astype(np.uint8), connectivity=8)
   chosen = rng.random(count - 1) < DIM_SHARE
-  factors = np.exp(rng.uniform(*np.log(DIM_RANGE), count - 1))
+  factors = np.exp(rng.uniform(*np.log(dim_range), count - 1))
   return dimmed(image, labels, np.concatenate([[1.0], np.where(chosen, factors, 1.0)]), inside)
 
 
@@ -295,6 +297,7 @@ class Augment(grain.transforms.RandomMap):
   groups: tuple[str, ...] = ()
   mirror: float | None = None  # the 'invert' group's mirror point (photometric)
   scale_range: tuple[float, float] = SCALE_RANGE  # the 'scale' group's zoom factors
+  dim_range: tuple[float, float] = DIM_RANGE  # the 'dim' group's factors
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     """element: 'image' float32 (H, W), 'mask' (H, W) {0, 1}, optional 'ignored' (H, W)
@@ -314,7 +317,7 @@ class Augment(grain.transforms.RandomMap):
     image, mask, valid = arrays[:3]
     extra = dict(zip(extras, arrays[3:]))
     if 'dim' in self.groups:  # the sample's brightness comes before the microscope's groups
-      image = dim_objects(image, mask, valid > 0, rng)
+      image = dim_objects(image, mask, valid > 0, rng, self.dim_range)
     if any(g in PHOTOMETRIC_GROUPS for g in self.groups):
       image = photometric(image, valid > 0, self.groups, rng, self.mirror)
     if 'ignored' in extra:  # unlabelled pixels: mask is 0 there already
@@ -329,13 +332,15 @@ class Augment(grain.transforms.RandomMap):
 def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, seed: int,
                   process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                   flips: bool = True, augment: str = '', mirror: float | None = None,
-                  scale_range: tuple[float, float] = SCALE_RANGE) -> grain.IterDataset:
+                  scale_range: tuple[float, float] = SCALE_RANGE,
+                  dim_range: tuple[float, float] = DIM_RANGE) -> grain.IterDataset:
   """Training batches for `num_steps` steps: seeded shuffle, reshuffled every epoch (a
   mixing.MixedSource: its seeded mixture of real and simulated images).
 
   `augment` is config.data.augment ('' = crop and D4 only; see `parse_augment`); `mirror`
   the 'invert' group's mirror point (preprocess.mirror_point of the normalisation);
-  `scale_range` the 'scale' group's zoom factors (config.data.scale_range).
+  `scale_range` the 'scale' group's zoom factors (config.data.scale_range), `dim_range` the
+  'dim' group's factors (config.data.dim_range).
 
   The element order, and each element's augmentation, depend only on the seed and the
   position in the global stream, not on the number of processes: process p of P takes the
@@ -351,7 +356,8 @@ def train_dataset(source, *, crop_size: int, global_batch: int, num_steps: int, 
   else:
     epochs = math.ceil(num_steps * global_batch / len(source)) + 1
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(epochs)
-  ds = ds.random_map(Augment(crop_size, flips, groups, mirror, tuple(scale_range)),
+  ds = ds.random_map(Augment(crop_size, flips, groups, mirror, tuple(scale_range),
+                             tuple(dim_range)),
                      seed=seed + 1)
   # Local batch k of the stream is block k % P of global batch k // P (batching is lazy, so
   # each process only loads and augments its own elements).

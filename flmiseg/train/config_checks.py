@@ -174,6 +174,13 @@ def scale_range(field, value) -> str:
                         '0 < low <= high, e.g. (0.5, 2.0)')
 
 
+def dim_range(field, value) -> str:
+  ok = (isinstance(value, (tuple, list)) and len(value) == 2 and
+        all(_is_number(v) and 0 < v <= 1 for v in value) and value[0] <= value[1])
+  return '' if ok else (f'config.{field}={value!r}: must be two factors (low, high) with '
+                        '0 < low <= high <= 1, e.g. (0.15, 0.7)')
+
+
 def ignore_value(field, value) -> str:
   if _is_int(value) and (value == -1 or value >= 1):
     return ''
@@ -228,6 +235,7 @@ RULES: dict[str, Rule] = {
     'data.flips': training(boolean),
     'data.augment': training(augment),
     'data.scale_range': training(scale_range),
+    'data.dim_range': training(dim_range),
     'data.ignore_value': inference(ignore_value),
     'data.channel': inference(integer(-1, note=' (a channel number; -1: single-channel '
                                                'images)')),

@@ -356,7 +356,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=config.data.num_workers,
         flips=config.data.flips, augment=config.data.augment, mirror=mirror,
-        scale_range=tuple(config.data.get('scale_range', pipeline.SCALE_RANGE))))
+        scale_range=tuple(config.data.get('scale_range', pipeline.SCALE_RANGE)),
+        dim_range=tuple(config.data.get('dim_range', pipeline.DIM_RANGE))))
     if data_state is not None:
       it.set_state(data_state)
     elif config.train.init_from and data.val is not None:
