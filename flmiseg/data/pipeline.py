@@ -32,10 +32,10 @@ with its probability below:
   dim           (opt-in) before the others, with probability DIM_PROB, each object of the
                 crop (an 8-connected component of its mask) with probability DIM_SHARE
                 keeps only a factor in `dim_range` (config.data.dim_range, by default
-                DIM_RANGE) of its signal above the background (the
-                median of the crop's unmasked pixels), with a soft edge so its blurred light
-                dims too: dim nuclei beside bright ones, from real annotated images, as
-                fluorescence shows them (DNA content, stain uptake, focus). The mask stays.
+                DIM_RANGE) of its signal above the background (the median of the crop's
+                unmasked pixels), with a soft edge so its blurred light dims too: dim nuclei
+                beside bright ones, from real annotated images, as fluorescence shows them
+                (DNA content, stain uptake, focus). The mask stays.
 Amounts are relative to each crop's own statistics (min, max, mean, std of its real pixels),
 so they mean the same under every normalisation. The cached images are normalised already,
 so these emulate what per-image normalisation does not remove. Evaluation never augments.
@@ -80,7 +80,7 @@ INVERT_PROB = 0.3
 DIM_PROB = 0.5  # share of crops whose objects may be dimmed
 DIM_SHARE = 0.5  # each object of such a crop is dimmed with this probability
 DIM_RANGE = (0.07, 0.7)  # its factor (config.data.dim_range): with bright ones, up to 14x
-DIM_EDGE = 4  # pixels past the mask dimmed alike (its blurred light), softened as far
+DIM_EDGE = 4  # px: the dimming fades over 2 * DIM_EDGE px past the mask (blurred light)
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
@@ -235,9 +235,8 @@ def dimmed(image: np.ndarray, labels: np.ndarray, factors: np.ndarray,
   """float32 (H, W): each object k of the label image `labels` (0 background) keeps
   `factors[k]` of its signal, `background + factors[k] * (image - background)`, background
   the median of the real (`inside`; None: all) unlabelled pixels. The factor holds on the
-  object and DIM_EDGE px past it (its blurred light), then fades within DIM_EDGE more; the
-  other pixels and the padding keep their values. factors: (labels.max() + 1,), factors[0]
-  unused."""
+  object and fades over the 2 * DIM_EDGE px past it (its blurred light); the other pixels and
+  the padding keep their values. factors: (labels.max() + 1,), factors[0] unused."""
   inside = np.ones(image.shape, bool) if inside is None else inside
   outside = inside & (labels == 0)
   loss = 1.0 - np.asarray(factors, np.float32)
