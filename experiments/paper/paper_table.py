@@ -46,11 +46,11 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 from scipy import stats
 
 from flmiseg.configs import default
+from flmiseg.core import console
 from flmiseg import models
 from flmiseg.train import trainer
 
@@ -370,7 +370,7 @@ def plot_curves(results: dict, kinds, names, path: pathlib.Path) -> None:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  console.setup()  # progress and results; library log lines (orbax's notes) stay off
   root = pathlib.Path(FLAGS.workdir)
   num_seeds = FLAGS.seeds or (1 if FLAGS.preset == 'tiny' else 3)
   unknown = [n for n in FLAGS.models if n not in GENERAL + SPECIFIC]
