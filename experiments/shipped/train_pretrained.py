@@ -65,11 +65,11 @@ def train_and_pack(kind: str, workdir: pathlib.Path, steps: int, init_from: str 
   --synthetic_fraction, --width, --scale_range, --augment, --dim_range)` in `workdir` and, with `pack`, packs it as
   the shipped model `kind` (pack_shipped); returns weights.json's content, or the test summary without `pack`."""
   start = time.perf_counter()
-  config = common.pretrained_config(kind, steps, init_from, lr, masks, FLAGS.real,
-                                    FLAGS.synthetic_fraction, FLAGS.width,
-                                    [float(v) for v in FLAGS.scale_range] or None,
-                                    ','.join(FLAGS.augment),
-                                    [float(v) for v in FLAGS.dim_range] or None)
+  config = common.pretrained_config(
+      kind, steps, init_from, lr, masks, real=FLAGS.real,
+      synthetic_fraction=FLAGS.synthetic_fraction, width=FLAGS.width,
+      scale_range=[float(v) for v in FLAGS.scale_range] or None,
+      augment=','.join(FLAGS.augment), dim_range=[float(v) for v in FLAGS.dim_range] or None)
   result = trainer.train_and_evaluate(config, workdir)
   if not pack:
     return result
