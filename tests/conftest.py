@@ -47,15 +47,25 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope='session')
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, worker_id):
   """(config, workdir) of a tiny U-Net trained for 40 steps on blob data (test IoU about 0.8:
   a model that really segments, so predict tests can compare masks), shared by the tests
-  that only read a trained run (predict, feature importance); they must not modify it."""
+  that only read a trained run (predict, feature importance); they must not modify it.
+  Trained once per test session: pytest-xdist's workers share it through this session's
+  temporary folder, the first to need it training it under a file lock."""
+  import filelock  # pylint: disable=g-import-not-at-top
   from flmiseg.train import trainer  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('tiny_run')
-  data = helpers.write_blob_dataset(root / 'data', num_train=8, num_test=3)
-  config = helpers.tiny_config(data, **{'train.num_steps': 40, 'eval.every_steps': 20,
-                                         'optim.lr': 1e-2})
-  trainer.train_and_evaluate(config, root / 'work')
+  if worker_id == 'master':  # no xdist: this process's own folder
+    root = tmp_path_factory.mktemp('tiny_run')
+  else:  # the session's folder, which every worker's temporary folders lie in
+    root = tmp_path_factory.getbasetemp().parent / 'tiny_run'
+  with filelock.FileLock(f'{root}.lock'):
+    data = root / 'data'
+    config = helpers.tiny_config(data, **{'train.num_steps': 40, 'eval.every_steps': 20,
+                                           'optim.lr': 1e-2})
+    if not (root / 'trained').is_file():
+      helpers.write_blob_dataset(data, num_train=8, num_test=3)
+      trainer.train_and_evaluate(config, root / 'work')
+      (root / 'trained').touch()
   return config, root / 'work'

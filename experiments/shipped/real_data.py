@@ -92,12 +92,14 @@ DISAGREEMENT = ('iou_in_region', 'precision', 'recall', 'pred_to_truth')
 def segmented(model, pairs, truths, diameter: float | None, rescale: bool = True):
   """Yields (pair, image, truth, found, seconds) for each pair and its annotation in
   `truths`: the image as flmiseg reads it, segmented by `model` (a flmiseg Model) as users
-  run it (instances on; `diameter` and `rescale` as predict's), and the seconds that took."""
+  run it (instances on; `diameter` and `rescale` as predict's, and the dim pass as
+  --dim_gain says), and the seconds that took."""
+  dim_gain = FLAGS.dim_gain if 'dim_gain' in FLAGS else None
   for pair, truth in zip(pairs, truths):
     image = io.read_image(pair.image)
     begin = time.perf_counter()
     found = model.segment(image, instances=True, diameter=diameter, rescale=rescale,
-                          name=pair.image.name)
+                          dim_gain=dim_gain, name=pair.image.name)
     yield pair, image, truth, found, time.perf_counter() - begin
 
 
@@ -217,6 +219,8 @@ def define_flags(data_help: str, model_help: str) -> None:
                      'users run it (the shipped nucleus model measures them).')
   flags.DEFINE_bool('no_rescale', False, 'Never resize the images, as predict\'s '
                     '--no_rescale (the images at their own size).')
+  flags.DEFINE_float('dim_gain', None, 'The dim pass\'s gain, as predict\'s --dim_gain (0: '
+                     'off); default: the model\'s choice.')
   flags.DEFINE_string('out', '', 'Also write the figures to this JSON file.')
 
 

@@ -88,6 +88,11 @@ flags.DEFINE_float('diameter', None, 'predict: typical diameter of the objects i
                    'the model\'s (config.data.object_diameter; the shipped nucleus model: '
                    '31 px). Default: the model\'s choice (config.eval.measure_diameter: the '
                    'shipped nucleus model measures them on a first pass).')
+flags.DEFINE_float('dim_gain', None, 'predict: look again for objects too dim for the first '
+                   'pass, with the image\'s bright parts clipped at 1/DIM_GAIN of its range '
+                   '(e.g. 4; 0: off), and add those found apart from the first pass\'s; '
+                   'for models with an object diameter (nucleus). Default: the model\'s '
+                   '(config.eval.dim_gain; 0 for the shipped models).')
 flags.DEFINE_bool('overwrite', False, 'predict: replace existing results in --output.')
 # Chunked prediction (flmiseg/chunked/, docs/large_images.md): images bigger than memory.
 flags.DEFINE_bool('chunked', None, 'predict: block by block into an OME-Zarr (the default for '

@@ -87,7 +87,7 @@ def _predict(config, workdir: str) -> None:
       tta=FLAGS.tta, threshold=FLAGS.threshold, save_prob=FLAGS.save_prob,
       instances=FLAGS.instances, min_size=FLAGS.min_size, channel=FLAGS.channel,
       axes=FLAGS.axes, pixel_size=FLAGS.pixel_size, rescale=not FLAGS.no_rescale,
-      diameter=FLAGS.diameter,
+      diameter=FLAGS.diameter, dim_gain=FLAGS.dim_gain,
       overwrite=FLAGS.overwrite, backend=FLAGS.backend or predict.DEFAULT_BACKEND,
       chunked=FLAGS.chunked, level=FLAGS.level, scheduler=FLAGS.scheduler,
       workers=FLAGS.workers, block=FLAGS.block or 0, halo=FLAGS.halo,

@@ -306,6 +306,7 @@ def run(config, workdir, options: Options) -> dict:
   out = pathlib.Path(options.output)
   check_output(out, inputs, names, options)
   segment.check_diameter(config, options.diameter, workdir)
+  segment.check_dim_gain(config, options.dim_gain, workdir)
   model = model_lib.Model(workdir, config)
   predictor = load_predictor(model, options)
   options, source = model.resolved(options)
@@ -361,6 +362,10 @@ def run_chunked(config, workdir: pathlib.Path, options: Options) -> dict:
     raise UserError(f'--input={options.input}: chunked prediction needs the zarr extra '
                     f'(pip install "flmiseg[zarr]"; {e})') from e
   segment.check_diameter(config, options.diameter, workdir)
+  if options.dim_gain:
+    raise UserError(f'--dim_gain={options.dim_gain:g}: not block by block (a zarr input or '
+                    '--chunked): the dim pass needs the first pass\'s objects over the whole '
+                    'image')
   model = model_lib.Model(workdir, config)
   if options.instances and (note := model.instance_note()):
     logging.warning('%s', note)

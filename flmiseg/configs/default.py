@@ -164,4 +164,8 @@ def get_config() -> ml_collections.ConfigDict:
   # config.data.object_diameter, unless --diameter, --pixel_size or --no_rescale say otherwise
   # (Cellpose's default; needs an object_diameter). The shipped nucleus model does.
   ev.measure_diameter = False
+  # Predict's dim pass (--dim_gain; flmiseg/inference/segment.py): a second pass with the
+  # image's bright parts clipped at 1/dim_gain of its range adds the objects too dim for the
+  # first (0: off; needs an object_diameter). Off in the shipped models (docs/models.md).
+  ev.dim_gain = 0.0
   return config

@@ -178,9 +178,11 @@ class Model:
 
   def resolved(self, settings: core.Settings,
                measure: bool = True) -> tuple[core.Settings, str]:
-    """(`settings` with the threshold, seed dynamic, min size and diameter it leaves to the
-    model filled in (flmiseg/store/settings.py), where the threshold came from). `measure`:
-    whether a first pass may measure the objects (not block by block, flmiseg/chunked/)."""
+    """(`settings` with the threshold, seed dynamic, min size, diameter and dim gain it leaves
+    to the model filled in (flmiseg/store/settings.py), where the threshold came from).
+    `measure`: whether passes over the whole plane may come first (not block by block,
+    flmiseg/chunked/): one that measures the objects, and the dim pass, which needs the first
+    pass's objects over the whole plane (without it the dim gain is 0)."""
     threshold, source = stored.threshold(self.config, self.calibration, self.step,
                                          settings.threshold)
     return dataclasses.replace(
@@ -188,7 +190,8 @@ class Model:
         seed_dynamic=stored.seed_dynamic(self.config, self.calibration, self.step,
                                          settings.seed_dynamic),
         diameter=stored.diameter(self.config, settings.diameter, settings.pixel_size,
-                                 settings.rescale, measure)), source
+                                 settings.rescale, measure),
+        dim_gain=stored.dim_gain(self.config, settings.dim_gain) if measure else 0.0), source
 
   def predictor(self, settings: core.Settings) -> core.Predictor:
     """The JAX Predictor of `settings`' TTA, tile (`tiling.network_tile`), overlap and batch
@@ -213,7 +216,8 @@ class Model:
               threshold: float | None = None, tta: bool = False, instances: bool = False,
               min_size: int | None = None, pixel_size: float | None = None,
               diameter: float | None = None, rescale: bool = True, tile: int = 0,
-              overlap: float = 0.25, progress: Callable[[float], None] | None = None,
+              overlap: float = 0.25, dim_gain: float | None = None,
+              progress: Callable[[float], None] | None = None,
               name: str = 'image') -> Segmentation:
     """Segments one image.
 
@@ -238,6 +242,9 @@ class Model:
         predict's --no_rescale.
       tile, overlap: the tiling (0: the training crop size; rounded up to a multiple of 32),
         as predict's --tile, --overlap.
+      dim_gain: a second pass with the image's bright parts clipped at 1/dim_gain of its
+        range adds the objects too dim for the first (docs/inference.md); 0: none; None: the
+        model's (config.eval.dim_gain), as predict's --dim_gain.
       progress: called with the fraction done (0..1) after each batch of tiles.
       name: the image's name in messages and warnings.
     Returns:
@@ -246,9 +253,11 @@ class Model:
     """
     settings = core.Settings(tile=tile, overlap=overlap, tta=tta, threshold=threshold,
                              instances=instances, min_size=min_size, channel=channel,
-                             pixel_size=pixel_size, diameter=diameter, rescale=rescale)
+                             pixel_size=pixel_size, diameter=diameter, rescale=rescale,
+                             dim_gain=dim_gain)
     settings.check()
     core.check_diameter(self.config, diameter, self.folder)
+    core.check_dim_gain(self.config, dim_gain, self.folder)
     image = imagefile.from_array(image, axes or default_axes(np.shape(image), channel), name,
                                  pixel_size, missing_ok=True)
     planes, out_axes, out_shape = imagefile.select_planes(image, channel, name)

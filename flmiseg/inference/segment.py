@@ -51,6 +51,9 @@ class Settings:
   # The image's typical object diameter, pixels; AUTO_DIAMETER: measured.
   diameter: float | None = None
   rescale: bool = True  # Resize to the model's pixel size when both are known.
+  # A second pass at this gain finds objects too dim for the first (`dim_pass`); 0: off,
+  # None: the model's (config.eval.dim_gain).
+  dim_gain: float | None = None
 
   def check(self) -> None:
     """Raises UserError naming the first invalid setting (by its predict flag)."""
@@ -74,6 +77,8 @@ class Settings:
       raise UserError(f'--channel={self.channel}: channels are numbered from 0')
     if self.min_size is not None and self.min_size < 0:
       raise UserError(f'--min_size={self.min_size}: must be >= 0')
+    if self.dim_gain is not None and not (self.dim_gain == 0 or self.dim_gain > 1):
+      raise UserError(f'--dim_gain={self.dim_gain:g}: 0 (off) or a gain above 1 (e.g. 4)')
 
 
 def resize(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -134,6 +139,16 @@ def rescale_factor(image_pixel_size: float | None, model_pixel_size: float | Non
     return 1.0
   factor = image_pixel_size / model_pixel_size
   return 1.0 if abs(factor - 1.0) <= RESCALE_TOLERANCE else factor
+
+
+def check_dim_gain(config, dim_gain: float | None, model) -> None:
+  """Raises UserError when a dim pass is asked of a model that records no object diameter
+  (config.data.object_diameter: what the dim pass sizes its new objects by); `model` names
+  it."""
+  if dim_gain and not config.data.get('object_diameter', 0.0):
+    raise UserError(f'--dim_gain={dim_gain:g}: {model} records no object diameter '
+                    '(config.data.object_diameter), which the dim pass needs to tell objects '
+                    'from specks')
 
 
 def check_diameter(config, diameter: float | None, model) -> None:
@@ -242,9 +257,84 @@ def segment_planes(predictor: Predictor, planes: np.ndarray, settings: Settings,
       progress(1.0)
   if missing is not None:
     outputs[missing] = 0.0
+  if settings.dim_gain:
+    for i, plane in enumerate(planes):
+      outputs[i] = dim_pass(predictor, plane, outputs[i], factor, settings.threshold,
+                            settings.dim_gain)
   mask = outputs[..., 0] > settings.threshold
   labels = np.stack([_instances(o, settings) for o in outputs]) if settings.instances else None
   return Planes(outputs, stats, mask, labels, notes)
+
+
+# ----------------------------------------------------------------------------- the dim pass
+
+# Objects far dimmer than their bright neighbours come out of the first pass's normalisation
+# near the background, and are missed. The dim pass looks again with everything brighter
+# than 1/gain of the plane's normalised range clipped there, so that what was dim fills gain
+# times more of it, and adds what it finds away from the first pass's objects:
+DIM_MIN_SPREAD = 2.0  # only where the first pass's objects span at least twice the range of
+#                      the rest of the plane (their pixels set to its median)
+DIM_MARGIN = 4.0  # first-pass objects, grown by this many network pixels, are left as they are
+DIM_MIN_AREA = 0.1  # a new object covers at least this share of a disc of the model's
+#                    object diameter (config.data.object_diameter)
+DIM_CONTRAST = 2.0  # and is brighter than the ring around it (a quarter of that diameter
+#                    wide) by this many noise sigmas (`preprocess.noise_sigma`),
+DIM_NOISE_FLOOR = 0.005  # the sigma at least this share of the plane's normalised range
+
+
+def dim_pass(predictor: Predictor, raw: np.ndarray, outputs: np.ndarray, factor: float,
+             threshold: float, gain: float) -> np.ndarray:
+  """The outputs (H, W, C) of the raw plane (H, W), resized by `factor` for the network, with
+  the objects that a second pass at `gain` finds (see DIM_*): each a connected component of
+  the second pass's mask that keeps off the first pass's objects grown by DIM_MARGIN, covers
+  DIM_MIN_AREA of a disc of the model's object diameter and stands DIM_CONTRAST noise sigmas
+  above the ring around it; its pixels take the second pass's outputs (probability, distance).
+  Unchanged when the first pass found nothing or the plane's objects are not much brighter
+  than the rest (DIM_MIN_SPREAD)."""
+  found = outputs[..., 0] > threshold
+  if not found.any():
+    return outputs
+  radius = max(1, round(DIM_MARGIN / factor))
+  grown = cv2.dilate(found.astype(np.uint8), cv2.getStructuringElement(
+      cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))).astype(bool)
+  if grown.all():
+    return outputs
+  raw = np.asarray(raw, np.float32)
+  lo, hi = preprocess.percentile_range(preprocess.ArrayStatistics(raw))
+  background = float(np.median(raw[~grown]))
+  rest = np.where(grown, background, raw)
+  rest_lo, rest_hi = preprocess.percentile_range(preprocess.ArrayStatistics(rest))
+  if hi - lo < DIM_MIN_SPREAD * max(rest_hi - rest_lo, 1e-6):
+    return outputs
+  second, _ = predictor.plane(np.minimum(raw, lo + (hi - lo) / gain), factor)
+  candidates = ((second[..., 0] > threshold) & ~grown).astype(np.uint8)
+  count, labels, boxes, _ = cv2.connectedComponentsWithStats(candidates, connectivity=8)
+  diameter = predictor.config.data.object_diameter / factor
+  min_area = DIM_MIN_AREA * np.pi / 4 * diameter ** 2
+  sigma = max(preprocess.noise_sigma(raw), DIM_NOISE_FLOOR * (hi - lo))
+  ring = max(2, round(diameter / 4))
+  ring_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
+  near = cv2.dilate(grown.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+  out = outputs.copy()
+  h, w = found.shape
+  for k in range(1, count):
+    x, y, bw, bh, area = boxes[k]
+    if area < min_area:
+      continue
+    # The object's box grown by the ring: all that the tests below look at.
+    y0, y1 = max(0, y - ring - 1), min(h, y + bh + ring + 1)
+    x0, x1 = max(0, x - ring - 1), min(w, x + bw + ring + 1)
+    obj = labels[y0:y1, x0:x1] == k
+    if (obj & near[y0:y1, x0:x1]).any():
+      continue
+    around = cv2.dilate(obj.astype(np.uint8), ring_kernel).astype(bool) & ~obj & \
+        ~grown[y0:y1, x0:x1]
+    patch = raw[y0:y1, x0:x1]
+    level = patch[around].mean() if around.any() else background
+    if patch[obj].mean() - level < DIM_CONTRAST * sigma:
+      continue
+    out[y0:y1, x0:x1][obj] = second[y0:y1, x0:x1][obj]
+  return out
 
 
 def image_warning(name, stats: list[dict], mask: np.ndarray,

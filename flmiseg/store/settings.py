@@ -10,7 +10,9 @@ one calibrated for this checkpoint, else the config's.
                  config.eval.min_size;
   diameter:      the image's objects' diameter it is resized by (`diameter`): given, else
                  MEASURED (a first pass measures them) where config.eval.measure_diameter
-                 says so and nothing else decides the image's size, else None.
+                 says so and nothing else decides the image's size, else None;
+  dim gain:      the gain of the dim pass that looks again for objects too dim for the first
+                 (`dim_gain`; 0: none): given, else config.eval.dim_gain.
 
 DIR/calibration.json holds what calibration chose on the validation split
 (flmiseg/evaluation/calibration.py computes it): the threshold, the seeds' dynamic (models
@@ -125,6 +127,12 @@ def diameter(config, given: float | None, pixel_size: float | None = None,
       config.eval.get('measure_diameter', False)):
     return MEASURED
   return None
+
+
+def dim_gain(config, given: float | None = None) -> float:
+  """The dim pass's gain (flmiseg/inference/segment.py: `dim_pass`; 0: no dim pass): `given`,
+  else config.eval.dim_gain (0 when the config has none)."""
+  return given if given is not None else float(config.eval.get('dim_gain', 0.0))
 
 
 def min_size(config, given: int | None = None) -> int:

@@ -181,6 +181,12 @@ def dim_range(field, value) -> str:
                         '0 < low <= high <= 1, e.g. (0.15, 0.7)')
 
 
+def dim_gain(field, value) -> str:
+  if _is_number(value) and not isinstance(value, bool) and (value == 0 or value > 1):
+    return ''
+  return f'config.{field}={value!r}: must be 0 (off) or a gain above 1 (e.g. 4)'
+
+
 def ignore_value(field, value) -> str:
   if _is_int(value) and (value == -1 or value >= 1):
     return ''
@@ -281,6 +287,7 @@ RULES: dict[str, Rule] = {
     'eval.seed_dynamic': run_setting(number(0, 1, note=' (of the normalised distance)')),
     'eval.min_size': run_setting(integer(0, note=' (pixels)')),
     'eval.measure_diameter': run_setting(boolean),
+    'eval.dim_gain': run_setting(dim_gain),
 }
 
 
@@ -363,6 +370,10 @@ def _check_consistency(config) -> None:
   if config.eval.get('measure_diameter', False) and not data.get('object_diameter', 0.0):
     raise UserError('config.eval.measure_diameter=True resizes images so their objects match '
                     'config.data.object_diameter, which is 0 (not recorded); set it in pixels')
+  if config.eval.get('dim_gain', 0.0) and not data.get('object_diameter', 0.0):
+    raise UserError(f'config.eval.dim_gain={config.eval.dim_gain:g} sizes the objects of its '
+                    'dim pass by config.data.object_diameter, which is 0 (not recorded); set '
+                    'it in pixels')
   if not train.num_steps and not train.num_epochs:
     raise UserError('config.train.num_steps=0 and config.train.num_epochs=0: no training; '
                     'set one of them to at least 1')
