@@ -55,6 +55,9 @@ def test_the_dim_pass_adds_the_object_the_first_pass_missed_and_nothing_else():
   assert np.array_equal(_segment(image, 0.0), bright)
   # Clipped at a quarter of the range it is about 80 / 250 of it: found, exactly.
   assert np.array_equal(_segment(image, 4.0), bright | dim)
+  settings = segment.Settings(threshold=0.5, dim_gain=4.0, min_size=0)
+  notes = segment.segment_planes(_predictor(), np.stack([image, image]), settings).notes
+  assert notes == ['the dim pass (--dim_gain=4) added 2 objects']
 
 
 def test_without_dim_objects_the_dim_pass_changes_nothing():
@@ -65,6 +68,7 @@ def test_without_dim_objects_the_dim_pass_changes_nothing():
       threshold=0.5, dim_gain=4.0, min_size=0))
   assert np.array_equal(first.mask[0], bright)
   np.testing.assert_array_equal(first.outputs, second.outputs)
+  assert first.notes == [] and second.notes == ['the dim pass (--dim_gain=4) added 0 objects']
 
 
 def test_specks_and_objects_beside_bright_ones_are_not_added():

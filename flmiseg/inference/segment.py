@@ -258,9 +258,13 @@ def segment_planes(predictor: Predictor, planes: np.ndarray, settings: Settings,
   if missing is not None:
     outputs[missing] = 0.0
   if settings.dim_gain:
+    added = 0
     for i, plane in enumerate(planes):
-      outputs[i] = dim_pass(predictor, plane, outputs[i], factor, settings.threshold,
-                            settings.dim_gain)
+      outputs[i], count = dim_pass(predictor, plane, outputs[i], factor, settings.threshold,
+                                   settings.dim_gain)
+      added += count
+    notes.append(f'the dim pass (--dim_gain={settings.dim_gain:g}) added {added} '
+                 f'object{"" if added == 1 else "s"}')
   mask = outputs[..., 0] > settings.threshold
   labels = np.stack([_instances(o, settings) for o in outputs]) if settings.instances else None
   return Planes(outputs, stats, mask, labels, notes)
@@ -283,29 +287,30 @@ DIM_NOISE_FLOOR = 0.005  # the sigma at least this share of the plane's normalis
 
 
 def dim_pass(predictor: Predictor, raw: np.ndarray, outputs: np.ndarray, factor: float,
-             threshold: float, gain: float) -> np.ndarray:
-  """The outputs (H, W, C) of the raw plane (H, W), resized by `factor` for the network, with
-  the objects that a second pass at `gain` finds (see DIM_*): each a connected component of
-  the second pass's mask that keeps off the first pass's objects grown by DIM_MARGIN, covers
-  DIM_MIN_AREA of a disc of the model's object diameter and stands DIM_CONTRAST noise sigmas
-  above the ring around it; its pixels take the second pass's outputs (probability, distance).
-  Unchanged when the first pass found nothing or the plane's objects are not much brighter
+             threshold: float, gain: float) -> tuple[np.ndarray, int]:
+  """(the outputs (H, W, C) of the raw plane (H, W), resized by `factor` for the network, with
+  the objects that a second pass at `gain` finds; how many it added). Each is a connected
+  component of the second pass's mask that keeps off the first pass's objects grown by
+  DIM_MARGIN, covers DIM_MIN_AREA of a disc of the model's object diameter and stands
+  DIM_CONTRAST noise sigmas above the ring around it; its pixels take the second pass's
+  outputs (probability, distance). Unchanged when the first pass found nothing or the plane's
+  objects are not much brighter
   than the rest (DIM_MIN_SPREAD)."""
   found = outputs[..., 0] > threshold
   if not found.any():
-    return outputs
+    return outputs, 0
   radius = max(1, round(DIM_MARGIN / factor))
   grown = cv2.dilate(found.astype(np.uint8), cv2.getStructuringElement(
       cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))).astype(bool)
   if grown.all():
-    return outputs
+    return outputs, 0
   raw = np.asarray(raw, np.float32)
   lo, hi = preprocess.percentile_range(preprocess.ArrayStatistics(raw))
   background = float(np.median(raw[~grown]))
   rest = np.where(grown, background, raw)
   rest_lo, rest_hi = preprocess.percentile_range(preprocess.ArrayStatistics(rest))
   if hi - lo < DIM_MIN_SPREAD * max(rest_hi - rest_lo, 1e-6):
-    return outputs
+    return outputs, 0
   second, _ = predictor.plane(np.minimum(raw, lo + (hi - lo) / gain), factor)
   candidates = ((second[..., 0] > threshold) & ~grown).astype(np.uint8)
   count, labels, boxes, _ = cv2.connectedComponentsWithStats(candidates, connectivity=8)
@@ -315,7 +320,7 @@ def dim_pass(predictor: Predictor, raw: np.ndarray, outputs: np.ndarray, factor:
   ring = max(2, round(diameter / 4))
   ring_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
   near = cv2.dilate(grown.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-  out = outputs.copy()
+  out, added = outputs.copy(), 0
   h, w = found.shape
   for k in range(1, count):
     x, y, bw, bh, area = boxes[k]
@@ -334,7 +339,8 @@ def dim_pass(predictor: Predictor, raw: np.ndarray, outputs: np.ndarray, factor:
     if patch[obj].mean() - level < DIM_CONTRAST * sigma:
       continue
     out[y0:y1, x0:x1][obj] = second[y0:y1, x0:x1][obj]
-  return out
+    added += 1
+  return out, added
 
 
 def image_warning(name, stats: list[dict], mask: np.ndarray,
