@@ -112,3 +112,13 @@ def test_predict_refuses_the_dim_pass_block_by_block(tmp_path):
                                       r"pass's objects over the whole image$"):
     predict.run(config, tmp_path / 'run', options)
   assert not (tmp_path / 'out.zarr').exists()
+
+
+def test_pixels_without_data_stay_background_after_the_dim_pass():
+  image, bright, dim = _image()
+  missing = np.zeros(image.shape, bool)
+  missing[84:97, 84:97] = True  # the dim disc's pixels have no data (repaired ones seen)
+  settings = segment.Settings(threshold=0.5, dim_gain=4.0, min_size=0)
+  found = segment.segment_planes(_predictor(), image[None], settings, missing=missing[None])
+  assert not found.mask[0][missing].any()
+  assert np.array_equal(found.mask[0] & ~missing, (bright | dim) & ~missing)

@@ -265,6 +265,8 @@ def segment_planes(predictor: Predictor, planes: np.ndarray, settings: Settings,
       added += count
     notes.append(f'the dim pass (--dim_gain={settings.dim_gain:g}) added {added} '
                  f'object{"" if added == 1 else "s"}')
+    if missing is not None:  # its second pass saw the repaired pixels too
+      outputs[missing] = 0.0
   mask = outputs[..., 0] > settings.threshold
   labels = np.stack([_instances(o, settings) for o in outputs]) if settings.instances else None
   return Planes(outputs, stats, mask, labels, notes)
@@ -294,8 +296,7 @@ def dim_pass(predictor: Predictor, raw: np.ndarray, outputs: np.ndarray, factor:
   DIM_MARGIN, covers DIM_MIN_AREA of a disc of the model's object diameter and stands
   DIM_CONTRAST noise sigmas above the ring around it; its pixels take the second pass's
   outputs (probability, distance). Unchanged when the first pass found nothing or the plane's
-  objects are not much brighter
-  than the rest (DIM_MIN_SPREAD)."""
+  objects are not much brighter than the rest (DIM_MIN_SPREAD)."""
   found = outputs[..., 0] > threshold
   if not found.any():
     return outputs, 0
