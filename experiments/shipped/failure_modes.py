@@ -159,16 +159,18 @@ def tally(per_image) -> dict:
   return result
 
 
-def evaluate(model, pairs, diameter: float | None, rescale: bool) -> tuple[dict, float]:
+def evaluate(model, pairs, diameter: float | None, rescale: bool,
+             dim_gain: float | None = None) -> tuple[dict, float]:
   """(`tally` of `model` (a flmiseg Model) on the (image, label image) `pairs`, seconds spent
-  segmenting); UserError when no mask is a label image."""
+  segmenting, as predict's --diameter, rescale and --dim_gain say); UserError when no mask is
+  a label image."""
   truths = [io.read_mask_values(pair.mask) for pair in pairs]
   if not any(matching.is_label_image(truth) for truth in truths):
     raise UserError(f'{pairs[0].mask.parent}: binary masks; the failure modes need label '
                     'images (one value per nucleus)')
   per_image, seconds = [], 0.0
   for _, image, truth, found, spent in real_data.segmented(model, pairs, truths, diameter,
-                                                           rescale):
+                                                           rescale, dim_gain):
     seconds += spent
     per_image.append((groups(image, truth), outcomes(truth, found.labels, found.mask)))
   return tally(per_image), seconds
@@ -207,7 +209,8 @@ def table(name: str, figures: dict) -> str:
 
 
 def measure(data: pathlib.Path, split: str, model_names, diameter: float | None,
-            rescale: bool, simulated: int, dimmed: float = 0.0) -> dict:
+            rescale: bool, simulated: int, dimmed: float = 0.0,
+            dim_gain: float | None = None) -> dict:
   """Every model's `tally` on the split and, with `simulated`, on that many simulated images,
   and with `dimmed`, on the split with half its nuclei dimmed to that factor (`dimmed_pairs`),
   with its timing, the machine and the command's settings, as --out writes them."""
@@ -216,8 +219,8 @@ def measure(data: pathlib.Path, split: str, model_names, diameter: float | None,
   if simulated:
     sets[f'simulated wide x{simulated}'] = common.test_pairs('nucleus', 'wide', simulated)
   result = {'data': str(data), 'split': split, 'diameter': diameter, 'rescale': rescale,
-            'simulated': simulated, 'dimmed': dimmed, 'machine': common.machine(),
-            'models': {}}
+            'simulated': simulated, 'dimmed': dimmed, 'dim_gain': dim_gain,
+            'machine': common.machine(), 'models': {}}
   with tempfile.TemporaryDirectory() as tmp:
     if dimmed:
       sets[f'{data.name} {split}, half the nuclei dimmed x{dimmed:g}'] = dimmed_pairs(
@@ -226,7 +229,7 @@ def measure(data: pathlib.Path, split: str, model_names, diameter: float | None,
       model = flmiseg.load(name)
       one = result['models'][name] = {}
       for label, pairs in sets.items():
-        figures, seconds = evaluate(model, pairs, diameter, rescale)
+        figures, seconds = evaluate(model, pairs, diameter, rescale, dim_gain)
         one[label] = {'images': len(pairs), 'segment_s': seconds, 'figures': figures}
   return result
 
@@ -241,7 +244,7 @@ def main(argv):
     sys.exit(f'error: --dimmed={FLAGS.dimmed}: a factor in (0, 1), or 0 for none')
   try:
     result = measure(pathlib.Path(FLAGS.data), FLAGS.split, FLAGS.model, FLAGS.diameter,
-                     not FLAGS.no_rescale, FLAGS.simulated, FLAGS.dimmed)
+                     not FLAGS.no_rescale, FLAGS.simulated, FLAGS.dimmed, FLAGS.dim_gain)
   except UserError as e:
     sys.exit(f'error: {e}')
   how = real_data.resizing_label()

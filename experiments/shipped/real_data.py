@@ -89,12 +89,12 @@ def disagreement(truth: np.ndarray, pred: np.ndarray) -> dict:
 DISAGREEMENT = ('iou_in_region', 'precision', 'recall', 'pred_to_truth')
 
 
-def segmented(model, pairs, truths, diameter: float | None, rescale: bool = True):
+def segmented(model, pairs, truths, diameter: float | None, rescale: bool = True,
+              dim_gain: float | None = None):
   """Yields (pair, image, truth, found, seconds) for each pair and its annotation in
   `truths`: the image as flmiseg reads it, segmented by `model` (a flmiseg Model) as users
-  run it (instances on; `diameter` and `rescale` as predict's, and the dim pass as
-  --dim_gain says), and the seconds that took."""
-  dim_gain = FLAGS.dim_gain if 'dim_gain' in FLAGS else None
+  run it (instances on; `diameter`, `rescale` and `dim_gain` as predict's), and the seconds
+  that took."""
   for pair, truth in zip(pairs, truths):
     image = io.read_image(pair.image)
     begin = time.perf_counter()
@@ -103,8 +103,8 @@ def segmented(model, pairs, truths, diameter: float | None, rescale: bool = True
     yield pair, image, truth, found, time.perf_counter() - begin
 
 
-def segment_all(model_name: str, pairs, diameter: float | None,
-                rescale: bool = True) -> tuple[list[dict], dict]:
+def segment_all(model_name: str, pairs, diameter: float | None, rescale: bool = True,
+                dim_gain: float | None = None) -> tuple[list[dict], dict]:
   """(per image `common.mask_scores` with 'name', timing {'load_s', 'segment_s'}) of the model
   `model_name` (shipped name or folder) on `pairs`, each segmented as users do. When the
   dataset's masks are label images (any one is) the instances are matched and each row
@@ -116,7 +116,8 @@ def segment_all(model_name: str, pairs, diameter: float | None,
   labelled = any(matching.is_label_image(t) for t in truths)
   min_size = settings.min_size(model.config)
   seconds, rows = 0.0, []
-  for pair, _, truth, found, spent in segmented(model, pairs, truths, diameter, rescale):
+  for pair, _, truth, found, spent in segmented(model, pairs, truths, diameter, rescale,
+                                                dim_gain):
     seconds += spent
     one = common.mask_scores(truth, found.mask > 0, found.labels if labelled else None,
                              min_size)
@@ -163,15 +164,15 @@ def table(name: str, result: dict) -> str:
 
 
 def measure(data: pathlib.Path, split: str, model_names, diameter: float | None,
-            rescale: bool = True) -> dict:
+            rescale: bool = True, dim_gain: float | None = None) -> dict:
   """Every model's figures on the split (`summarize`) with its timing, the machine and the
   command's settings, as --out writes them."""
   pairs = split_pairs(data, split)
   named = strata(data)
   result = {'data': str(data), 'split': split, 'diameter': diameter, 'rescale': rescale,
-            'machine': common.machine(), 'models': {}}
+            'dim_gain': dim_gain, 'machine': common.machine(), 'models': {}}
   for name in model_names:
-    rows, timing = segment_all(name, pairs, diameter, rescale)
+    rows, timing = segment_all(name, pairs, diameter, rescale, dim_gain)
     result['models'][name] = {**timing, 'figures': summarize(rows, named)}
   return result
 
@@ -185,10 +186,12 @@ def check_resizing_flags() -> None:
 
 
 def resizing_label() -> str:
-  """', --no_rescale', ', --diameter=D' or '' for the printed tables' titles."""
+  """', --no_rescale', ', --diameter=D' or '', then ', --dim_gain=G' when given, for the
+  printed tables' titles."""
+  gain = '' if FLAGS.dim_gain is None else f', --dim_gain={FLAGS.dim_gain:g}'
   if FLAGS.no_rescale:
-    return ', --no_rescale'
-  return '' if FLAGS.diameter is None else f', --diameter={FLAGS.diameter:g}'
+    return ', --no_rescale' + gain
+  return ('' if FLAGS.diameter is None else f', --diameter={FLAGS.diameter:g}') + gain
 
 
 def main(argv):
@@ -197,7 +200,7 @@ def main(argv):
   check_resizing_flags()
   try:
     result = measure(pathlib.Path(FLAGS.data), FLAGS.split, FLAGS.model, FLAGS.diameter,
-                     not FLAGS.no_rescale)
+                     not FLAGS.no_rescale, FLAGS.dim_gain)
   except UserError as e:
     sys.exit(f'error: {e}')
   how = resizing_label()

@@ -141,23 +141,29 @@ def rescale_factor(image_pixel_size: float | None, model_pixel_size: float | Non
   return 1.0 if abs(factor - 1.0) <= RESCALE_TOLERANCE else factor
 
 
+def _needs_object_diameter(config, setting: str, model, why: str) -> None:
+  """Raises UserError naming `setting` (e.g. '--diameter=12') and `model` when the model
+  records no object diameter (config.data.object_diameter); `why` ends the line."""
+  if not config.data.get('object_diameter', 0.0):
+    raise UserError(f'{setting}: {model} records no object diameter '
+                    f'(config.data.object_diameter), {why}')
+
+
 def check_dim_gain(config, dim_gain: float | None, model) -> None:
   """Raises UserError when a dim pass is asked of a model that records no object diameter
-  (config.data.object_diameter: what the dim pass sizes its new objects by); `model` names
-  it."""
-  if dim_gain and not config.data.get('object_diameter', 0.0):
-    raise UserError(f'--dim_gain={dim_gain:g}: {model} records no object diameter '
-                    '(config.data.object_diameter), which the dim pass needs to tell objects '
-                    'from specks')
+  (what the dim pass sizes its new objects by); `model` names it."""
+  if dim_gain:
+    _needs_object_diameter(config, f'--dim_gain={dim_gain:g}', model,
+                           'which the dim pass needs to tell objects from specks')
 
 
 def check_diameter(config, diameter: float | None, model) -> None:
-  """Raises UserError when a diameter is given for a model that records no object diameter
-  (config.data.object_diameter); `model` names it."""
-  if diameter is not None and not config.data.get('object_diameter', 0.0):
-    raise UserError(f'--diameter={diameter:g}: {model} records no object diameter '
-                    '(config.data.object_diameter), so there is nothing to match; resize the '
-                    'images, or give --pixel_size to a model that records its pixel size')
+  """Raises UserError when a diameter is given for a model that records no object diameter;
+  `model` names it."""
+  if diameter is not None:
+    _needs_object_diameter(config, f'--diameter={diameter:g}', model,
+                           'so there is nothing to match; resize the images, or give '
+                           '--pixel_size to a model that records its pixel size')
 
 
 def model_factor(config, pixel_size: float | None, diameter: float | None = None,
@@ -306,7 +312,8 @@ def dim_pass(predictor: Predictor, raw: np.ndarray, outputs: np.ndarray, factor:
   if grown.all():
     return outputs, 0
   raw = np.asarray(raw, np.float32)
-  lo, hi = preprocess.percentile_range(preprocess.ArrayStatistics(raw))
+  stats = preprocess.ArrayStatistics(raw)
+  lo, hi = preprocess.percentile_range(stats)
   background = float(np.median(raw[~grown]))
   rest = np.where(grown, background, raw)
   rest_lo, rest_hi = preprocess.percentile_range(preprocess.ArrayStatistics(rest))
@@ -317,7 +324,7 @@ def dim_pass(predictor: Predictor, raw: np.ndarray, outputs: np.ndarray, factor:
   count, labels, boxes, _ = cv2.connectedComponentsWithStats(candidates, connectivity=8)
   diameter = predictor.config.data.object_diameter / factor
   min_area = DIM_MIN_AREA * np.pi / 4 * diameter ** 2
-  sigma = max(preprocess.noise_sigma(raw), DIM_NOISE_FLOOR * (hi - lo))
+  sigma = max(stats.noise() or 0.0, DIM_NOISE_FLOOR * (hi - lo))
   ring = max(2, round(diameter / 4))
   ring_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring + 1, 2 * ring + 1))
   near = cv2.dilate(grown.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
